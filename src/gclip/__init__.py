@@ -1,0 +1,35 @@
+"""gclip: training-free open-vocabulary semantic segmentation with CLIP ViTs (GCLIP and baselines).
+
+>>> import gclip
+>>> seg = gclip.Segmenter("ViT-B-16", pretrained="openai", method="gclip")  # doctest: +SKIP
+>>> seg.set_classes(["cat", "dog", "sky"])  # doctest: +SKIP
+>>> labels = seg.predict("photo.jpg").labels  # (H, W) int32  # doctest: +SKIP
+"""
+
+from .errors import ClassesError, ConfigError, GclipError, ImageError, WeightsError
+from .methods import Method, get_method, list_methods, register
+from .models import LoadedModel, load_model
+from .result import SegmentationResult
+from .segmenter import Segmenter, Settings
+from .text import ClassList, parse_classes
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClassList",
+    "ClassesError",
+    "ConfigError",
+    "GclipError",
+    "ImageError",
+    "LoadedModel",
+    "Method",
+    "SegmentationResult",
+    "Segmenter",
+    "Settings",
+    "WeightsError",
+    "get_method",
+    "list_methods",
+    "load_model",
+    "parse_classes",
+    "register",
+]

@@ -1,0 +1,147 @@
+"""GCLIP (arXiv 2502.06818): Attention Map Fusion + Channel Suppression, on ClearCLIP's last block.
+
+Attention Map Fusion: the last block attends with a weighted mean of its query-query attention and the
+query-key attention of the "global-token emerging" blocks. Channel Suppression: in the blocks after
+emergence, the FFN output channel with the largest weight norm is scaled down to the norm of the others.
+Both are applied functionally: the model's weights are never modified. See docs in the README for the
+defaults and what is inferred about them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from ..backbone import DenseViT
+from ..errors import ConfigError
+from .base import Method, attention_map, register
+
+CS_WEIGHT = "mlp.c_proj.weight"
+
+
+def default_emerging_blocks(depth: int) -> list[int]:
+    """Blocks {6, 7} of a 12-block ViT, at the same relative depth for other depths (at most L-2)."""
+    first = min(round(depth * 6 / 12), depth - 2)
+    first = max(first, 0)
+    return sorted({first, min(first + 1, depth - 2)})
+
+
+def suppress_channel(weight: torch.Tensor, rule: str = "mean") -> tuple[torch.Tensor, int, float]:
+    """Scale the row (residual channel) of an FFN output weight with the largest L2 norm down to the others'.
+
+    Args:
+        weight: ``mlp.c_proj.weight``, shape ``(width, hidden)``.
+        rule: ``"mean"`` or ``"median"`` of the other rows' norms as the target norm.
+
+    Returns:
+        ``(new_weight, channel, ratio)`` where ``ratio`` is the channel's norm over the target (before).
+    """
+    norms = weight.float().norm(dim=1)
+    channel = int(norms.argmax())
+    others = torch.cat([norms[:channel], norms[channel + 1 :]])
+    target = others.mean() if rule == "mean" else others.median()
+    ratio = float(norms[channel] / target)
+    new = weight.clone()
+    new[channel] = (weight[channel].float() / ratio).to(weight.dtype)
+    return new, channel, ratio
+
+
+@register
+@dataclass
+class Gclip(Method):
+    """GCLIP's options.
+
+    Attributes:
+        emerging_blocks: block indices whose attention is fused, ``"auto"`` (measured on the backbone), or
+            ``None`` for the default ({6, 7} on 12 blocks).
+        fusion_weights: weights of [last block's q-q map, each emerging block's map]; ``None``: equal.
+        fusion: ``"mean"`` fuses head-averaged maps (one map for all heads); ``"per_head"`` fuses head by head.
+        channel_suppression: apply Channel Suppression.
+        cs_blocks: blocks whose FFN channel is suppressed; ``None``: from the last emerging block to L-2.
+        cs_rule: target norm of the suppressed channel: ``"mean"`` or ``"median"`` of the other channels.
+    """
+
+    name = "gclip"
+    summary = "fused q-q + emerging-block attention, channel suppression; residual and FFN dropped"
+    emerging_blocks: list[int] | Literal["auto"] | None = None
+    fusion_weights: list[float] | None = None
+    fusion: Literal["mean", "per_head"] = "mean"
+    channel_suppression: bool = True
+    cs_blocks: list[int] | None = None
+    cs_rule: Literal["mean", "median"] = "mean"
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def blocks_for(self, vit: DenseViT) -> list[int]:
+        """The emerging blocks used for this backbone (resolving ``None`` and ``"auto"``)."""
+        if self.emerging_blocks is None:
+            return default_emerging_blocks(vit.depth)
+        if self.emerging_blocks == "auto":
+            from ..diagnostics import auto_emerging_blocks
+
+            return auto_emerging_blocks(vit)
+        blocks = sorted({int(b) for b in self.emerging_blocks})
+        bad = [b for b in blocks if not 0 <= b <= vit.depth - 2]
+        if bad or not blocks:
+            raise ConfigError(
+                f"gclip emerging_blocks {self.emerging_blocks} must be non-empty and within 0..{vit.depth - 2} "
+                f"for a {vit.depth}-block model (or use 'auto')"
+            )
+        return blocks
+
+    def suppressed_blocks(self, vit: DenseViT) -> list[int]:
+        if not self.channel_suppression:
+            return []
+        if self.cs_blocks is None:
+            return list(range(max(self.blocks_for(vit)), vit.depth - 1))
+        bad = [b for b in self.cs_blocks if not 0 <= b <= vit.depth - 2]
+        if bad:
+            raise ConfigError(f"gclip cs_blocks {self.cs_blocks} must be within 0..{vit.depth - 2}")
+        return sorted(set(self.cs_blocks))
+
+    def keep_blocks(self, vit: DenseViT) -> set[int]:
+        return set(self.blocks_for(vit))
+
+    def overrides(self, vit: DenseViT) -> dict[int, dict[str, torch.Tensor]]:
+        key = (id(vit.visual), vit.dtype, vit.device, self.cs_rule, tuple(self.suppressed_blocks(vit)))
+        if key not in self._cache:
+            self._cache.clear()
+            out = {}
+            for i in self.suppressed_blocks(vit):
+                weight = vit.blocks[i].get_parameter(CS_WEIGHT).detach()
+                out[i] = {CS_WEIGHT: suppress_channel(weight, self.cs_rule)[0]}
+            self._cache[key] = out
+        return self._cache[key]
+
+    def weights(self, n_maps: int) -> list[float]:
+        if self.fusion_weights is None:
+            return [1.0 / n_maps] * n_maps
+        if len(self.fusion_weights) != n_maps or sum(self.fusion_weights) <= 0:
+            raise ConfigError(
+                f"gclip fusion_weights needs {n_maps} positive weights (last block first, then each emerging "
+                f"block), got {self.fusion_weights}"
+            )
+        total = float(sum(self.fusion_weights))
+        return [float(w) / total for w in self.fusion_weights]
+
+    def last_block(
+        self, vit: DenseViT, x: torch.Tensor, kept: dict[int, torch.Tensor], grid: tuple[int, int]
+    ) -> torch.Tensor:
+        if self.fusion not in ("mean", "per_head"):
+            raise ConfigError(f"gclip fusion must be 'mean' or 'per_head', got {self.fusion!r}")
+        last = vit.depth - 1
+        q, _, v = vit.qkv(last, x)
+        maps = [attention_map(q, q)]
+        for i in self.blocks_for(vit):
+            qi, ki, _ = vit.qkv(i, kept[i])
+            maps.append(attention_map(qi, ki))
+        weights = self.weights(len(maps))
+        if self.fusion == "mean":
+            fused = sum(w * m.mean(dim=1) for w, m in zip(weights, maps))  # (B, N, N)
+            b, h, n, d = v.shape
+            merged_v = v.transpose(1, 2).reshape(b, n, h * d)
+            out = (fused @ merged_v.float()).to(v.dtype)
+            return vit.blocks[last].attn.out_proj(out)
+        fused_heads = sum(w * m for w, m in zip(weights, maps))  # (B, H, N, N)
+        return vit.out_proj(last, (fused_heads @ v.float()).to(v.dtype))

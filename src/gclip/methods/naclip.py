@@ -1,0 +1,46 @@
+"""NACLIP: key-key attention plus a Gaussian neighbourhood prior over the patch grid; no residual, no FFN."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..backbone import DenseViT
+from .base import Method, attend, register
+
+
+def neighbourhood_prior(grid: tuple[int, int], std: float) -> torch.Tensor:
+    """``(1+N, 1+N)`` additive attention prior: ``exp(-|p_i - p_j|² / (2 std²))`` between patches, 0 for CLS.
+
+    Patch positions are ``(row, col)`` in patch units; N = gh * gw.
+    """
+    gh, gw = grid
+    rows = torch.arange(gh, dtype=torch.float64).repeat_interleave(gw)
+    cols = torch.arange(gw, dtype=torch.float64).repeat(gh)
+    dist2 = (rows[:, None] - rows[None, :]) ** 2 + (cols[:, None] - cols[None, :]) ** 2
+    prior = torch.zeros(gh * gw + 1, gh * gw + 1, dtype=torch.float64)
+    prior[1:, 1:] = torch.exp(-dist2 / (2.0 * std**2))
+    return prior.float()
+
+
+@register
+@dataclass
+class NaClip(Method):
+    name = "naclip"
+    summary = "softmax(k kᵀ s + Gaussian prior, std in patches); residual and FFN dropped"
+    gaussian_std: float = 5.0
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def prior(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
+        key = (grid, device)
+        if key not in self._cache:
+            self._cache[key] = neighbourhood_prior(grid, self.gaussian_std).to(device)
+        return self._cache[key]
+
+    def last_block(
+        self, vit: DenseViT, x: torch.Tensor, kept: dict[int, torch.Tensor], grid: tuple[int, int]
+    ) -> torch.Tensor:
+        last = vit.depth - 1
+        _, k, v = vit.qkv(last, x)
+        return vit.out_proj(last, attend(k, k, v, bias=self.prior(grid, x.device)))

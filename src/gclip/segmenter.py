@@ -1,0 +1,279 @@
+"""The Segmenter: image + class names -> per-pixel labels, for every method, batched across windows and images.
+
+Data flow: image -> resize -> sliding windows (all windows of all images batched by shape) -> backbone ->
+method's last block -> cosine logits -> upsample into the image canvas / overlap count -> resize to the
+original size -> softmax -> labels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from .backbone import DenseViT
+from .engine import dense_logits
+from .errors import ClassesError, ConfigError
+from .images import DEFAULT_MAX_PIXELS, ImageInput, load_image
+from .methods import Method, get_method
+from .models import LoadedModel, load_model
+from .postprocess import pamr, reduce_logits
+from .result import SegmentationResult
+from .text import ClassList, ClassSpec, TextEncoder, parse_classes
+from .windows import pad_sizes, rescale_size, resize_image, window_boxes
+
+__all__ = ["Settings", "Prepared", "Segmenter"]
+
+
+@dataclass
+class Settings:
+    """Inference settings (the ClearCLIP protocol by default).
+
+    Attributes:
+        short_side: resize so the short side has this length (0: keep the image size).
+        max_long_side: ... unless the long side would pass this.
+        crop: sliding-window size in pixels (0: the whole image in one window).
+        stride: sliding-window stride.
+        padding: ``"symmetric"`` zero-pads a window to a patch multiple and cuts the pad from its logits
+            (ClearCLIP); ``"none"`` drops the remainder pixels and stretches the logits (SCLIP, NACLIP).
+        logit_scale: multiplies cosine logits before the softmax over queries.
+        prob_thd: pixels whose top probability is below this become class 0.
+        area_thd: classes 1.. covering less than this fraction of foreground pixels are dropped.
+        pamr_steps: PAMR refinement steps (0: off); ``pamr_dilations``: its dilations.
+        batch_size: windows per forward pass.
+        max_pixels: larger images are refused.
+    """
+
+    short_side: int = 448
+    max_long_side: int = 2048
+    crop: int = 448
+    stride: int = 224
+    padding: Literal["symmetric", "none"] = "symmetric"
+    logit_scale: float = 50.0
+    prob_thd: float = 0.0
+    area_thd: float | None = None
+    pamr_steps: int = 0
+    pamr_dilations: tuple[int, ...] = (8, 16)
+    batch_size: int = 16
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def validate(self) -> Settings:
+        problems = []
+        if self.short_side < 0 or self.max_long_side <= 0:
+            problems.append("short_side must be >= 0 and max_long_side > 0")
+        if self.crop < 0 or (self.crop > 0 and not 0 < self.stride <= self.crop):
+            problems.append(f"crop must be >= 0 and 0 < stride <= crop (got crop={self.crop}, stride={self.stride})")
+        if self.padding not in ("symmetric", "none"):
+            problems.append(f"padding must be 'symmetric' or 'none', got {self.padding!r}")
+        if not 0 <= self.prob_thd <= 1 or (self.area_thd is not None and not 0 <= self.area_thd <= 1):
+            problems.append("prob_thd and area_thd must be within 0..1")
+        if self.batch_size < 1 or self.pamr_steps < 0:
+            problems.append("batch_size must be >= 1 and pamr_steps >= 0")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        self.pamr_dilations = tuple(int(d) for d in self.pamr_dilations)
+        return self
+
+
+@dataclass
+class Prepared:
+    """An image decoded, resized and normalised (the CPU half of inference; picklable for workers).
+
+    Attributes:
+        image: ``(3, h, w)`` float32 normalised tensor at the inference resolution.
+        size: ``(H, W)`` of the original image.
+        key: caller's identifier (e.g. the path), passed through to the result.
+    """
+
+    image: torch.Tensor
+    size: tuple[int, int]
+    key: Any = None
+
+
+@dataclass
+class _Canvas:
+    logits: torch.Tensor
+    count: torch.Tensor
+    boxes: list[tuple[int, int, int, int]] = field(default_factory=list)
+
+
+class Segmenter:
+    """Open-vocabulary semantic segmentation with a CLIP ViT.
+
+    Args:
+        model: an open_clip model name or a :class:`~gclip.models.LoadedModel`.
+        pretrained: pretrained tag or checkpoint path (ignored when ``model`` is already loaded).
+        method: a registered method name (``gclip.list_methods()``) or a :class:`~gclip.methods.Method`.
+        method_options: options of the method, e.g. ``{"emerging_blocks": [6, 7]}``.
+        device, precision: see :func:`~gclip.models.load_model`.
+        templates: prompt templates (bundled name, file, or list).
+        classes: optional class list, as for :meth:`set_classes`.
+        **settings: fields of :class:`Settings`.
+
+    >>> seg = Segmenter("ViT-B-16", pretrained="/path/to/ViT-B-16.pt", method="gclip")  # doctest: +SKIP
+    >>> seg.set_classes(["cat", "dog", "grass"])  # doctest: +SKIP
+    >>> result = seg.predict("photo.jpg")  # doctest: +SKIP
+    >>> result.labels.shape == result.size  # doctest: +SKIP
+    True
+    """
+
+    def __init__(
+        self,
+        model: str | LoadedModel = "ViT-B-16",
+        pretrained: str | None = "openai",
+        method: str | Method = "gclip",
+        method_options: dict[str, Any] | None = None,
+        device: str | torch.device | None = None,
+        precision: str = "fp32",
+        templates: str | Sequence[str] = "openai_imagenet_80",
+        classes: ClassSpec | None = None,
+        **settings: Any,
+    ) -> None:
+        self.model = model if isinstance(model, LoadedModel) else load_model(model, pretrained, precision, device)
+        self.vit = DenseViT(self.model.visual)
+        self.method = get_method(method, **(method_options or {}))
+        self.text = TextEncoder(self.model, templates)
+        unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(Settings)})
+        if unknown:
+            raise ConfigError(f"unknown setting {unknown[0]!r}: see gclip.Settings for the settings")
+        self.settings = Settings(**settings).validate()
+        self.classes: ClassList | None = None
+        self._queries: torch.Tensor | None = None
+        mean = torch.tensor(self.model.mean).view(3, 1, 1) * 255.0
+        std = torch.tensor(self.model.std).view(3, 1, 1) * 255.0
+        self._norm = (mean, std)
+        if classes is not None:
+            self.set_classes(classes)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def describe(self) -> dict[str, Any]:
+        """Everything that determines the output, as plain data."""
+        return {
+            "model": self.model.name,
+            "pretrained": self.model.pretrained,
+            "quick_gelu": self.model.quick_gelu,
+            "precision": str(self.model.dtype).replace("torch.", ""),
+            "method": self.method.name,
+            "method_options": self.method.options(),
+            "templates": len(self.text.templates),
+            **dataclasses.asdict(self.settings),
+        }
+
+    def set_classes(self, classes: ClassSpec | ClassList) -> ClassList:
+        """Set the vocabulary and embed it (cached per name). See :func:`gclip.text.parse_classes`."""
+        self.classes = parse_classes(classes)
+        self._queries = self.text.embed(self.classes.queries).to(self.device)
+        return self.classes
+
+    def prepare(self, image: ImageInput, key: Any = None) -> Prepared:
+        """Decode (``HWC uint8 RGB``), resize and normalise one image. Safe to run in worker processes."""
+        array = load_image(image, self.settings.max_pixels)
+        h, w = array.shape[:2]
+        tensor = torch.from_numpy(array).permute(2, 0, 1).float()
+        size = rescale_size(h, w, self.settings.short_side, self.settings.max_long_side)
+        mean, std = self._norm
+        normalised = (resize_image(tensor, size) - mean) / std
+        return Prepared(normalised.contiguous(), (h, w), key if key is not None else image)
+
+    def predict(self, image: ImageInput, return_probs: bool = False) -> SegmentationResult:
+        """Segment one image (path, PIL image or ``HxWx3 uint8`` array) -> labels ``(H, W)`` at its size."""
+        return self.predict_batch([image], return_probs)[0]
+
+    def predict_batch(self, images: Iterable[ImageInput], return_probs: bool = False) -> list[SegmentationResult]:
+        """Segment several images; the windows of all of them share forward passes."""
+        return self.infer([self.prepare(img) for img in images], return_probs)
+
+    def _require_classes(self) -> torch.Tensor:
+        if self._queries is None or self.classes is None:
+            raise ClassesError("no classes set: call set_classes([...]) first")
+        return self._queries
+
+    def _windows(self, prepared: Sequence[Prepared]) -> tuple[list[_Canvas], dict[tuple, list[tuple[int, int]]]]:
+        n_queries = self._require_classes().shape[0]
+        s = self.settings
+        canvases, groups = [], defaultdict(list)
+        for i, item in enumerate(prepared):
+            h, w = item.image.shape[-2:]
+            canvas = _Canvas(
+                torch.zeros((n_queries, h, w), device=self.device), torch.zeros((1, h, w), device=self.device)
+            )
+            canvas.boxes = window_boxes(h, w, s.crop, s.stride)
+            canvases.append(canvas)
+            for j, (y1, y2, x1, x2) in enumerate(canvas.boxes):
+                groups[(y2 - y1, x2 - x1)].append((i, j))
+        return canvases, groups
+
+    def _crop(self, item: Prepared, box: tuple[int, int, int, int]) -> torch.Tensor:
+        y1, y2, x1, x2 = box
+        crop = item.image[:, y1:y2, x1:x2]
+        if self.settings.padding == "symmetric":
+            left, right, top, bottom = pad_sizes(y2 - y1, x2 - x1, self.vit.patch_size)
+            if left or right or top or bottom:
+                crop = F.pad(crop, (left, right, top, bottom))
+        return crop
+
+    def _merge(self, canvas: _Canvas, box: tuple[int, int, int, int], logits: torch.Tensor) -> None:
+        y1, y2, x1, x2 = box
+        h, w = y2 - y1, x2 - x1
+        if self.settings.padding == "symmetric":
+            left, right, top, bottom = pad_sizes(h, w, self.vit.patch_size)
+            up = F.interpolate(logits[None], size=(h + top + bottom, w + left + right), mode="bilinear")[0]
+            up = up[:, top : top + h, left : left + w]
+        else:
+            up = F.interpolate(logits[None], size=(h, w), mode="bilinear")[0]
+        canvas.logits[:, y1:y2, x1:x2] += up
+        canvas.count[:, y1:y2, x1:x2] += 1
+
+    @torch.no_grad()
+    def merged_logits(self, prepared: Sequence[Prepared]) -> list[torch.Tensor]:
+        """Window-averaged cosine logits ``(Q, h, w)`` per image, at the inference resolution."""
+        queries = self._require_classes()
+        canvases, groups = self._windows(prepared)
+        bs = self.settings.batch_size
+        for members in groups.values():
+            for start in range(0, len(members), bs):
+                chunk = members[start : start + bs]
+                batch = torch.stack([self._crop(prepared[i], canvases[i].boxes[j]) for i, j in chunk])
+                logits = dense_logits(self.vit, self.method, batch.to(self.device), queries)
+                for (i, j), window_logits in zip(chunk, logits):
+                    self._merge(canvases[i], canvases[i].boxes[j], window_logits)
+        return [c.logits / c.count for c in canvases]
+
+    @torch.no_grad()
+    def infer(self, prepared: Sequence[Prepared], return_probs: bool = False) -> list[SegmentationResult]:
+        """The model half of inference on already :meth:`prepare`-d images."""
+        self._require_classes()
+        s = self.settings
+        results = []
+        for item, logits in zip(prepared, self.merged_logits(prepared)):
+            size = item.size
+            if s.pamr_steps > 0:
+                logits = F.interpolate(logits[None], size=size, mode="bilinear")
+                image = F.interpolate(item.image[None].to(self.device), size=size, mode="bilinear")
+                logits = pamr(image, logits, s.pamr_steps, s.pamr_dilations)[0]
+            reduced = reduce_logits(
+                logits,
+                size,
+                self.classes.query_to_class,  # type: ignore[union-attr]
+                logit_scale=s.logit_scale,
+                prob_thd=s.prob_thd,
+                area_thd=s.area_thd,
+                return_probs=return_probs,
+            )
+            results.append(
+                SegmentationResult(
+                    labels=reduced.labels.to(torch.int32).cpu().numpy(),
+                    class_names=self.classes.names,  # type: ignore[union-attr]
+                    probs=reduced.probs.cpu().numpy() if reduced.probs is not None else None,
+                    key=item.key,
+                )
+            )
+        return results

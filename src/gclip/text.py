@@ -1,0 +1,164 @@
+"""Class lists (with synonyms), prompt templates, and text embeddings cached per (model, templates, name)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Union
+
+import torch
+
+from .errors import ClassesError, ConfigError
+from .models import LoadedModel
+
+__all__ = ["ClassList", "parse_classes", "read_class_file", "load_templates", "TextEncoder"]
+
+ClassSpec = Union[str, Path, Sequence[Union[str, Sequence[str]]]]
+
+
+@dataclass(frozen=True)
+class ClassList:
+    """Classes, each with one or more synonyms (queries).
+
+    Attributes:
+        synonyms: per class, its names; the first is the display name.
+    """
+
+    synonyms: tuple[tuple[str, ...], ...]
+
+    @property
+    def names(self) -> list[str]:
+        """Display names, one per class."""
+        return [s[0] for s in self.synonyms]
+
+    @property
+    def queries(self) -> list[str]:
+        """Every synonym of every class, flattened in order."""
+        return [q for s in self.synonyms for q in s]
+
+    @property
+    def query_to_class(self) -> list[int]:
+        """For each query, the index of its class."""
+        return [i for i, s in enumerate(self.synonyms) for _ in s]
+
+    def __len__(self) -> int:
+        return len(self.synonyms)
+
+
+def _split_synonyms(line: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in line.split(",") if name.strip())
+
+
+def _validate(synonyms: list[tuple[str, ...]], source: str) -> ClassList:
+    if not synonyms:
+        raise ClassesError(f"class list from {source} is empty: give at least one class name")
+    seen: dict[str, int] = {}
+    for i, names in enumerate(synonyms):
+        if not names:
+            raise ClassesError(f"class {i + 1} from {source} has no name")
+        for name in names:
+            key = name.lower()
+            if key in seen:
+                raise ClassesError(
+                    f"class list from {source} names {name!r} twice (classes {seen[key] + 1} and {i + 1}): "
+                    "remove the duplicate"
+                )
+            seen[key] = i
+    return ClassList(tuple(synonyms))
+
+
+def read_class_file(path: str | Path) -> ClassList:
+    """One class per line; comma-separated synonyms on a line; blank lines and ``#`` comments skipped."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ClassesError(f"cannot read class file {path}: {e.__class__.__name__}: {e}") from e
+    lines = [ln.strip() for ln in text.splitlines()]
+    return _validate([_split_synonyms(ln) for ln in lines if ln and not ln.startswith("#")], str(path))
+
+
+def parse_classes(spec: ClassSpec | ClassList) -> ClassList:
+    """A class list from a file path, a string, or a sequence.
+
+    - ``Path`` or an existing file name: see :func:`read_class_file`.
+    - a string: classes separated by ``;`` when it contains one (then ``,`` separates synonyms), otherwise
+      classes separated by ``,`` (e.g. ``"cat,dog,sky"``).
+    - a sequence: one item per class; an item is a name, a ``"name, synonym"`` string, or a list of synonyms.
+
+    >>> parse_classes("cat,dog").names
+    ['cat', 'dog']
+    >>> parse_classes(["person, people", "car"]).queries
+    ['person', 'people', 'car']
+    """
+    if isinstance(spec, ClassList):
+        return spec
+    if isinstance(spec, Path):
+        return read_class_file(spec)
+    if isinstance(spec, str):
+        if "\n" not in spec and Path(spec).suffix == ".txt" and Path(spec).is_file():
+            return read_class_file(spec)
+        if ";" in spec:
+            return _validate([_split_synonyms(part) for part in spec.split(";") if part.strip()], "--classes")
+        return _validate([(n.strip(),) for n in spec.split(",") if n.strip()], "--classes")
+    synonyms: list[tuple[str, ...]] = []
+    for item in spec:
+        if isinstance(item, str):
+            synonyms.append(_split_synonyms(item))
+        else:
+            synonyms.append(tuple(str(n).strip() for n in item if str(n).strip()))
+    return _validate(synonyms, "the class list")
+
+
+def load_templates(name: str | Path | Sequence[str] = "openai_imagenet_80") -> list[str]:
+    """Prompt templates with ``{c}`` for the class name: a bundled set's name, a file, or a list.
+
+    The bundled ``openai_imagenet_80`` set is the 80 OpenAI ImageNet templates used by the peers.
+    """
+    if not isinstance(name, (str, Path)):
+        templates = list(name)
+    else:
+        bundled = resources.files("gclip") / "data" / "templates" / f"{name}.txt"
+        if isinstance(name, str) and bundled.is_file():
+            text = bundled.read_text(encoding="utf-8")
+        elif Path(name).is_file():
+            text = Path(name).read_text(encoding="utf-8")
+        else:
+            raise ConfigError(f"unknown templates {str(name)!r}: use 'openai_imagenet_80' or a file with one per line")
+        templates = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    bad = [t for t in templates if "{c}" not in t]
+    if not templates or bad:
+        raise ConfigError(f"templates must each contain '{{c}}' (bad: {bad[:1]})")
+    return templates
+
+
+class TextEncoder:
+    """Embeds class names with a model and a template set; one embedding per name, cached in memory.
+
+    The embedding of a name: encode every template filled with it, L2-normalise each, average, L2-normalise.
+    """
+
+    def __init__(self, model: LoadedModel, templates: str | Path | Sequence[str] = "openai_imagenet_80") -> None:
+        self.model = model
+        self.templates = load_templates(templates)
+        digest = hashlib.sha1("\n".join(self.templates).encode()).hexdigest()[:12]
+        self.key = f"{model.fingerprint}-{digest}"
+        self._cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def _encode(self, name: str) -> torch.Tensor:
+        tokens = self.model.tokenizer([t.replace("{c}", name) for t in self.templates]).to(self.model.device)
+        features = self.model.clip.encode_text(tokens).float()
+        features = features / features.norm(dim=-1, keepdim=True)
+        mean = features.mean(dim=0)
+        return (mean / mean.norm()).cpu()
+
+    def embed(self, names: Sequence[str]) -> torch.Tensor:
+        """``(len(names), E)`` float32 unit vectors on the CPU."""
+        for name in names:
+            if name not in self._cache:
+                self._cache[name] = self._encode(name)
+        return torch.stack([self._cache[n] for n in names])

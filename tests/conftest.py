@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny open_clip ViT registered from the tests, random-weight checkpoints, the real sample."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+
+from gclip.models import load_model
+from gclip.testing import save_random_checkpoint
+
+HERE = Path(__file__).parent
+TINY = "gclip-tiny-test"
+open_clip.add_model_config(HERE / "configs")
+logging.getLogger().setLevel(logging.ERROR)
+
+
+def sample_root() -> Path | None:
+    """The real VOC/ADE20K/COCO-Stuff sample (``../shared/data`` or ``$GCLIP_SAMPLE_DATA``), if present."""
+    env = os.environ.get("GCLIP_SAMPLE_DATA")
+    root = Path(env) if env else HERE.parent.parent / "shared" / "data"
+    return root if root.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def sample_data() -> Path:
+    root = sample_root()
+    if root is None:
+        pytest.skip("the real data sample (../shared/data) is not present")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return save_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", TINY, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint):
+    return load_model(TINY, str(tiny_checkpoint), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def vitb16_checkpoint(tmp_path_factory) -> Path:
+    """A random-weight ViT-B-16 checkpoint on disk (QuickGELU config, as OpenAI's weights)."""
+    return save_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "vit-b-16.pt", "ViT-B-16", seed=0, quick_gelu=True)
+
+
+@pytest.fixture
+def rgb_image() -> np.ndarray:
+    """A 61x83 RGB uint8 test image (odd sizes on purpose)."""
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(61, 83, 3), dtype=np.uint8)
