@@ -58,7 +58,9 @@ def auto_emerging_blocks(vit: DenseViT, images: torch.Tensor | None = None) -> l
         from .methods.gclip import default_emerging_blocks
 
         blocks = default_emerging_blocks(vit.depth)
-        warnings.warn(f"no high-norm tokens found in any block; using the default emerging blocks {blocks}")
+        warnings.warn(
+            f"no high-norm tokens found in any block; using the default emerging blocks {blocks}", stacklevel=2
+        )
     else:
         blocks = sorted({first, min(first + 1, vit.depth - 2)})
     if images is None:
