@@ -11,12 +11,23 @@ import open_clip
 import pytest
 
 from gclip.models import load_model
-from gclip.testing import save_random_checkpoint
+from gclip.testing import random_state_dict, save_random_checkpoint
 
 HERE = Path(__file__).parent
 TINY = "gclip-tiny-test"
 open_clip.add_model_config(HERE / "configs")
 logging.getLogger().setLevel(logging.ERROR)
+
+
+def make_tiny(layers: int = 2, seed: int = 0, block_type: str | None = None):
+    """A random-weight tiny CLIP (eval mode), optionally deeper or with open_clip's custom attention block."""
+    cfg = open_clip.get_model_config(TINY)
+    cfg["vision_cfg"]["layers"] = layers
+    if block_type:
+        cfg["vision_cfg"]["block_type"] = block_type
+    model = open_clip.model.CLIP(**cfg)
+    model.load_state_dict(random_state_dict(model, seed=seed))
+    return model.eval()
 
 
 def sample_root() -> Path | None:

@@ -89,11 +89,11 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
         are unwrapped.
     """
     path = Path(path)
-    hint = "expected a .pt/.bin/.pth/.safetensors state dict or an OpenAI JIT archive"
+    hint = "--pretrained takes a .pt/.bin/.pth/.safetensors state dict or an OpenAI JIT archive"
     if not path.is_file():
         raise WeightsError(f"checkpoint {path} does not exist: pass an existing file to --pretrained")
     if path.stat().st_size == 0:
-        raise WeightsError(f"checkpoint {path} is empty (0 bytes): download it again")
+        raise WeightsError(f"checkpoint {path} is empty (0 bytes): download it again and pass it to --pretrained")
     jit = False
     try:
         if path.suffix == ".safetensors":
@@ -119,6 +119,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
         obj = {k[len("module.") :]: v for k, v in obj.items()}
     for key in ("input_resolution", "context_length", "vocab_size"):
         obj.pop(key, None)
+    obj = {k: v for k, v in obj.items() if not k.endswith("attn_mask")}  # buffers that scripted models save
     return obj, jit
 
 

@@ -54,7 +54,8 @@ def _class_probs(tile: torch.Tensor, logit_scale: float, query_to_class: torch.T
     if probs.shape[0] == n_classes:
         return probs
     out = probs.new_zeros((n_classes,) + probs.shape[1:])
-    return out.index_reduce_(0, query_to_class, probs, "amax", include_self=True)
+    index = query_to_class.view(-1, *([1] * (probs.dim() - 1))).expand_as(probs)
+    return out.scatter_reduce_(0, index, probs, "amax", include_self=True)
 
 
 def reduce_logits(

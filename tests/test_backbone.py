@@ -1,0 +1,100 @@
+"""The dense walk reproduces open_clip's own modules; position-embedding resampling; both attention blocks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_tiny
+from gclip.backbone import DenseViT, resample_pos_embed
+from gclip.methods import get_method
+
+
+def _tiny(block_type: str | None = None) -> torch.nn.Module:
+    return make_tiny(seed=3, block_type=block_type)
+
+
+@pytest.fixture(scope="module")
+def tiny_vit():
+    return DenseViT(_tiny().visual)
+
+
+def test_shape_facts_come_from_the_model(tiny_vit):
+    assert (tiny_vit.patch_size, tiny_vit.width, tiny_vit.depth, tiny_vit.heads) == (8, 64, 2, 4)
+
+
+@torch.no_grad()
+def test_walk_and_clip_last_block_equal_open_clip_forward(tiny_vit):
+    images = torch.randn(2, 3, 32, 32)
+    x, grid = tiny_vit.embed(images)
+    assert grid == (4, 4)
+    x, _ = tiny_vit.walk(x)
+    tokens = get_method("clip").last_block(tiny_vit, x, {}, grid)
+    # the manual last block equals open_clip's own module (nn.MultiheadAttention inside)
+    reference = tiny_vit.blocks[-1](x)
+    assert torch.allclose(tokens, reference, atol=1e-5)
+    # and the CLS token through ln_post/proj is open_clip's image embedding
+    cls = tiny_vit.visual.ln_post(tokens[:, 0]) @ tiny_vit.visual.proj
+    assert torch.allclose(cls, tiny_vit.visual(images), atol=1e-5)
+
+
+@torch.no_grad()
+def test_qkv_attention_equals_multihead_attention(tiny_vit):
+    x, _ = tiny_vit.embed(torch.randn(1, 3, 32, 40))
+    block = tiny_vit.blocks[0]
+    q, k, v = tiny_vit.qkv(0, x)
+    ours = tiny_vit.out_proj(0, F.scaled_dot_product_attention(q, k, v))
+    y = block.ln_1(x)
+    theirs = block.attn(y, y, y, need_weights=False)[0]
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", ["clip", "maskclip", "sclip", "clearclip", "naclip", "gclip"])
+def test_custom_attention_block_gives_the_same_features(method):
+    """open_clip's newer custom Attention block holds the same parameters: same outputs."""
+    mha, custom = _tiny(), _tiny("custom")
+    assert type(custom.visual.transformer.resblocks[0].attn).__name__ == "Attention"
+    from gclip.engine import dense_features
+
+    images = torch.randn(1, 3, 40, 32)
+    a = dense_features(DenseViT(mha.visual), get_method(method), images)
+    b = dense_features(DenseViT(custom.visual), get_method(method), images)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_resample_keeps_native_grid_and_cls():
+    pos = torch.randn(1 + 14 * 14, 8)
+    assert resample_pos_embed(pos, (14, 14)) is pos
+    out = resample_pos_embed(pos, (28, 21))
+    assert out.shape == (1 + 28 * 21, 8)
+    assert torch.equal(out[0], pos[0])
+
+
+def test_resample_uses_the_plus_point_one_scale_rule():
+    """Sampling follows scale_factor=(g+0.1)/G (not size=g), rows first: compare with an independent bicubic."""
+    side, grid = 4, (6, 5)
+    pos = torch.randn(1 + side * side, 3, dtype=torch.float64)
+    out = resample_pos_embed(pos, grid)[1:].reshape(*grid, 3)
+
+    def cubic(t: float) -> float:
+        a, t = -0.75, abs(t)
+        if t <= 1:
+            return (a + 2) * t**3 - (a + 3) * t**2 + 1
+        if t < 2:
+            return a * t**3 - 5 * a * t**2 + 8 * a * t - 4 * a
+        return 0.0
+
+    def weights(n_out: int) -> torch.Tensor:
+        w = torch.zeros(n_out, side, dtype=torch.float64)
+        for i in range(n_out):
+            src = (i + 0.5) * side / (n_out + 0.1) - 0.5
+            base = int(torch.floor(torch.tensor(src)))
+            for j in range(base - 1, base + 3):
+                w[i, min(max(j, 0), side - 1)] += cubic(src - j)
+        return w
+
+    grid_pos = pos[1:].reshape(side, side, 3)
+    expected = torch.einsum("ia,abc,jb->ijc", weights(grid[0]), grid_pos, weights(grid[1]))
+    assert torch.allclose(out, expected, atol=1e-6)

@@ -1,0 +1,170 @@
+"""Every registered method: shapes, batching, options; GCLIP's fusion and suppression against independent code."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import make_tiny
+from gclip.backbone import DenseViT
+from gclip.engine import dense_features
+from gclip.errors import ConfigError
+from gclip.methods import get_method, list_methods
+from gclip.methods.gclip import default_emerging_blocks, suppress_channel
+
+torch.set_grad_enabled(False)
+
+
+@pytest.fixture(scope="module")
+def deep_model():
+    return make_tiny(layers=5, seed=1)
+
+
+def test_registry_lists_the_six_methods():
+    assert set(list_methods()) == {"clip", "maskclip", "sclip", "clearclip", "naclip", "gclip"}
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_dense_features_shape_and_finite(deep_model, method):
+    feats = dense_features(DenseViT(deep_model.visual), get_method(method), torch.randn(2, 3, 40, 24))
+    assert feats.shape == (2, 5, 3, 32)
+    assert torch.isfinite(feats).all()
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_batch_equals_one_at_a_time(deep_model, method):
+    vit, m = DenseViT(deep_model.visual), get_method(method)
+    images = torch.randn(3, 3, 32, 32)
+    together = dense_features(vit, m, images)
+    alone = torch.cat([dense_features(vit, m, images[i : i + 1]) for i in range(3)])
+    assert (together - alone).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_methods_never_modify_the_model(deep_model, method):
+    before = {k: v.clone() for k, v in deep_model.state_dict().items()}
+    dense_features(DenseViT(deep_model.visual), get_method(method), torch.randn(1, 3, 32, 32))
+    after = deep_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_methods_differ_from_each_other(deep_model):
+    vit, images = DenseViT(deep_model.visual), torch.randn(1, 3, 32, 32)
+    feats = {m: dense_features(vit, get_method(m), images) for m in list_methods()}
+    for a in feats:
+        for b in feats:
+            if a < b:
+                assert not torch.allclose(feats[a], feats[b], atol=1e-4), (a, b)
+
+
+@pytest.mark.parametrize(
+    ("depth", "expected"), [(12, [6, 7]), (24, [12, 13]), (32, [16, 17]), (2, [0]), (3, [1]), (5, [2, 3])]
+)
+def test_default_emerging_blocks(depth, expected):
+    assert default_emerging_blocks(depth) == expected
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"emerging_blocks": [9]}, "within 0..3"),
+        ({"emerging_blocks": []}, "non-empty"),
+        ({"fusion_weights": [1.0]}, "needs 3 positive weights"),
+        ({"fusion": "max"}, "'mean' or 'per_head'"),
+        ({"cs_blocks": [4]}, "cs_blocks"),
+    ],
+)
+def test_gclip_bad_options_say_what_is_wrong(deep_model, options, message):
+    with pytest.raises(ConfigError, match=message):
+        dense_features(DenseViT(deep_model.visual), get_method("gclip", **options), torch.randn(1, 3, 16, 16))
+
+
+def test_unknown_method_or_option():
+    with pytest.raises(ConfigError, match="unknown method 'foo'"):
+        get_method("foo")
+    with pytest.raises(ConfigError, match="has no option 'window'"):
+        get_method("clearclip", window=3)
+
+
+def test_suppress_channel_on_a_known_matrix():
+    weight = torch.tensor([[3.0, 4.0], [0.0, 1.0], [1.0, 0.0], [0.0, 2.0]])  # row norms 5, 1, 1, 2
+    new, channel, ratio = suppress_channel(weight, "mean")
+    assert channel == 0 and ratio == pytest.approx(5 / (4 / 3))
+    assert new[0].norm().item() == pytest.approx(4 / 3)
+    assert torch.equal(new[1:], weight[1:]) and torch.equal(weight[0], torch.tensor([3.0, 4.0]))
+    assert suppress_channel(weight, "median")[0][0].norm().item() == pytest.approx(1.0)
+
+
+def _independent_gclip(model, images, emerging, cs_blocks, weights, per_head):
+    """GCLIP written out directly on a suppressed deep copy of the model, in float64."""
+    model = copy.deepcopy(model).double()
+    visual = model.visual
+    for i in cs_blocks:
+        w = visual.transformer.resblocks[i].mlp.c_proj.weight
+        norms = w.norm(dim=1)
+        c = int(norms.argmax())
+        w[c] *= torch.cat([norms[:c], norms[c + 1 :]]).mean() / norms[c]
+    x = visual.conv1(images.double())
+    b, d, gh, gw = x.shape
+    x = x.flatten(2).transpose(1, 2)
+    x = torch.cat([visual.class_embedding.expand(b, 1, d), x], 1) + visual.positional_embedding  # native grid
+    x = visual.ln_pre(x)
+    blocks = visual.transformer.resblocks
+    heads = blocks[0].attn.num_heads
+    inputs = {}
+    for i in range(len(blocks) - 1):
+        inputs[i] = x
+        x = blocks[i](x)
+
+    def split(t):
+        return t.reshape(b, -1, heads, d // heads).transpose(1, 2)
+
+    def qkv(block, t):
+        y = block.ln_1(t)
+        return [split(z) for z in (y @ block.attn.in_proj_weight.T + block.attn.in_proj_bias).chunk(3, -1)]
+
+    def softmax_map(a, c):
+        return torch.softmax(a @ c.transpose(-1, -2) / (d // heads) ** 0.5, -1)
+
+    q, _, v = qkv(blocks[-1], x)
+    maps = [softmax_map(q, q)] + [softmax_map(*qkv(blocks[i], inputs[i])[:2]) for i in emerging]
+    total = sum(weights)
+    if per_head:
+        fused = sum(w / total * m for w, m in zip(weights, maps))
+        out = (fused @ v).transpose(1, 2).reshape(b, -1, d)
+    else:
+        fused = sum(w / total * m.mean(1) for w, m in zip(weights, maps))
+        out = fused @ v.transpose(1, 2).reshape(b, -1, d)
+    out = blocks[-1].attn.out_proj(out)
+    return (visual.ln_post(out[:, 1:]) @ visual.proj).reshape(b, gh, gw, -1)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"emerging_blocks": [1, 2], "fusion_weights": [2.0, 1.0, 1.0]},
+        {"emerging_blocks": [0, 3], "fusion": "per_head", "cs_blocks": [1, 2, 3]},
+        {"emerging_blocks": [2], "channel_suppression": False},
+    ],
+)
+def test_gclip_equals_independent_computation(deep_model, options):
+    images = torch.randn(2, 3, 32, 32)  # the native 4x4 grid: no resampling involved
+    method = get_method("gclip", **options)
+    vit = DenseViT(deep_model.visual)
+    ours = dense_features(vit, method, images).double()
+    emerging = method.blocks_for(vit)
+    weights = options.get("fusion_weights", [1.0] * (1 + len(emerging)))
+    expected = _independent_gclip(
+        deep_model, images, emerging, method.suppressed_blocks(vit), weights, options.get("fusion") == "per_head"
+    )
+    assert (ours - expected).abs().max() < 1e-4
+
+
+def test_gclip_suppresses_after_the_last_emerging_block(deep_model):
+    vit = DenseViT(deep_model.visual)
+    assert get_method("gclip").suppressed_blocks(vit) == [3]  # depth 5: emerging [2, 3], CS 3..3
+    assert get_method("gclip", emerging_blocks=[1]).suppressed_blocks(vit) == [1, 2, 3]
+    assert get_method("gclip", channel_suppression=False).suppressed_blocks(vit) == []

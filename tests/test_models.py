@@ -1,0 +1,127 @@
+"""Loading: tags, local files in every format, identical outputs after a round trip, one-line errors."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+
+from conftest import TINY
+from gclip.errors import WeightsError
+from gclip.models import load_model, read_checkpoint
+from gclip.segmenter import Segmenter
+from gclip.testing import random_state_dict, save_random_checkpoint
+
+
+def _labels_and_probs(model, image):
+    seg = Segmenter(model, method="gclip", classes=["a", "b", "c"], short_side=0, crop=32, stride=16)
+    result = seg.predict(image, return_probs=True)
+    return result.labels, result.probs
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".bin", ".safetensors"])
+def test_saved_checkpoint_loads_back_identically(tmp_path, rgb_image, suffix):
+    path = save_random_checkpoint(tmp_path / f"tiny{suffix}", TINY, seed=5)
+    model = load_model(TINY, str(path), device="cpu")
+    reference = open_clip.create_model(TINY, pretrained=None)
+    reference.load_state_dict(random_state_dict(reference, seed=5))
+    for k, v in reference.state_dict().items():
+        assert torch.equal(model.clip.state_dict()[k], v), k
+    again = load_model(TINY, str(path), device="cpu")
+    a, b = _labels_and_probs(model, rgb_image), _labels_and_probs(again, rgb_image)
+    assert np.array_equal(a[0], b[0]) and np.abs(a[1] - b[1]).max() == 0
+
+
+def test_openai_jit_archive_and_nested_state_dict(tmp_path):
+    model = open_clip.create_model(TINY, pretrained=None)
+    model.load_state_dict(random_state_dict(model, seed=2))
+    torch.jit.script(model).save(str(tmp_path / "jit.pt"))
+    state, is_jit = read_checkpoint(tmp_path / "jit.pt")
+    assert is_jit and torch.equal(state["visual.proj"], model.visual.proj)
+    loaded = load_model(TINY, str(tmp_path / "jit.pt"), device="cpu")
+    assert loaded.quick_gelu and torch.equal(loaded.clip.visual.proj, model.visual.proj)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "nested.pt")
+    assert torch.equal(load_model(TINY, str(tmp_path / "nested.pt")).clip.visual.proj, model.visual.proj)
+
+
+def test_precisions_and_fingerprint(tiny_checkpoint):
+    fp32 = load_model(TINY, str(tiny_checkpoint), precision="fp32", device="cpu")
+    bf16 = load_model(TINY, str(tiny_checkpoint), precision="bf16", device="cpu")
+    assert bf16.clip.visual.proj.dtype == torch.bfloat16 and fp32.dtype == torch.float32
+    assert fp32.fingerprint == load_model(TINY, str(tiny_checkpoint)).fingerprint
+    assert fp32.mean == open_clip.OPENAI_DATASET_MEAN
+
+
+def _garbage(tmp_path):
+    path = tmp_path / "garbage.pt"
+    path.write_bytes(b"not a checkpoint at all" * 10)
+    return path
+
+
+def _empty(tmp_path):
+    path = tmp_path / "empty.safetensors"
+    path.touch()
+    return path
+
+
+def _wrong_model(tmp_path):
+    return save_random_checkpoint(tmp_path / "b32.pt", "ViT-B-32", seed=0)
+
+
+def _pickled_object(tmp_path):
+    path = tmp_path / "object.pt"
+    torch.save({"weights": torch.zeros(2), "config": {"lr": 0.1}}, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "model", "message"),
+    [
+        (lambda p: "no-such-tag", TINY, "neither a pretrained tag"),
+        (lambda p: "ViT-B-99", None, "unknown model 'ViT-B-99'"),
+        (lambda p: str(p / "missing.pt"), TINY, "does not exist"),
+        (_garbage, TINY, "cannot read checkpoint"),
+        (_empty, TINY, "is empty"),
+        (_wrong_model, TINY, "does not fit model gclip-tiny-test"),
+        (_pickled_object, TINY, "holds no tensor state dict"),
+    ],
+)
+def test_bad_weights_give_one_line_errors(tmp_path, make, model, message):
+    source = make(tmp_path)
+    name, pretrained = (source, None) if model is None else (model, str(source))
+    with pytest.raises(WeightsError, match=message) as info:
+        load_model(name, pretrained, device="cpu")
+    assert "\n" not in str(info.value)
+    assert model is None or "--pretrained" in str(info.value) or "--model" in str(info.value)
+
+
+def test_uncached_tag_offline_fails_fast(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    start = time.monotonic()
+    with pytest.raises(WeightsError, match=r"not in the local cache.*--pretrained /path/to/checkpoint"):
+        load_model("ViT-B-32", "openai", cache_dir=str(tmp_path / "cache"))
+    assert time.monotonic() - start < 20  # no download retry loop (generous: this includes building nothing)
+
+
+def test_cached_tag_is_used_without_network(tmp_path, monkeypatch):
+    """A tag whose file is in open_clip's URL cache loads offline (the real tag path, weights from disk)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    cfg = open_clip.get_pretrained_cfg("ViT-B-32", "openai")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    save_random_checkpoint(cache / cfg["url"].rsplit("/", 1)[-1], "ViT-B-32", seed=0, quick_gelu=True)
+    model = load_model("ViT-B-32", "openai", cache_dir=str(cache), device="cpu")
+    assert model.quick_gelu and model.pretrained == "openai"
+
+
+def test_device_errors():
+    if not torch.cuda.is_available():
+        with pytest.raises(WeightsError, match="CUDA is not available"):
+            load_model(TINY, None, device="cuda")
+    with pytest.raises(WeightsError, match="unknown precision"):
+        load_model(TINY, None, precision="fp8")

@@ -1,0 +1,109 @@
+"""Windows, resizing, the tiled reduction and PAMR, against direct computations."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gclip.postprocess import pamr, reduce_logits
+from gclip.windows import pad_sizes, rescale_size, window_boxes
+
+
+@pytest.mark.parametrize(
+    ("size", "short", "long", "expected"),
+    [
+        ((375, 500), 448, 2048, (448, 597)),
+        ((500, 375), 448, 2048, (597, 448)),
+        ((100, 2000), 448, 2048, (102, 2048)),  # the long side caps the scale
+        ((1024, 2048), 560, 2048, (560, 1120)),
+        ((375, 500), 0, 2048, (375, 500)),
+    ],
+)
+def test_rescale_size(size, short, long, expected):
+    assert rescale_size(*size, short, long) == expected
+
+
+@pytest.mark.parametrize(
+    ("h", "w", "crop", "stride"),
+    [
+        (448, 597, 448, 224),
+        (100, 90, 448, 224),
+        (300, 301, 64, 48),
+        (224, 224, 224, 112),
+        (50, 500, 32, 32),
+        (37, 41, 0, 1),
+    ],
+)
+def test_windows_cover_every_pixel_and_stay_inside(h, w, crop, stride):
+    boxes = window_boxes(h, w, crop, stride)
+    covered = torch.zeros(h, w, dtype=torch.int32)
+    for y1, y2, x1, x2 in boxes:
+        assert 0 <= y1 < y2 <= h and 0 <= x1 < x2 <= w
+        if crop:
+            assert y2 - y1 == min(crop, h) and x2 - x1 == min(crop, w)
+        covered[y1:y2, x1:x2] += 1
+    assert covered.min() >= 1
+
+
+def test_window_count_matches_mmseg_grid():
+    # rows/cols = max(size - crop + stride - 1, 0) // stride + 1
+    assert len(window_boxes(448, 597, 448, 224)) == 1 * 2
+    assert len(window_boxes(336, 448, 224, 112)) == 2 * 3
+    assert len(window_boxes(1024, 2048, 224, 224)) == 5 * 10
+
+
+@pytest.mark.parametrize(
+    ("h", "w", "expected"), [(448, 448, (0, 0, 0, 0)), (100, 90, (3, 3, 6, 6)), (17, 31, (0, 1, 7, 8))]
+)
+def test_pad_sizes_symmetric_extra_right_bottom(h, w, expected):
+    assert pad_sizes(h, w, 16) == expected
+    left, right, top, bottom = pad_sizes(h, w, 16)
+    assert (h + top + bottom) % 16 == 0 and (w + left + right) % 16 == 0
+
+
+def _naive(logits, size, q2c, scale, prob_thd, area_thd):
+    """Full-resolution reference: resize everything, softmax, synonym max, area and probability thresholds."""
+    full = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0] * scale
+    probs = full.softmax(0)
+    n = max(q2c) + 1
+    probs = torch.stack([probs[[i for i, c in enumerate(q2c) if c == k]].max(0).values for k in range(n)])
+    if area_thd:
+        counts = torch.bincount(probs.argmax(0).flatten(), minlength=n)[1:].float()
+        keep = (counts > area_thd * counts.sum()).float()
+        probs[1:] *= keep[:, None, None]
+    top, labels = probs.max(0)
+    labels[top < prob_thd] = 0
+    return labels, probs
+
+
+@pytest.mark.parametrize(
+    ("size", "q2c", "prob_thd", "area_thd", "tile"),
+    list(
+        itertools.product(
+            [(37, 53), (9, 7), (64, 16)], [[0, 1, 2, 3], [0, 0, 1, 2, 2]], [0.0, 0.4], [None, 0.2], [50, 1 << 24]
+        )
+    ),
+)
+def test_tiled_reduction_equals_full_resolution(size, q2c, prob_thd, area_thd, tile):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(len(q2c), 11, 13, generator=gen) * 0.2
+    expected_labels, expected_probs = _naive(logits, size, q2c, 10.0, prob_thd, area_thd)
+    out = reduce_logits(logits, size, q2c, 10.0, prob_thd, area_thd, return_probs=True, tile_elements=tile)
+    assert torch.equal(out.labels, expected_labels)
+    assert (out.probs - expected_probs).abs().max() < 1e-5
+
+
+def test_pamr_keeps_constant_logits_and_smooths_within_regions():
+    image = torch.zeros(1, 3, 40, 40)
+    image[:, :, :, 20:] = 1.0  # two flat regions
+    constant = torch.full((1, 2, 40, 40), 0.3)
+    assert torch.allclose(pamr(image, constant, steps=3, dilations=(1, 2)), constant, atol=1e-6)
+    noisy = torch.zeros(1, 2, 40, 40)
+    noisy[:, 0, :, :20], noisy[:, 1, :, 20:] = 1.0, 1.0
+    noisy[:, :, 10, 10] = torch.tensor([0.0, 1.0])  # one wrong pixel inside the left region
+    refined = pamr(image, noisy, steps=10, dilations=(1, 2))
+    assert refined[0, :, 10, 10].argmax() == 0  # fixed from its neighbours of the same colour
+    assert refined[0, 0, 20:, 25:].max() < 0.05  # the boundary is respected

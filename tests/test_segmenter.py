@@ -1,0 +1,98 @@
+"""The Segmenter end to end on the tiny model: sizes, inputs, batching equivalences, settings, probabilities."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gclip.errors import ClassesError, ConfigError
+from gclip.methods import list_methods
+from gclip.segmenter import Segmenter
+
+SMALL = {"short_side": 48, "crop": 32, "stride": 16}
+
+
+@pytest.fixture
+def make(tiny_model):
+    def build(method="gclip", classes=("cat", "dog", "sky"), **settings):
+        return Segmenter(tiny_model, method=method, classes=list(classes), **{**SMALL, **settings})
+
+    return build
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_labels_at_original_size(make, rgb_image, method):
+    result = make(method).predict(rgb_image)
+    assert result.labels.shape == (61, 83) and result.labels.dtype == np.int32
+    assert result.class_names == ["cat", "dog", "sky"]
+    assert 0 <= result.labels.min() and result.labels.max() <= 2
+    assert result.probs is None
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_batched_windows_equal_one_window_at_a_time(make, rgb_image, method):
+    other = np.ascontiguousarray(rgb_image[:50, :70])
+    batched = make(method, batch_size=64)
+    single = make(method, batch_size=1)
+    prepared = [batched.prepare(rgb_image), batched.prepare(other)]
+    a, b = batched.merged_logits(prepared), single.merged_logits(prepared)
+    for x, y in zip(a, b):
+        assert (x - y).abs().max() <= 1e-5
+    together = batched.predict_batch([rgb_image, other])
+    alone = [single.predict(rgb_image), single.predict(other)]
+    assert all(np.array_equal(t.labels, s.labels) for t, s in zip(together, alone))
+
+
+def test_same_result_from_path_pil_and_array(make, rgb_image, tmp_path):
+    Image.fromarray(rgb_image).save(tmp_path / "x.png")
+    seg = make()
+    results = [seg.predict(src).labels for src in (rgb_image, Image.fromarray(rgb_image), tmp_path / "x.png")]
+    assert np.array_equal(results[0], results[1]) and np.array_equal(results[0], results[2])
+
+
+def test_probabilities_and_synonyms(make, rgb_image):
+    seg = make(classes=("cat, kitten", "dog", "sky, clouds"))
+    result = seg.predict(rgb_image, return_probs=True)
+    assert result.probs.shape == (3, 61, 83)
+    assert np.array_equal(result.probs.argmax(0), result.labels)
+    total = result.probs.sum(0)  # class probabilities are maxima over synonyms of one softmax: sum <= 1
+    assert (total <= 1 + 1e-5).all() and (total > 0).all()
+
+
+def test_prob_thd_sets_background(make, rgb_image):
+    labels = make(prob_thd=1.0).predict(rgb_image).labels
+    assert (labels == 0).all()
+
+
+def test_whole_image_and_unpadded_windows(make, rgb_image):
+    for settings in ({"crop": 0}, {"padding": "none"}, {"short_side": 0}, {"pamr_steps": 2, "pamr_dilations": (1,)}):
+        assert make(**settings).predict(rgb_image).labels.shape == (61, 83)
+
+
+def test_windows_cover_all_pixels_in_the_canvas(make, rgb_image):
+    seg = make()
+    prepared = seg.prepare(rgb_image)
+    canvases, _ = seg._windows([prepared])
+    covered = torch.zeros(prepared.image.shape[-2:])
+    for y1, y2, x1, x2 in canvases[0].boxes:
+        covered[y1:y2, x1:x2] += 1
+    assert covered.min() >= 1
+    assert torch.isfinite(seg.merged_logits([prepared])[0]).all()
+
+
+def test_classes_required_and_settings_checked(tiny_model, rgb_image):
+    seg = Segmenter(tiny_model, method="clearclip")
+    with pytest.raises(ClassesError, match="no classes set"):
+        seg.predict(rgb_image)
+    with pytest.raises(ConfigError, match="unknown setting 'windw'"):
+        Segmenter(tiny_model, windw=3)
+    with pytest.raises(ConfigError, match="stride"):
+        Segmenter(tiny_model, crop=32, stride=64)
+
+
+def test_describe_lists_everything(make):
+    info = make("gclip").describe()
+    assert info["method"] == "gclip" and info["crop"] == 32 and info["templates"] == 80
+    assert "emerging_blocks" in info["method_options"]

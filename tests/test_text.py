@@ -1,0 +1,82 @@
+"""Class lists, synonyms, templates and the text-embedding cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gclip.errors import ClassesError, ConfigError
+from gclip.text import TextEncoder, load_templates, parse_classes, read_class_file
+
+
+@pytest.mark.parametrize(
+    ("spec", "names", "queries"),
+    [
+        ("cat,dog,sky", ["cat", "dog", "sky"], ["cat", "dog", "sky"]),
+        (" cat , dog ", ["cat", "dog"], ["cat", "dog"]),
+        ("person, people; car", ["person", "car"], ["person", "people", "car"]),
+        (["person, people", "car"], ["person", "car"], ["person", "people", "car"]),
+        ([["sky", "clouds"], "sea"], ["sky", "sea"], ["sky", "clouds", "sea"]),
+    ],
+)
+def test_parse_classes(spec, names, queries):
+    classes = parse_classes(spec)
+    assert classes.names == names and classes.queries == queries
+    assert len(classes.query_to_class) == len(queries)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("", "is empty"),
+        (" , ,", "is empty"),
+        ([], "is empty"),
+        ("cat,dog,Cat", "names 'Cat' twice"),
+        (["sky, clouds", "clouds"], "names 'clouds' twice"),
+    ],
+)
+def test_bad_class_lists(spec, message):
+    with pytest.raises(ClassesError, match=message):
+        parse_classes(spec)
+
+
+def test_class_file_with_synonyms_and_comments(tmp_path):
+    path = tmp_path / "classes.txt"
+    path.write_text("# vocabulary\nsky, clouds\n\nsea\nperson,people, man\n", encoding="utf-8")
+    classes = read_class_file(path)
+    assert classes.names == ["sky", "sea", "person"]
+    assert classes.query_to_class == [0, 0, 1, 2, 2, 2]
+    assert parse_classes(str(path)).synonyms == classes.synonyms
+
+
+def test_unreadable_class_file(tmp_path):
+    with pytest.raises(ClassesError, match="cannot read class file"):
+        read_class_file(tmp_path / "missing.txt")
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ClassesError, match="cannot read class file"):
+        read_class_file(tmp_path / "bin.txt")
+
+
+def test_bundled_templates_are_the_80_openai_ones():
+    templates = load_templates()
+    assert len(templates) == 80 and len(set(templates)) == 80
+    assert all("{c}" in t for t in templates)
+    assert templates[0] == "a bad photo of a {c}."
+    with pytest.raises(ConfigError, match="must each contain"):
+        load_templates(["a photo of a thing."])
+
+
+def test_text_embeddings_are_unit_mean_of_templates_and_cached(tiny_model, monkeypatch):
+    encoder = TextEncoder(tiny_model, ["a photo of a {c}.", "a {c}."])
+    emb = encoder.embed(["cat", "dog"])
+    assert emb.shape == (2, 32) and torch.allclose(emb.norm(dim=-1), torch.ones(2))
+    tokens = tiny_model.tokenizer(["a photo of a cat.", "a cat."])
+    with torch.no_grad():
+        feats = tiny_model.clip.encode_text(tokens)
+    feats = feats / feats.norm(dim=-1, keepdim=True)
+    expected = feats.mean(0) / feats.mean(0).norm()
+    assert torch.allclose(emb[0], expected, atol=1e-6)
+    calls = []
+    monkeypatch.setattr(encoder, "_encode", lambda name: calls.append(name) or torch.zeros(32))
+    encoder.embed(["dog", "cat", "bird"])
+    assert calls == ["bird"]
