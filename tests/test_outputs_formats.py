@@ -99,3 +99,17 @@ def test_overlay_blends_and_adds_a_legend(tmp_path, monkeypatch):
     assert path.is_file() and not list(tmp_path.glob(".*.tmp"))
     with pytest.raises(ValueError, match="differ in size"):
         overlay_image(image, labels[:10], ["cat", "dog", "sky"])
+
+
+def test_supervision_overlay_matches_the_plain_blend(monkeypatch):
+    pytest.importorskip("supervision")
+    import sys
+
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 4, (24, 32)).astype(np.int32)
+    names = ["a", "b", "c", "d"]
+    drawn = np.asarray(overlay_image(image, labels, names, alpha=0.4)).astype(int)
+    monkeypatch.setitem(sys.modules, "supervision", None)
+    plain = np.asarray(overlay_image(image, labels, names, alpha=0.4)).astype(int)
+    assert drawn.shape == plain.shape and np.abs(drawn - plain).max() <= 1

@@ -256,7 +256,8 @@ def _blend(image: np.ndarray, labels: np.ndarray, colours: np.ndarray, alpha: fl
     detections = sv.Detections(xyxy=sv.mask_to_xyxy(masks), mask=masks, class_id=present.astype(int))
     palette_ = sv.ColorPalette([sv.Color(*(int(v) for v in colours[i])) for i in range(int(present.max()) + 1)])
     annotator = sv.MaskAnnotator(color=palette_, opacity=alpha, color_lookup=sv.ColorLookup.CLASS)
-    return np.asarray(annotator.annotate(scene=image.copy(), detections=detections))
+    # A PIL scene is taken as RGB (a numpy scene would be read as OpenCV's BGR).
+    return np.asarray(annotator.annotate(scene=Image.fromarray(image), detections=detections).convert("RGB"))
 
 
 def overlay_image(image: np.ndarray, labels: np.ndarray, class_names: list[str], alpha: float = 0.5) -> Image.Image:
