@@ -6,6 +6,7 @@
 >>> labels = seg.predict("photo.jpg").labels  # (H, W) int32  # doctest: +SKIP
 """
 
+from .engines import SegmenterSpec, iter_segment, segment_folder
 from .errors import ClassesError, ConfigError, GclipError, ImageError, WeightsError
 from .methods import Method, get_method, list_methods, register
 from .models import LoadedModel, load_model
@@ -25,11 +26,14 @@ __all__ = [
     "Method",
     "SegmentationResult",
     "Segmenter",
+    "SegmenterSpec",
     "Settings",
     "WeightsError",
     "get_method",
+    "iter_segment",
     "list_methods",
     "load_model",
     "parse_classes",
     "register",
+    "segment_folder",
 ]

@@ -1,0 +1,138 @@
+"""The Ray engine: Ray Data reads the input list, tasks decode, a pool of model actors segments and writes.
+
+Needs ``pip install gclip[ray]``. Connects to the cluster in ``RAY_ADDRESS`` (or one already initialised with
+``ray.init``), else starts a local instance.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..images import DEFAULT_MAX_PIXELS
+from .inputs import InputItem, read_input
+from .local import _infer, _Loaded, _one_line
+from .spec import SegmenterSpec
+from .writer import OutputWriter
+
+__all__ = ["run_ray"]
+
+
+def _row(item: InputItem) -> dict[str, Any]:
+    return {"path": item.path, "key": item.key, "member": item.member or "", "offset": item.offset, "size": item.size}
+
+
+def _item(row: dict[str, Any]) -> InputItem:
+    member = str(row["member"]) or None
+    return InputItem(str(row["path"]), str(row["key"]), member, int(row["offset"]), int(row["size"]))
+
+
+def _decode(row: dict[str, Any], max_pixels: int) -> dict[str, Any]:
+    """Ray Data ``map``: one row -> its RGB bytes and shape, or the one-line reason it cannot be read."""
+    item = _item(row)
+    try:
+        image = read_input(item, max_pixels)
+    except Exception as e:  # noqa: BLE001 - a bad image is reported, never raised
+        return {**row, "pixels": b"", "height": 0, "width": 0, "error": _one_line(item, e)}
+    return {**row, "pixels": image.tobytes(), "height": image.shape[0], "width": image.shape[1], "error": ""}
+
+
+class SegmentActor:
+    """Ray Data callable class: one Segmenter per actor; segments a batch of decoded rows and writes outputs.
+
+    Returns one JSON manifest record per row (column ``record``).
+    """
+
+    def __init__(self, spec: SegmenterSpec, writer: OutputWriter) -> None:
+        self.segmenter = spec.build()
+        self.writer = writer
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        loaded: list[_Loaded] = []
+        records: dict[str, dict[str, Any]] = {}
+        rows = [{k: batch[k][i] for k in batch} for i in range(len(batch["key"]))]
+        for row in rows:
+            item = _item(row)
+            if row["error"]:
+                records[item.key] = self.writer.failure(item, str(row["error"]))
+                continue
+            image = np.frombuffer(row["pixels"], dtype=np.uint8).reshape(int(row["height"]), int(row["width"]), 3)
+            try:
+                prepared = self.segmenter.prepare(image, key=item.key)
+            except Exception as e:  # noqa: BLE001
+                records[item.key] = self.writer.failure(item, _one_line(item, e))
+                continue
+            loaded.append(_Loaded(item, prepared, image, None, 0.0))
+        if loaded:
+            start = time.perf_counter()
+            outcomes = _infer(self.segmenter, loaded, self.writer.needs_probs)
+            share = (time.perf_counter() - start) / len(loaded)
+            for x, outcome in zip(loaded, outcomes):
+                if isinstance(outcome, str):
+                    records[x.item.key] = self.writer.failure(x.item, outcome)
+                else:
+                    records[x.item.key] = self.writer.write(x.item, outcome, x.image, share)
+        ordered = [json.dumps(records[_item(r).key]) for r in rows]
+        return {"record": np.array(ordered, dtype=object)}
+
+
+def run_ray(
+    spec: SegmenterSpec,
+    items: Sequence[InputItem],
+    writer: OutputWriter,
+    images_per_batch: int = 8,
+    concurrency: int | None = None,
+    num_gpus: float | None = None,
+    progress: bool = True,
+) -> Iterator[dict[str, Any]]:
+    """Segment ``items`` on Ray and yield their manifest records as actors finish them.
+
+    Args:
+        spec: how each actor builds its Segmenter.
+        items: the images still to do.
+        writer: writes each image's files (in the actors; the output folder must be shared by all nodes).
+        images_per_batch: rows per actor call.
+        concurrency: number of model actors (default: one per GPU in the cluster, else 1).
+        num_gpus: GPUs per actor (default: 1 when the cluster has GPUs, else 0).
+        progress: show a progress bar.
+
+    >>> import ray; ray.init(address="auto")  # doctest: +SKIP
+    >>> gclip.segment_folder(spec, "/shared/photos", "/shared/labels", engine="ray", concurrency=8)  # doctest: +SKIP
+    """
+    try:
+        import ray
+        import ray.data
+    except ImportError as e:
+        raise ConfigError("the Ray engine needs Ray: pip install 'gclip[ray]'") from e
+    if not items:
+        return
+    if not ray.is_initialized():
+        ray.init(ignore_reinit_error=True, log_to_driver=False)
+    cluster_gpus = float(ray.cluster_resources().get("GPU", 0))
+    gpus = num_gpus if num_gpus is not None else (1.0 if cluster_gpus >= 1 else 0.0)
+    actors = concurrency or (max(1, int(cluster_gpus // gpus)) if gpus else 1)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    max_pixels = int(spec.settings.get("max_pixels", DEFAULT_MAX_PIXELS))
+    ds = ray.data.from_items([_row(i) for i in items])
+    ds = ds.map(_decode, fn_kwargs={"max_pixels": max_pixels})
+    ds = ds.map_batches(
+        SegmentActor,
+        fn_constructor_args=(spec, writer),
+        batch_size=max(1, images_per_batch),
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=gpus,
+    )
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(items), unit="img", disable=not progress, file=sys.stderr) as bar:
+        for row in ds.iter_rows():
+            bar.update(1)
+            yield json.loads(row["record"])

@@ -1,0 +1,121 @@
+"""Segmenting a collection: every format checked against the predictions, resume, overwrite, stale files."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import gclip
+from collection_helpers import CLASSES, SETTINGS, synthetic_image, write_images
+from gclip.engines import InputItem, Manifest, OutputWriter, collect_inputs, plan_run
+from gclip.engines.local import Preparer
+from gclip.outputs import read_label_png, rle_decode
+
+ALL = "png,overlay,rle,json,manifest"
+
+
+@pytest.fixture(scope="module")
+def seg(tiny_model):
+    return gclip.Segmenter(tiny_model, method="gclip", classes=CLASSES, **SETTINGS)
+
+
+def _check_outputs(seg, out, items):
+    """Every format of every item agrees with ``seg.predict`` on the same image."""
+    manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [r["key"] for r in manifest] == sorted(i.key for i in items)
+    by_key = {r["key"]: r for r in manifest}
+    for item in items:
+        expected = seg.predict(item.path, return_probs=True)
+        labels = read_label_png(out / f"{item.key}.png")
+        assert np.array_equal(labels, expected.labels), item.key
+        rle = json.loads((out / f"{item.key}.rle.json").read_text())
+        decoded = np.full(expected.size, -1)
+        for ann in rle["annotations"]:
+            mask = rle_decode(ann["segmentation"])
+            assert ann["area"] == mask.sum() and ann["category_name"] == CLASSES[ann["category_id"]]
+            mean = expected.probs[ann["category_id"]][mask].mean()
+            assert ann["mean_probability"] == pytest.approx(mean, abs=2e-4)
+            decoded[mask] = ann["category_id"]
+        assert np.array_equal(decoded, expected.labels)
+        record = by_key[item.key]
+        assert record["size"] == list(expected.size) and record["method"] == "gclip"
+        assert record["classes"] == pytest.approx(expected.class_fractions(), abs=1e-6)
+        with Image.open(out / f"{item.key}.overlay.png") as overlay:
+            assert overlay.width >= expected.size[1] and overlay.height > expected.size[0]
+        assert json.loads((out / f"{item.key}.json").read_text())["present"].keys() == record["classes"].keys()
+
+
+def test_every_format_matches_the_predictions(seg, tmp_path):
+    write_images(tmp_path / "in", ["a/x.jpg", "b/x.jpg", "b/c/y.png", "z.png"])
+    summary = gclip.segment_folder(seg, tmp_path / "in", tmp_path / "out", ALL, workers=2, images_per_batch=3)
+    assert (summary.done, summary.skipped, summary.failed) == (4, 0, [])
+    items = collect_inputs([tmp_path / "in"])
+    _check_outputs(seg, tmp_path / "out", items)
+    assert not list((tmp_path / "out").rglob("*.tmp"))
+
+
+def test_real_photos(seg, sample_data, tmp_path):
+    photos = sorted((sample_data / "VOCdevkit").rglob("*.jpg"))[:3]
+    assert photos, "the sample has VOC photos"
+    big = gclip.Segmenter(seg.model, method="gclip", classes=CLASSES, short_side=64, crop=64, stride=48)
+    summary = gclip.segment_folder(big, photos, tmp_path / "out", ALL, workers=0, progress=False)
+    assert summary.done == 3 and not summary.failed
+    _check_outputs(big, tmp_path / "out", collect_inputs(photos))
+
+
+def test_rerun_skips_complete_images_and_overwrite_redoes(seg, tmp_path):
+    write_images(tmp_path / "in", [f"{n}.png" for n in range(5)])
+    out = tmp_path / "out"
+    first = gclip.segment_folder(seg, tmp_path / "in", out, "png,manifest", workers=0, progress=False)
+    assert first.done == 5
+    (out / "3.png").unlink()
+    (out / ".1.png.abc123.tmp").write_bytes(b"partial")  # left by a killed run
+    (out / ".other.png.abc123.tmp").write_bytes(b"not ours")  # another shard's temporary: kept
+    again = gclip.segment_folder(seg, tmp_path / "in", out, "png,manifest", workers=0, progress=False)
+    assert (again.done, again.skipped) == (1, 4)
+    assert not (out / ".1.png.abc123.tmp").exists() and (out / ".other.png.abc123.tmp").exists()
+    forced = gclip.segment_folder(seg, tmp_path / "in", out, "png,manifest", workers=0, overwrite=True)
+    assert (forced.done, forced.skipped) == (5, 0)
+    assert len((out / "manifest.jsonl").read_text().splitlines()) == 5
+    changed = gclip.Segmenter(seg.model, method="clearclip", classes=CLASSES, **SETTINGS)
+    assert gclip.segment_folder(changed, tmp_path / "in", out, "png,manifest", workers=0).done == 5
+
+
+def test_manifest_drops_cut_lines_and_duplicates(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"key": "b", "v": 1}\n{"key": "a", "v": 1}\n{"key": "b", "v": 2}\n{"key": "c", "v"')
+    manifest = Manifest(path)
+    assert manifest.compact() == {"a": {"key": "a", "v": 1}, "b": {"key": "b", "v": 2}}
+    manifest.append({"key": "c", "v": 3})
+    manifest.close()
+    assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["a", "b", "c"]
+
+
+def test_plan_run_needs_the_manifest_record(seg, tmp_path):
+    item = InputItem(str(tmp_path / "x.png"), "x")
+    writer = OutputWriter(tmp_path / "out", ("png", "manifest"), {"model": "m"})
+    writer.paths(item)["png"].parent.mkdir(parents=True)
+    writer.paths(item)["png"].write_bytes(b"png")  # file written, killed before its manifest line
+    manifest = Manifest(tmp_path / "out" / "manifest.jsonl")
+    assert plan_run(writer, [item], False, manifest) == [item]
+    manifest.append({"key": "x", "settings_hash": writer.hash})
+    assert plan_run(writer, [item], False, manifest) == []
+
+
+def test_iter_segment_and_the_worker_preparer(seg, tmp_path):
+    write_images(tmp_path, ["a.png", "b.png"])
+    (tmp_path / "c.jpg").write_text("not an image")
+    results = list(gclip.iter_segment(seg, tmp_path, images_per_batch=2, workers=0))
+    assert [r.item.key for r in results] == ["a", "b", "c"]
+    assert [r.ok for r in results] == [True, True, False] and "c.jpg" in results[2].error
+    assert np.array_equal(results[0].result.labels, seg.predict(synthetic_image(0)).labels)
+    # What spawn/forkserver workers receive: the preparer without the model, still able to prepare.
+    light = pickle.loads(pickle.dumps(Preparer(seg, keep_image=True)))
+    assert not hasattr(light.segmenter, "model")
+    loaded = light(results[1].item)
+    assert loaded.error is None and np.array_equal(loaded.image, synthetic_image(1))
+    assert np.array_equal(seg.infer([loaded.prepared])[0].labels, results[1].result.labels)

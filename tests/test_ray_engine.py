@@ -1,0 +1,50 @@
+"""The Ray engine on a local Ray instance (2 CPUs) writes the same label maps as the local engine."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import gclip
+from collection_helpers import CLASSES, SETTINGS, write_images
+from gclip.outputs import read_label_png
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_engine_matches_local_engine(tiny_model, tmp_path, local_ray):
+    write_images(tmp_path / "in", ["a/x.jpg", "b/x.jpg", "b/y.png", "c.png", "d.png"])
+    (tmp_path / "in" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    seg = gclip.Segmenter(tiny_model, method="gclip", classes=CLASSES, **SETTINGS)
+    formats = "png,rle,overlay,manifest"
+    local = gclip.segment_folder(seg, tmp_path / "in", tmp_path / "local", formats, workers=0, progress=False)
+    spec = gclip.SegmenterSpec.from_segmenter(seg)
+    on_ray = gclip.segment_folder(
+        spec, tmp_path / "in", tmp_path / "ray", formats, engine="ray", images_per_batch=2, concurrency=1
+    )
+    assert (
+        (on_ray.done, [p for p, _ in on_ray.failed])
+        == (local.done, [p for p, _ in local.failed])
+        == (5, [str(tmp_path / "in" / "broken.jpg")])
+    )
+    keys = ["a/x", "b/x", "b/y", "c", "d"]
+    for key in keys:
+        assert np.array_equal(
+            read_label_png(tmp_path / "ray" / f"{key}.png"), read_label_png(tmp_path / "local" / f"{key}.png")
+        )
+        rle_ray = json.loads((tmp_path / "ray" / f"{key}.rle.json").read_text())["annotations"]
+        rle_local = json.loads((tmp_path / "local" / f"{key}.rle.json").read_text())["annotations"]
+        assert [a["segmentation"] for a in rle_ray] == [a["segmentation"] for a in rle_local]
+    records = [json.loads(line) for line in (tmp_path / "ray" / "manifest.jsonl").read_text().splitlines()]
+    assert [r["key"] for r in records] == ["a/x", "b/x", "b/y", "broken", "c", "d"]
+    again = gclip.segment_folder(spec, tmp_path / "in", tmp_path / "ray", formats, engine="ray")
+    assert (again.done, again.skipped, len(again.failed)) == (0, 5, 1)
