@@ -7,6 +7,7 @@
 """
 
 from .errors import ClassesError, ConfigError, GclipError, ImageError, WeightsError
+from .inspect import BackboneReport, inspect_backbone
 from .methods import Method, get_method, list_methods, register
 from .models import LoadedModel, load_model
 from .result import SegmentationResult
@@ -16,6 +17,7 @@ from .text import ClassList, parse_classes
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackboneReport",
     "ClassList",
     "ClassesError",
     "ConfigError",
@@ -28,6 +30,7 @@ __all__ = [
     "Settings",
     "WeightsError",
     "get_method",
+    "inspect_backbone",
     "list_methods",
     "load_model",
     "parse_classes",
