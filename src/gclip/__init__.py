@@ -8,6 +8,7 @@
 
 from .engines import SegmenterSpec, iter_segment, segment_folder
 from .errors import ClassesError, ConfigError, GclipError, ImageError, WeightsError
+from .inspect import BackboneReport, inspect_backbone
 from .methods import Method, get_method, list_methods, register
 from .models import LoadedModel, load_model
 from .result import SegmentationResult
@@ -17,6 +18,7 @@ from .text import ClassList, parse_classes
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackboneReport",
     "ClassList",
     "ClassesError",
     "ConfigError",
@@ -30,6 +32,7 @@ __all__ = [
     "Settings",
     "WeightsError",
     "get_method",
+    "inspect_backbone",
     "iter_segment",
     "list_methods",
     "load_model",

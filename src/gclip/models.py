@@ -296,7 +296,10 @@ def load_model(
     model.eval().requires_grad_(False)
     dtype = PRECISIONS[precision]
     model = model.to(device=dev, dtype=dtype)
-    pp = open_clip.get_model_preprocess_cfg(model)
+    pp = dict(open_clip.get_model_preprocess_cfg(model))
+    tag_cfg = open_clip.get_pretrained_cfg(name, str(pretrained)) if pretrained else {}
+    pp.update({k: tag_cfg[k] for k in ("mean", "std") if tag_cfg.get(k)})  # e.g. ViT-L-14 laion2b_s32b_b82k: 0.5
+    open_clip.set_model_preprocess_cfg(model, pp)  # the image tower carries its own normalisation
     mean = tuple(float(v) for v in pp.get("mean", open_clip.OPENAI_DATASET_MEAN))
     std = tuple(float(v) for v in pp.get("std", open_clip.OPENAI_DATASET_STD))
     return LoadedModel(

@@ -1,4 +1,4 @@
-"""``gclip models``: the methods and the open_clip ViT models gclip can run."""
+"""``gclip models``: the methods, the backbone presets, and the other open_clip ViT models gclip can run."""
 
 from __future__ import annotations
 
@@ -7,20 +7,43 @@ import argparse
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list methods and supported backbones")
+    p.add_argument("--all", action="store_true", help="also list every other open_clip ViT with pretrained tags")
     p.set_defaults(func=run)
+
+
+def _fmt(values: tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{v:.3g}" for v in values) + ")"
 
 
 def run(args: argparse.Namespace) -> int:
     import open_clip
 
+    from ..backbones import list_presets
     from ..methods import get_method, list_methods
 
     print("methods:")
     for name in list_methods():
         print(f"  {name:10s} {get_method(name).summary}")
-    print("open_clip ViT models with pretrained tags:")
-    for name in open_clip.list_models():
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        if name.startswith("ViT-") and tags:
-            print(f"  {name:24s} {', '.join(tags)}")
+    print("\nbackbone presets (--model NAME --pretrained TAG):")
+    presets = list_presets()
+    for p in presets:
+        settings = ", ".join(f"{k}={v}" for k, v in p.settings.items())
+        print(
+            f"\n  {p.name}  --model {p.model}  "
+            f"(patch {p.patch_size}, {p.depth} blocks, width {p.width}, {p.image_size} px)"
+        )
+        print(f"    settings: {settings}; {p.notes}")
+        for t in p.tags:
+            gelu = "QuickGELU" if t.quick_gelu else "GELU"
+            extra = "" if t.resize_mode == "shortest" else f", resize {t.resize_mode}"
+            print(f"    {t.tag:24s} {t.family:9s} {gelu:9s} mean {_fmt(t.mean)} std {_fmt(t.std)}{extra}")
+    if getattr(args, "all", False):
+        print("\nother open_clip ViT models with pretrained tags:")
+        known = {p.model for p in presets}
+        for name in open_clip.list_models():
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            if name.startswith("ViT-") and tags and name.removesuffix("-quickgelu") not in known:
+                print(f"  {name:24s} {', '.join(tags)}")
+    else:
+        print("\n(any other open_clip ViT loads too: `gclip models --all` lists them)")
     return 0

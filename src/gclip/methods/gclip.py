@@ -28,6 +28,23 @@ def default_emerging_blocks(depth: int) -> list[int]:
     return sorted({first, min(first + 1, depth - 2)})
 
 
+def abnormal_channel(weight: torch.Tensor, rule: str = "mean") -> tuple[int, float]:
+    """The residual channel whose FFN output row has the largest L2 norm, and that norm over the others'.
+
+    Args:
+        weight: ``mlp.c_proj.weight``, shape ``(width, hidden)``.
+        rule: ``"mean"`` or ``"median"`` of the other rows' norms as the reference.
+
+    Returns:
+        ``(channel, ratio)``; a ratio near 1 means no channel stands out.
+    """
+    norms = weight.detach().float().norm(dim=1)
+    channel = int(norms.argmax())
+    others = torch.cat([norms[:channel], norms[channel + 1 :]])
+    target = others.mean() if rule == "mean" else others.median()
+    return channel, float(norms[channel] / target)
+
+
 def suppress_channel(weight: torch.Tensor, rule: str = "mean") -> tuple[torch.Tensor, int, float]:
     """Scale the row (residual channel) of an FFN output weight with the largest L2 norm down to the others'.
 
@@ -38,11 +55,7 @@ def suppress_channel(weight: torch.Tensor, rule: str = "mean") -> tuple[torch.Te
     Returns:
         ``(new_weight, channel, ratio)`` where ``ratio`` is the channel's norm over the target (before).
     """
-    norms = weight.float().norm(dim=1)
-    channel = int(norms.argmax())
-    others = torch.cat([norms[:channel], norms[channel + 1 :]])
-    target = others.mean() if rule == "mean" else others.median()
-    ratio = float(norms[channel] / target)
+    channel, ratio = abnormal_channel(weight, rule)
     new = weight.clone()
     new[channel] = (weight[channel].float() / ratio).to(weight.dtype)
     return new, channel, ratio
@@ -54,12 +67,14 @@ class Gclip(Method):
     """GCLIP's options.
 
     Attributes:
-        emerging_blocks: block indices whose attention is fused, ``"auto"`` (measured on the backbone), or
-            ``None`` for the default ({6, 7} on 12 blocks).
+        emerging_blocks: block indices whose attention is fused, ``"auto"`` (measured on the backbone, see
+            :func:`gclip.diagnostics.auto_settings`), or ``None`` for the default ({6, 7} on 12 blocks).
         fusion_weights: weights of [last block's q-q map, each emerging block's map]; ``None``: equal.
         fusion: ``"mean"`` fuses head-averaged maps (one map for all heads); ``"per_head"`` fuses head by head.
         channel_suppression: apply Channel Suppression.
-        cs_blocks: blocks whose FFN channel is suppressed; ``None``: from the last emerging block to L-2.
+        cs_blocks: blocks whose FFN channel is suppressed; ``None``: from the last emerging block to L-2, or,
+            with ``emerging_blocks="auto"``, the measured choice; ``"auto"``: the measured choice (the blocks
+            from the last measured emerging block on whose channel norm ratio is abnormal).
         cs_rule: target norm of the suppressed channel: ``"mean"`` or ``"median"`` of the other channels.
     """
 
@@ -69,7 +84,7 @@ class Gclip(Method):
     fusion_weights: list[float] | None = None
     fusion: Literal["mean", "per_head"] = "mean"
     channel_suppression: bool = True
-    cs_blocks: list[int] | None = None
+    cs_blocks: list[int] | Literal["auto"] | None = None
     cs_rule: Literal["mean", "median"] = "mean"
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -78,9 +93,9 @@ class Gclip(Method):
         if self.emerging_blocks is None:
             return default_emerging_blocks(vit.depth)
         if self.emerging_blocks == "auto":
-            from ..diagnostics import auto_emerging_blocks
+            from ..diagnostics import auto_settings
 
-            return auto_emerging_blocks(vit)
+            return list(auto_settings(vit).emerging_blocks)
         blocks = sorted({int(b) for b in self.emerging_blocks})
         bad = [b for b in blocks if not 0 <= b <= vit.depth - 2]
         if bad or not blocks:
@@ -91,8 +106,13 @@ class Gclip(Method):
         return blocks
 
     def suppressed_blocks(self, vit: DenseViT) -> list[int]:
+        """The blocks whose abnormal FFN channel is suppressed (resolving ``None`` and ``"auto"``)."""
         if not self.channel_suppression:
             return []
+        if self.cs_blocks == "auto" or (self.cs_blocks is None and self.emerging_blocks == "auto"):
+            from ..diagnostics import auto_settings
+
+            return list(auto_settings(vit).cs_blocks)
         if self.cs_blocks is None:
             return list(range(max(self.blocks_for(vit)), vit.depth - 1))
         bad = [b for b in self.cs_blocks if not 0 <= b <= vit.depth - 2]
