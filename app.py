@@ -33,7 +33,8 @@ def main() -> None:
             os.environ.get("GCLIP_DEVICE") or None,
         )
     except gclip.GclipError as e:
-        sys.exit(f"gclip demo: error: {e}")
+        print(f"gclip: error: {e}", file=sys.stderr)
+        sys.exit(2)
     side = int(os.environ.get("GCLIP_SHORT_SIDE", "448"))
     service = DemoService(model, defaults=DemoSettings(short_side=side, crop=side))
     launch(
