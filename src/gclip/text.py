@@ -52,7 +52,7 @@ def _split_synonyms(line: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in line.split(",") if name.strip())
 
 
-def _validate(synonyms: list[tuple[str, ...]], source: str) -> ClassList:
+def _validate(synonyms: list[tuple[str, ...]], source: str, allow_duplicates: bool = False) -> ClassList:
     if not synonyms:
         raise ClassesError(f"class list from {source} is empty: give at least one class name")
     seen: dict[str, int] = {}
@@ -61,7 +61,7 @@ def _validate(synonyms: list[tuple[str, ...]], source: str) -> ClassList:
             raise ClassesError(f"class {i + 1} from {source} has no name")
         for name in names:
             key = name.lower()
-            if key in seen:
+            if key in seen and not allow_duplicates:
                 raise ClassesError(
                     f"class list from {source} names {name!r} twice (classes {seen[key] + 1} and {i + 1}): "
                     "remove the duplicate"
@@ -70,15 +70,21 @@ def _validate(synonyms: list[tuple[str, ...]], source: str) -> ClassList:
     return ClassList(tuple(synonyms))
 
 
-def read_class_file(path: str | Path) -> ClassList:
-    """One class per line; comma-separated synonyms on a line; blank lines and ``#`` comments skipped."""
+def read_class_file(path: str | Path, allow_duplicates: bool = False) -> ClassList:
+    """One class per line; comma-separated synonyms on a line; blank lines and ``#`` comments skipped.
+
+    ``allow_duplicates`` accepts a name listed under two classes (SCLIP's COCO-Object file lists ``bed``
+    among the background synonyms and as a class); otherwise that is an error.
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ClassesError(f"cannot read class file {path}: {e.__class__.__name__}: {e}") from e
     lines = [ln.strip() for ln in text.splitlines()]
-    return _validate([_split_synonyms(ln) for ln in lines if ln and not ln.startswith("#")], str(path))
+    return _validate(
+        [_split_synonyms(ln) for ln in lines if ln and not ln.startswith("#")], str(path), allow_duplicates
+    )
 
 
 def parse_classes(spec: ClassSpec | ClassList) -> ClassList:

@@ -1,0 +1,111 @@
+"""Decoding and resizing in DataLoader workers: a picklable preparer and the benchmark ``Dataset``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import GclipError
+from ..images import DEFAULT_MAX_PIXELS, load_image
+from ..segmenter import Prepared, Segmenter
+from ..windows import rescale_size, resize_image
+from .layouts import DatasetError, DatasetSpec, Sample, read_label
+
+__all__ = ["Preparer", "Item", "BenchmarkDataset", "make_loader"]
+
+
+@dataclass(frozen=True)
+class Preparer:
+    """The CPU half of :meth:`gclip.Segmenter.prepare` without the model, so it pickles into workers.
+
+    Attributes:
+        short_side, max_long_side, max_pixels: as in :class:`gclip.Settings`.
+        mean, std: the model's normalisation (0..1 scale, RGB).
+    """
+
+    short_side: int
+    max_long_side: int
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+    @classmethod
+    def from_segmenter(cls, segmenter: Segmenter) -> Preparer:
+        """The preparer that gives exactly what ``segmenter.prepare`` gives."""
+        s = segmenter.settings
+        return cls(s.short_side, s.max_long_side, s.max_pixels, tuple(segmenter.model.mean), tuple(segmenter.model.std))
+
+    def __call__(self, image: Any, key: Any = None) -> Prepared:
+        """Decode (``HWC uint8 RGB``), resize and normalise -> :class:`gclip.segmenter.Prepared`."""
+        array = load_image(image, self.max_pixels)
+        h, w = array.shape[:2]
+        tensor = torch.from_numpy(array).permute(2, 0, 1).float()
+        mean = torch.tensor(self.mean).view(3, 1, 1) * 255.0
+        std = torch.tensor(self.std).view(3, 1, 1) * 255.0
+        normalised = (resize_image(tensor, rescale_size(h, w, self.short_side, self.max_long_side)) - mean) / std
+        return Prepared(normalised.contiguous(), (h, w), key if key is not None else image)
+
+
+@dataclass
+class Item:
+    """One loaded sample, or the reason it could not be loaded (``error`` set, ``prepared`` ``None``)."""
+
+    index: int
+    sample: Sample
+    prepared: Prepared | None = None
+    label: np.ndarray | None = None
+    error: str | None = None
+
+
+class BenchmarkDataset(torch.utils.data.Dataset):
+    """``(image, label)`` pairs of one benchmark, decoded and resized on access.
+
+    Errors do not raise in the worker: they come back as :attr:`Item.error` so the caller decides whether
+    to stop (the default) or skip (``--skip-bad``).
+    """
+
+    def __init__(self, spec: DatasetSpec, samples: Sequence[Sample], preparer: Preparer, indices: Sequence[int]):
+        self.spec = spec
+        self.samples = list(samples)
+        self.preparer = preparer
+        self.indices = list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Item:
+        index = self.indices[i]
+        sample = self.samples[index]
+        item = Item(index, sample)
+        try:
+            item.prepared = self.preparer(sample.image, key=sample.name)
+            item.label = read_label(sample.label, self.spec)
+            if tuple(item.label.shape) != tuple(item.prepared.size):
+                raise DatasetError(
+                    f"label {sample.label} is {item.label.shape[1]}x{item.label.shape[0]} but its image "
+                    f"{sample.image} is {item.prepared.size[1]}x{item.prepared.size[0]}"
+                )
+        except GclipError as e:
+            item.prepared, item.label, item.error = None, None, str(e)
+        return item
+
+
+def _as_list(batch: list[Item]) -> list[Item]:
+    return batch
+
+
+def make_loader(dataset: BenchmarkDataset, images_per_step: int, workers: int) -> torch.utils.data.DataLoader:
+    """A loader yielding lists of :class:`Item` (``images_per_step`` at a time), in dataset order."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=images_per_step,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_as_list,
+        prefetch_factor=2 if workers > 0 else None,
+        persistent_workers=False,
+    )

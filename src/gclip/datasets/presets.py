@@ -1,0 +1,142 @@
+"""Per-method, per-dataset protocol settings, read from the TOML files in ``gclip/datasets/presets/``.
+
+A preset resolves, in order of increasing priority: the protocol's ``[defaults]``, its
+``[datasets.<name>]`` table, the method's ``[method.<m>.defaults]`` and ``[method.<m>.datasets.<name>]``
+tables, then the caller's overrides (command-line options).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..segmenter import Settings
+from .layouts import DatasetSpec, get_dataset
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+__all__ = ["Preset", "list_protocols", "resolve_preset", "protocol_for"]
+
+_SETTING_NAMES = {f.name for f in dataclasses.fields(Settings)}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The settings one method uses on one dataset.
+
+    Attributes:
+        protocol: the protocol file's name (``clearclip`` or ``sclip``).
+        method: the method name.
+        dataset: the dataset name.
+        settings: keyword arguments for :class:`gclip.Segmenter` (fields of :class:`gclip.Settings`).
+        classes_file: the class-name file.
+        overridden: names of the settings the caller changed.
+    """
+
+    protocol: str
+    method: str
+    dataset: str
+    settings: dict[str, Any]
+    classes_file: Path
+    overridden: list[str] = field(default_factory=list)
+
+    def describe(self) -> dict[str, Any]:
+        """Plain data for printing and JSON."""
+        return {
+            "protocol": self.protocol,
+            "classes_file": f"{self.protocol_classes}/{self.classes_file.name}",
+            "overridden": self.overridden,
+            **self.settings,
+        }
+
+    @property
+    def protocol_classes(self) -> str:
+        return self.classes_file.parent.name
+
+
+def _preset_dir():
+    return resources.files("gclip.datasets") / "presets"
+
+
+@cache
+def _load(name: str) -> dict[str, Any]:
+    text = (_preset_dir() / f"{name}.toml").read_text(encoding="utf-8")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:  # pragma: no cover - shipped files are tested
+        raise ConfigError(f"preset file {name}.toml is not valid TOML: {e}") from e
+    return data
+
+
+def list_protocols() -> list[str]:
+    """Names of the shipped protocol files."""
+    return sorted(p.name[: -len(".toml")] for p in _preset_dir().iterdir() if p.name.endswith(".toml"))
+
+
+def protocol_for(method: str) -> str:
+    """The protocol a method is evaluated with."""
+    for name in list_protocols():
+        if method in _load(name).get("used_by", []):
+            return name
+    raise ConfigError(f"no evaluation preset lists method {method!r}: pass --protocol clearclip or sclip")
+
+
+def _check_keys(table: dict[str, Any], where: str) -> dict[str, Any]:
+    unknown = sorted(set(table) - _SETTING_NAMES)
+    if unknown:
+        raise ConfigError(f"preset {where}: unknown setting {unknown[0]!r}")
+    return table
+
+
+def resolve_preset(
+    method: str,
+    dataset: str | DatasetSpec,
+    overrides: dict[str, Any] | None = None,
+    protocol: str | None = None,
+) -> Preset:
+    """The settings and class file for ``method`` on ``dataset``.
+
+    Args:
+        method: a method name (``gclip``, ``sclip``, ...).
+        dataset: a dataset name or spec.
+        overrides: settings that win over the preset (e.g. from the command line).
+        protocol: force a protocol file (default: the one listing ``method``).
+
+    >>> resolve_preset("sclip", "voc21").settings["logit_scale"]
+    65.0
+    >>> resolve_preset("naclip", "voc20", {"pamr_steps": 0}).settings["pamr_steps"]
+    0
+    """
+    spec = dataset if isinstance(dataset, DatasetSpec) else get_dataset(dataset)
+    protocol = protocol or protocol_for(method)
+    if protocol not in list_protocols():
+        raise ConfigError(f"unknown protocol {protocol!r}: choose among {', '.join(list_protocols())}")
+    data = _load(protocol)
+    method_table = data.get("method", {}).get(method, {})
+    settings: dict[str, Any] = {}
+    layers = [
+        (data.get("defaults", {}), "defaults"),
+        (data.get("datasets", {}).get(spec.name, {}), f"datasets.{spec.name}"),
+        (method_table.get("defaults", {}), f"method.{method}.defaults"),
+        (method_table.get("datasets", {}).get(spec.name, {}), f"method.{method}.datasets.{spec.name}"),
+    ]
+    for table, where in layers:
+        settings.update(_check_keys(table, f"{protocol}.toml [{where}]"))
+    overrides = dict(overrides or {})
+    _check_keys(overrides, "override")
+    changed = sorted(k for k, v in overrides.items() if settings.get(k) != v)
+    settings.update(overrides)
+    if "pamr_dilations" in settings:
+        settings["pamr_dilations"] = tuple(int(d) for d in settings["pamr_dilations"])
+    Settings(**settings).validate()
+    classes = resources.files("gclip") / "data" / "classes" / data["classes"] / spec.classes_file
+    return Preset(protocol, method, spec.name, settings, Path(str(classes)), changed)
