@@ -10,7 +10,7 @@ import warnings
 
 from ..errors import GclipError
 
-SUBCOMMANDS = ["segment", "models"]
+SUBCOMMANDS = ["segment", "models", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:
