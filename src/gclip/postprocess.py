@@ -165,6 +165,7 @@ class StreamingReduction:
     ) -> None:
         device = torch.device(device)
         self.src_h, self.height, self.width = src_size[0], size[0], size[1]
+        self.identity = tuple(src_size) == tuple(size)
         self.n_classes = max(query_to_class) + 1
         self.q2c = torch.tensor(query_to_class, device=device)
         self.logit_scale, self.prob_thd, self.tile_elements = logit_scale, prob_thd, tile_elements
@@ -192,7 +193,10 @@ class StreamingReduction:
         local = (i0 - start, i1 - start, lam)
         for r0 in range(self.done, end, step):
             r1 = min(r0 + step, end)
-            tile = resize_rows(rows, (r0, r1), self.cols_index, local)
+            if self.identity:  # no resize: the rows themselves (what the bilinear weights 1 and 0 give)
+                tile = rows[:, r0 - start : r1 - start]
+            else:
+                tile = resize_rows(rows, (r0, r1), self.cols_index, local)
             if self.probs is None and self.prob_thd <= 0:
                 self.labels[r0:r1] = self.q2c[tile.argmax(0)]
                 continue

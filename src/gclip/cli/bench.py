@@ -28,7 +28,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--images", default="sample", help="a folder of images, or 'sample' (../shared/data VOC)")
     src.add_argument("--synthetic", type=_size, metavar="WxH", help="synthetic JPEGs of this size instead")
     src.add_argument("--count", type=int, default=16, help="number of images (default 16)")
-    src.add_argument("--vocabulary", default="voc21", help="bundled class list (voc21, ade20k, ...; default voc21)")
+    src.add_argument(
+        "--vocabulary", help="bundled class list: voc21, ade20k, ... (default voc21; ade20k for --memory-check)"
+    )
     src.add_argument("--classes", help="comma-separated class names instead of --vocabulary")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="ViT-B-16", help="open_clip model name (default: ViT-B-16)")
@@ -90,7 +92,7 @@ def _config(args: argparse.Namespace):
         precision=args.precision,
         device=args.device,
         settings=settings_from(args),
-        classes=args.classes or args.vocabulary,
+        classes=args.classes or args.vocabulary or ("ade20k" if args.memory_check else "voc21"),
         templates=args.templates,
         images=args.images,
         synthetic=args.synthetic,
@@ -114,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     config = _config(args)
     command = command_line(args)
     if args.memory_check:
-        record: dict[str, Any] = {"memory_check": memory_check_subprocess(config, args.memory_size, args.vocabulary)}
+        record: dict[str, Any] = {"memory_check": memory_check_subprocess(config, args.memory_size, config.classes)}
         record["machine"] = machine_info()
     else:
         record = run_bench(config)

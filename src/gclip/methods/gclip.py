@@ -183,12 +183,13 @@ def fused_mean_attention(
     product's arithmetic: the right trade on a GPU, not on a CPU (see :func:`looped_mean_attention`).
     """
     b, h, n, d = v.shape
-    values = v[:, :, None].expand(b, h, h, n, d)  # [b, j, h] -> v_j
+    # Batch index (b, j), head index h; 4-D so that the fused kernels apply.
+    values = v[:, :, None].expand(b, h, h, n, d).reshape(b * h, h, n, d)  # [(b, j), h] -> v_j
     out = None
     for w, (qm, km) in zip(weights, pairs):
-        qx = qm[:, None].expand(b, h, h, n, d)  # [b, j, h] -> q_h
-        kx = km[:, None].expand(b, h, h, n, d)
-        term = attend(qx, kx, values).sum(dim=2) * (w / h)
+        qx = qm[:, None].expand(b, h, h, n, d).reshape(b * h, h, n, d)  # [(b, j), h] -> q_h
+        kx = km[:, None].expand(b, h, h, n, d).reshape(b * h, h, n, d)
+        term = attend(qx, kx, values).reshape(b, h, h, n, d).sum(dim=2) * (w / h)
         out = term if out is None else out + term
     return out
 
