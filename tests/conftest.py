@@ -30,6 +30,18 @@ def make_tiny(layers: int = 2, seed: int = 0, block_type: str | None = None):
     return model.eval()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _text_cache_dir(tmp_path_factory):
+    """Keep the text-embedding disk cache of a test session in a temporary folder."""
+    old = os.environ.get("GCLIP_CACHE_DIR")
+    os.environ["GCLIP_CACHE_DIR"] = str(tmp_path_factory.mktemp("gclip-cache"))
+    yield
+    if old is None:
+        os.environ.pop("GCLIP_CACHE_DIR", None)
+    else:
+        os.environ["GCLIP_CACHE_DIR"] = old
+
+
 def sample_root() -> Path | None:
     """The real VOC/ADE20K/COCO-Stuff sample (``../shared/data`` or ``$GCLIP_SAMPLE_DATA``), if present."""
     env = os.environ.get("GCLIP_SAMPLE_DATA")

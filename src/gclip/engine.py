@@ -1,6 +1,14 @@
-"""Dense features and logits for a batch of crops: embed -> blocks 0..L-2 -> method's last block -> proj."""
+"""Dense features and logits for a batch of crops: embed -> blocks 0..L-2 -> method's last block -> proj.
+
+The work is split in two halves that the benchmark times separately: :func:`encode` (the image encoder:
+patch embedding and blocks ``0..L-2``, the same for every method) and :func:`head` (the method's last
+block, the projection and the cosine logits). On a GPU with a half-precision model both halves run under
+``torch.autocast`` so that the few fp32 operations of the methods also use the tensor cores.
+"""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -8,7 +16,43 @@ import torch.nn.functional as F
 from .backbone import DenseViT
 from .methods import Method
 
-__all__ = ["dense_features", "dense_logits"]
+__all__ = ["dense_features", "dense_logits", "encode", "head", "autocast_for"]
+
+Encoded = tuple[torch.Tensor, dict[int, torch.Tensor], tuple[int, int]]
+
+
+def autocast_for(vit: DenseViT) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` in the model's dtype on CUDA for fp16/bf16 models; a no-op otherwise."""
+    if vit.device.type == "cuda" and vit.dtype in (torch.float16, torch.bfloat16):
+        return torch.autocast(device_type="cuda", dtype=vit.dtype)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def encode(vit: DenseViT, method: Method, crops: torch.Tensor) -> Encoded:
+    """The image encoder: ``(B, 3, H, W)`` normalised crops -> (tokens entering the last block, kept inputs, grid)."""
+    with autocast_for(vit):
+        x, grid = vit.embed(crops)
+        x, kept = vit.walk(x, keep=method.keep_blocks(vit), overrides=method.overrides(vit))
+    return x, kept, grid
+
+
+@torch.no_grad()
+def head(vit: DenseViT, method: Method, encoded: Encoded, text: torch.Tensor | None = None) -> torch.Tensor:
+    """The method's last block and the projection; with ``text`` ``(Q, E)`` unit vectors, the cosine logits.
+
+    Returns:
+        ``(B, gh, gw, E)`` float32 features (not normalised), or ``(B, Q, gh, gw)`` float32 logits.
+    """
+    x, kept, grid = encoded
+    with autocast_for(vit):
+        tokens = method.last_block(vit, x, kept, grid)
+        feats = vit.project(tokens[:, 1:])
+    feats = feats.float().reshape(feats.shape[0], grid[0], grid[1], -1)
+    if text is None:
+        return feats
+    feats = F.normalize(feats, dim=-1)
+    return torch.einsum("bhwe,qe->bqhw", feats, text.to(feats.device, torch.float32))
 
 
 @torch.no_grad()
@@ -23,11 +67,7 @@ def dense_features(vit: DenseViT, method: Method, crops: torch.Tensor) -> torch.
     Returns:
         ``(B, H // p, W // p, E)`` float32 features (not normalised).
     """
-    x, grid = vit.embed(crops)
-    x, kept = vit.walk(x, keep=method.keep_blocks(vit), overrides=method.overrides(vit))
-    tokens = method.last_block(vit, x, kept, grid)
-    feats = vit.project(tokens[:, 1:]).float()
-    return feats.reshape(feats.shape[0], grid[0], grid[1], -1)
+    return head(vit, method, encode(vit, method, crops))
 
 
 @torch.no_grad()
@@ -40,5 +80,4 @@ def dense_logits(vit: DenseViT, method: Method, crops: torch.Tensor, text: torch
     Returns:
         ``(B, Q, H // p, W // p)`` float32 logits (before any logit scale).
     """
-    feats = F.normalize(dense_features(vit, method, crops), dim=-1)
-    return torch.einsum("bhwe,qe->bqhw", feats, text.to(feats.device, torch.float32))
+    return head(vit, method, encode(vit, method, crops), text)

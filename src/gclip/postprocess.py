@@ -3,6 +3,10 @@
 The final resize and the per-pixel reduction run in row tiles, so full-resolution logits for all classes
 never exist at once: peak memory is ``classes x tile_rows x width`` instead of ``classes x height x width``.
 The tiled bilinear resize reproduces ``F.interpolate(..., mode="bilinear", align_corners=False)``.
+
+:class:`StreamingReduction` goes one step further: it is fed the merged logits a band of rows at a time, top
+to bottom, and emits every output row whose two source rows have arrived, so not even the merged logits
+need to exist whole (the Segmenter uses it for large images; see ``Segmenter.infer``).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Reduction", "bilinear_indices", "resize_rows", "reduce_logits", "pamr"]
+__all__ = ["Reduction", "StreamingReduction", "bilinear_indices", "resize_rows", "reduce_logits", "pamr"]
 
 TILE_ELEMENTS = 1 << 24  # floats per tile (64 MiB in fp32)
 
@@ -36,9 +40,9 @@ def resize_rows(
     r0, r1 = rows
     i0, i1, lam = (t[r0:r1] for t in rows_index)
     lam = lam[None, :, None]
-    band = logits[:, i0] * (1 - lam) + logits[:, i1] * lam
+    band = logits.index_select(1, i0) * (1 - lam) + logits.index_select(1, i1) * lam
     j0, j1, mu = cols_index
-    return band[:, :, j0] * (1 - mu) + band[:, :, j1] * mu
+    return band.index_select(2, j0) * (1 - mu) + band.index_select(2, j1) * mu
 
 
 @dataclass
@@ -94,9 +98,18 @@ def reduce_logits(
     step = max(1, tile_elements // max(1, logits.shape[0] * width))
     tiles = [(r, min(r + step, height)) for r in range(0, height, step)]
 
+    # Small enough to resize whole: one interpolate call (faster); otherwise row tiles.
+    full = None
+    if logits.shape[0] * height * width <= tile_elements:
+        full = F.interpolate(logits[None], size=size, mode="bilinear")[0] if logits.shape[1:] != size else logits
+
+    def tile_of(rows: tuple[int, int]) -> torch.Tensor:
+        if full is not None:
+            return full[:, rows[0] : rows[1]]
+        return resize_rows(logits, rows, cols_index, rows_index)
+
     def probs_of(rows: tuple[int, int]) -> torch.Tensor:
-        tile = resize_rows(logits, rows, cols_index, rows_index)
-        return _class_probs(tile, logit_scale, q2c, n_classes)
+        return _class_probs(tile_of(rows), logit_scale, q2c, n_classes)
 
     keep = torch.ones(n_classes, device=device)
     if area_thd is not None and area_thd > 0 and n_classes > 1:
@@ -107,15 +120,101 @@ def reduce_logits(
         keep[1:] = (foreground > area_thd * foreground.sum()).float()
     labels = torch.empty((height, width), dtype=torch.long, device=device)
     probs_out = torch.empty((n_classes, height, width), device=device) if return_probs else None
+    labels_only = probs_out is None and prob_thd <= 0 and bool(keep.all())
     for r0, r1 in tiles:
+        if labels_only:  # softmax and the synonym max keep the argmax: skip them
+            labels[r0:r1] = q2c[tile_of((r0, r1)).argmax(0)]
+            continue
         probs = probs_of((r0, r1)) * keep[:, None, None]
-        top, lab = probs.max(0)
-        if prob_thd > 0:
-            lab[top < prob_thd] = 0
-        labels[r0:r1] = lab
+        labels[r0:r1] = _labels(probs, prob_thd)
         if probs_out is not None:
             probs_out[:, r0:r1] = probs
     return Reduction(labels, probs_out)
+
+
+def _labels(probs: torch.Tensor, prob_thd: float) -> torch.Tensor:
+    top, lab = probs.max(0)
+    if prob_thd > 0:
+        lab[top < prob_thd] = 0
+    return lab
+
+
+class StreamingReduction:
+    """:func:`reduce_logits` (without ``area_thd``) fed the merged logits band by band, top to bottom.
+
+    Output row ``r`` of the bilinear resize reads source rows ``i0[r] <= i1[r]``; once source rows up to
+    ``i1[r]`` have arrived it is final and is reduced at once. Only the source rows still needed (at most
+    one row carried over, none when the resize is the identity) are kept between calls. The result equals
+    :func:`reduce_logits` on the whole tensor (the same arithmetic on the same rows).
+
+    Args:
+        src_size: ``(h, w)`` of the merged logits.
+        size, query_to_class, logit_scale, prob_thd, return_probs, tile_elements: as for :func:`reduce_logits`.
+        device: where the outputs live.
+    """
+
+    def __init__(
+        self,
+        src_size: tuple[int, int],
+        size: tuple[int, int],
+        query_to_class: list[int],
+        logit_scale: float = 50.0,
+        prob_thd: float = 0.0,
+        return_probs: bool = False,
+        tile_elements: int = TILE_ELEMENTS,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        device = torch.device(device)
+        self.src_h, self.height, self.width = src_size[0], size[0], size[1]
+        self.identity = tuple(src_size) == tuple(size)
+        self.n_classes = max(query_to_class) + 1
+        self.q2c = torch.tensor(query_to_class, device=device)
+        self.logit_scale, self.prob_thd, self.tile_elements = logit_scale, prob_thd, tile_elements
+        self.rows_index = bilinear_indices(src_size[0], size[0], device)
+        cols = bilinear_indices(src_size[1], size[1], device)
+        self.cols_index = (cols[0], cols[1], cols[2][None, None, :])
+        self.labels = torch.empty((size[0], size[1]), dtype=torch.long, device=device)
+        self.probs = torch.empty((self.n_classes, size[0], size[1]), device=device) if return_probs else None
+        self._carry: torch.Tensor | None = None  # source rows [carry_start, received)
+        self._carry_start = 0
+        self.received = 0  # source rows fed so far
+        self.done = 0  # output rows reduced so far
+
+    def feed(self, rows: torch.Tensor) -> None:
+        """The next source rows ``(Q, n, w)``, following those already fed."""
+        rows = rows.float()
+        start = self.received
+        if self._carry is not None:
+            rows = torch.cat([self._carry, rows], dim=1)
+            start = self._carry_start
+        self.received = start + rows.shape[1]
+        i0, i1, lam = self.rows_index
+        end = self.height if self.received >= self.src_h else int(torch.searchsorted(i1, self.received).item())
+        step = max(1, self.tile_elements // max(1, rows.shape[0] * self.width))
+        local = (i0 - start, i1 - start, lam)
+        for r0 in range(self.done, end, step):
+            r1 = min(r0 + step, end)
+            if self.identity:  # no resize: the rows themselves (what the bilinear weights 1 and 0 give)
+                tile = rows[:, r0 - start : r1 - start]
+            else:
+                tile = resize_rows(rows, (r0, r1), self.cols_index, local)
+            if self.probs is None and self.prob_thd <= 0:
+                self.labels[r0:r1] = self.q2c[tile.argmax(0)]
+                continue
+            probs = _class_probs(tile, self.logit_scale, self.q2c, self.n_classes)
+            self.labels[r0:r1] = _labels(probs, self.prob_thd)
+            if self.probs is not None:
+                self.probs[:, r0:r1] = probs
+        self.done = end
+        keep_from = int(i0[end].item()) if end < self.height else self.received
+        self._carry = rows[:, keep_from - start :].clone() if keep_from < self.received else None
+        self._carry_start = keep_from
+
+    def result(self) -> Reduction:
+        """The :class:`Reduction`, once every source row has been fed."""
+        if self.received < self.src_h:
+            raise RuntimeError(f"only {self.received} of {self.src_h} rows were fed")
+        return Reduction(self.labels, self.probs)
 
 
 def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:

@@ -3,26 +3,37 @@
 Data flow: image -> resize -> sliding windows (all windows of all images batched by shape) -> backbone ->
 method's last block -> cosine logits -> upsample into the image canvas / overlap count -> resize to the
 original size -> softmax -> labels.
+
+Memory: a window's logits are upsampled a few windows at a time (never the whole batch at once). The canvas
+of an image is ``(Q, h, w)`` at the inference resolution; when that is large (e.g. ``short_side=0`` on a
+4000x3000 photo with 150 classes: 7.2 GB) and only labels or probabilities are asked for (no ``area_thd``,
+no PAMR, which need the whole canvas), the canvas is streamed instead (:class:`gclip.canvas.BandCanvas`):
+windows arrive top to bottom, rows that no pending window covers any more are averaged, resized and
+reduced to labels at once (:class:`gclip.postprocess.StreamingReduction`) and their memory is reused, so at
+most about one window-row band of the canvas exists at a time. Both paths give identical results.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import warnings
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from .backbone import DenseViT
-from .engine import dense_logits
+from .canvas import BandCanvas, Canvas
+from .engine import encode, head
 from .errors import ClassesError, ConfigError
 from .images import DEFAULT_MAX_PIXELS, ImageInput, load_image
 from .methods import Method, get_method
 from .models import LoadedModel, load_model
-from .postprocess import pamr, reduce_logits
+from .postprocess import TILE_ELEMENTS, StreamingReduction, pamr, reduce_logits
 from .result import SegmentationResult
 from .text import ClassList, ClassSpec, TextEncoder, parse_classes
 from .windows import pad_sizes, rescale_size, resize_image, window_boxes
@@ -95,11 +106,7 @@ class Prepared:
     key: Any = None
 
 
-@dataclass
-class _Canvas:
-    logits: torch.Tensor
-    count: torch.Tensor
-    boxes: list[tuple[int, int, int, int]] = field(default_factory=list)
+Box = tuple[int, int, int, int]
 
 
 class Segmenter:
@@ -121,6 +128,9 @@ class Segmenter:
     >>> result.labels.shape == result.size  # doctest: +SKIP
     True
     """
+
+    stream_min_elements: int = 1 << 26
+    """Canvases of at least this many floats (Q x h x w) are streamed when the settings allow it."""
 
     def __init__(
         self,
@@ -147,6 +157,8 @@ class Segmenter:
         mean = torch.tensor(self.model.mean).view(3, 1, 1) * 255.0
         std = torch.tensor(self.model.std).view(3, 1, 1) * 255.0
         self._norm = (mean, std)
+        self.timer: Any = None  # an object with .stage(name) -> context manager (see gclip.bench.StageTimer)
+        self._compiled: Any = None
         if classes is not None:
             self.set_classes(classes)
 
@@ -175,12 +187,15 @@ class Segmenter:
 
     def prepare(self, image: ImageInput, key: Any = None) -> Prepared:
         """Decode (``HWC uint8 RGB``), resize and normalise one image. Safe to run in worker processes."""
-        array = load_image(image, self.settings.max_pixels)
-        h, w = array.shape[:2]
-        tensor = torch.from_numpy(array).permute(2, 0, 1).float()
-        size = rescale_size(h, w, self.settings.short_side, self.settings.max_long_side)
-        mean, std = self._norm
-        normalised = (resize_image(tensor, size) - mean) / std
+        with self._stage("decode"):
+            array = load_image(image, self.settings.max_pixels)
+        with self._stage("preprocess"):
+            h, w = array.shape[:2]
+            tensor = torch.from_numpy(array).permute(2, 0, 1).float()
+            size = rescale_size(h, w, self.settings.short_side, self.settings.max_long_side)
+            mean, std = self._norm
+            normalised = resize_image(tensor, size).sub_(mean).div_(std)
+            del tensor
         return Prepared(normalised.contiguous(), (h, w), key if key is not None else image)
 
     def predict(self, image: ImageInput, return_probs: bool = False) -> SegmentationResult:
@@ -196,22 +211,46 @@ class Segmenter:
             raise ClassesError("no classes set: call set_classes([...]) first")
         return self._queries
 
-    def _windows(self, prepared: Sequence[Prepared]) -> tuple[list[_Canvas], dict[tuple, list[tuple[int, int]]]]:
-        n_queries = self._require_classes().shape[0]
+    def _stage(self, name: str) -> contextlib.AbstractContextManager:
+        return self.timer.stage(name) if self.timer is not None else contextlib.nullcontext()
+
+    def compile(self, **options: Any) -> None:
+        """Run the per-window forward through ``torch.compile`` (``options`` go to it).
+
+        Compilation happens on the first forward; if it fails there (e.g. no C++ compiler on a CPU machine)
+        a warning is issued and the plain forward is used from then on.
+        """
+        self._compiled = torch.compile(self._forward, **options)
+
+    def _forward(self, crops: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        return head(self.vit, self.method, encode(self.vit, self.method, crops), queries)
+
+    def _window_logits(self, crops: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """``(B, Q, gh, gw)`` cosine logits of a batch of crops (timed as encoder and head)."""
+        if self._compiled is not None:
+            try:
+                with self._stage("encoder"):
+                    return self._compiled(crops, queries)
+            except Exception as e:  # noqa: BLE001 - any compiler failure: fall back to eager
+                warnings.warn(f"torch.compile failed ({type(e).__name__}); running without it", stacklevel=2)
+                self._compiled = None
+        with self._stage("encoder"):
+            encoded = encode(self.vit, self.method, crops)
+        with self._stage("head"):
+            return head(self.vit, self.method, encoded, queries)
+
+    def _plan(self, prepared: Sequence[Prepared]) -> tuple[list[list[Box]], dict[tuple[int, int], list]]:
+        """Window boxes per image, and (image, window) pairs grouped by window shape, in box order."""
         s = self.settings
-        canvases, groups = [], defaultdict(list)
+        boxes, groups = [], defaultdict(list)
         for i, item in enumerate(prepared):
             h, w = item.image.shape[-2:]
-            canvas = _Canvas(
-                torch.zeros((n_queries, h, w), device=self.device), torch.zeros((1, h, w), device=self.device)
-            )
-            canvas.boxes = window_boxes(h, w, s.crop, s.stride)
-            canvases.append(canvas)
-            for j, (y1, y2, x1, x2) in enumerate(canvas.boxes):
+            boxes.append(window_boxes(h, w, s.crop, s.stride))
+            for j, (y1, y2, x1, x2) in enumerate(boxes[-1]):
                 groups[(y2 - y1, x2 - x1)].append((i, j))
-        return canvases, groups
+        return boxes, groups
 
-    def _crop(self, item: Prepared, box: tuple[int, int, int, int]) -> torch.Tensor:
+    def _crop(self, item: Prepared, box: Box) -> torch.Tensor:
         y1, y2, x1, x2 = box
         crop = item.image[:, y1:y2, x1:x2]
         if self.settings.padding == "symmetric":
@@ -220,60 +259,102 @@ class Segmenter:
                 crop = F.pad(crop, (left, right, top, bottom))
         return crop
 
-    def _merge(self, canvas: _Canvas, box: tuple[int, int, int, int], logits: torch.Tensor) -> None:
-        y1, y2, x1, x2 = box
-        h, w = y2 - y1, x2 - x1
+    def _upsample(self, logits: torch.Tensor, shape: tuple[int, int]) -> Iterator[torch.Tensor]:
+        """Window logits ``(B, Q, gh, gw)`` (one window shape) -> ``(Q, h, w)`` per window at the window size.
+
+        Windows are upsampled a few at a time so that at most about ``TILE_ELEMENTS`` floats are live.
+        """
+        h, w = shape
         if self.settings.padding == "symmetric":
             left, right, top, bottom = pad_sizes(h, w, self.vit.patch_size)
-            up = F.interpolate(logits[None], size=(h + top + bottom, w + left + right), mode="bilinear")[0]
-            up = up[:, top : top + h, left : left + w]
         else:
-            up = F.interpolate(logits[None], size=(h, w), mode="bilinear")[0]
-        canvas.logits[:, y1:y2, x1:x2] += up
-        canvas.count[:, y1:y2, x1:x2] += 1
+            left = right = top = bottom = 0
+        full = (h + top + bottom, w + left + right)
+        per_window = logits.shape[1] * full[0] * full[1]
+        step = max(1, TILE_ELEMENTS // max(1, per_window))
+        for start in range(0, logits.shape[0], step):
+            up = F.interpolate(logits[start : start + step], size=full, mode="bilinear")
+            for window in up:
+                yield window[:, top : top + h, left : left + w]
+
+    def _windows(self, prepared: Sequence[Prepared], boxes: list[list[Box]], groups: dict) -> Iterator[tuple]:
+        """``(image index, box, (Q, h, w) logits at the window size)`` for every window, batch by batch."""
+        queries = self._require_classes()
+        bs = self.settings.batch_size
+        for shape, members in groups.items():
+            for start in range(0, len(members), bs):
+                chunk = members[start : start + bs]
+                with self._stage("preprocess"):
+                    batch = torch.stack([self._crop(prepared[i], boxes[i][j]) for i, j in chunk]).to(self.device)
+                logits = self._window_logits(batch, queries)
+                with self._stage("head"):
+                    for (i, j), up in zip(chunk, self._upsample(logits, shape)):
+                        yield i, boxes[i][j], up
 
     @torch.no_grad()
     def merged_logits(self, prepared: Sequence[Prepared]) -> list[torch.Tensor]:
         """Window-averaged cosine logits ``(Q, h, w)`` per image, at the inference resolution."""
-        queries = self._require_classes()
-        canvases, groups = self._windows(prepared)
-        bs = self.settings.batch_size
-        for members in groups.values():
-            for start in range(0, len(members), bs):
-                chunk = members[start : start + bs]
-                batch = torch.stack([self._crop(prepared[i], canvases[i].boxes[j]) for i, j in chunk])
-                logits = dense_logits(self.vit, self.method, batch.to(self.device), queries)
-                for (i, j), window_logits in zip(chunk, logits):
-                    self._merge(canvases[i], canvases[i].boxes[j], window_logits)
-        return [c.logits / c.count for c in canvases]
+        n_queries = self._require_classes().shape[0]
+        boxes, groups = self._plan(prepared)
+        canvases = [Canvas(n_queries, tuple(item.image.shape[-2:]), self.device) for item in prepared]
+        for i, box, up in self._windows(prepared, boxes, groups):
+            canvases[i].add(box, up)
+        return [c.merged() for c in canvases]
+
+    def _streams(self, item: Prepared, n_queries: int) -> bool:
+        s = self.settings
+        h, w = item.image.shape[-2:]
+        return s.pamr_steps == 0 and not s.area_thd and n_queries * h * w >= self.stream_min_elements
 
     @torch.no_grad()
     def infer(self, prepared: Sequence[Prepared], return_probs: bool = False) -> list[SegmentationResult]:
         """The model half of inference on already :meth:`prepare`-d images."""
-        self._require_classes()
+        queries = self._require_classes()
         s = self.settings
-        results = []
-        for item, logits in zip(prepared, self.merged_logits(prepared)):
-            size = item.size
-            if s.pamr_steps > 0:
-                logits = F.interpolate(logits[None], size=size, mode="bilinear")
-                image = F.interpolate(item.image[None].to(self.device), size=size, mode="bilinear")
-                logits = pamr(image, logits, s.pamr_steps, s.pamr_dilations)[0]
-            reduced = reduce_logits(
-                logits,
-                size,
-                self.classes.query_to_class,  # type: ignore[union-attr]
-                logit_scale=s.logit_scale,
-                prob_thd=s.prob_thd,
-                area_thd=s.area_thd,
-                return_probs=return_probs,
-            )
-            results.append(
-                SegmentationResult(
-                    labels=reduced.labels.to(torch.int32).cpu().numpy(),
-                    class_names=self.classes.names,  # type: ignore[union-attr]
-                    probs=reduced.probs.cpu().numpy() if reduced.probs is not None else None,
-                    key=item.key,
+        q2c = self.classes.query_to_class  # type: ignore[union-attr]
+        boxes, groups = self._plan(prepared)
+        canvases: list[Canvas | BandCanvas] = []
+        for item, item_boxes in zip(prepared, boxes):
+            src = tuple(item.image.shape[-2:])
+            if self._streams(item, queries.shape[0]):
+                reducer = StreamingReduction(
+                    src, item.size, q2c, s.logit_scale, s.prob_thd, return_probs, device=self.device
                 )
-            )
+                canvases.append(BandCanvas(queries.shape[0], src, item_boxes, reducer, self.device))
+            else:
+                canvases.append(Canvas(queries.shape[0], src, self.device))
+        for i, box, up in self._windows(prepared, boxes, groups):
+            canvases[i].add(box, up)
+        results = []
+        with self._stage("head"):
+            for item, canvas in zip(prepared, canvases):
+                if isinstance(canvas, BandCanvas):
+                    reduced = canvas.reducer_result()
+                else:
+                    reduced = self._reduce(item, canvas.merged(), return_probs)
+                results.append(
+                    SegmentationResult(
+                        labels=reduced.labels.to(torch.int32).cpu().numpy(),
+                        class_names=self.classes.names,  # type: ignore[union-attr]
+                        probs=reduced.probs.cpu().numpy() if reduced.probs is not None else None,
+                        key=item.key,
+                    )
+                )
         return results
+
+    def _reduce(self, item: Prepared, logits: torch.Tensor, return_probs: bool):
+        s = self.settings
+        size = item.size
+        if s.pamr_steps > 0:
+            logits = F.interpolate(logits[None], size=size, mode="bilinear")
+            image = F.interpolate(item.image[None].to(self.device), size=size, mode="bilinear")
+            logits = pamr(image, logits, s.pamr_steps, s.pamr_dilations)[0]
+        return reduce_logits(
+            logits,
+            size,
+            self.classes.query_to_class,  # type: ignore[union-attr]
+            logit_scale=s.logit_scale,
+            prob_thd=s.prob_thd,
+            area_thd=s.area_thd,
+            return_probs=return_probs,
+        )

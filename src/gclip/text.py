@@ -1,20 +1,29 @@
-"""Class lists (with synonyms), prompt templates, and text embeddings cached per (model, templates, name)."""
+"""Class lists (with synonyms), prompt templates, and text embeddings cached per (model, templates, name).
+
+Embeddings are cached in memory and on disk: ``~/.cache/gclip/text/<key>/<sha1 of the name>.npy``, where the
+key joins the model name, its weights' fingerprint, a hash of the text tower's projection, the precision and a
+hash of the templates. ``GCLIP_CACHE_DIR`` moves the cache (``$GCLIP_CACHE_DIR/text``); ``GCLIP_NO_CACHE=1``
+turns the disk cache off. Files are written to a temporary name and renamed, so concurrent runs are safe.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Union
 
+import numpy as np
 import torch
 
 from .errors import ClassesError, ConfigError
 from .models import LoadedModel
+from .outputs import atomic_path
 
-__all__ = ["ClassList", "parse_classes", "read_class_file", "load_templates", "TextEncoder"]
+__all__ = ["ClassList", "parse_classes", "read_class_file", "load_templates", "TextEncoder", "cache_dir"]
 
 ClassSpec = Union[str, Path, Sequence[Union[str, Sequence[str]]]]
 
@@ -141,8 +150,16 @@ def load_templates(name: str | Path | Sequence[str] = "openai_imagenet_80") -> l
     return templates
 
 
+def cache_dir() -> Path | None:
+    """The text-embedding disk cache folder, or ``None`` when ``GCLIP_NO_CACHE`` is set."""
+    if os.environ.get("GCLIP_NO_CACHE", "") not in ("", "0"):
+        return None
+    root = os.environ.get("GCLIP_CACHE_DIR")
+    return (Path(root) if root else Path.home() / ".cache" / "gclip") / "text"
+
+
 class TextEncoder:
-    """Embeds class names with a model and a template set; one embedding per name, cached in memory.
+    """Embeds class names with a model and a template set; one embedding per name, cached in memory and on disk.
 
     The embedding of a name: encode every template filled with it, L2-normalise each, average, L2-normalise.
     """
@@ -151,8 +168,15 @@ class TextEncoder:
         self.model = model
         self.templates = load_templates(templates)
         digest = hashlib.sha1("\n".join(self.templates).encode()).hexdigest()[:12]
+        text_proj = getattr(model.clip, "text_projection", None)
+        tower = hashlib.sha1()
+        if isinstance(text_proj, torch.Tensor):
+            tower.update(text_proj.detach().float().cpu().contiguous().numpy().tobytes())
+        precision = str(getattr(model, "dtype", "")).replace("torch.", "")
         self.key = f"{model.fingerprint}-{digest}"
+        self.disk_key = f"{model.name}-{model.fingerprint}-{tower.hexdigest()[:8]}-{precision}-{digest}"
         self._cache: dict[str, torch.Tensor] = {}
+        self.disk_hits = 0
 
     @torch.no_grad()
     def _encode(self, name: str) -> torch.Tensor:
@@ -162,9 +186,32 @@ class TextEncoder:
         mean = features.mean(dim=0)
         return (mean / mean.norm()).cpu()
 
+    def _path(self, name: str) -> Path | None:
+        root = cache_dir()
+        if root is None:
+            return None
+        return root / self.disk_key / f"{hashlib.sha1(name.encode()).hexdigest()}.npy"
+
+    def _load_or_encode(self, name: str) -> torch.Tensor:
+        path = self._path(name)
+        if path is not None and path.is_file():
+            try:
+                self.disk_hits += 1
+                return torch.from_numpy(np.load(path, allow_pickle=False).astype(np.float32))
+            except (OSError, ValueError):
+                self.disk_hits -= 1  # unreadable entry: compute it again and overwrite
+        embedding = self._encode(name)
+        if path is not None:
+            try:
+                with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                    np.save(f, embedding.numpy())
+            except OSError:
+                pass  # a read-only or full cache only costs the recomputation next time
+        return embedding
+
     def embed(self, names: Sequence[str]) -> torch.Tensor:
         """``(len(names), E)`` float32 unit vectors on the CPU."""
         for name in names:
             if name not in self._cache:
-                self._cache[name] = self._encode(name)
+                self._cache[name] = self._load_or_encode(name)
         return torch.stack([self._cache[n] for n in names])

@@ -16,7 +16,7 @@ import torch
 
 from ..backbone import DenseViT
 from ..errors import ConfigError
-from .base import Method, attention_map, register
+from .base import Method, attend, attention_map, register
 
 CS_WEIGHT = "mlp.c_proj.weight"
 
@@ -87,6 +87,9 @@ class Gclip(Method):
     cs_blocks: list[int] | Literal["auto"] | None = None
     cs_rule: Literal["mean", "median"] = "mean"
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
+    # How the fusion is computed (same result): "auto" (fused attention on GPU and for per_head; head-looped
+    # maps on CPU for "mean"), "sdpa", "looped", or "maps" (every map materialised: the plain reference).
+    _impl: Literal["auto", "sdpa", "looped", "maps"] = field(default="auto", repr=False, compare=False)
 
     def blocks_for(self, vit: DenseViT) -> list[int]:
         """The emerging blocks used for this backbone (resolving ``None`` and ``"auto"``)."""
@@ -152,16 +155,78 @@ class Gclip(Method):
             raise ConfigError(f"gclip fusion must be 'mean' or 'per_head', got {self.fusion!r}")
         last = vit.depth - 1
         q, _, v = vit.qkv(last, x)
-        maps = [attention_map(q, q)]
+        pairs = [(q, q)]
         for i in self.blocks_for(vit):
             qi, ki, _ = vit.qkv(i, kept[i])
-            maps.append(attention_map(qi, ki))
-        weights = self.weights(len(maps))
+            pairs.append((qi, ki))
+        weights = self.weights(len(pairs))
+        impl = self._impl
+        if impl == "auto":
+            impl = "sdpa" if (self.fusion == "per_head" or x.device.type == "cuda") else "looped"
+        if impl == "maps":
+            return self._explicit(vit, pairs, weights, v)
+        if self.fusion == "per_head":  # sum_m w_m softmax(q_m k_mᵀ s) v, head by head: plain fused attention
+            return vit.out_proj(last, sum(w * attend(qm, km, v) for w, (qm, km) in zip(weights, pairs)))
+        if impl == "sdpa":
+            return vit.out_proj(last, fused_mean_attention(pairs, weights, v))
+        return vit.blocks[last].attn.out_proj(looped_mean_attention(pairs, weights, v))
+
+    def _explicit(
+        self, vit: DenseViT, pairs: list[tuple[torch.Tensor, torch.Tensor]], weights: list[float], v: torch.Tensor
+    ) -> torch.Tensor:
+        """The plain formulation: every ``(B, H, N, N)`` map materialised in fp32 (reference and fallback)."""
+        last = vit.depth - 1
+        maps = [attention_map(a, b) for a, b in pairs]
         if self.fusion == "mean":
             fused = sum(w * m.mean(dim=1) for w, m in zip(weights, maps))  # (B, N, N)
-            b, h, n, d = v.shape
-            merged_v = v.transpose(1, 2).reshape(b, n, h * d)
-            out = (fused @ merged_v.float()).to(v.dtype)
+            out = (fused @ merge_heads(v).float()).to(v.dtype)
             return vit.blocks[last].attn.out_proj(out)
         fused_heads = sum(w * m for w, m in zip(weights, maps))  # (B, H, N, N)
         return vit.out_proj(last, (fused_heads @ v.float()).to(v.dtype))
+
+
+def merge_heads(v: torch.Tensor) -> torch.Tensor:
+    """``(B, H, N, d)`` -> ``(B, N, H*d)``."""
+    b, h, n, d = v.shape
+    return v.transpose(1, 2).reshape(b, n, h * d)
+
+
+def fused_mean_attention(
+    pairs: list[tuple[torch.Tensor, torch.Tensor]], weights: list[float], v: torch.Tensor
+) -> torch.Tensor:
+    """``sum_m w_m mean_h softmax(q_mh k_mhᵀ s) V`` with fused attention, returned per head ``(B, H, N, d)``.
+
+    ``V`` is the full-width value matrix ``[v_1 .. v_H]``, so output head ``j`` is
+    ``sum_m w_m / H sum_h softmax(q_mh k_mhᵀ s) v_j``: one attention call whose batch runs over
+    (value head ``j``, attention head ``h``), i.e. a sum of ``H x H`` ordinary attention outputs. No
+    ``N x N`` map is materialised (flash / memory-efficient kernels on GPU), at ``H`` times the value
+    product's arithmetic: the right trade on a GPU, not on a CPU (see :func:`looped_mean_attention`).
+    """
+    b, h, n, d = v.shape
+    # Batch index (b, j), head index h; 4-D so that the fused kernels apply.
+    values = v[:, :, None].expand(b, h, h, n, d).reshape(b * h, h, n, d)  # [(b, j), h] -> v_j
+    out = None
+    for w, (qm, km) in zip(weights, pairs):
+        qx = qm[:, None].expand(b, h, h, n, d).reshape(b * h, h, n, d)  # [(b, j), h] -> q_h
+        kx = km[:, None].expand(b, h, h, n, d).reshape(b * h, h, n, d)
+        term = attend(qx, kx, values).reshape(b, h, h, n, d).sum(dim=2) * (w / h)
+        out = term if out is None else out + term
+    return out
+
+
+def looped_mean_attention(
+    pairs: list[tuple[torch.Tensor, torch.Tensor]], weights: list[float], v: torch.Tensor
+) -> torch.Tensor:
+    """The same fusion with one fp32 ``(B, N, N)`` map accumulated head by head, then one product with ``V``.
+
+    Peak memory is two ``(B, N, N)`` maps instead of ``len(pairs) x H`` of them. Returns ``(B, N, H*d)``.
+    """
+    b, h, n, d = v.shape
+    scale = d**-0.5
+    fused = torch.zeros((b, n, n), dtype=torch.float32, device=v.device)
+    for w, (qm, km) in zip(weights, pairs):
+        for head in range(h):
+            scores = torch.bmm(qm[:, head].float(), km[:, head].float().transpose(1, 2)).mul_(scale)
+            fused.add_(torch.softmax(scores, dim=-1), alpha=w / h)
+            del scores
+    return (fused @ merge_heads(v).float()).to(v.dtype)

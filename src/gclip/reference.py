@@ -1,0 +1,83 @@
+"""The peers' evaluation loop, written plainly: the yardstick for the engine's speed and its outputs.
+
+One window at a time (batch 1); each window's logits are upsampled to the crop, zero-padded to the whole
+canvas and added to it; the averaged canvas is resized to the original size for every class at once, then
+softmax, synonym max, thresholds and argmax. GCLIP runs with its plain formulation (every attention map
+materialised). Nothing here is tuned: the engine (``Segmenter.infer``) must give the same labels, faster
+and in less memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .engine import dense_logits
+from .images import ImageInput
+from .methods import Method
+from .postprocess import pamr
+from .segmenter import Prepared, Segmenter
+from .windows import pad_sizes, window_boxes
+
+__all__ = ["reference_method", "reference_merged_logits", "reference_labels"]
+
+
+def reference_method(method: Method) -> Method:
+    """The method in its plain formulation (for GCLIP: explicit attention maps instead of fused attention)."""
+    names = {f.name for f in dataclasses.fields(method)} if dataclasses.is_dataclass(method) else set()
+    return dataclasses.replace(method, _impl="maps") if "_impl" in names else method  # type: ignore[type-var]
+
+
+@torch.no_grad()
+def reference_merged_logits(segmenter: Segmenter, prepared: Prepared) -> torch.Tensor:
+    """Window-averaged ``(Q, h, w)`` logits of one prepared image, one window per forward pass."""
+    s = segmenter.settings
+    vit, method = segmenter.vit, reference_method(segmenter.method)
+    queries = segmenter._require_classes()
+    image = prepared.image[None].to(segmenter.device)
+    h, w = image.shape[-2:]
+    preds = torch.zeros((1, queries.shape[0], h, w), device=segmenter.device)
+    count = torch.zeros((1, 1, h, w), device=segmenter.device)
+    for y1, y2, x1, x2 in window_boxes(h, w, s.crop, s.stride):
+        crop = image[:, :, y1:y2, x1:x2]
+        ch, cw = y2 - y1, x2 - x1
+        left = right = top = bottom = 0
+        if s.padding == "symmetric":
+            left, right, top, bottom = pad_sizes(ch, cw, vit.patch_size)
+            crop = F.pad(crop, (left, right, top, bottom))
+        logits = dense_logits(vit, method, crop, queries)
+        logits = F.interpolate(logits, size=(ch + top + bottom, cw + left + right), mode="bilinear")
+        logits = logits[:, :, top : top + ch, left : left + cw]
+        preds += F.pad(logits, (x1, w - x2, y1, h - y2))
+        count[:, :, y1:y2, x1:x2] += 1
+    return (preds / count)[0]
+
+
+@torch.no_grad()
+def reference_labels(segmenter: Segmenter, image: ImageInput) -> np.ndarray:
+    """``(H, W)`` int32 labels of one image, computed the plain way with the segmenter's settings."""
+    s = segmenter.settings
+    prepared = segmenter.prepare(image)
+    logits = reference_merged_logits(segmenter, prepared)[None]
+    logits = F.interpolate(logits, size=prepared.size, mode="bilinear")
+    if s.pamr_steps > 0:
+        small = F.interpolate(prepared.image[None].to(segmenter.device), size=prepared.size, mode="bilinear")
+        logits = pamr(small, logits, s.pamr_steps, s.pamr_dilations)
+    probs = torch.softmax(logits[0] * s.logit_scale, dim=0)
+    q2c = segmenter.classes.query_to_class  # type: ignore[union-attr]
+    n_classes = max(q2c) + 1
+    class_probs = torch.stack(
+        [probs[[q for q, c in enumerate(q2c) if c == k]].max(dim=0).values for k in range(n_classes)]
+    )
+    if s.area_thd and n_classes > 1:
+        counts = torch.bincount(class_probs.argmax(0).flatten(), minlength=n_classes).float()
+        keep = torch.ones(n_classes, device=counts.device)
+        keep[1:] = (counts[1:] > s.area_thd * counts[1:].sum()).float()
+        class_probs = class_probs * keep[:, None, None]
+    top, labels = class_probs.max(0)
+    if s.prob_thd > 0:
+        labels[top < s.prob_thd] = 0
+    return labels.to(torch.int32).cpu().numpy()

@@ -1,0 +1,75 @@
+"""`gclip bench` on the tiny model: the JSON record has every field, the Markdown log is appended."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import HERE, TINY
+from gclip.bench import BenchConfig, encoder_flops, memory_check_subprocess, window_grids
+from gclip.cli import main
+
+STAGES = {"decode", "preprocess", "encoder", "head", "text"}
+TOP_FIELDS = {
+    "images", "count", "model", "weights", "method", "method_options", "precision", "device", "batch_size",
+    "batch_images", "compile", "settings", "classes", "windows", "images_per_s", "seconds", "latency_ms",
+    "stage_seconds", "text_cache_hits", "encoder_gflop", "encoder_tflops_per_s", "peak_rss_mb", "cuda_peak_mb",
+    "reference", "machine", "command", "date",
+}  # fmt: skip
+REFERENCE_FIELDS = {
+    "count", "images_per_s", "latency_ms", "peak_rss_mb", "cuda_peak_mb", "labels_identical", "mismatched_images",
+    "mismatched_pixels",
+}  # fmt: skip
+MACHINE_FIELDS = {"cpu", "cpu_cores", "gpu", "python", "torch", "open_clip", "gclip"}
+
+
+def test_bench_smoke_writes_json_with_every_field(tmp_path, capsys):
+    out, log = tmp_path / "bench.json", tmp_path / "RESULTS.md"
+    argv = ["bench", "--model", TINY, "--random-weights", "--synthetic", "70x50", "--count", "3", "--method", "gclip"]
+    argv += ["--crop", "32", "--stride", "16", "--short-side", "48", "--batch-images", "2", "--batch-size", "4"]
+    assert main(argv + ["--json", str(out), "--results", str(log)]) == 0
+    record = json.loads(out.read_text())
+    assert TOP_FIELDS <= set(record)
+    assert set(record["stage_seconds"]) == STAGES
+    assert all(v >= 0 for v in record["stage_seconds"].values()) and record["stage_seconds"]["encoder"] > 0
+    assert set(record["latency_ms"]) == {"p50", "p95"} and record["latency_ms"]["p95"] >= record["latency_ms"]["p50"]
+    assert REFERENCE_FIELDS <= set(record["reference"]) and MACHINE_FIELDS <= set(record["machine"])
+    assert record["count"] == 3 and record["images_per_s"] > 0 and record["peak_rss_mb"] > 0
+    assert record["encoder_tflops_per_s"] > 0 and record["classes"] == 21
+    assert record["reference"]["labels_identical"] is True and record["reference"]["mismatched_pixels"] == 0
+    assert record["command"].startswith("gclip bench ") and "--random-weights" in record["command"]
+    # 70x50 -> 67x48 after the resize: windows of 32, stride 16 -> 2 rows x 4 columns per image
+    assert record["windows"] == 3 * 8
+    text = log.read_text()
+    assert text.startswith("# Benchmark results") and record["command"] in text and "speed-up" in text
+    assert "labels identical: yes" in capsys.readouterr().out
+    assert main(argv + ["--json", str(out), "--results", str(log), "--no-reference"]) == 0
+    assert json.loads(out.read_text())["reference"] is None
+    assert log.read_text().count("### ") == 2
+
+
+def test_bench_rejects_bad_arguments(tmp_path, capsys):
+    assert main(["bench", "--model", TINY, "--random-weights", "--images", str(tmp_path / "none")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--synthetic", "big"])
+
+
+def test_encoder_flops_formula(tiny_model):
+    from gclip.backbone import DenseViT
+
+    vit = DenseViT(tiny_model.visual)
+    d, p, layers = vit.width, vit.patch_size, vit.depth - 1
+    n = 1 + 4 * 4
+    expected = 2 * 16 * 3 * p * p * d + layers * (8 * n * d * d + 4 * n * n * d + 4 * n * d * 4 * d)
+    assert encoder_flops(vit, (4, 4)) == expected
+    assert window_grids((48, 67), 32, 16, p, "symmetric") == [(4, 4)] * 8
+    assert window_grids((20, 21), 0, 16, p, "symmetric") == [(3, 3)]
+
+
+def test_memory_check_runs_in_a_fresh_process():
+    config = BenchConfig(model=TINY, model_configs=[str(HERE / "configs")], settings={"crop": 64, "stride": 32})
+    record = memory_check_subprocess(config, size=(90, 120), classes="voc21", timeout=300)
+    assert record["labels_shape"] == [90, 120] and record["classes"] == 21
+    assert record["peak_rss_mb"] > 0 and record["naive_canvas_mb"] == pytest.approx(21 * 90 * 120 * 4 / 2**20)
