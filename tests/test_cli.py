@@ -78,7 +78,7 @@ def test_segment_goes_on_past_bad_images(tmp_path, tiny_checkpoint, rgb_image, c
     )
     err = capsys.readouterr().err
     assert code == 1
-    assert "broken.jpg: cannot decode image" in err and "1 of 2 images failed" in err
+    assert "broken.jpg: cannot decode image" in err and "1 segmented, 0 already done, 1 failed" in err
     assert (tmp_path / "out" / "photo.png").is_file() and not (tmp_path / "out" / "broken.png").exists()
 
 
