@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Union
 
@@ -42,12 +43,14 @@ def _from_array(arr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def load_image(image: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_image(image: ImageInput | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None) -> np.ndarray:
     """Any supported image -> ``HxWx3 uint8 RGB``.
 
     Args:
-        image: a file path, a PIL image, or a numpy array (``HxWx3`` RGB / ``HxWx4`` / ``HxW``, uint8 or uint16).
+        image: a file path, encoded file bytes, a PIL image, or a numpy array (``HxWx3`` RGB / ``HxWx4`` /
+            ``HxW``, uint8 or uint16).
         max_pixels: images declaring more pixels are refused (decompression-bomb guard).
+        name: how error messages name the image (default: its path, or "image").
 
     Raises:
         ImageError: the file is missing, not an image, truncated, empty, or too large.
@@ -55,9 +58,13 @@ def load_image(image: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nd
     if isinstance(image, np.ndarray):
         arr = _from_array(image)
     else:
-        name = str(image) if isinstance(image, (str, Path)) else "image"
+        name = name or (str(image) if isinstance(image, (str, Path)) else "image")
         try:
-            if isinstance(image, (str, Path)):
+            if isinstance(image, bytes):
+                if not image:
+                    raise ImageError(f"{name}: empty file (0 bytes)")
+                img = Image.open(io.BytesIO(image))
+            elif isinstance(image, (str, Path)):
                 path = Path(image)
                 if not path.is_file():
                     raise ImageError(f"{path}: no such file")

@@ -8,7 +8,6 @@ the output tree mirrors the input tree and ``a/x.jpg`` and ``b/x.jpg`` never col
 from __future__ import annotations
 
 import glob
-import io
 import os
 import tarfile
 from collections import Counter
@@ -192,23 +191,10 @@ def read_input(item: InputItem, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndar
     """
     if item.member is None:
         return load_image(item.path, max_pixels)
-    from PIL import Image
-
     try:
         with open(item.path, "rb") as f:
             f.seek(item.offset)
             data = f.read(item.size)
-        if not data:
-            raise ImageError(f"{item.name}: empty file (0 bytes)")
-        img = Image.open(io.BytesIO(data))
-    except ImageError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"{item.name}: refused as a decompression bomb ({e})") from e
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ImageError(f"{item.name}: cannot decode image ({reason})") from e
-    try:
-        return load_image(img, max_pixels)
-    except ImageError as e:
-        raise ImageError(str(e).replace("image:", f"{item.name}:", 1)) from e
+    except OSError as e:
+        raise ImageError(f"{item.name}: cannot read ({e.strerror or e})") from e
+    return load_image(data, max_pixels, name=item.name)
