@@ -74,9 +74,9 @@ def test_whole_image_and_unpadded_windows(make, rgb_image):
 def test_windows_cover_all_pixels_in_the_canvas(make, rgb_image):
     seg = make()
     prepared = seg.prepare(rgb_image)
-    canvases, _ = seg._windows([prepared])
+    boxes, _ = seg._plan([prepared])
     covered = torch.zeros(prepared.image.shape[-2:])
-    for y1, y2, x1, x2 in canvases[0].boxes:
+    for y1, y2, x1, x2 in boxes[0]:
         covered[y1:y2, x1:x2] += 1
     assert covered.min() >= 1
     assert torch.isfinite(seg.merged_logits([prepared])[0]).all()
