@@ -98,3 +98,74 @@ def test_resample_uses_the_plus_point_one_scale_rule():
     grid_pos = pos[1:].reshape(side, side, 3)
     expected = torch.einsum("ia,abc,jb->ijc", weights(grid[0]), grid_pos, weights(grid[1]))
     assert torch.allclose(out, expected, atol=1e-6)
+
+
+def _no_module_attention(block: torch.nn.Module):
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the attention module was called")
+
+    return block.attn.register_forward_pre_hook(refuse)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("block_type", [None, "custom"])
+def test_run_block_computes_the_block_without_the_attention_module(block_type):
+    """The walk's own block (SDPA on q/k/v) equals open_clip's module, with and without a c_proj override."""
+    vit = DenseViT(_tiny(block_type).visual)
+    x, _ = vit.embed(torch.randn(2, 3, 32, 40))
+    block = vit.blocks[0]
+    expected = block(x)
+    weight = torch.randn_like(block.mlp.c_proj.weight)
+    expected_cs = torch.func.functional_call(block, {"mlp.c_proj.weight": weight}, (x,))
+    handle = _no_module_attention(block)
+    try:
+        got = vit.run_block(0, x)
+        got_cs = vit.run_block(0, x, {"mlp.c_proj.weight": weight})
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got_cs, expected_cs, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(got, got_cs)
+
+
+@torch.no_grad()
+def test_run_block_reproduces_custom_attention_options():
+    """qk_norm, per-head scale, inner/attention/MLP norms and layer scale of open_clip's custom block."""
+    from open_clip.transformer import CustomResidualAttentionBlock
+
+    vit = DenseViT(_tiny("custom").visual)
+    torch.manual_seed(0)
+    block = CustomResidualAttentionBlock(
+        64, 4, ls_init_value=0.5, qk_norm=True, scale_heads=True, scale_attn_inner=True, scale_attn=True, scale_fc=True
+    ).eval()
+    for p in block.parameters():
+        p.add_(0.1 * torch.randn_like(p))
+    vit.blocks[0] = block
+    x, _ = vit.embed(torch.randn(1, 3, 32, 32))
+    expected = block(x)
+    handle = _no_module_attention(block)
+    try:
+        got = vit.run_block(0, x)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_run_block_falls_back_to_the_module_for_options_it_does_not_reproduce_and_other_overrides():
+    vit = DenseViT(_tiny().visual)
+    block = vit.blocks[0]
+    block.attn = torch.nn.MultiheadAttention(64, 4, add_bias_kv=True, batch_first=True).eval()  # bias_k: not ours
+    x, _ = vit.embed(torch.randn(1, 3, 32, 32))
+    calls = []
+    handle = block.attn.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        torch.testing.assert_close(vit.run_block(0, x), block(x), rtol=0, atol=0)
+        assert len(calls) == 2  # ours and the reference both went through the module
+        calls.clear()
+        plain = DenseViT(_tiny().visual)
+        bias = torch.randn_like(plain.blocks[0].mlp.c_fc.bias)
+        expected = torch.func.functional_call(plain.blocks[0], {"mlp.c_fc.bias": bias}, (x,))
+        torch.testing.assert_close(plain.run_block(0, x, {"mlp.c_fc.bias": bias}), expected, rtol=0, atol=0)
+    finally:
+        handle.remove()

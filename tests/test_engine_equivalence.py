@@ -53,11 +53,22 @@ def test_gclip_fused_attention_equals_explicit_maps(tiny_model, fusion, impl):
     )
 
 
-def test_streamed_canvas_equals_whole_canvas(tiny_model, images):
-    seg = gclip.Segmenter(tiny_model, method="clearclip", classes=CLASSES, short_side=0, crop=24, stride=10)
+@pytest.mark.parametrize("short_side", [0, 44])
+def test_streamed_canvas_equals_whole_canvas(tiny_model, images, short_side, monkeypatch):
+    """Portrait (rows streamed) and landscape (columns streamed) images, with and without the final resize."""
+    seg = gclip.Segmenter(tiny_model, method="clearclip", classes=CLASSES, short_side=short_side, crop=24, stride=10)
     plain = seg.predict_batch(images, return_probs=True)
     seg.stream_min_elements = 0
+    axes = []
+
+    class Spy(BandCanvas):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            axes.append(self.axis)
+
+    monkeypatch.setattr(gclip.segmenter, "BandCanvas", Spy)
     streamed = seg.predict_batch(images, return_probs=True)
+    assert axes == [1, 0]  # the 83x61 landscape image by columns, the 37x40 portrait one by rows
     for a, b in zip(plain, streamed):
         np.testing.assert_array_equal(a.labels, b.labels)
         np.testing.assert_allclose(a.probs, b.probs, rtol=0, atol=1e-5)
@@ -67,20 +78,21 @@ def test_streamed_canvas_equals_whole_canvas(tiny_model, images):
         np.testing.assert_array_equal(a.labels, b.labels)
 
 
-def test_band_canvas_out_of_order_windows_grow_the_ring():
+@pytest.mark.parametrize("axis", [0, 1])
+def test_band_canvas_out_of_order_windows_grow_the_ring(axis):
     torch.manual_seed(0)
-    h, w, q = 30, 20, 3
-    boxes = [(y, y + 10, x, x + 10) for y in (0, 10, 20) for x in (0, 10)]
+    (h, w), q = ((30, 20) if axis == 0 else (20, 30)), 3
+    boxes = [(y, y + 10, x, x + 10) for y in range(0, h, 10) for x in range(0, w, 10)]
     ups = {box: torch.randn(q, 10, 10) for box in boxes}
     merged = torch.zeros(q, h, w)
     for box in boxes:
         y1, y2, x1, x2 = box
         merged[:, y1:y2, x1:x2] += ups[box]
-    reducer = StreamingReduction((h, w), (h, w), [0, 1, 2], return_probs=True)
-    canvas = BandCanvas(q, (h, w), boxes, reducer, "cpu")
-    for box in reversed(boxes):  # bottom first: nothing is final until the top row arrives
+    reducer = StreamingReduction((h, w), (h, w), [0, 1, 2], return_probs=True, axis=axis)
+    canvas = BandCanvas(q, (h, w), boxes, reducer, "cpu", axis=axis)
+    for box in reversed(boxes):  # last first: nothing is final until the first row (column) arrives
         canvas.add(box, ups[box])
-    assert canvas.capacity >= h
+    assert canvas.capacity >= (h, w)[axis]
     out = canvas.reducer_result()
     ref = reduce_logits(merged, (h, w), [0, 1, 2], return_probs=True)
     assert torch.equal(out.labels, ref.labels)
@@ -91,7 +103,8 @@ def test_band_canvas_out_of_order_windows_grow_the_ring():
     "src, size", [((13, 17), (40, 51)), ((40, 51), (13, 17)), ((20, 20), (20, 20)), ((7, 9), (7, 30))]
 )
 @pytest.mark.parametrize("prob_thd", [0.0, 0.4])
-def test_tiled_and_streamed_reduction_equal_full_resolution(src, size, prob_thd):
+@pytest.mark.parametrize("axis", [0, 1])
+def test_tiled_and_streamed_reduction_equal_full_resolution(src, size, prob_thd, axis):
     torch.manual_seed(0)
     logits = torch.randn(5, *src) * 0.1
     q2c = [0, 1, 1, 2, 3]
@@ -103,11 +116,14 @@ def test_tiled_and_streamed_reduction_equal_full_resolution(src, size, prob_thd)
     tiled = reduce_logits(logits, size, q2c, prob_thd=prob_thd, return_probs=True, tile_elements=40)
     torch.testing.assert_close(tiled.probs, class_probs, rtol=0, atol=1e-5)
     assert torch.equal(tiled.labels, labels)
-    stream = StreamingReduction(src, size, q2c, prob_thd=prob_thd, tile_elements=40)
+    stream = StreamingReduction(src, size, q2c, prob_thd=prob_thd, tile_elements=40, axis=axis, return_probs=True)
     rng = np.random.default_rng(0)
-    row = 0
-    while row < src[0]:
+    line = 0
+    while line < src[axis]:
         n = int(rng.integers(1, 4))
-        stream.feed(logits[:, row : row + n])
-        row += n
-    assert torch.equal(stream.result().labels, labels)
+        stream.feed(logits.narrow(1 + axis, line, min(n, src[axis] - line)))
+        line += n
+    out = stream.result()
+    assert torch.equal(out.labels, labels)
+    assert torch.equal(out.labels, tiled.labels)
+    torch.testing.assert_close(out.probs, tiled.probs, rtol=0, atol=1e-6)

@@ -16,6 +16,25 @@ from torch import nn
 
 __all__ = ["DenseViT", "resample_pos_embed"]
 
+CS_OVERRIDE = "mlp.c_proj.weight"
+"""The parameter Channel Suppression replaces, computed by :meth:`DenseViT.run_block` itself."""
+
+
+def _manual_ok(block: nn.Module) -> bool:
+    """Whether :meth:`DenseViT.run_block` reproduces ``block`` (else the module is called)."""
+    attn = getattr(block, "attn", None)
+    if attn is None or getattr(attn, "in_proj_weight", None) is None:
+        return False
+    if isinstance(attn, nn.MultiheadAttention):
+        return attn._qkv_same_embed_dim and attn.bias_k is None and not attn.add_zero_attn
+    return getattr(attn, "logit_scale", None) is None  # open_clip's scaled cosine attention: the module's own
+
+
+def _head_scale(attn: nn.Module, heads_out: torch.Tensor) -> torch.Tensor:
+    """open_clip's per-head output scale (``scale_heads``), when the attention has one."""
+    scale = getattr(attn, "head_scale", None)
+    return heads_out if scale is None else heads_out * scale
+
 
 def resample_pos_embed(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """Resample a ``(1 + G*G, D)`` position embedding to a ``gh x gw`` patch grid.
@@ -96,14 +115,43 @@ class DenseViT:
     def run_block(
         self, index: int, x: torch.Tensor, overrides: Mapping[str, torch.Tensor] | None = None
     ) -> torch.Tensor:
-        """One block on NLD tokens, optionally with some of its parameters replaced (functionally)."""
+        """One block on NLD tokens, optionally with some of its parameters replaced (functionally).
+
+        The block is computed here (``ln_1`` -> q/k/v -> ``scaled_dot_product_attention`` -> ``out_proj`` ->
+        layer scale; ``ln_2`` -> MLP -> layer scale) rather than by calling the module: on a CPU
+        ``nn.MultiheadAttention``'s inference fast path materialises the N x N attention map of every head,
+        while ``scaled_dot_product_attention`` works in blocks. The one override computed here is
+        ``"mlp.c_proj.weight"`` (Channel Suppression); any other override, and attention options this walk does
+        not reproduce (open_clip's scaled cosine attention, attention masks on the module), go through the
+        module itself (``torch.func.functional_call``).
+        """
         block = self.blocks[index]
+        overrides = dict(overrides or {})
+        c_proj_weight = overrides.pop(CS_OVERRIDE, None)
+        if overrides or not _manual_ok(block):
+            if c_proj_weight is not None:
+                overrides[CS_OVERRIDE] = c_proj_weight
+            return self._module_block(block, x, overrides)
+        q, k, v = self.qkv(index, x)
+        attn = _head_scale(block.attn, F.scaled_dot_product_attention(q, k, v))
+        out = x + self.attn_residual(index, self.out_proj(index, attn))
+        del q, k, v, attn
+        y = block.ln_2(out)
+        if c_proj_weight is None:
+            y = block.mlp(y)
+        else:
+            for name, module in block.mlp.named_children():
+                if name == "c_proj":
+                    y = F.linear(y, c_proj_weight, module.bias)
+                else:
+                    y = module(y)
+        out += block.ls_2(y)
+        return out
+
+    def _module_block(self, block: nn.Module, x: torch.Tensor, overrides: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if not self.batch_first:
             x = x.transpose(0, 1)
-        if overrides:
-            out = torch.func.functional_call(block, dict(overrides), (x,))
-        else:
-            out = block(x)
+        out = torch.func.functional_call(block, dict(overrides), (x,)) if overrides else block(x)
         return out if self.batch_first else out.transpose(0, 1)
 
     def walk(
@@ -138,13 +186,22 @@ class DenseViT:
         qkv = F.linear(y, attn.in_proj_weight, attn.in_proj_bias)
         b, n, _ = qkv.shape
         q, k, v = qkv.reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        ln_q, ln_k = getattr(attn, "ln_q", None), getattr(attn, "ln_k", None)  # qk_norm (custom Attention)
+        if ln_q is not None and not isinstance(ln_q, nn.Identity):
+            q = ln_q(q)
+        if ln_k is not None and not isinstance(ln_k, nn.Identity):
+            k = ln_k(k)
         return q, k, v
 
     def out_proj(self, index: int, heads_out: torch.Tensor) -> torch.Tensor:
         """Merge ``(B, heads, N, head_dim)`` and apply block ``index``'s attention output projection."""
         b, h, n, d = heads_out.shape
         merged = heads_out.transpose(1, 2).reshape(b, n, h * d)
-        return self.blocks[index].attn.out_proj(merged)
+        attn = self.blocks[index].attn
+        ln_inner = getattr(attn, "ln_inner", None)  # scale_attn_inner (custom Attention)
+        if ln_inner is not None:
+            merged = ln_inner(merged)
+        return attn.out_proj(merged)
 
     def ffn(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Block ``index``'s FFN branch with its layer scale: ``ls_2(mlp(ln_2(x)))``."""

@@ -96,7 +96,7 @@ def random_model(
     name: str, precision: str = "fp32", device: str | None = None, seed: int = 0, quick_gelu: bool = True
 ) -> LoadedModel:
     """``name`` with the deterministic random weights of :func:`gclip.testing.random_state_dict` (no file)."""
-    from .models import PRECISIONS, _fingerprint, resolve_device
+    from .models import PRECISIONS, _fingerprint, resolve_device, trim_heap
     from .testing import random_state_dict
 
     if precision not in PRECISIONS:
@@ -105,6 +105,7 @@ def random_model(
     model = load_model(name, None, "fp32", "cpu", quick_gelu=quick_gelu)
     model.clip.load_state_dict(random_state_dict(model.clip, seed))
     model.clip.to(device=dev, dtype=PRECISIONS[precision])
+    trim_heap()  # as load_model does after reading a checkpoint: the random state dict is garbage now
     return dataclasses.replace(
         model,
         pretrained=f"random:{seed}",

@@ -37,20 +37,23 @@ class Canvas:
 
 
 class BandCanvas:
-    """A canvas that keeps only the rows some window still has to add to, and hands finished rows on.
+    """A canvas that keeps only the rows (or columns) some window still has to add to, and hands finished ones on.
 
-    Rows are stored in a ring buffer (row ``y`` at ``y % capacity``). After each window, the rows above the
-    top of every window not yet added are final: they are averaged and fed to ``reducer`` (top to bottom, in
-    chunks of about ``TILE_ELEMENTS`` floats) and their slots are cleared for reuse. With windows arriving in
-    row-major order (as the Segmenter sends them) the ring never holds more than one window height of rows;
-    it grows if windows arrive in another order.
+    Along the streamed axis (rows for ``axis=0``, columns for ``axis=1``) lines are stored in a ring buffer
+    (line ``y`` at ``y % capacity``). After each window, the lines before the start of every window not yet
+    added are final: they are averaged and fed to ``reducer`` (in order, in chunks of about ``TILE_ELEMENTS``
+    floats) and their slots are cleared for reuse. With windows arriving in that order (row-major for rows,
+    column-major for columns, as the Segmenter sends them) the ring never holds more than one window of lines;
+    it grows if windows arrive in another order. Streaming the columns of a landscape image keeps a
+    ``crop x height`` band instead of ``crop x width``.
 
     Args:
         n_queries: Q.
         size: ``(h, w)`` of the canvas.
         boxes: every window that will be added, as ``(y1, y2, x1, x2)``.
-        reducer: receives the averaged rows; see :class:`~gclip.postprocess.StreamingReduction`.
+        reducer: receives the averaged lines; see :class:`~gclip.postprocess.StreamingReduction` (same ``axis``).
         device: where the band lives.
+        axis: 0 to stream rows, 1 to stream columns.
     """
 
     def __init__(
@@ -60,18 +63,32 @@ class BandCanvas:
         boxes: list[Box],
         reducer: StreamingReduction,
         device: torch.device | str,
+        axis: int = 0,
     ) -> None:
-        self.height, self.width = size
+        if getattr(reducer, "axis", 0) != axis:
+            raise ValueError("the reducer must stream the same axis as the canvas")
+        self.axis = axis
+        self.length, self.across = size[axis], size[1 - axis]
         self.reducer = reducer
-        self.pending = Counter(box[0] for box in boxes)
-        self.capacity = max(box[1] - box[0] for box in boxes)
-        self.logits = torch.zeros((n_queries, self.capacity, self.width), device=device)
-        self.count = torch.zeros((1, self.capacity, self.width), device=device)
-        self.top = 0  # rows above it have been handed on
-        self.bottom = 0  # rows below it have not been written yet
+        self.pending = Counter(self._along(box)[0] for box in boxes)
+        self.capacity = max(self._along(box)[1] - self._along(box)[0] for box in boxes)
+        self.logits = torch.zeros(self._shape(n_queries, self.capacity), device=device)
+        self.count = torch.zeros(self._shape(1, self.capacity), device=device)
+        self.top = 0  # lines before it have been handed on
+        self.bottom = 0  # lines from it on have not been written yet
+
+    def _along(self, box: Box) -> tuple[int, int]:
+        return (box[0], box[1]) if self.axis == 0 else (box[2], box[3])
+
+    def _shape(self, channels: int, lines: int) -> tuple[int, int, int]:
+        return (channels, lines, self.across) if self.axis == 0 else (channels, self.across, lines)
+
+    def _lines(self, t: torch.Tensor, start: int, n: int) -> torch.Tensor:
+        """Lines ``[start, start + n)`` of a ``(C, ...)`` tensor along the streamed axis (a view)."""
+        return t.narrow(1 + self.axis, start, n)
 
     def _segments(self, y1: int, y2: int) -> Iterator[tuple[int, int, int]]:
-        """``(ring_row, image_row, n)`` pieces of image rows ``[y1, y2)``."""
+        """``(ring_line, image_line, n)`` pieces of image lines ``[y1, y2)``."""
         y = y1
         while y < y2:
             r = y % self.capacity
@@ -79,38 +96,40 @@ class BandCanvas:
             yield r, y, n
             y += n
 
-    def _grow(self, rows: int) -> None:
+    def _grow(self, lines: int) -> None:
         old_logits, old_count, old_segments = self.logits, self.count, list(self._segments(self.top, self.bottom))
-        self.capacity = max(rows, 2 * self.capacity)
-        self.logits = old_logits.new_zeros((old_logits.shape[0], self.capacity, self.width))
-        self.count = old_count.new_zeros((1, self.capacity, self.width))
+        self.capacity = max(lines, 2 * self.capacity)
+        self.logits = old_logits.new_zeros(self._shape(old_logits.shape[0], self.capacity))
+        self.count = old_count.new_zeros(self._shape(1, self.capacity))
         for r_old, y, n in old_segments:
             for r_new, y_new, m in self._segments(y, y + n):
                 offset = r_old + (y_new - y)
-                self.logits[:, r_new : r_new + m] = old_logits[:, offset : offset + m]
-                self.count[:, r_new : r_new + m] = old_count[:, offset : offset + m]
+                self._lines(self.logits, r_new, m).copy_(self._lines(old_logits, offset, m))
+                self._lines(self.count, r_new, m).copy_(self._lines(old_count, offset, m))
 
     def add(self, box: Box, up: torch.Tensor) -> None:
-        """Add one window's logits (see :meth:`Canvas.add`), then hand on the rows that became final."""
-        y1, y2, x1, x2 = box
+        """Add one window's logits (see :meth:`Canvas.add`), then hand on the lines that became final."""
+        y1, y2 = self._along(box)
+        x1, x2 = (box[2], box[3]) if self.axis == 0 else (box[0], box[1])  # across the streamed axis
         if y2 - self.top > self.capacity:
             self._grow(y2 - self.top)
+        across = 2 - self.axis
         for r, y, n in self._segments(y1, y2):
-            self.logits[:, r : r + n, x1:x2] += up[:, y - y1 : y - y1 + n]
-            self.count[:, r : r + n, x1:x2] += 1
+            self._lines(self.logits, r, n).narrow(across, x1, x2 - x1).add_(self._lines(up, y - y1, n))
+            self._lines(self.count, r, n).narrow(across, x1, x2 - x1).add_(1)
         self.bottom = max(self.bottom, y2)
         self.pending[y1] -= 1
         if self.pending[y1] == 0:
             del self.pending[y1]
-        self._flush(min(self.pending) if self.pending else self.height)
+        self._flush(min(self.pending) if self.pending else self.length)
 
     def _flush(self, final: int) -> None:
-        chunk = max(1, TILE_ELEMENTS // max(1, self.logits.shape[0] * self.width))
+        chunk = max(1, TILE_ELEMENTS // max(1, self.logits.shape[0] * self.across))
         for start in range(self.top, final, chunk):
             for r, _, n in self._segments(start, min(start + chunk, final)):
-                self.reducer.feed(self.logits[:, r : r + n] / self.count[:, r : r + n])
-                self.logits[:, r : r + n] = 0
-                self.count[:, r : r + n] = 0
+                self.reducer.feed(self._lines(self.logits, r, n) / self._lines(self.count, r, n))
+                self._lines(self.logits, r, n).zero_()
+                self._lines(self.count, r, n).zero_()
         self.top = max(self.top, final)
 
     def reducer_result(self) -> Reduction:

@@ -21,7 +21,7 @@ import torch
 
 from .errors import WeightsError
 
-__all__ = ["LoadedModel", "load_model", "read_checkpoint", "resolve_device", "PRECISIONS"]
+__all__ = ["LoadedModel", "load_model", "read_checkpoint", "resolve_device", "trim_heap", "PRECISIONS"]
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _HUB_HOST = "huggingface.co"
@@ -231,6 +231,29 @@ def _check_vit(model: torch.nn.Module, name: str) -> None:
         raise WeightsError(f"model {name} pools with attention (CoCa-style): gclip supports plain ViT towers only")
 
 
+def trim_heap() -> bool:
+    """Return the C heap's free pages to the system (glibc ``malloc_trim(0)``); returns whether it could.
+
+    After a checkpoint is loaded, glibc keeps the freed loading buffers (the state dict's copies) resident; this
+    hands them back. A no-op where the C library has no ``malloc_trim`` (macOS, Windows, musl); never raises.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    try:
+        trim.argtypes = [ctypes.c_size_t]
+        trim.restype = ctypes.c_int
+        trim(0)
+    except Exception:  # noqa: BLE001 - best effort only
+        return False
+    return True
+
+
 def load_model(
     name: str = "ViT-B-16",
     pretrained: str | Path | None = "openai",
@@ -302,6 +325,8 @@ def load_model(
     open_clip.set_model_preprocess_cfg(model, pp)  # the image tower carries its own normalisation
     mean = tuple(float(v) for v in pp.get("mean", open_clip.OPENAI_DATASET_MEAN))
     std = tuple(float(v) for v in pp.get("std", open_clip.OPENAI_DATASET_STD))
+    del state
+    trim_heap()  # the checkpoint's tensors are freed: give their pages back
     return LoadedModel(
         clip=model,
         tokenizer=open_clip.get_tokenizer(name),

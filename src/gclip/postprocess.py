@@ -140,17 +140,20 @@ def _labels(probs: torch.Tensor, prob_thd: float) -> torch.Tensor:
 
 
 class StreamingReduction:
-    """:func:`reduce_logits` (without ``area_thd``) fed the merged logits band by band, top to bottom.
+    """:func:`reduce_logits` (without ``area_thd``) fed the merged logits band by band, top to bottom (or, with
+    ``axis=1``, left to right).
 
     Output row ``r`` of the bilinear resize reads source rows ``i0[r] <= i1[r]``; once source rows up to
     ``i1[r]`` have arrived it is final and is reduced at once. Only the source rows still needed (at most
-    one row carried over, none when the resize is the identity) are kept between calls. The result equals
-    :func:`reduce_logits` on the whole tensor (the same arithmetic on the same rows).
+    one row carried over, none when the resize is the identity) are kept between calls. With ``axis=1`` the
+    same holds for columns. Either way every output pixel is interpolated with the arithmetic of
+    :func:`reduce_logits` (rows first, then columns), so the logits are the same.
 
     Args:
         src_size: ``(h, w)`` of the merged logits.
         size, query_to_class, logit_scale, prob_thd, return_probs, tile_elements: as for :func:`reduce_logits`.
         device: where the outputs live.
+        axis: 0 to be fed bands of rows ``(Q, n, w)``, 1 for bands of columns ``(Q, h, n)``.
     """
 
     def __init__(
@@ -163,9 +166,14 @@ class StreamingReduction:
         return_probs: bool = False,
         tile_elements: int = TILE_ELEMENTS,
         device: torch.device | str = "cpu",
+        axis: int = 0,
     ) -> None:
+        if axis not in (0, 1):
+            raise ValueError(f"axis must be 0 (rows) or 1 (columns), got {axis}")
         device = torch.device(device)
-        self.src_h, self.height, self.width = src_size[0], size[0], size[1]
+        self.axis = axis
+        self.src_len, self.out_len = src_size[axis], size[axis]
+        self.out_across = size[1 - axis]
         self.identity = tuple(src_size) == tuple(size)
         self.n_classes = max(query_to_class) + 1
         self.q2c = torch.tensor(query_to_class, device=device)
@@ -173,47 +181,75 @@ class StreamingReduction:
         self.rows_index = bilinear_indices(src_size[0], size[0], device)
         cols = bilinear_indices(src_size[1], size[1], device)
         self.cols_index = (cols[0], cols[1], cols[2][None, None, :])
+        self.along = self.rows_index if axis == 0 else cols  # the streamed axis's indices
         self.labels = torch.empty((size[0], size[1]), dtype=torch.long, device=device)
         self.probs = torch.empty((self.n_classes, size[0], size[1]), device=device) if return_probs else None
-        self._carry: torch.Tensor | None = None  # source rows [carry_start, received)
+        self._carry: torch.Tensor | None = None  # source lines [carry_start, received)
         self._carry_start = 0
-        self.received = 0  # source rows fed so far
-        self.done = 0  # output rows reduced so far
+        self.received = 0  # source lines (rows or columns) fed so far
+        self.done = 0  # output lines reduced so far
 
-    def feed(self, rows: torch.Tensor) -> None:
-        """The next source rows ``(Q, n, w)``, following those already fed."""
-        rows = rows.float()
+    def _resize(self, lines: torch.Tensor, start: int, out: tuple[int, int]) -> torch.Tensor:
+        """Output lines ``out`` from source lines ``lines`` (the first of which is source line ``start``)."""
+        o0, o1 = out
+        if self.axis == 0:
+            i0, i1, lam = self.rows_index
+            return resize_rows(lines, out, self.cols_index, (i0 - start, i1 - start, lam))
+        j0, j1, mu = (t[o0:o1] for t in self.along)
+        first, last = int(j0[0].item()), int(j1[-1].item()) + 1
+        needed = lines[:, :, first - start : last - start]
+        i0, i1, lam = self.rows_index
+        lam = lam[None, :, None]
+        band = needed.index_select(1, i0) * (1 - lam) + needed.index_select(1, i1) * lam  # rows first, as resize_rows
+        return band.index_select(2, j0 - first) * (1 - mu) + band.index_select(2, j1 - first) * mu
+
+    def _store(self, out: tuple[int, int], labels: torch.Tensor, probs: torch.Tensor | None) -> None:
+        o0, o1 = out
+        if self.axis == 0:
+            self.labels[o0:o1] = labels
+            if probs is not None and self.probs is not None:
+                self.probs[:, o0:o1] = probs
+        else:
+            self.labels[:, o0:o1] = labels
+            if probs is not None and self.probs is not None:
+                self.probs[:, :, o0:o1] = probs
+
+    def feed(self, lines: torch.Tensor) -> None:
+        """The next source rows ``(Q, n, w)`` (columns ``(Q, h, n)`` with ``axis=1``), following those fed."""
+        dim = 1 + self.axis
+        lines = lines.float()
         start = self.received
         if self._carry is not None:
-            rows = torch.cat([self._carry, rows], dim=1)
+            lines = torch.cat([self._carry, lines], dim=dim)
             start = self._carry_start
-        self.received = start + rows.shape[1]
-        i0, i1, lam = self.rows_index
-        end = self.height if self.received >= self.src_h else int(torch.searchsorted(i1, self.received).item())
-        step = max(1, self.tile_elements // max(1, rows.shape[0] * self.width))
-        local = (i0 - start, i1 - start, lam)
-        for r0 in range(self.done, end, step):
-            r1 = min(r0 + step, end)
-            if self.identity:  # no resize: the rows themselves (what the bilinear weights 1 and 0 give)
-                tile = rows[:, r0 - start : r1 - start]
+        self.received = start + lines.shape[dim]
+        i0, i1, _ = self.along
+        end = self.out_len if self.received >= self.src_len else int(torch.searchsorted(i1, self.received).item())
+        step = max(1, self.tile_elements // max(1, lines.shape[0] * self.out_across))
+        for o0 in range(self.done, end, step):
+            o1 = min(o0 + step, end)
+            if self.identity:  # no resize: the lines themselves (what the bilinear weights 1 and 0 give)
+                tile = lines.narrow(dim, o0 - start, o1 - o0)
             else:
-                tile = resize_rows(rows, (r0, r1), self.cols_index, local)
+                tile = self._resize(lines, start, (o0, o1))
             if self.probs is None and self.prob_thd <= 0:
-                self.labels[r0:r1] = self.q2c[tile.argmax(0)]
+                self._store((o0, o1), self.q2c[tile.argmax(0)], None)
                 continue
             probs = _class_probs(tile, self.logit_scale, self.q2c, self.n_classes)
-            self.labels[r0:r1] = _labels(probs, self.prob_thd)
-            if self.probs is not None:
-                self.probs[:, r0:r1] = probs
+            self._store((o0, o1), _labels(probs, self.prob_thd), probs)
         self.done = end
-        keep_from = int(i0[end].item()) if end < self.height else self.received
-        self._carry = rows[:, keep_from - start :].clone() if keep_from < self.received else None
+        keep_from = int(i0[end].item()) if end < self.out_len else self.received
+        if keep_from < self.received:
+            self._carry = lines.narrow(dim, keep_from - start, self.received - keep_from).clone()
+        else:
+            self._carry = None
         self._carry_start = keep_from
 
     def result(self) -> Reduction:
-        """The :class:`Reduction`, once every source row has been fed."""
-        if self.received < self.src_h:
-            raise RuntimeError(f"only {self.received} of {self.src_h} rows were fed")
+        """The :class:`Reduction`, once every source row (or column) has been fed."""
+        if self.received < self.src_len:
+            what = "rows" if self.axis == 0 else "columns"
+            raise RuntimeError(f"only {self.received} of {self.src_len} {what} were fed")
         return Reduction(self.labels, self.probs)
 
 

@@ -10,7 +10,9 @@ of an image is ``(Q, h, w)`` at the inference resolution; when that is large (e.
 no PAMR, which need the whole canvas), the canvas is streamed instead (:class:`gclip.canvas.BandCanvas`):
 windows arrive top to bottom, rows that no pending window covers any more are averaged, resized and
 reduced to labels at once (:class:`gclip.postprocess.StreamingReduction`) and their memory is reused, so at
-most about one window-row band of the canvas exists at a time. Both paths give identical results.
+most about one window-row band of the canvas exists at a time. Landscape images are walked column by column
+instead (the band is then one window width x the image height, the shorter side). Both paths give identical
+results.
 """
 
 from __future__ import annotations
@@ -245,7 +247,10 @@ class Segmenter:
         boxes, groups = [], defaultdict(list)
         for i, item in enumerate(prepared):
             h, w = item.image.shape[-2:]
-            boxes.append(window_boxes(h, w, s.crop, s.stride))
+            item_boxes = window_boxes(h, w, s.crop, s.stride)
+            if self._stream_axis(item) == 1:  # column by column (see BandCanvas)
+                item_boxes = sorted(item_boxes, key=lambda b: (b[2], b[0]))
+            boxes.append(item_boxes)
             for j, (y1, y2, x1, x2) in enumerate(boxes[-1]):
                 groups[(y2 - y1, x2 - x1)].append((i, j))
         return boxes, groups
@@ -301,6 +306,16 @@ class Segmenter:
             canvases[i].add(box, up)
         return [c.merged() for c in canvases]
 
+    @staticmethod
+    def _stream_axis(item: Prepared) -> int:
+        """0: windows row by row (a streamed canvas keeps rows); 1 for landscape images: column by column.
+
+        The order is that of the image's shape alone, whether or not its canvas is streamed, so that both
+        canvases add the same windows in the same order (identical sums).
+        """
+        h, w = item.image.shape[-2:]
+        return 1 if w > h else 0
+
     def _streams(self, item: Prepared, n_queries: int) -> bool:
         s = self.settings
         h, w = item.image.shape[-2:]
@@ -317,10 +332,11 @@ class Segmenter:
         for item, item_boxes in zip(prepared, boxes):
             src = tuple(item.image.shape[-2:])
             if self._streams(item, queries.shape[0]):
+                axis = self._stream_axis(item)
                 reducer = StreamingReduction(
-                    src, item.size, q2c, s.logit_scale, s.prob_thd, return_probs, device=self.device
+                    src, item.size, q2c, s.logit_scale, s.prob_thd, return_probs, device=self.device, axis=axis
                 )
-                canvases.append(BandCanvas(queries.shape[0], src, item_boxes, reducer, self.device))
+                canvases.append(BandCanvas(queries.shape[0], src, item_boxes, reducer, self.device, axis=axis))
             else:
                 canvases.append(Canvas(queries.shape[0], src, self.device))
         for i, box, up in self._windows(prepared, boxes, groups):

@@ -14,11 +14,11 @@ from typing import Literal
 
 import torch
 
-from ..backbone import DenseViT
+from ..backbone import CS_OVERRIDE, DenseViT
 from ..errors import ConfigError
 from .base import Method, attend, attention_map, register
 
-CS_WEIGHT = "mlp.c_proj.weight"
+CS_WEIGHT = CS_OVERRIDE
 
 
 def default_emerging_blocks(depth: int) -> list[int]:
