@@ -47,7 +47,7 @@ def resize_rows(
 
 @dataclass
 class Reduction:
-    """Output of :func:`reduce_logits`: labels ``(H, W)`` int64, and per-class probabilities if asked."""
+    """Output of :func:`reduce_logits`: labels ``(H, W)`` int32, and per-class probabilities if asked."""
 
     labels: torch.Tensor
     probs: torch.Tensor | None = None
@@ -118,7 +118,7 @@ def reduce_logits(
             counts += torch.bincount(probs_of(rows).argmax(0).flatten(), minlength=n_classes).float()
         foreground = counts[1:]
         keep[1:] = (foreground > area_thd * foreground.sum()).float()
-    labels = torch.empty((height, width), dtype=torch.long, device=device)
+    labels = torch.empty((height, width), dtype=torch.int32, device=device)
     probs_out = torch.empty((n_classes, height, width), device=device) if return_probs else None
     labels_only = probs_out is None and prob_thd <= 0 and bool(keep.all())
     for r0, r1 in tiles:
@@ -182,7 +182,7 @@ class StreamingReduction:
         cols = bilinear_indices(src_size[1], size[1], device)
         self.cols_index = (cols[0], cols[1], cols[2][None, None, :])
         self.along = self.rows_index if axis == 0 else cols  # the streamed axis's indices
-        self.labels = torch.empty((size[0], size[1]), dtype=torch.long, device=device)
+        self.labels = torch.empty((size[0], size[1]), dtype=torch.int32, device=device)
         self.probs = torch.empty((self.n_classes, size[0], size[1]), device=device) if return_probs else None
         self._carry: torch.Tensor | None = None  # source lines [carry_start, received)
         self._carry_start = 0

@@ -193,7 +193,7 @@ class Segmenter:
             array = load_image(image, self.settings.max_pixels)
         with self._stage("preprocess"):
             h, w = array.shape[:2]
-            tensor = torch.from_numpy(array).permute(2, 0, 1).float()
+            tensor = torch.from_numpy(array).permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format)
             size = rescale_size(h, w, self.settings.short_side, self.settings.max_long_side)
             mean, std = self._norm
             normalised = resize_image(tensor, size).sub_(mean).div_(std)
