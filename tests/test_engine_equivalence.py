@@ -127,3 +127,17 @@ def test_tiled_and_streamed_reduction_equal_full_resolution(src, size, prob_thd,
     assert torch.equal(out.labels, labels)
     assert torch.equal(out.labels, tiled.labels)
     torch.testing.assert_close(out.probs, tiled.probs, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("max_elements", "n_pieces"), [(1, 7), (40 * 30, 7), (3 * 40 * 30, 3), (10**9, 1)])
+def test_window_upsample_in_class_chunks_is_exact(max_elements, n_pieces):
+    """Upsampling a window a few classes at a time gives bit-identical values to one interpolate call."""
+    from gclip.canvas import WindowUpsample
+
+    logits = torch.randn(7, 5, 4, generator=torch.Generator().manual_seed(0))
+    whole = torch.nn.functional.interpolate(logits[None], size=(40, 30), mode="bilinear")[0][:, 3:37, 2:29]
+    lazy = WindowUpsample(logits, (40, 30), (3, 34, 2, 27), max_elements)
+    pieces = list(lazy.chunks())
+    assert len(pieces) == n_pieces
+    assert torch.equal(torch.cat([p for _, p in pieces]), whole)
+    assert [q0 for q0, _ in pieces] == sorted(q0 for q0, _ in pieces)

@@ -10,12 +10,48 @@ from collections import Counter
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from .postprocess import TILE_ELEMENTS, Reduction, StreamingReduction
 
-__all__ = ["Canvas", "BandCanvas"]
+__all__ = ["Canvas", "BandCanvas", "WindowUpsample"]
 
 Box = tuple[int, int, int, int]
+
+
+class WindowUpsample:
+    """One window's patch logits, upsampled to the window on demand, a few classes at a time.
+
+    ``F.interpolate`` treats channels independently, so class chunks give exactly the values of one call, while
+    only ``max_elements`` floats of the upsampled window exist at once (a whole window of 150 classes at
+    448x448 would be 120 MB).
+
+    Args:
+        logits: ``(Q, gh, gw)`` patch logits of the window.
+        size: ``(H, W)`` to upsample to (the window, padding included).
+        crop: ``(top, h, left, w)``: the part of the upsampled window that lies on the image.
+        max_elements: floats per chunk.
+    """
+
+    def __init__(
+        self, logits: torch.Tensor, size: tuple[int, int], crop: tuple[int, int, int, int], max_elements: int
+    ) -> None:
+        self.logits, self.size, self.crop = logits, size, crop
+        self.step = max(1, max_elements // max(1, size[0] * size[1]))
+
+    def chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(first class index, (q, h, w) logits)`` pieces covering every class."""
+        top, h, left, w = self.crop
+        for q0 in range(0, self.logits.shape[0], self.step):
+            up = F.interpolate(self.logits[None, q0 : q0 + self.step], size=self.size, mode="bilinear")[0]
+            yield q0, up[:, top : top + h, left : left + w]
+
+
+def _chunks(up: torch.Tensor | WindowUpsample) -> Iterator[tuple[int, torch.Tensor]]:
+    if isinstance(up, torch.Tensor):
+        yield 0, up
+    else:
+        yield from up.chunks()
 
 
 class Canvas:
@@ -25,10 +61,11 @@ class Canvas:
         self.logits = torch.zeros((n_queries, *size), device=device)
         self.count = torch.zeros((1, *size), device=device)
 
-    def add(self, box: Box, up: torch.Tensor) -> None:
-        """Add one window's ``(Q, y2-y1, x2-x1)`` logits at ``box = (y1, y2, x1, x2)``."""
+    def add(self, box: Box, up: torch.Tensor | WindowUpsample) -> None:
+        """Add one window's ``(Q, y2-y1, x2-x1)`` logits (or its :class:`WindowUpsample`) at ``(y1, y2, x1, x2)``."""
         y1, y2, x1, x2 = box
-        self.logits[:, y1:y2, x1:x2] += up
+        for q0, part in _chunks(up):
+            self.logits[q0 : q0 + part.shape[0], y1:y2, x1:x2] += part
         self.count[:, y1:y2, x1:x2] += 1
 
     def merged(self) -> torch.Tensor:
@@ -107,15 +144,18 @@ class BandCanvas:
                 self._lines(self.logits, r_new, m).copy_(self._lines(old_logits, offset, m))
                 self._lines(self.count, r_new, m).copy_(self._lines(old_count, offset, m))
 
-    def add(self, box: Box, up: torch.Tensor) -> None:
+    def add(self, box: Box, up: torch.Tensor | WindowUpsample) -> None:
         """Add one window's logits (see :meth:`Canvas.add`), then hand on the lines that became final."""
         y1, y2 = self._along(box)
         x1, x2 = (box[2], box[3]) if self.axis == 0 else (box[0], box[1])  # across the streamed axis
         if y2 - self.top > self.capacity:
             self._grow(y2 - self.top)
         across = 2 - self.axis
-        for r, y, n in self._segments(y1, y2):
-            self._lines(self.logits, r, n).narrow(across, x1, x2 - x1).add_(self._lines(up, y - y1, n))
+        for q0, part in _chunks(up):
+            classes = self.logits.narrow(0, q0, part.shape[0])
+            for r, y, n in self._segments(y1, y2):
+                self._lines(classes, r, n).narrow(across, x1, x2 - x1).add_(self._lines(part, y - y1, n))
+        for r, _, n in self._segments(y1, y2):
             self._lines(self.count, r, n).narrow(across, x1, x2 - x1).add_(1)
         self.bottom = max(self.bottom, y2)
         self.pending[y1] -= 1

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbone import DenseViT
-from .canvas import BandCanvas, Canvas
+from .canvas import BandCanvas, Canvas, WindowUpsample
 from .engine import encode, head
 from .errors import ClassesError, ConfigError
 from .images import DEFAULT_MAX_PIXELS, ImageInput, load_image
@@ -264,23 +264,17 @@ class Segmenter:
                 crop = F.pad(crop, (left, right, top, bottom))
         return crop
 
-    def _upsample(self, logits: torch.Tensor, shape: tuple[int, int]) -> Iterator[torch.Tensor]:
-        """Window logits ``(B, Q, gh, gw)`` (one window shape) -> ``(Q, h, w)`` per window at the window size.
-
-        Windows are upsampled a few at a time so that at most about ``TILE_ELEMENTS`` floats are live.
-        """
+    def _upsample(self, logits: torch.Tensor, shape: tuple[int, int]) -> Iterator[WindowUpsample]:
+        """Window logits ``(B, Q, gh, gw)`` (one window shape) -> per window, its logits at the window size,
+        upsampled lazily a few classes at a time (see :class:`~gclip.canvas.WindowUpsample`)."""
         h, w = shape
         if self.settings.padding == "symmetric":
             left, right, top, bottom = pad_sizes(h, w, self.vit.patch_size)
         else:
             left = right = top = bottom = 0
         full = (h + top + bottom, w + left + right)
-        per_window = logits.shape[1] * full[0] * full[1]
-        step = max(1, TILE_ELEMENTS // max(1, per_window))
-        for start in range(0, logits.shape[0], step):
-            up = F.interpolate(logits[start : start + step], size=full, mode="bilinear")
-            for window in up:
-                yield window[:, top : top + h, left : left + w]
+        for window in logits:
+            yield WindowUpsample(window, full, (top, h, left, w), TILE_ELEMENTS // 4)
 
     def _windows(self, prepared: Sequence[Prepared], boxes: list[list[Box]], groups: dict) -> Iterator[tuple]:
         """``(image index, box, (Q, h, w) logits at the window size)`` for every window, batch by batch."""
