@@ -75,8 +75,34 @@ def test_text_embeddings_are_unit_mean_of_templates_and_cached(tiny_model, monke
         feats = tiny_model.clip.encode_text(tokens)
     feats = feats / feats.norm(dim=-1, keepdim=True)
     expected = feats.mean(0) / feats.mean(0).norm()
-    assert torch.allclose(emb[0], expected, atol=1e-6)
+    assert torch.allclose(emb[0], expected, atol=1e-5)
     calls = []
     monkeypatch.setattr(encoder, "_encode", lambda name: calls.append(name) or torch.zeros(32))
     encoder.embed(["dog", "cat", "bird"])
     assert calls == ["bird"]
+
+
+def test_encode_text_on_the_causal_prefix_equals_open_clip(tiny_model):
+    from gclip.text import _causal_prefix, encode_text
+
+    clip = tiny_model.clip
+    tokens = tiny_model.tokenizer(["a photo of a cat.", "a rendering of the big traffic light in a street.", "dog"])
+    keep = _causal_prefix(clip, tokens)
+    assert keep == int(tokens.argmax(dim=-1).max()) + 1 < tokens.shape[1]
+    with torch.no_grad():
+        expected = clip.encode_text(tokens)
+        ours = encode_text(clip, tokens)
+    assert torch.allclose(ours, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_encode_text_falls_back_without_a_causal_mask(tiny_model):
+    from conftest import make_tiny
+    from gclip.text import _causal_prefix, encode_text
+
+    clip = make_tiny()
+    tokens = tiny_model.tokenizer(["a cat."])
+    assert _causal_prefix(clip, tokens) is not None
+    clip.attn_mask = torch.zeros(77, 77)  # a bidirectional text tower: every position matters
+    assert _causal_prefix(clip, tokens) is None
+    with torch.no_grad():
+        assert torch.equal(encode_text(clip, tokens), clip.encode_text(tokens))

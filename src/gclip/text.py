@@ -158,6 +158,44 @@ def cache_dir() -> Path | None:
     return (Path(root) if root else Path.home() / ".cache" / "gclip") / "text"
 
 
+def _causal_prefix(clip: torch.nn.Module, tokens: torch.Tensor) -> int | None:
+    """Tokens to keep when the text tower is causal and pools at the end-of-text token, else ``None``."""
+    mask = getattr(clip, "attn_mask", None)
+    pool = getattr(clip, "text_pool_type", None)
+    needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
+    if mask is None or pool not in ("argmax", "eos") or not all(hasattr(clip, a) for a in needed):
+        return None
+    causal = torch.triu(torch.ones_like(mask, dtype=torch.bool), diagonal=1)
+    if not (torch.isinf(mask[causal]).all() and (mask[~causal] == 0).all()):
+        return None
+    if pool == "argmax":
+        ends = tokens.argmax(dim=-1)
+    else:
+        ends = (tokens == clip.text_eos_id).int().argmax(dim=-1)
+    return int(ends.max()) + 1
+
+
+def encode_text(clip: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """``clip.encode_text(tokens)``, computed on the tokens up to the last end-of-text token only.
+
+    CLIP's text tower is causal and reads its output at the end-of-text token, so the padding after it never
+    reaches the result: cutting the sequence there (typically 10-20 of 77 positions for prompt templates)
+    gives the same embeddings for a fraction of the work. Other text towers run unchanged.
+    """
+    from open_clip.transformer import text_global_pool
+
+    keep = _causal_prefix(clip, tokens)
+    if keep is None or keep >= tokens.shape[1]:
+        return clip.encode_text(tokens)
+    tokens = tokens[:, :keep]
+    cast = clip.transformer.get_cast_dtype()
+    x = clip.token_embedding(tokens).to(cast) + clip.positional_embedding[:keep].to(cast)
+    x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:keep, :keep]))
+    x = text_global_pool(x, tokens, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
+    projection = clip.text_projection
+    return projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
+
+
 class TextEncoder:
     """Embeds class names with a model and a template set; one embedding per name, cached in memory and on disk.
 
@@ -181,7 +219,7 @@ class TextEncoder:
     @torch.no_grad()
     def _encode(self, name: str) -> torch.Tensor:
         tokens = self.model.tokenizer([t.replace("{c}", name) for t in self.templates]).to(self.model.device)
-        features = self.model.clip.encode_text(tokens).float()
+        features = encode_text(self.model.clip, tokens).float()
         features = features / features.norm(dim=-1, keepdim=True)
         mean = features.mean(dim=0)
         return (mean / mean.norm()).cpu()
