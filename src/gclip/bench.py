@@ -363,7 +363,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         "method_options": seg.method.options(),
         "precision": config.precision,
         "device": str(seg.device),
-        "batch_size": s.batch_size,
+        "batch_size": seg.batch_size,
         "batch_images": config.batch_images,
         "compile": bool(config.compile and seg._compiled is not None),
         "settings": seg.describe(),

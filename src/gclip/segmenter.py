@@ -58,7 +58,8 @@ class Settings:
         prob_thd: pixels whose top probability is below this become class 0.
         area_thd: classes 1.. covering less than this fraction of foreground pixels are dropped.
         pamr_steps: PAMR refinement steps (0: off); ``pamr_dilations``: its dilations.
-        batch_size: windows per forward pass.
+        batch_size: windows per forward pass; ``None`` (the default): 16 on a GPU, 1 on a CPU, where the forward
+            pass is compute-bound and one window at a time measured fastest (see benchmarks/RESULTS.md).
         max_pixels: larger images are refused.
     """
 
@@ -72,7 +73,7 @@ class Settings:
     area_thd: float | None = None
     pamr_steps: int = 0
     pamr_dilations: tuple[int, ...] = (8, 16)
-    batch_size: int = 16
+    batch_size: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
 
     def validate(self) -> Settings:
@@ -85,7 +86,7 @@ class Settings:
             problems.append(f"padding must be 'symmetric' or 'none', got {self.padding!r}")
         if not 0 <= self.prob_thd <= 1 or (self.area_thd is not None and not 0 <= self.area_thd <= 1):
             problems.append("prob_thd and area_thd must be within 0..1")
-        if self.batch_size < 1 or self.pamr_steps < 0:
+        if (self.batch_size is not None and self.batch_size < 1) or self.pamr_steps < 0:
             problems.append("batch_size must be >= 1 and pamr_steps >= 0")
         if problems:
             raise ConfigError("; ".join(problems))
@@ -168,6 +169,13 @@ class Segmenter:
     def device(self) -> torch.device:
         return self.model.device
 
+    @property
+    def batch_size(self) -> int:
+        """Windows per forward pass: the setting, or by default 16 on a GPU and 1 on a CPU."""
+        if self.settings.batch_size is not None:
+            return self.settings.batch_size
+        return 16 if self.device.type == "cuda" else 1
+
     def describe(self) -> dict[str, Any]:
         """Everything that determines the output, as plain data."""
         return {
@@ -179,6 +187,7 @@ class Segmenter:
             "method_options": self.method.options(),
             "templates": len(self.text.templates),
             **dataclasses.asdict(self.settings),
+            "batch_size": self.batch_size,
         }
 
     def set_classes(self, classes: ClassSpec | ClassList) -> ClassList:
@@ -279,7 +288,7 @@ class Segmenter:
     def _windows(self, prepared: Sequence[Prepared], boxes: list[list[Box]], groups: dict) -> Iterator[tuple]:
         """``(image index, box, (Q, h, w) logits at the window size)`` for every window, batch by batch."""
         queries = self._require_classes()
-        bs = self.settings.batch_size
+        bs = self.batch_size
         for shape, members in groups.items():
             for start in range(0, len(members), bs):
                 chunk = members[start : start + bs]

@@ -60,7 +60,7 @@ def add_settings_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--prob-thd", type=float, help="top probability below this -> class 0 (default 0)")
     g.add_argument("--area-thd", type=float, help="drop classes below this fraction of foreground (default off)")
     g.add_argument("--pamr", dest="pamr_steps", type=int, metavar="STEPS", help="PAMR steps (default 0: off)")
-    g.add_argument("--batch-size", type=int, help="windows per forward pass (default 16)")
+    g.add_argument("--batch-size", type=int, help="windows per forward pass (default: 16 on a GPU, 1 on a CPU)")
     g.add_argument("--templates", default="openai_imagenet_80", help="bundled template set or a file")
 
 
