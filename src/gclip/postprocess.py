@@ -120,23 +120,39 @@ def reduce_logits(
         keep[1:] = (foreground > area_thd * foreground.sum()).float()
     labels = torch.empty((height, width), dtype=torch.int32, device=device)
     probs_out = torch.empty((n_classes, height, width), device=device) if return_probs else None
-    labels_only = probs_out is None and prob_thd <= 0 and bool(keep.all())
+    dropped = None if bool(keep.all()) else keep
     for r0, r1 in tiles:
-        if labels_only:  # softmax and the synonym max keep the argmax: skip them
-            labels[r0:r1] = q2c[tile_of((r0, r1)).argmax(0)]
-            continue
-        probs = probs_of((r0, r1)) * keep[:, None, None]
-        labels[r0:r1] = _labels(probs, prob_thd)
+        tile_labels, probs = _reduce_tile(
+            tile_of((r0, r1)), q2c, n_classes, logit_scale, prob_thd, probs_out is not None, dropped
+        )
+        labels[r0:r1] = tile_labels
         if probs_out is not None:
             probs_out[:, r0:r1] = probs
     return Reduction(labels, probs_out)
 
 
-def _labels(probs: torch.Tensor, prob_thd: float) -> torch.Tensor:
-    top, lab = probs.max(0)
+def _reduce_tile(
+    tile: torch.Tensor,
+    q2c: torch.Tensor,
+    n_classes: int,
+    logit_scale: float,
+    prob_thd: float,
+    want_probs: bool,
+    keep: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Labels of one ``(Q, ...)`` tile of logits, and its class probabilities when wanted or needed.
+
+    ``keep`` (per class, 0 or 1) zeroes the probabilities of dropped classes before the argmax.
+    """
+    if not want_probs and prob_thd <= 0 and keep is None:
+        return q2c[tile.argmax(0)], None  # softmax and the synonym max keep the argmax: skip them
+    probs = _class_probs(tile, logit_scale, q2c, n_classes)
+    if keep is not None:
+        probs = probs * keep[:, None, None]
+    top, labels = probs.max(0)
     if prob_thd > 0:
-        lab[top < prob_thd] = 0
-    return lab
+        labels[top < prob_thd] = 0
+    return labels, probs
 
 
 class StreamingReduction:
@@ -232,11 +248,10 @@ class StreamingReduction:
                 tile = lines.narrow(dim, o0 - start, o1 - o0)
             else:
                 tile = self._resize(lines, start, (o0, o1))
-            if self.probs is None and self.prob_thd <= 0:
-                self._store((o0, o1), self.q2c[tile.argmax(0)], None)
-                continue
-            probs = _class_probs(tile, self.logit_scale, self.q2c, self.n_classes)
-            self._store((o0, o1), _labels(probs, self.prob_thd), probs)
+            labels, probs = _reduce_tile(
+                tile, self.q2c, self.n_classes, self.logit_scale, self.prob_thd, self.probs is not None
+            )
+            self._store((o0, o1), labels, probs)
         self.done = end
         keep_from = int(i0[end].item()) if end < self.out_len else self.received
         if keep_from < self.received:

@@ -205,9 +205,8 @@ class Segmenter:
             tensor = torch.from_numpy(array).permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format)
             size = rescale_size(h, w, self.settings.short_side, self.settings.max_long_side)
             mean, std = self._norm
-            normalised = resize_image(tensor, size).sub_(mean).div_(std)
-            del tensor
-        return Prepared(normalised.contiguous(), (h, w), key if key is not None else image)
+            normalised = resize_image(tensor, size).sub_(mean).div_(std)  # in place when no resize is needed
+        return Prepared(normalised, (h, w), key if key is not None else image)
 
     def predict(self, image: ImageInput, return_probs: bool = False) -> SegmentationResult:
         """Segment one image (path, PIL image or ``HxWx3 uint8`` array) -> labels ``(H, W)`` at its size."""
@@ -264,23 +263,23 @@ class Segmenter:
                 groups[(y2 - y1, x2 - x1)].append((i, j))
         return boxes, groups
 
+    def _pads(self, h: int, w: int) -> tuple[int, int, int, int]:
+        """Zero padding ``(left, right, top, bottom)`` of an ``h x w`` window (none with ``padding="none"``)."""
+        if self.settings.padding == "symmetric":
+            return pad_sizes(h, w, self.vit.patch_size)
+        return 0, 0, 0, 0
+
     def _crop(self, item: Prepared, box: Box) -> torch.Tensor:
         y1, y2, x1, x2 = box
         crop = item.image[:, y1:y2, x1:x2]
-        if self.settings.padding == "symmetric":
-            left, right, top, bottom = pad_sizes(y2 - y1, x2 - x1, self.vit.patch_size)
-            if left or right or top or bottom:
-                crop = F.pad(crop, (left, right, top, bottom))
-        return crop
+        pads = self._pads(y2 - y1, x2 - x1)
+        return F.pad(crop, pads) if any(pads) else crop
 
     def _upsample(self, logits: torch.Tensor, shape: tuple[int, int]) -> Iterator[WindowUpsample]:
         """Window logits ``(B, Q, gh, gw)`` (one window shape) -> per window, its logits at the window size,
         upsampled lazily a few classes at a time (see :class:`~gclip.canvas.WindowUpsample`)."""
         h, w = shape
-        if self.settings.padding == "symmetric":
-            left, right, top, bottom = pad_sizes(h, w, self.vit.patch_size)
-        else:
-            left = right = top = bottom = 0
+        left, right, top, bottom = self._pads(h, w)
         full = (h + top + bottom, w + left + right)
         for window in logits:
             yield WindowUpsample(window, full, (top, h, left, w), TILE_ELEMENTS // 4)
