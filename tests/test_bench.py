@@ -15,7 +15,7 @@ TOP_FIELDS = {
     "images", "count", "model", "weights", "method", "method_options", "precision", "device", "batch_size",
     "batch_images", "compile", "settings", "classes", "windows", "images_per_s", "seconds", "latency_ms",
     "stage_seconds", "text_cache_hits", "encoder_gflop", "encoder_tflops_per_s", "peak_rss_mb", "cuda_peak_mb",
-    "reference", "machine", "command", "date",
+    "reference", "machine", "command", "date", "workers", "staged", "pipelined", "pipelined_labels_identical",
 }  # fmt: skip
 REFERENCE_FIELDS = {
     "count", "images_per_s", "latency_ms", "peak_rss_mb", "cuda_peak_mb", "labels_identical", "mismatched_images",
@@ -47,6 +47,24 @@ def test_bench_smoke_writes_json_with_every_field(tmp_path, capsys):
     assert main(argv + ["--json", str(out), "--results", str(log), "--no-reference"]) == 0
     assert json.loads(out.read_text())["reference"] is None
     assert log.read_text().count("### ") == 2
+    assert record["workers"] == 0 and record["pipelined"] is None and record["staged"]["count"] == 3
+
+
+def test_bench_pipelined_pass_runs_the_local_engine_with_workers(tmp_path, capsys):
+    """With decoding workers the headline is the `gclip segment` path; its labels equal the staged pass's."""
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--model", TINY, "--random-weights", "--synthetic", "70x50", "--count", "5", "--workers", "2"]
+    argv += ["--crop", "32", "--stride", "16", "--short-side", "48", "--batch-images", "2", "--no-record"]
+    assert main(argv + ["--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    pipelined = record["pipelined"]
+    assert record["workers"] == 2 and pipelined["workers"] == 2 and pipelined["count"] == 5
+    assert record["images_per_s"] == pipelined["images_per_s"] and pipelined["seconds"] > 0
+    assert record["staged"]["count"] == 5 and record["staged"]["images_per_s"] > 0
+    assert record["pipelined_labels_identical"] is True
+    assert record["reference"]["labels_identical"] is True and record["reference"]["count"] == 5
+    assert "pipelined with 2 decoding workers" in capsys.readouterr().out
+    assert main(argv + ["--json", str(out), "--workers", "-1"]) == 2
 
 
 def test_bench_rejects_bad_arguments(tmp_path, capsys):

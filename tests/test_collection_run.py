@@ -11,6 +11,7 @@ from PIL import Image
 
 import gclip
 from collection_helpers import CLASSES, SETTINGS, synthetic_image, write_images
+from gclip.bench import StageTimer
 from gclip.engines import InputItem, Manifest, OutputWriter, collect_inputs, plan_run
 from gclip.engines.local import Preparer
 from gclip.outputs import read_label_png, rle_decode
@@ -114,8 +115,43 @@ def test_iter_segment_and_the_worker_preparer(seg, tmp_path):
     assert [r.ok for r in results] == [True, True, False] and "c.jpg" in results[2].error
     assert np.array_equal(results[0].result.labels, seg.predict(synthetic_image(0)).labels)
     # What spawn/forkserver workers receive: the preparer without the model, still able to prepare.
+    seg.timer = StageTimer()
     light = pickle.loads(pickle.dumps(Preparer(seg, keep_image=True)))
-    assert not hasattr(light.segmenter, "model")
+    seg.timer = None
+    assert not hasattr(light.segmenter, "model") and light.segmenter.timer is None
     loaded = light(results[1].item)
     assert loaded.error is None and np.array_equal(loaded.image, synthetic_image(1))
     assert np.array_equal(seg.infer([loaded.prepared])[0].labels, results[1].result.labels)
+
+
+FORK_AFTER_OPENCV_THREADS = """
+import sys
+import cv2
+import numpy as np
+cv2.setNumThreads(4)
+cv2.resize(np.zeros((600, 800, 3), np.uint8), (300, 400))  # the caller's own OpenCV work: a running pool
+import open_clip
+open_clip.add_model_config(sys.argv[1])
+import gclip
+seg = gclip.Segmenter(gclip.load_model("gclip-tiny-test", None), classes=["a", "b"], short_side=48, crop=32, stride=16)
+results = list(gclip.iter_segment(seg, sys.argv[2], images_per_batch=1, workers=2))
+print(sum(r.ok for r in results))
+"""
+
+
+def test_forked_workers_do_not_hang_on_a_running_opencv_thread_pool(tmp_path):
+    """A forked copy of a running OpenCV thread pool hangs at first use: the pool is stopped before forking."""
+    import subprocess
+    import sys
+
+    from conftest import HERE
+
+    write_images(tmp_path, ["a.png", "b.png", "c.png"], size=(60, 80))
+    run = subprocess.run(
+        [sys.executable, "-c", FORK_AFTER_OPENCV_THREADS, str(HERE / "configs"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[-1] == "3"

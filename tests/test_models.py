@@ -55,6 +55,14 @@ def test_precisions_and_fingerprint(tiny_checkpoint):
     assert fp32.mean == open_clip.OPENAI_DATASET_MEAN
 
 
+def test_fp16_on_a_cpu_warns_that_it_is_slow(tiny_checkpoint, recwarn):
+    with pytest.warns(UserWarning, match="fp16 on a CPU .* use --precision bf16 or fp32"):
+        fp16 = load_model(TINY, str(tiny_checkpoint), precision="fp16", device="cpu")
+    assert fp16.dtype == torch.float16
+    load_model(TINY, str(tiny_checkpoint), precision="bf16", device="cpu")
+    assert not [w for w in recwarn if "fp16 on a CPU" in str(w.message)]
+
+
 def _garbage(tmp_path):
     path = tmp_path / "garbage.pt"
     path.write_bytes(b"not a checkpoint at all" * 10)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from gclip.postprocess import pamr, reduce_logits
-from gclip.windows import pad_sizes, rescale_size, window_boxes
+from gclip.windows import normalise, pad_sizes, rescale_size, resize_image, single_threaded_opencv, window_boxes
 
 
 @pytest.mark.parametrize(
@@ -107,3 +108,33 @@ def test_pamr_keeps_constant_logits_and_smooths_within_regions():
     refined = pamr(image, noisy, steps=10, dilations=(1, 2))
     assert refined[0, :, 10, 10].argmax() == 0  # fixed from its neighbours of the same colour
     assert refined[0, 0, 20:, 25:].max() < 0.05  # the boundary is respected
+
+
+def test_resize_is_mmcv_bilinear_half_pixel_with_replicated_border():
+    """OpenCV INTER_LINEAR, as mmcv's imresize: source x = (x + 0.5) * in / out - 0.5, clamped to the border."""
+    row = np.array([[[0, 0, 0], [255, 255, 255]]], dtype=np.uint8)  # 1 x 2, black then white
+    assert resize_image(row, (1, 4))[..., 1].tolist() == [[0, 64, 191, 255]]
+    image = np.random.default_rng(0).integers(0, 256, size=(7, 9, 3), dtype=np.uint8)
+    assert resize_image(image, (7, 9)) is image
+    out = resize_image(image, (11, 5))
+    assert out.shape == (11, 5, 3) and out.dtype == np.uint8
+
+
+def test_preprocessing_does_not_depend_on_the_thread_count():
+    """The same image must give the same tensor in the main process and in single-threaded decoding workers
+    (a float32 resize rounded to 8 bits changed 5 values of this image between 1 and 2 threads)."""
+    from PIL import Image
+
+    small = np.random.default_rng(1).integers(0, 256, size=(23, 31, 3), dtype=np.uint8)
+    image = np.asarray(Image.fromarray(small).resize((500, 375), Image.BILINEAR))  # smooth, like a photo
+    old = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            outs.append(normalise(resize_image(image, rescale_size(375, 500, 448, 2048)), (0.5,) * 3, (0.25,) * 3))
+    finally:
+        torch.set_num_threads(old)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    assert outs[0].shape == (3, 448, 597) and outs[0].dtype == torch.float32
+    assert single_threaded_opencv().getNumThreads() == 1

@@ -96,3 +96,24 @@ def test_describe_lists_everything(make):
     info = make("gclip").describe()
     assert info["method"] == "gclip" and info["crop"] == 32 and info["templates"] == 80
     assert "emerging_blocks" in info["method_options"]
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_compiled_forward_pads_partial_batches_and_compiles_once_per_window_shape(make, rgb_image, method):
+    """A counting backend stands in for inductor (no C++ build here): same outputs, one graph per window shape."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(tuple(example_inputs[0].shape) if example_inputs else ())
+        return gm.forward
+
+    torch._dynamo.reset()
+    eager = make(method, batch_size=4)
+    compiled = make(method, batch_size=4)
+    compiled.compile(backend=counting_backend)
+    other = np.ascontiguousarray(rgb_image[:40, :50])
+    for image in (rgb_image, other, rgb_image):  # 8, then 4 windows (32 x 32 crops), batches of 4 and a partial one
+        a, b = compiled.predict(image, return_probs=True), eager.predict(image, return_probs=True)
+        np.testing.assert_allclose(a.probs, b.probs, atol=1e-6)
+        assert np.array_equal(a.labels, b.labels)
+    assert compiled._compiled is not None and len(graphs) == 1, graphs  # no graph break, no recompilation

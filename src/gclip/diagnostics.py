@@ -134,8 +134,8 @@ def calibration_rgb(images: Sequence[ImageInput] | None, size: int) -> torch.Ten
         h, w = array.shape[:2]
         side = min(h, w)
         top, left = (h - side) // 2, (w - side) // 2
-        square = torch.from_numpy(array[top : top + side, left : left + side].copy()).permute(2, 0, 1).float()
-        out.append(resize_image(square, (size, size)).clamp(0, 255))
+        square = resize_image(array[top : top + side, left : left + side], (size, size))
+        out.append(torch.from_numpy(square).permute(2, 0, 1).float())
     return torch.stack(out)
 
 

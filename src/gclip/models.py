@@ -11,6 +11,7 @@ import hashlib
 import os
 import socket
 import threading
+import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -254,6 +255,15 @@ def trim_heap() -> bool:
     return True
 
 
+def warn_slow_precision(precision: str, device: torch.device) -> None:
+    """Warn that fp16 on a CPU is very slow: CPUs have no fp16 matrix units (bf16 has them on AVX512-BF16/AMX)."""
+    if precision == "fp16" and device.type == "cpu":
+        warnings.warn(
+            "fp16 on a CPU runs matrix products about 100x slower than fp32: use --precision bf16 or fp32 there",
+            stacklevel=3,
+        )
+
+
 def load_model(
     name: str = "ViT-B-16",
     pretrained: str | Path | None = "openai",
@@ -288,6 +298,7 @@ def load_model(
     if precision not in PRECISIONS:
         raise WeightsError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     dev = resolve_device(device)
+    warn_slow_precision(precision, dev)
     if name not in open_clip.list_models():
         vits = [m for m in open_clip.list_models() if m.startswith("ViT-")][:12]
         raise WeightsError(

@@ -38,7 +38,7 @@ from .models import LoadedModel, load_model
 from .postprocess import TILE_ELEMENTS, StreamingReduction, pamr, reduce_logits
 from .result import SegmentationResult
 from .text import ClassList, ClassSpec, TextEncoder, parse_classes
-from .windows import pad_sizes, rescale_size, resize_image, window_boxes
+from .windows import normalise, pad_sizes, rescale_size, resize_image, window_boxes
 
 __all__ = ["Settings", "Prepared", "Segmenter"]
 
@@ -157,9 +157,7 @@ class Segmenter:
         self.settings = Settings(**settings).validate()
         self.classes: ClassList | None = None
         self._queries: torch.Tensor | None = None
-        mean = torch.tensor(self.model.mean).view(3, 1, 1) * 255.0
-        std = torch.tensor(self.model.std).view(3, 1, 1) * 255.0
-        self._norm = (mean, std)
+        self._mean_std = (tuple(self.model.mean), tuple(self.model.std))  # kept by the model-less worker copy
         self.timer: Any = None  # an object with .stage(name) -> context manager (see gclip.bench.StageTimer)
         self._compiled: Any = None
         if classes is not None:
@@ -202,10 +200,8 @@ class Segmenter:
             array = load_image(image, self.settings.max_pixels)
         with self._stage("preprocess"):
             h, w = array.shape[:2]
-            tensor = torch.from_numpy(array).permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format)
             size = rescale_size(h, w, self.settings.short_side, self.settings.max_long_side)
-            mean, std = self._norm
-            normalised = resize_image(tensor, size).sub_(mean).div_(std)  # in place when no resize is needed
+            normalised = normalise(resize_image(array, size), *self._mean_std)
         return Prepared(normalised, (h, w), key if key is not None else image)
 
     def predict(self, image: ImageInput, return_probs: bool = False) -> SegmentationResult:
@@ -227,6 +223,8 @@ class Segmenter:
     def compile(self, **options: Any) -> None:
         """Run the per-window forward through ``torch.compile`` (``options`` go to it).
 
+        Partial batches are zero-padded to ``batch_size`` windows so that each window shape compiles once.
+
         Compilation happens on the first forward; if it fails there (e.g. no C++ compiler on a CPU machine)
         a warning is issued and the plain forward is used from then on.
         """
@@ -238,9 +236,16 @@ class Segmenter:
     def _window_logits(self, crops: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         """``(B, Q, gh, gw)`` cosine logits of a batch of crops (timed as encoder and head)."""
         if self._compiled is not None:
+            n, bs, p = crops.shape[0], self.batch_size, self.vit.patch_size
+            padded = crops  # one batch shape per window shape: a partial batch would trigger a recompilation
+            if n < bs:
+                padded = torch.cat([crops, crops.new_zeros((bs - n, *crops.shape[1:]))])
+            grid = (crops.shape[-2] // p, crops.shape[-1] // p)
+            self.vit.pos_embed(grid)  # caches filled eagerly: traced, a miss would break the graph or recompile
+            self.method.warm(self.vit, grid)
             try:
                 with self._stage("encoder"):
-                    return self._compiled(crops, queries)
+                    return self._compiled(padded, queries)[:n]
             except Exception as e:  # noqa: BLE001 - any compiler failure: fall back to eager
                 warnings.warn(f"torch.compile failed ({type(e).__name__}); running without it", stacklevel=2)
                 self._compiled = None
@@ -269,9 +274,9 @@ class Segmenter:
             return pad_sizes(h, w, self.vit.patch_size)
         return 0, 0, 0, 0
 
-    def _crop(self, item: Prepared, box: Box) -> torch.Tensor:
+    def _crop(self, image: torch.Tensor, box: Box) -> torch.Tensor:
         y1, y2, x1, x2 = box
-        crop = item.image[:, y1:y2, x1:x2]
+        crop = image[:, y1:y2, x1:x2]
         pads = self._pads(y2 - y1, x2 - x1)
         return F.pad(crop, pads) if any(pads) else crop
 
@@ -288,11 +293,18 @@ class Segmenter:
         """``(image index, box, (Q, h, w) logits at the window size)`` for every window, batch by batch."""
         queries = self._require_classes()
         bs = self.batch_size
+        images: dict[int, torch.Tensor] = {}  # each whole image crosses to the device once; windows are cut there
+
+        def on_device(i: int) -> torch.Tensor:
+            if i not in images:
+                images[i] = prepared[i].image.to(self.device, non_blocking=True)
+            return images[i]
+
         for shape, members in groups.items():
             for start in range(0, len(members), bs):
                 chunk = members[start : start + bs]
                 with self._stage("preprocess"):
-                    batch = torch.stack([self._crop(prepared[i], boxes[i][j]) for i, j in chunk]).to(self.device)
+                    batch = torch.stack([self._crop(on_device(i), boxes[i][j]) for i, j in chunk])
                 logits = self._window_logits(batch, queries)
                 with self._stage("head"):
                     for (i, j), up in zip(chunk, self._upsample(logits, shape)):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
-__all__ = ["rescale_size", "resize_image", "window_boxes", "pad_sizes"]
+__all__ = ["rescale_size", "resize_image", "normalise", "single_threaded_opencv", "window_boxes", "pad_sizes"]
 
 
 def rescale_size(h: int, w: int, short_side: int, max_long_side: int) -> tuple[int, int]:
@@ -23,13 +24,39 @@ def rescale_size(h: int, w: int, short_side: int, max_long_side: int) -> tuple[i
     return int(h * scale + 0.5), int(w * scale + 0.5)
 
 
-def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of ``(3, H, W)`` 0..255 values (no antialias, half-pixel centres), rounded to integers
-    as an 8-bit resize would give."""
-    if tuple(image.shape[-2:]) == tuple(size):
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of an ``HxWxC uint8`` image to ``size = (h, w)``, exactly as mmcv/mmseg's ``Resize``
+    does it: OpenCV's ``INTER_LINEAR`` (half-pixel centres, no antialias, fixed-point weights).
+
+    The result is bit-identical to the peers' preprocessing and does not depend on the number of threads
+    (a float resize rounded to 8 bits did: a few values per image changed by one with the thread count).
+    OpenCV runs single-threaded (see :func:`single_threaded_opencv`).
+    """
+    if tuple(image.shape[:2]) == tuple(size):
         return image
-    out = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False)[0]
-    return out.round_().clamp_(0, 255)
+    cv2 = single_threaded_opencv()
+    return cv2.resize(np.ascontiguousarray(image), (int(size[1]), int(size[0])), interpolation=cv2.INTER_LINEAR)
+
+
+def normalise(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """``HxWx3 uint8 RGB`` -> ``(3, H, W)`` float32 ``(x / 255 - mean) / std`` (``mean``/``std`` on the 0..1 scale)."""
+    tensor = torch.from_numpy(image).permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format)
+    scale = 255.0
+    return tensor.sub_(torch.tensor(mean).view(3, 1, 1) * scale).div_(torch.tensor(std).view(3, 1, 1) * scale)
+
+
+def single_threaded_opencv():
+    """Switch OpenCV (process-wide) to one thread and return the ``cv2`` module.
+
+    Called before decoding workers are forked and at every resize: a forked copy of a running OpenCV thread
+    pool hangs at its first use, and the workers, not OpenCV's threads, are the parallelism here (a resize of
+    a VOC image takes about half a millisecond on one thread).
+    """
+    import cv2
+
+    if cv2.getNumThreads() != 1:
+        cv2.setNumThreads(1)
+    return cv2
 
 
 def window_boxes(h: int, w: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:

@@ -26,10 +26,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ARG001 - warnings' signature
+    return f"gclip: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 1 some inputs failed, 2 a usage or setup error)."""
     logging.getLogger().setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*QuickGELU.*")
+    warnings.formatwarning = _one_line_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -43,6 +43,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_settings_args(p)
     r = p.add_argument_group("run")
     r.add_argument("--batch-images", type=int, default=8, help="images per call, decode to labels (default 8)")
+    r.add_argument(
+        "--workers",
+        type=int,
+        help="decoding processes of the pipelined pass, as `gclip segment` runs (default: up to 8 on a GPU, "
+        "0 on a CPU: the staged pass alone)",
+    )
     r.add_argument("--warmup", type=int, default=1, help="images run once before timing (default 1)")
     r.add_argument("--compile", action="store_true", help="torch.compile the per-window forward")
     r.add_argument("--no-reference", action="store_true", help="skip the reference-style loop")
@@ -98,6 +104,7 @@ def _config(args: argparse.Namespace):
         synthetic=args.synthetic,
         count=args.count,
         batch_images=args.batch_images,
+        workers=args.workers,
         warmup=args.warmup,
         reference=not args.no_reference,
         reference_count=args.reference_count,
@@ -111,8 +118,8 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
     from ..outputs import write_json
 
-    if args.count < 1 or args.batch_images < 1:
-        raise ConfigError("--count and --batch-images must be >= 1")
+    if args.count < 1 or args.batch_images < 1 or (args.workers is not None and args.workers < 0):
+        raise ConfigError("--count and --batch-images must be >= 1 and --workers >= 0")
     config = _config(args)
     command = command_line(args)
     if args.memory_check:
@@ -135,6 +142,17 @@ def _mb(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f} MB"
 
 
+def _passes(record: dict[str, Any]) -> str:
+    staged = record["staged"]
+    if record.get("pipelined") is None:
+        return f"one staged pass, decoding in-process ({staged['count']} images)"
+    same = "identical" if record["pipelined_labels_identical"] else "DIFFERENT"
+    return (
+        f"pipelined with {record['workers']} decoding workers; the staged pass (stage split, latency) ran "
+        f"{staged['images_per_s']:.2f} images/s, labels {same}"
+    )
+
+
 def summary(record: dict[str, Any]) -> str:
     """A few human-readable lines."""
     if "memory_check" in record:
@@ -150,7 +168,7 @@ def summary(record: dict[str, Any]) -> str:
         f"{record['images']}, {record['classes']} classes, {record['windows']} windows",
         f"engine: {record['images_per_s']:.2f} images/s, latency p50 {record['latency_ms']['p50']:.1f} ms "
         f"p95 {record['latency_ms']['p95']:.1f} ms, peak RSS {_mb(record['peak_rss_mb'])}, "
-        f"CUDA peak {_mb(record['cuda_peak_mb'])}",
+        f"CUDA peak {_mb(record['cuda_peak_mb'])}; {_passes(record)}",
         "stages (s): " + ", ".join(f"{k} {v:.3f}" for k, v in st.items()),
     ]
     if record["encoder_tflops_per_s"] is not None:
@@ -192,6 +210,7 @@ def markdown(record: dict[str, Any]) -> str:
         f"{record['device']}, batch {record['batch_size']} windows / {record['batch_images']} images, "
         f"{record['images']} ({record['windows']} windows), {record['classes']} classes"
         + (", torch.compile" if record["compile"] else ""),
+        f"- passes: {_passes(record)}",
         "",
         "| | engine | reference loop |",
         "|---|---|---|",

@@ -12,7 +12,7 @@ import torch
 from ..errors import GclipError
 from ..images import DEFAULT_MAX_PIXELS, load_image
 from ..segmenter import Prepared, Segmenter
-from ..windows import rescale_size, resize_image
+from ..windows import normalise, rescale_size, resize_image, single_threaded_opencv
 from .layouts import DatasetError, DatasetSpec, Sample, read_label
 
 __all__ = ["Preparer", "Item", "BenchmarkDataset", "make_loader"]
@@ -43,11 +43,8 @@ class Preparer:
         """Decode (``HWC uint8 RGB``), resize and normalise -> :class:`gclip.segmenter.Prepared`."""
         array = load_image(image, self.max_pixels)
         h, w = array.shape[:2]
-        tensor = torch.from_numpy(array).permute(2, 0, 1).float()
-        mean = torch.tensor(self.mean).view(3, 1, 1) * 255.0
-        std = torch.tensor(self.std).view(3, 1, 1) * 255.0
-        normalised = (resize_image(tensor, rescale_size(h, w, self.short_side, self.max_long_side)) - mean) / std
-        return Prepared(normalised.contiguous(), (h, w), key if key is not None else image)
+        resized = resize_image(array, rescale_size(h, w, self.short_side, self.max_long_side))
+        return Prepared(normalise(resized, self.mean, self.std), (h, w), key if key is not None else image)
 
 
 @dataclass
@@ -100,6 +97,7 @@ def _as_list(batch: list[Item]) -> list[Item]:
 
 def make_loader(dataset: BenchmarkDataset, images_per_step: int, workers: int) -> torch.utils.data.DataLoader:
     """A loader yielding lists of :class:`Item` (``images_per_step`` at a time), in dataset order."""
+    single_threaded_opencv()  # before the workers are forked
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=images_per_step,

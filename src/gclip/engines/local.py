@@ -14,6 +14,7 @@ import torch
 from ..errors import ImageError
 from ..result import SegmentationResult
 from ..segmenter import Prepared, Segmenter
+from ..windows import single_threaded_opencv
 from .inputs import InputItem, read_input
 
 __all__ = ["ItemResult", "iter_items", "default_workers"]
@@ -74,6 +75,7 @@ class Preparer:
     def __getstate__(self) -> dict[str, Any]:
         light = object.__new__(type(self.segmenter))
         light.__dict__.update({k: v for k, v in vars(self.segmenter).items() if k not in _MODEL_ATTRS})
+        light.timer = light._compiled = None  # a benchmark's timer and a compiled forward stay here too
         return {"segmenter": light, "keep_image": self.keep_image}
 
     def __call__(self, item: InputItem) -> _Loaded:
@@ -150,6 +152,7 @@ def iter_items(
     """
     segmenter._require_classes()
     workers = default_workers() if workers is None else workers
+    single_threaded_opencv()  # before the workers are forked
     loader = torch.utils.data.DataLoader(
         _Items(items, Preparer(segmenter, keep_images)),
         batch_size=max(1, images_per_batch),

@@ -19,8 +19,8 @@ _REGISTRY: dict[str, type[Method]] = {}
 class Method:
     """A last-block variant. Subclasses are dataclasses whose fields are the method's options.
 
-    The engine calls :meth:`prepare` once per backbone, walks blocks ``0..L-2`` with the returned parameter
-    overrides while keeping the inputs of :meth:`keep_blocks`, then calls :meth:`last_block`.
+    The engine walks blocks ``0..L-2`` with the parameter :meth:`overrides` while keeping the inputs of
+    :meth:`keep_blocks`, then calls :meth:`last_block`. Before a compiled forward it calls :meth:`warm`.
     """
 
     name: ClassVar[str] = ""
@@ -33,6 +33,12 @@ class Method:
     def overrides(self, vit: DenseViT) -> dict[int, dict[str, torch.Tensor]]:
         """Per block, parameters to use instead of the model's during the walk (never written to the model)."""
         return {}
+
+    def warm(self, vit: DenseViT, grid: tuple[int, int]) -> None:
+        """Compute eagerly what the method caches per backbone and per patch grid, so that ``torch.compile``
+        traces cache hits only (a traced cache miss breaks the graph or forces a recompilation)."""
+        self.keep_blocks(vit)
+        self.overrides(vit)
 
     def last_block(
         self, vit: DenseViT, x: torch.Tensor, kept: dict[int, torch.Tensor], grid: tuple[int, int]

@@ -38,6 +38,10 @@ class NaClip(Method):
             self._cache[key] = neighbourhood_prior(grid, self.gaussian_std).to(device)
         return self._cache[key]
 
+    def warm(self, vit: DenseViT, grid: tuple[int, int]) -> None:
+        super().warm(vit, grid)
+        self.prior(grid, vit.device)
+
     def last_block(
         self, vit: DenseViT, x: torch.Tensor, kept: dict[int, torch.Tensor], grid: tuple[int, int]
     ) -> torch.Tensor:
