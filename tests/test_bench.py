@@ -63,7 +63,7 @@ def test_bench_pipelined_pass_runs_the_local_engine_with_workers(tmp_path, capsy
     assert record["staged"]["count"] == 5 and record["staged"]["images_per_s"] > 0
     assert record["pipelined_labels_identical"] is True
     assert record["reference"]["labels_identical"] is True and record["reference"]["count"] == 5
-    assert "pipelined with 2 decoding workers" in capsys.readouterr().out
+    assert "pipelined with 2 decoding worker(s)" in capsys.readouterr().out
     assert main(argv + ["--json", str(out), "--workers", "-1"]) == 2
 
 

@@ -148,7 +148,7 @@ def _passes(record: dict[str, Any]) -> str:
         return f"one staged pass, decoding in-process ({staged['count']} images)"
     same = "identical" if record["pipelined_labels_identical"] else "DIFFERENT"
     return (
-        f"pipelined with {record['workers']} decoding workers; the staged pass (stage split, latency) ran "
+        f"pipelined with {record['workers']} decoding worker(s); the staged pass (stage split, latency) ran "
         f"{staged['images_per_s']:.2f} images/s, labels {same}"
     )
 
