@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from .config import BenchConfig, as_image, build_segmenter, load_inputs, resolve_classes
 from .measure import (
     STAGES,
@@ -139,7 +140,7 @@ def pipelined_pass(seg, inputs: list[Any], config: BenchConfig, workers: int, cu
         seconds = time.perf_counter() - start
     failed = [o.error for o in outcomes if not o.ok]
     if failed:
-        raise RuntimeError(f"the pipelined pass failed on {len(failed)} image(s): {failed[0]}")
+        raise ConfigError(f"the pipelined pass failed on {len(failed)} image(s): {failed[0]}")
     return {
         "count": len(inputs),
         "workers": workers,
