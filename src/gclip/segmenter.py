@@ -38,7 +38,7 @@ from .models import LoadedModel, load_model
 from .postprocess import TILE_ELEMENTS, StreamingReduction, pamr, reduce_logits
 from .result import SegmentationResult
 from .text import ClassList, ClassSpec, TextEncoder, parse_classes
-from .windows import normalise, pad_sizes, rescale_size, resize_image, window_boxes
+from .windows import pad_sizes, preprocess, window_boxes
 
 __all__ = ["Settings", "Prepared", "Segmenter"]
 
@@ -199,10 +199,9 @@ class Segmenter:
         with self._stage("decode"):
             array = load_image(image, self.settings.max_pixels)
         with self._stage("preprocess"):
-            h, w = array.shape[:2]
-            size = rescale_size(h, w, self.settings.short_side, self.settings.max_long_side)
-            normalised = normalise(resize_image(array, size), *self._mean_std)
-        return Prepared(normalised, (h, w), key if key is not None else image)
+            s = self.settings
+            normalised = preprocess(array, s.short_side, s.max_long_side, *self._mean_std)
+        return Prepared(normalised, array.shape[:2], key if key is not None else image)
 
     def predict(self, image: ImageInput, return_probs: bool = False) -> SegmentationResult:
         """Segment one image (path, PIL image or ``HxWx3 uint8`` array) -> labels ``(H, W)`` at its size."""

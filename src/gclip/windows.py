@@ -8,7 +8,15 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["rescale_size", "resize_image", "normalise", "single_threaded_opencv", "window_boxes", "pad_sizes"]
+__all__ = [
+    "rescale_size",
+    "resize_image",
+    "normalise",
+    "preprocess",
+    "single_threaded_opencv",
+    "window_boxes",
+    "pad_sizes",
+]
 
 
 def rescale_size(h: int, w: int, short_side: int, max_long_side: int) -> tuple[int, int]:
@@ -43,6 +51,15 @@ def normalise(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) ->
     tensor = torch.from_numpy(image).permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format)
     scale = 255.0
     return tensor.sub_(torch.tensor(mean).view(3, 1, 1) * scale).div_(torch.tensor(std).view(3, 1, 1) * scale)
+
+
+def preprocess(
+    image: np.ndarray, short_side: int, max_long_side: int, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """The protocol's input: ``HxWx3 uint8 RGB`` resized (:func:`rescale_size`, :func:`resize_image`) and
+    normalised (:func:`normalise`) -> ``(3, h, w)`` float32."""
+    h, w = image.shape[:2]
+    return normalise(resize_image(image, rescale_size(h, w, short_side, max_long_side)), mean, std)
 
 
 def single_threaded_opencv():

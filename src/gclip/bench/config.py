@@ -118,14 +118,6 @@ def load_inputs(config: BenchConfig) -> tuple[list[Any], str]:
     return paths, f"{len(paths)} images from {source}"
 
 
-def as_image(item: Any) -> Any:
-    if isinstance(item, bytes):
-        from PIL import Image
-
-        return Image.open(io.BytesIO(item))
-    return item
-
-
 def build_segmenter(config: BenchConfig):
     """The model and the Segmenter of a configuration (classes not set yet)."""
     from ..segmenter import Segmenter

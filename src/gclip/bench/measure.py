@@ -94,6 +94,22 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def reset_peaks(cuda: bool) -> None:
+    """Start a measured phase: reset the RSS high-water mark and, on a GPU, CUDA's peak."""
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    reset_peak_rss()
+
+
+def peaks(cuda: bool) -> dict[str, float | None]:
+    """``peak_rss_mb`` and ``cuda_peak_mb`` (``None`` off a GPU) since the last reset, in MiB."""
+    return {
+        "peak_rss_mb": peak_rss_bytes() / 2**20,
+        "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+    }
+
+
 def machine_info() -> dict[str, Any]:
     """CPU model and cores, GPU name, and the versions that matter."""
     import open_clip

@@ -11,11 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..errors import ConfigError
-from .config import BenchConfig, as_image, build_segmenter, load_inputs, resolve_classes
-from .measure import peak_rss_bytes, reset_peak_rss
+from .config import BenchConfig, build_segmenter, load_inputs, resolve_classes
+from .measure import peak_rss_bytes, peaks, reset_peak_rss
 
 
 def memory_check(config: BenchConfig, size: tuple[int, int] = (3000, 4000), classes: Any = "ade20k") -> dict[str, Any]:
@@ -31,7 +29,7 @@ def memory_check(config: BenchConfig, size: tuple[int, int] = (3000, 4000), clas
     setup_peak = peak_rss_bytes()
     reset = reset_peak_rss()  # from here on: the segmentation's own peak (the model stays resident)
     start = time.perf_counter()
-    result = seg.predict(as_image(jpeg))
+    result = seg.predict(jpeg)
     seconds = time.perf_counter() - start
     n_queries = len(seg.classes.queries)  # type: ignore[union-attr]
     return {
@@ -42,10 +40,9 @@ def memory_check(config: BenchConfig, size: tuple[int, int] = (3000, 4000), clas
         "device": str(seg.device),
         "labels_shape": list(result.labels.shape),
         "seconds": seconds,
-        "peak_rss_mb": peak_rss_bytes() / 2**20,
+        **peaks(seg.device.type == "cuda"),
         "peak_reset": reset,
         "setup_peak_rss_mb": setup_peak / 2**20,
-        "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if seg.device.type == "cuda" else None,
         "naive_canvas_mb": n_queries * size[0] * size[1] * 4 / 2**20,
     }
 

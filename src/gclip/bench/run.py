@@ -43,31 +43,17 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .config import BenchConfig, as_image, build_segmenter, load_inputs, resolve_classes
+from .config import BenchConfig, build_segmenter, load_inputs, resolve_classes
 from .measure import (
     STAGES,
     StageTimer,
     encoder_flops,
     machine_info,
-    peak_rss_bytes,
+    peaks,
     percentile,
-    reset_peak_rss,
+    reset_peaks,
     window_grids,
 )
-
-
-def _reset_peaks(cuda: bool) -> None:
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    reset_peak_rss()
-
-
-def _peaks(cuda: bool) -> dict[str, float | None]:
-    return {
-        "peak_rss_mb": peak_rss_bytes() / 2**20,
-        "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
-    }
 
 
 def resolve_workers(config: BenchConfig, cuda: bool) -> int:
@@ -84,7 +70,7 @@ def staged_pass(seg, inputs: list[Any], config: BenchConfig, cuda: bool) -> dict
     s = seg.settings
     timer = StageTimer(sync=cuda)
     seg.timer = timer
-    _reset_peaks(cuda)
+    reset_peaks(cuda)
     latencies: list[float] = []
     labels: list[np.ndarray] = []
     flops = windows = 0
@@ -92,7 +78,7 @@ def staged_pass(seg, inputs: list[Any], config: BenchConfig, cuda: bool) -> dict
     for first in range(0, len(inputs), config.batch_images):
         group = inputs[first : first + config.batch_images]
         t0 = time.perf_counter()
-        prepared = [seg.prepare(as_image(x), key=first + k) for k, x in enumerate(group)]
+        prepared = [seg.prepare(x, key=first + k) for k, x in enumerate(group)]
         results = seg.infer(prepared)
         if cuda:
             torch.cuda.synchronize()
@@ -115,7 +101,7 @@ def staged_pass(seg, inputs: list[Any], config: BenchConfig, cuda: bool) -> dict
         "encoder_gflop": flops / 1e9,
         "encoder_tflops_per_s": flops / encoder_seconds / 1e12 if encoder_seconds > 0 else None,
         "labels": labels,
-        **_peaks(cuda),
+        **peaks(cuda),
     }
 
 
@@ -132,7 +118,7 @@ def pipelined_pass(seg, inputs: list[Any], config: BenchConfig, workers: int, cu
                 path = Path(tmp) / f"{k:06d}.jpg"
                 path.write_bytes(x)
             items.append(InputItem(str(path), f"{k:06d}"))
-        _reset_peaks(cuda)
+        reset_peaks(cuda)
         start = time.perf_counter()
         outcomes = list(iter_items(seg, items, images_per_batch=config.batch_images, workers=workers))
         if cuda:
@@ -147,7 +133,7 @@ def pipelined_pass(seg, inputs: list[Any], config: BenchConfig, workers: int, cu
         "images_per_s": len(inputs) / seconds,
         "seconds": seconds,
         "labels": [o.result.labels for o in outcomes],  # type: ignore[union-attr]
-        **_peaks(cuda),
+        **peaks(cuda),
     }
 
 
@@ -165,7 +151,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     inputs, source = load_inputs(config)
     workers = resolve_workers(config, cuda)
     if config.warmup:
-        seg.predict_batch([as_image(x) for x in inputs[: max(1, min(config.warmup, len(inputs)))]])
+        seg.predict_batch(inputs[: max(1, min(config.warmup, len(inputs)))])
 
     staged = staged_pass(seg, inputs, config, cuda)
     pipelined = pipelined_pass(seg, inputs, config, workers, cuda) if workers > 0 else None
@@ -214,12 +200,12 @@ def _run_reference(seg, inputs, labels, config: BenchConfig, cuda: bool) -> dict
     from ..reference import reference_labels
 
     count = len(inputs) if config.reference_count is None else max(1, min(config.reference_count, len(inputs)))
-    _reset_peaks(cuda)
-    reference_labels(seg, as_image(inputs[0]))  # warm-up, as for the engine
+    reset_peaks(cuda)
+    reference_labels(seg, inputs[0])  # warm-up, as for the engine
     latencies, mismatched_images, mismatched_pixels = [], 0, 0
     for k in range(count):
         t0 = time.perf_counter()
-        ref = reference_labels(seg, as_image(inputs[k]))
+        ref = reference_labels(seg, inputs[k])
         if cuda:
             torch.cuda.synchronize()
         latencies.append(time.perf_counter() - t0)
@@ -231,7 +217,7 @@ def _run_reference(seg, inputs, labels, config: BenchConfig, cuda: bool) -> dict
         "count": count,
         "images_per_s": count / total,
         "latency_ms": {"p50": 1000 * percentile(latencies, 50), "p95": 1000 * percentile(latencies, 95)},
-        **_peaks(cuda),
+        **peaks(cuda),
         "labels_identical": mismatched_images == 0,
         "mismatched_images": mismatched_images,
         "mismatched_pixels": mismatched_pixels,

@@ -12,7 +12,7 @@ import torch
 from ..errors import GclipError
 from ..images import DEFAULT_MAX_PIXELS, load_image
 from ..segmenter import Prepared, Segmenter
-from ..windows import normalise, rescale_size, resize_image, single_threaded_opencv
+from ..windows import preprocess, single_threaded_opencv
 from .layouts import DatasetError, DatasetSpec, Sample, read_label
 
 __all__ = ["Preparer", "Item", "BenchmarkDataset", "make_loader"]
@@ -42,9 +42,8 @@ class Preparer:
     def __call__(self, image: Any, key: Any = None) -> Prepared:
         """Decode (``HWC uint8 RGB``), resize and normalise -> :class:`gclip.segmenter.Prepared`."""
         array = load_image(image, self.max_pixels)
-        h, w = array.shape[:2]
-        resized = resize_image(array, rescale_size(h, w, self.short_side, self.max_long_side))
-        return Prepared(normalise(resized, self.mean, self.std), (h, w), key if key is not None else image)
+        normalised = preprocess(array, self.short_side, self.max_long_side, self.mean, self.std)
+        return Prepared(normalised, array.shape[:2], key if key is not None else image)
 
 
 @dataclass
