@@ -19,10 +19,12 @@ open_clip.add_model_config(HERE / "configs")
 logging.getLogger().setLevel(logging.ERROR)
 
 
-def make_tiny(layers: int = 2, seed: int = 0, block_type: str | None = None):
-    """A random-weight tiny CLIP (eval mode), optionally deeper or with open_clip's custom attention block."""
+def make_tiny(layers: int = 2, seed: int = 0, block_type: str | None = None, **vision):
+    """A random-weight tiny CLIP (eval mode), optionally deeper, with open_clip's custom attention block, or with
+    other ``vision_cfg`` entries (e.g. ``scale_heads=True``)."""
     cfg = open_clip.get_model_config(TINY)
     cfg["vision_cfg"]["layers"] = layers
+    cfg["vision_cfg"].update(vision)
     if block_type:
         cfg["vision_cfg"]["block_type"] = block_type
     model = open_clip.model.CLIP(**cfg)

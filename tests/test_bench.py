@@ -75,7 +75,7 @@ def test_bench_rejects_bad_arguments(tmp_path, capsys):
 
 
 def test_encoder_flops_formula(tiny_model):
-    from gclip.backbone import DenseViT
+    from gclip.vit import DenseViT
 
     vit = DenseViT(tiny_model.visual)
     d, p, layers = vit.width, vit.patch_size, vit.depth - 1

@@ -18,7 +18,7 @@ import torch
 
 import gclip
 from conftest import TINY
-from gclip.engine import dense_features, dense_logits
+from gclip.forward import dense_features, dense_logits
 from gclip.methods.gclip import Gclip
 from gclip.models import load_model
 

@@ -45,7 +45,7 @@ def test_gclip_fused_attention_equals_explicit_maps(tiny_model, fusion, impl):
     seg = gclip.Segmenter(tiny_model, method="gclip")
     crops = torch.randn(3, 3, 40, 48, generator=torch.Generator().manual_seed(0))
     plain = Gclip(fusion=fusion, fusion_weights=[0.7, 0.3], _impl="maps")
-    from gclip.engine import dense_features
+    from gclip.forward import dense_features
 
     fast = dataclasses.replace(plain, _impl=impl)
     torch.testing.assert_close(

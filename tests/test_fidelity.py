@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from gclip.backbone import DenseViT
-from gclip.engine import dense_logits
+from gclip.forward import dense_logits
 from gclip.methods import get_method
 from gclip.models import load_model
+from gclip.vit import DenseViT
 
 GOLDEN = Path(__file__).parent / "data" / "fidelity"
 

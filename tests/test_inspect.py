@@ -10,13 +10,13 @@ import torch
 from PIL import Image
 
 from _planted import PLANT_MODEL, planted_model
-from gclip import diagnostics
-from gclip.backbone import DenseViT
+from gclip import autoconfig
 from gclip.cli import main
 from gclip.inspect import inspect_backbone
 from gclip.methods import get_method
 from gclip.methods.gclip import CS_WEIGHT
 from gclip.models import load_model
+from gclip.vit import DenseViT
 
 PLANTS = [
     # block, token positions, channel, other blocks with the channel scaled up, expected auto choice
@@ -28,7 +28,7 @@ PLANTS = [
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("GCLIP_CACHE_DIR", str(tmp_path / "cache"))
-    diagnostics.clear_auto_cache()
+    autoconfig.clear_auto_cache()
 
 
 def _load(clip, tmp_path, name="planted.pt"):
@@ -84,21 +84,21 @@ def test_no_structure_falls_back_to_defaults(tmp_path):
 def test_auto_choice_is_cached_on_disk(tmp_path, monkeypatch):
     plant = dict(block=2, positions=[10, 20], channel=7, channel_blocks=[3])
     first = DenseViT(planted_model(seed=2, **plant).visual)
-    settings = diagnostics.auto_settings(first)
-    files = list(diagnostics.cache_dir().glob("*.json"))
+    settings = autoconfig.auto_settings(first)
+    files = list(autoconfig.cache_dir().glob("*.json"))
     assert len(files) == 1 and json.loads(files[0].read_text())["emerging_blocks"] == [2, 3]
-    assert diagnostics.cache_dir().parent == tmp_path / "cache"
+    assert autoconfig.cache_dir().parent == tmp_path / "cache"
 
     def no_measuring(*args, **kwargs):
         raise AssertionError("measured again despite the cache")
 
-    monkeypatch.setattr(diagnostics, "measure", no_measuring)
-    diagnostics.clear_auto_cache()
-    again = diagnostics.auto_settings(DenseViT(planted_model(seed=2, **plant).visual))  # a new object, same weights
+    monkeypatch.setattr(autoconfig, "measure", no_measuring)
+    autoconfig.clear_auto_cache()
+    again = autoconfig.auto_settings(DenseViT(planted_model(seed=2, **plant).visual))  # a new object, same weights
     assert again == settings
     other = planted_model(seed=2, block=1, positions=[10, 20], channel=7, channel_blocks=[3])
     with pytest.raises(AssertionError, match="measured again"):  # different weights: a different key
-        diagnostics.auto_settings(DenseViT(other.visual))
+        autoconfig.auto_settings(DenseViT(other.visual))
 
 
 def test_given_images_are_the_calibration_inputs(tmp_path, rgb_image):

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from conftest import make_tiny
-from gclip.backbone import DenseViT
-from gclip.engine import dense_features
 from gclip.errors import ConfigError
+from gclip.forward import dense_features
 from gclip.methods import get_method, list_methods
 from gclip.methods.gclip import default_emerging_blocks, suppress_channel
+from gclip.vit import DenseViT
 
 torch.set_grad_enabled(False)
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from . import diagnostics as diag
-from .backbone import DenseViT
+from . import autoconfig as diag
 from .images import ImageInput
 from .models import LoadedModel, load_model
+from .vit import DenseViT
 
 __all__ = ["BlockReport", "BackboneReport", "inspect_backbone", "fused_attention"]
 
@@ -63,7 +63,7 @@ class BackboneReport:
     """The result of :func:`inspect_backbone` (plain data; :meth:`to_dict` for JSON).
 
     Attributes:
-        model, pretrained, fingerprint: what was inspected (``fingerprint``: see ``diagnostics.weights_fingerprint``).
+        model, pretrained, fingerprint: what was inspected (``fingerprint``: see ``autoconfig.weights_fingerprint``).
         depth, width, heads, patch_size: the image tower.
         image_size, n_images, calibration: calibration inputs (side in pixels, count, ``"bundled"`` or ``"given"``).
         high_norm_ratio, channel_ratio: the thresholds used.
@@ -222,14 +222,14 @@ def inspect_backbone(
 @torch.no_grad()
 def fused_attention(vit: DenseViT, method: Any, image: torch.Tensor) -> torch.Tensor:
     """GCLIP's fused, head-averaged last-block attention for one normalised image ``(3, H, W)`` -> ``(1+N, 1+N)``."""
+    from .forward import encode
     from .methods.base import attention_map
 
-    x, _ = vit.embed(image[None])
-    x, kept = vit.walk(x, keep=method.keep_blocks(vit), overrides=method.overrides(vit))
+    x, trace = encode(vit, method, image[None])
     q, _, _ = vit.qkv(vit.depth - 1, x)
     maps = [attention_map(q, q)]
     for i in method.blocks_for(vit):
-        qi, ki, _ = vit.qkv(i, kept[i])
+        qi, ki, _ = vit.qkv(i, trace.inputs[i])
         maps.append(attention_map(qi, ki))
     weights = method.weights(len(maps))
     return sum(w * m.mean(dim=1) for w, m in zip(weights, maps))[0]

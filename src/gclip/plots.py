@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .backbone import DenseViT
 from .errors import ConfigError
 from .inspect import BackboneReport, fused_attention
 from .models import LoadedModel
 from .outputs import atomic_path
+from .vit import DenseViT
 
 __all__ = ["save_figures", "plot_token_norms", "plot_high_norm_tokens", "plot_attention", "plot_similarity"]
 
@@ -108,7 +108,7 @@ def plot_attention(
     model: LoadedModel, report: BackboneReport, path: Path, patch: tuple[int, int] | None = None, ax: Any = None
 ) -> Path | None:
     """GCLIP's fused attention of one patch (``(row, col)``; default: the centre) on the first calibration image."""
-    from .diagnostics import calibration_images
+    from .autoconfig import calibration_images
 
     plt = _pyplot()
     vit = DenseViT(model.visual)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .engine import dense_logits
+from .forward import dense_logits
 from .images import ImageInput
 from .methods import Method
 from .postprocess import pamr

@@ -28,16 +28,16 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from .backbone import DenseViT
 from .canvas import BandCanvas, Canvas, WindowUpsample
-from .engine import encode, head
 from .errors import ClassesError, ConfigError
+from .forward import encode, head
 from .images import DEFAULT_MAX_PIXELS, ImageInput, load_image
 from .methods import Method, get_method
 from .models import LoadedModel, load_model
 from .postprocess import TILE_ELEMENTS, StreamingReduction, pamr, reduce_logits
 from .result import SegmentationResult
 from .text import ClassList, ClassSpec, TextEncoder, parse_classes
+from .vit import DenseViT
 from .windows import pad_sizes, preprocess, window_boxes
 
 __all__ = ["Settings", "Prepared", "Segmenter"]

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..backbone import DenseViT
+from ..vit import DenseViT
 from ..windows import pad_sizes, window_boxes
 
 STAGES = ("decode", "preprocess", "encoder", "head", "text")

@@ -18,7 +18,7 @@ def _fmt(values: tuple[float, ...]) -> str:
 def run(args: argparse.Namespace) -> int:
     import open_clip
 
-    from ..backbones import list_presets
+    from ..backbone_presets import list_presets
     from ..methods import get_method, list_methods
 
     print("methods:")

@@ -1,6 +1,25 @@
-"""Last-block variants, one module each, registered by name (``list_methods()``)."""
+"""Training-free methods, one module each, registered by name (``list_methods()``).
 
-from . import clearclip, clip, gclip, maskclip, naclip, sclip  # noqa: F401  (registration)
-from .base import Method, attend, attention_map, get_method, list_methods, register
+Every module of this package is imported here, so a new method is one file with a ``@register``-ed class.
+"""
 
-__all__ = ["Method", "attend", "attention_map", "get_method", "list_methods", "register"]
+import importlib
+import pkgutil
+
+from .base import Method, Trace, attend, attention_map, cosine_logits, get_method, list_methods, register
+
+_ORDER = ["clip", "maskclip", "sclip", "clearclip", "naclip", "gclip"]  # the baselines first, then the rest by name
+for _name in _ORDER + sorted({m.name for m in pkgutil.iter_modules(__path__)} - set(_ORDER) - {"base"}):
+    if not _name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_name}")
+
+__all__ = [
+    "Method",
+    "Trace",
+    "attend",
+    "attention_map",
+    "cosine_logits",
+    "get_method",
+    "list_methods",
+    "register",
+]

@@ -1,4 +1,4 @@
-"""What every method shares: the interface, the registry, and attention helpers."""
+"""What every method shares: the interface, the per-pass trace, the registry, and attention helpers."""
 
 from __future__ import annotations
 
@@ -8,26 +8,54 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..backbone import DenseViT
 from ..errors import ConfigError
+from ..vit import DenseViT
 
-__all__ = ["Method", "register", "get_method", "list_methods", "attend", "attention_map"]
+__all__ = ["Method", "Trace", "register", "get_method", "list_methods", "attend", "attention_map", "cosine_logits"]
 
 _REGISTRY: dict[str, type[Method]] = {}
 
 
-class Method:
-    """A last-block variant. Subclasses are dataclasses whose fields are the method's options.
+@dataclasses.dataclass
+class Trace:
+    """What one forward pass of a batch of crops carries from the encoder to the head.
 
-    The engine walks blocks ``0..L-2`` with the parameter :meth:`overrides` while keeping the inputs of
-    :meth:`keep_blocks`, then calls :meth:`last_block`. Before a compiled forward it calls :meth:`warm`.
+    Attributes:
+        grid: ``(rows, cols)`` of patches.
+        inputs: ``{block index: its input tokens}`` for the blocks in :meth:`Method.keep_blocks`.
+        overrides: per block, the parameters :meth:`Method.overrides` replaces.
+        extras: anything a method collects on the way (attention maps, features of other blocks ...).
+    """
+
+    grid: tuple[int, int]
+    inputs: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    overrides: dict[int, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
+    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class Method:
+    """A training-free dense-prediction method. Subclasses are dataclasses whose fields are its options.
+
+    A forward pass of a batch of crops is :meth:`encode` (blocks ``0..L-2``, each through :meth:`block`) and
+    :meth:`head` (:meth:`last_block`, the projection, the cosine logits, then :meth:`refine`). A method
+    overrides what it changes:
+
+    - :meth:`last_block` (required): the last block's tokens;
+    - :meth:`block`: any intermediate block (replace its attention, drop its residual or FFN with
+      :meth:`DenseViT.block`, edit tokens before or after it, collect into ``trace.extras``);
+    - :meth:`keep_blocks` / :meth:`overrides`: keep blocks' inputs; replace FFN parameters functionally;
+    - :meth:`head`: the whole last stage (several passes through the last block, multi-level features);
+    - :meth:`refine`: a step on a window's patch logits (it sees the features and the text).
+
+    Before a compiled forward the engine calls :meth:`warm`, which must fill every per-backbone and per-grid
+    cache the method keeps.
     """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
 
     def keep_blocks(self, vit: DenseViT) -> set[int]:
-        """Blocks whose input tokens :meth:`last_block` needs (besides the last block's own input)."""
+        """Blocks whose input tokens the head needs (``trace.inputs``)."""
         return set()
 
     def overrides(self, vit: DenseViT) -> dict[int, dict[str, torch.Tensor]]:
@@ -40,17 +68,60 @@ class Method:
         self.keep_blocks(vit)
         self.overrides(vit)
 
-    def last_block(
-        self, vit: DenseViT, x: torch.Tensor, kept: dict[int, torch.Tensor], grid: tuple[int, int]
-    ) -> torch.Tensor:
-        """``(B, 1+N, D)`` tokens entering the last block (``grid`` = (rows, cols) of patches) -> ``(B, 1+N, D)``."""
+    def encode(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+        """Blocks ``0..L-2`` on the embedded tokens ``x`` -> the tokens entering the last block."""
+        keep = self.keep_blocks(vit)
+        trace.overrides = self.overrides(vit)
+        for i in range(vit.depth - 1):
+            if i in keep:
+                trace.inputs[i] = x
+            x = self.block(vit, i, x, trace)
+        return x
+
+    def block(self, vit: DenseViT, index: int, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+        """Intermediate block ``index`` (``0..L-2``); by default unchanged but for :meth:`overrides`."""
+        return vit.block(index, x, overrides=trace.overrides.get(index))
+
+    def last_block(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+        """``(B, 1+N, D)`` tokens entering the last block -> ``(B, 1+N, D)`` tokens."""
         raise NotImplementedError
+
+    def features(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+        """The tokens entering the last block -> ``(B, gh, gw, E)`` projected patch features (not normalised)."""
+        tokens = self.last_block(vit, x, trace)
+        feats = vit.project(tokens[:, 1:])
+        return feats.reshape(feats.shape[0], trace.grid[0], trace.grid[1], -1)
+
+    def head(self, vit: DenseViT, x: torch.Tensor, trace: Trace, text: torch.Tensor | None) -> torch.Tensor:
+        """The last stage: :meth:`features`, then with ``text`` ``(Q, E)`` unit vectors the cosine logits,
+        then :meth:`refine`.
+
+        Returns:
+            ``(B, gh, gw, E)`` float32 features without ``text``, else ``(B, Q, gh, gw)`` float32 logits.
+        """
+        feats = self.features(vit, x, trace).float()
+        if text is None:
+            return feats
+        logits = cosine_logits(feats, text)
+        return self.refine(vit, logits, feats, text, trace)
+
+    def refine(
+        self, vit: DenseViT, logits: torch.Tensor, feats: torch.Tensor, text: torch.Tensor, trace: Trace
+    ) -> torch.Tensor:
+        """A step on a window's ``(B, Q, gh, gw)`` cosine logits (``feats``: the ``(B, gh, gw, E)`` features)."""
+        return logits
 
     def options(self) -> dict[str, Any]:
         """The method's settings as plain data (printed with and stored in results)."""
         if not dataclasses.is_dataclass(self):
             return {}
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
+
+
+def cosine_logits(feats: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """``(B, gh, gw, E)`` features and ``(Q, E)`` unit text embeddings -> ``(B, Q, gh, gw)`` float32 cosines."""
+    feats = F.normalize(feats.float(), dim=-1)
+    return torch.einsum("bhwe,qe->bqhw", feats, text.to(feats.device, torch.float32))
 
 
 def register(cls: type[Method]) -> type[Method]:

@@ -1,24 +1,36 @@
-"""ClearCLIP: query-query attention, no residual, no FFN."""
+"""ClearCLIP: query-query attention, no residual, no FFN (or, as its shipped configs, q-k attention)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from ..backbone import DenseViT
-from .base import Method, attend, register
+from ..errors import ConfigError
+from ..vit import DenseViT
+from .base import Method, Trace, attend, register
 
 
 @register
 @dataclass
 class ClearClip(Method):
+    """ClearCLIP's options.
+
+    Attributes:
+        attention: ``"qq"``: ``softmax(q qᵀ s)`` (the paper); ``"qk"``: the ordinary ``softmax(q kᵀ s)``, the
+            setting ClearCLIP's evaluation configs ship (``model_type='vanilla'``); both drop residual and FFN.
+    """
+
     name = "clearclip"
     summary = "softmax(q qᵀ s); residual and FFN dropped"
+    attention: Literal["qq", "qk"] = "qq"
 
-    def last_block(
-        self, vit: DenseViT, x: torch.Tensor, kept: dict[int, torch.Tensor], grid: tuple[int, int]
-    ) -> torch.Tensor:
-        last = vit.depth - 1
-        q, _, v = vit.qkv(last, x)
-        return vit.out_proj(last, attend(q, q, v))
+    def last_block(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+        if self.attention == "qq":
+            attention = lambda q, k, v: attend(q, q, v)  # noqa: E731
+        elif self.attention == "qk":
+            attention = attend
+        else:
+            raise ConfigError(f"clearclip attention must be 'qq' or 'qk', got {self.attention!r}")
+        return vit.block(vit.depth - 1, x, attention=attention, residual=False, ffn=False)

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backbone import DenseViT
-from .base import Method, attend, register
+from ..vit import DenseViT
+from .base import Method, Trace, register
 
 
 @register
@@ -16,10 +16,5 @@ class Clip(Method):
     name = "clip"
     summary = "softmax(q kᵀ s) attention; residual and FFN kept (the unmodified last block)"
 
-    def last_block(
-        self, vit: DenseViT, x: torch.Tensor, kept: dict[int, torch.Tensor], grid: tuple[int, int]
-    ) -> torch.Tensor:
-        last = vit.depth - 1
-        q, k, v = vit.qkv(last, x)
-        x = x + vit.attn_residual(last, vit.out_proj(last, attend(q, k, v)))
-        return x + vit.ffn(last, x)
+    def last_block(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+        return vit.block(vit.depth - 1, x)

@@ -14,9 +14,9 @@ from typing import Literal
 
 import torch
 
-from ..backbone import CS_OVERRIDE, DenseViT
 from ..errors import ConfigError
-from .base import Method, attend, attention_map, register
+from ..vit import CS_OVERRIDE, DenseViT
+from .base import Method, Trace, attend, attention_map, register
 
 CS_WEIGHT = CS_OVERRIDE
 
@@ -68,7 +68,7 @@ class Gclip(Method):
 
     Attributes:
         emerging_blocks: block indices whose attention is fused, ``"auto"`` (measured on the backbone, see
-            :func:`gclip.diagnostics.auto_settings`), or ``None`` for the default ({6, 7} on 12 blocks).
+            :func:`gclip.autoconfig.auto_settings`), or ``None`` for the default ({6, 7} on 12 blocks).
         fusion_weights: weights of [last block's q-q map, each emerging block's map]; ``None``: equal.
         fusion: ``"mean"`` fuses head-averaged maps (one map for all heads); ``"per_head"`` fuses head by head.
         channel_suppression: apply Channel Suppression.
@@ -96,7 +96,7 @@ class Gclip(Method):
         if self.emerging_blocks is None:
             return default_emerging_blocks(vit.depth)
         if self.emerging_blocks == "auto":
-            from ..diagnostics import auto_settings
+            from ..autoconfig import auto_settings
 
             return list(auto_settings(vit).emerging_blocks)
         blocks = sorted({int(b) for b in self.emerging_blocks})
@@ -113,7 +113,7 @@ class Gclip(Method):
         if not self.channel_suppression:
             return []
         if self.cs_blocks == "auto" or (self.cs_blocks is None and self.emerging_blocks == "auto"):
-            from ..diagnostics import auto_settings
+            from ..autoconfig import auto_settings
 
             return list(auto_settings(vit).cs_blocks)
         if self.cs_blocks is None:
@@ -148,16 +148,14 @@ class Gclip(Method):
         total = float(sum(self.fusion_weights))
         return [float(w) / total for w in self.fusion_weights]
 
-    def last_block(
-        self, vit: DenseViT, x: torch.Tensor, kept: dict[int, torch.Tensor], grid: tuple[int, int]
-    ) -> torch.Tensor:
+    def last_block(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         if self.fusion not in ("mean", "per_head"):
             raise ConfigError(f"gclip fusion must be 'mean' or 'per_head', got {self.fusion!r}")
         last = vit.depth - 1
         q, _, v = vit.qkv(last, x)
         pairs = [(q, q)]
         for i in self.blocks_for(vit):
-            qi, ki, _ = vit.qkv(i, kept[i])
+            qi, ki, _ = vit.qkv(i, trace.inputs[i])
             pairs.append((qi, ki))
         weights = self.weights(len(pairs))
         impl = self._impl
@@ -169,7 +167,7 @@ class Gclip(Method):
             return vit.out_proj(last, sum(w * attend(qm, km, v) for w, (qm, km) in zip(weights, pairs)))
         if impl == "sdpa":
             return vit.out_proj(last, fused_mean_attention(pairs, weights, v))
-        return vit.blocks[last].attn.out_proj(looped_mean_attention(pairs, weights, v))
+        return vit.out_proj(last, looped_mean_attention(pairs, weights, v))
 
     def _explicit(
         self, vit: DenseViT, pairs: list[tuple[torch.Tensor, torch.Tensor]], weights: list[float], v: torch.Tensor
@@ -179,8 +177,7 @@ class Gclip(Method):
         maps = [attention_map(a, b) for a, b in pairs]
         if self.fusion == "mean":
             fused = sum(w * m.mean(dim=1) for w, m in zip(weights, maps))  # (B, N, N)
-            out = (fused @ merge_heads(v).float()).to(v.dtype)
-            return vit.blocks[last].attn.out_proj(out)
+            return vit.out_proj(last, (fused @ merge_heads(v).float()).to(v.dtype))
         fused_heads = sum(w * m for w, m in zip(weights, maps))  # (B, H, N, N)
         return vit.out_proj(last, (fused_heads @ v.float()).to(v.dtype))
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backbone import DenseViT
-from .base import Method, register
+from ..vit import DenseViT
+from .base import Method, Trace, register
 
 
 @register
@@ -16,9 +16,5 @@ class MaskClip(Method):
     name = "maskclip"
     summary = "identity attention: out_proj(v); residual and FFN dropped"
 
-    def last_block(
-        self, vit: DenseViT, x: torch.Tensor, kept: dict[int, torch.Tensor], grid: tuple[int, int]
-    ) -> torch.Tensor:
-        last = vit.depth - 1
-        _, _, v = vit.qkv(last, x)
-        return vit.out_proj(last, v)
+    def last_block(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+        return vit.block(vit.depth - 1, x, attention=lambda q, k, v: v, residual=False, ffn=False)

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..backbone import DenseViT
-from .base import Method, attend, register
+from ..vit import DenseViT
+from .base import Method, Trace, attend, register
 
 
 def neighbourhood_prior(grid: tuple[int, int], std: float) -> torch.Tensor:
@@ -42,9 +42,6 @@ class NaClip(Method):
         super().warm(vit, grid)
         self.prior(grid, vit.device)
 
-    def last_block(
-        self, vit: DenseViT, x: torch.Tensor, kept: dict[int, torch.Tensor], grid: tuple[int, int]
-    ) -> torch.Tensor:
-        last = vit.depth - 1
-        _, k, v = vit.qkv(last, x)
-        return vit.out_proj(last, attend(k, k, v, bias=self.prior(grid, x.device)))
+    def last_block(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+        prior = self.prior(trace.grid, x.device)
+        return vit.block(vit.depth - 1, x, attention=lambda q, k, v: attend(k, k, v, bias=prior), residual=False, ffn=False)

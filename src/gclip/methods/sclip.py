@@ -6,8 +6,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backbone import DenseViT
-from .base import Method, attend, register
+from ..vit import DenseViT
+from .base import Method, Trace, attend, register
+
+
+def correlative(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SCLIP's correlative self-attention ``(softmax(q qᵀ s) + softmax(k kᵀ s)) v``."""
+    return attend(q, q, v) + attend(k, k, v)
 
 
 @register
@@ -16,11 +21,5 @@ class Sclip(Method):
     name = "sclip"
     summary = "softmax(q qᵀ s) + softmax(k kᵀ s); residual and FFN kept"
 
-    def last_block(
-        self, vit: DenseViT, x: torch.Tensor, kept: dict[int, torch.Tensor], grid: tuple[int, int]
-    ) -> torch.Tensor:
-        last = vit.depth - 1
-        q, k, v = vit.qkv(last, x)
-        out = attend(q, q, v) + attend(k, k, v)
-        x = x + vit.attn_residual(last, vit.out_proj(last, out))
-        return x + vit.ffn(last, x)
+    def last_block(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+        return vit.block(vit.depth - 1, x, attention=correlative)

@@ -4,7 +4,7 @@ The list is data (``data/backbones.json``); QuickGELU and normalisation come fro
 config of each tag, and the architecture (patch size, depth, width, native size) from its model config,
 so they cannot drift from what :func:`gclip.load_model` actually builds.
 
->>> from gclip.backbones import list_presets
+>>> from gclip.backbone_presets import list_presets
 >>> [p.name for p in list_presets()]  # doctest: +SKIP
 ['ViT-B/16', 'ViT-B/32', 'ViT-L/14', 'ViT-L/14-336', 'ViT-H/14']
 """

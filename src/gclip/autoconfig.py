@@ -37,8 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backbone import DenseViT
 from .images import ImageInput, load_image
+from .vit import DenseViT
 from .windows import resize_image
 
 __all__ = [

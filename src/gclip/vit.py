@@ -1,20 +1,25 @@
-"""The dense walk through an open_clip ViT: patch embedding, position-embedding resampling, blocks 0..L-2.
+"""The dense walk through an open_clip ViT: patch embedding, position-embedding resampling, one block at a time.
 
-Every method shares this walk; they differ only in what the last block does (see ``gclip.methods``).
-q/k/v are computed from ``in_proj_weight``/``in_proj_bias`` so that the walk works with both of open_clip's
-attention blocks (``nn.MultiheadAttention`` and its own ``Attention``).
+Methods build on it (see ``gclip.methods``): :meth:`DenseViT.block` runs any block with its attention replaced,
+its residual or FFN dropped, or FFN parameters overridden, and every attention output goes through one
+projection helper (:meth:`DenseViT.out_proj`: per-head scale, inner norm, output projection). q/k/v are
+computed from ``in_proj_weight``/``in_proj_bias`` so that the walk works with both of open_clip's attention
+blocks (``nn.MultiheadAttention`` and its own ``Attention``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DenseViT", "resample_pos_embed"]
+__all__ = ["DenseViT", "Attention", "resample_pos_embed"]
+
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(q, k, v) -> heads``: q/k/v ``(B, H, N, d)`` of a block -> ``(B, H, N, d)`` (or merged ``(B, N, H*d)``)."""
 
 CS_OVERRIDE = "mlp.c_proj.weight"
 """The parameter Channel Suppression replaces, computed by :meth:`DenseViT.run_block` itself."""
@@ -28,12 +33,6 @@ def _manual_ok(block: nn.Module) -> bool:
     if isinstance(attn, nn.MultiheadAttention):
         return attn._qkv_same_embed_dim and attn.bias_k is None and not attn.add_zero_attn
     return getattr(attn, "logit_scale", None) is None  # open_clip's scaled cosine attention: the module's own
-
-
-def _head_scale(attn: nn.Module, heads_out: torch.Tensor) -> torch.Tensor:
-    """open_clip's per-head output scale (``scale_heads``), when the attention has one."""
-    scale = getattr(attn, "head_scale", None)
-    return heads_out if scale is None else heads_out * scale
 
 
 def resample_pos_embed(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -112,71 +111,63 @@ class DenseViT:
         x = torch.cat([cls, x], dim=1) + self.pos_embed(grid).to(x.dtype)
         return v.ln_pre(x), grid
 
+    def block(
+        self,
+        index: int,
+        x: torch.Tensor,
+        attention: Attention | None = None,
+        residual: bool = True,
+        ffn: bool = True,
+        overrides: Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Block ``index`` on NLD tokens ``x``, optionally changed.
+
+        Args:
+            attention: ``(q, k, v) -> heads`` replacing the block's ``softmax(q kᵀ s) v`` (``None``: the block's own).
+            residual: add the attention output to ``x`` (with the block's layer scale); ``False`` returns the
+                projected attention output alone (the ClearCLIP form), then the FFN on that if ``ffn``.
+            ffn: run the FFN branch (``ls_2(mlp(ln_2(.)))``, added to its input).
+            overrides: parameters used instead of the model's (functionally). ``"mlp.c_proj.weight"`` (Channel
+                Suppression) is computed here; any other override goes through the module itself.
+
+        The standard block is computed here (``ln_1`` -> q/k/v -> ``scaled_dot_product_attention`` ->
+        :meth:`out_proj` -> layer scale; ``ln_2`` -> MLP -> layer scale) rather than by calling the module: on a
+        CPU ``nn.MultiheadAttention``'s inference fast path materialises the N x N attention map of every head,
+        while ``scaled_dot_product_attention`` works in blocks. Attention options this walk does not reproduce
+        (open_clip's scaled cosine attention, attention masks on the module) go through the module itself, for
+        the unchanged block only.
+        """
+        blk = self.blocks[index]
+        overrides = dict(overrides or {})
+        c_proj_weight = overrides.pop(CS_OVERRIDE, None)
+        standard = attention is None and residual and ffn
+        if standard and (overrides or not _manual_ok(blk)):
+            if c_proj_weight is not None:
+                overrides[CS_OVERRIDE] = c_proj_weight
+            return self._module_block(blk, x, overrides)
+        if overrides:
+            raise ValueError(f"block {index}: only {CS_OVERRIDE!r} can be overridden in a changed block")
+        q, k, v = self.qkv(index, x)
+        heads = F.scaled_dot_product_attention(q, k, v) if attention is None else attention(q, k, v)
+        del q, k, v
+        attn_out = self.out_proj(index, heads)
+        del heads
+        out = x + self.attn_residual(index, attn_out) if residual else attn_out
+        if not ffn:
+            return out
+        return out + self.ffn(index, out, c_proj_weight)
+
     def run_block(
         self, index: int, x: torch.Tensor, overrides: Mapping[str, torch.Tensor] | None = None
     ) -> torch.Tensor:
-        """One block on NLD tokens, optionally with some of its parameters replaced (functionally).
-
-        The block is computed here (``ln_1`` -> q/k/v -> ``scaled_dot_product_attention`` -> ``out_proj`` ->
-        layer scale; ``ln_2`` -> MLP -> layer scale) rather than by calling the module: on a CPU
-        ``nn.MultiheadAttention``'s inference fast path materialises the N x N attention map of every head,
-        while ``scaled_dot_product_attention`` works in blocks. The one override computed here is
-        ``"mlp.c_proj.weight"`` (Channel Suppression); any other override, and attention options this walk does
-        not reproduce (open_clip's scaled cosine attention, attention masks on the module), go through the
-        module itself (``torch.func.functional_call``).
-        """
-        block = self.blocks[index]
-        overrides = dict(overrides or {})
-        c_proj_weight = overrides.pop(CS_OVERRIDE, None)
-        if overrides or not _manual_ok(block):
-            if c_proj_weight is not None:
-                overrides[CS_OVERRIDE] = c_proj_weight
-            return self._module_block(block, x, overrides)
-        q, k, v = self.qkv(index, x)
-        attn = _head_scale(block.attn, F.scaled_dot_product_attention(q, k, v))
-        out = x + self.attn_residual(index, self.out_proj(index, attn))
-        del q, k, v, attn
-        y = block.ln_2(out)
-        if c_proj_weight is None:
-            y = block.mlp(y)
-        else:
-            for name, module in block.mlp.named_children():
-                if name == "c_proj":
-                    y = F.linear(y, c_proj_weight, module.bias)
-                else:
-                    y = module(y)
-        out += block.ls_2(y)
-        return out
+        """The unchanged block ``index`` (with optional parameter ``overrides``): :meth:`block` with defaults."""
+        return self.block(index, x, overrides=overrides)
 
     def _module_block(self, block: nn.Module, x: torch.Tensor, overrides: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if not self.batch_first:
             x = x.transpose(0, 1)
         out = torch.func.functional_call(block, dict(overrides), (x,)) if overrides else block(x)
         return out if self.batch_first else out.transpose(0, 1)
-
-    def walk(
-        self,
-        x: torch.Tensor,
-        keep: frozenset[int] | set[int] = frozenset(),
-        overrides: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
-    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Run blocks ``0..L-2``.
-
-        Args:
-            x: ``(B, 1+N, D)`` tokens from :meth:`embed`.
-            keep: indices of blocks whose INPUT tokens should be returned.
-            overrides: per block index, parameters to use instead of the model's (e.g. a suppressed FFN).
-
-        Returns:
-            ``(x_last, kept)``: the tokens entering the last block, and ``{i: input of block i}``.
-        """
-        kept: dict[int, torch.Tensor] = {}
-        overrides = overrides or {}
-        for i in range(self.depth - 1):
-            if i in keep:
-                kept[i] = x
-            x = self.run_block(i, x, overrides.get(i))
-        return x, kept
 
     def qkv(self, index: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v of block ``index`` for NLD tokens ``x`` (its input), each ``(B, heads, N, head_dim)``."""
@@ -194,19 +185,37 @@ class DenseViT:
         return q, k, v
 
     def out_proj(self, index: int, heads_out: torch.Tensor) -> torch.Tensor:
-        """Merge ``(B, heads, N, head_dim)`` and apply block ``index``'s attention output projection."""
-        b, h, n, d = heads_out.shape
-        merged = heads_out.transpose(1, 2).reshape(b, n, h * d)
+        """Block ``index``'s attention output projection of ``(B, heads, N, head_dim)`` heads (or heads already
+        merged to ``(B, N, heads*head_dim)``): per-head scale (``scale_heads``), merge, inner norm
+        (``scale_attn_inner``), ``out_proj``. Every method's attention output goes through here."""
         attn = self.blocks[index].attn
+        scale = getattr(attn, "head_scale", None)
+        if heads_out.dim() == 3 and scale is not None:  # split the heads again to scale them
+            b, n, c = heads_out.shape
+            heads_out = heads_out.reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
+        if heads_out.dim() == 4:
+            if scale is not None:
+                heads_out = heads_out * scale
+            b, h, n, d = heads_out.shape
+            merged = heads_out.transpose(1, 2).reshape(b, n, h * d)
+        else:
+            merged = heads_out
         ln_inner = getattr(attn, "ln_inner", None)  # scale_attn_inner (custom Attention)
         if ln_inner is not None:
             merged = ln_inner(merged)
         return attn.out_proj(merged)
 
-    def ffn(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        """Block ``index``'s FFN branch with its layer scale: ``ls_2(mlp(ln_2(x)))``."""
-        block = self.blocks[index]
-        return block.ls_2(block.mlp(block.ln_2(x)))
+    def ffn(self, index: int, x: torch.Tensor, c_proj_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Block ``index``'s FFN branch with its layer scale: ``ls_2(mlp(ln_2(x)))``, optionally with the MLP's
+        output weight replaced (Channel Suppression)."""
+        blk = self.blocks[index]
+        y = blk.ln_2(x)
+        if c_proj_weight is None:
+            y = blk.mlp(y)
+        else:
+            for name, module in blk.mlp.named_children():
+                y = F.linear(y, c_proj_weight, module.bias) if name == "c_proj" else module(y)
+        return blk.ls_2(y)
 
     def attn_residual(self, index: int, attn_out: torch.Tensor) -> torch.Tensor:
         """What the block adds to the residual stream from an attention output (layer scale, optional norm)."""

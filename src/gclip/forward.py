@@ -1,8 +1,8 @@
 """Dense features and logits for a batch of crops: embed -> blocks 0..L-2 -> method's last block -> proj.
 
 The work is split in two halves that the benchmark times separately: :func:`encode` (the image encoder:
-patch embedding and blocks ``0..L-2``, the same for every method) and :func:`head` (the method's last
-block, the projection and the cosine logits). On a GPU with a half-precision model both halves run under
+patch embedding and blocks ``0..L-2``, through the method's :meth:`~gclip.methods.Method.block`) and
+:func:`head` (the method's last block, the projection, the cosine logits and the method's refinement). On a GPU with a half-precision model both halves run under
 ``torch.autocast`` so that the few fp32 operations of the methods also use the tensor cores.
 """
 
@@ -11,14 +11,14 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 
-from .backbone import DenseViT
-from .methods import Method
+from .methods import Method, Trace
+from .vit import DenseViT
 
 __all__ = ["dense_features", "dense_logits", "encode", "head", "autocast_for"]
 
-Encoded = tuple[torch.Tensor, dict[int, torch.Tensor], tuple[int, int]]
+Encoded = tuple[torch.Tensor, Trace]
+"""The tokens entering the last block, and the pass's :class:`~gclip.methods.Trace`."""
 
 
 def autocast_for(vit: DenseViT) -> contextlib.AbstractContextManager:
@@ -30,29 +30,24 @@ def autocast_for(vit: DenseViT) -> contextlib.AbstractContextManager:
 
 @torch.no_grad()
 def encode(vit: DenseViT, method: Method, crops: torch.Tensor) -> Encoded:
-    """The image encoder: ``(B, 3, H, W)`` normalised crops -> (tokens entering the last block, kept inputs, grid)."""
+    """The image encoder: ``(B, 3, H, W)`` normalised crops -> (tokens entering the last block, trace)."""
     with autocast_for(vit):
         x, grid = vit.embed(crops)
-        x, kept = vit.walk(x, keep=method.keep_blocks(vit), overrides=method.overrides(vit))
-    return x, kept, grid
+        trace = Trace(grid)
+        x = method.encode(vit, x, trace)
+    return x, trace
 
 
 @torch.no_grad()
 def head(vit: DenseViT, method: Method, encoded: Encoded, text: torch.Tensor | None = None) -> torch.Tensor:
-    """The method's last block and the projection; with ``text`` ``(Q, E)`` unit vectors, the cosine logits.
+    """The method's last stage; with ``text`` ``(Q, E)`` unit vectors, the cosine logits (after its refinement).
 
     Returns:
         ``(B, gh, gw, E)`` float32 features (not normalised), or ``(B, Q, gh, gw)`` float32 logits.
     """
-    x, kept, grid = encoded
+    x, trace = encoded
     with autocast_for(vit):
-        tokens = method.last_block(vit, x, kept, grid)
-        feats = vit.project(tokens[:, 1:])
-    feats = feats.float().reshape(feats.shape[0], grid[0], grid[1], -1)
-    if text is None:
-        return feats
-    feats = F.normalize(feats, dim=-1)
-    return torch.einsum("bhwe,qe->bqhw", feats, text.to(feats.device, torch.float32))
+        return method.head(vit, x, trace, text).float()
 
 
 @torch.no_grad()

@@ -1,0 +1,102 @@
+"""Backbone presets: tags, settings, architectures, and one forward of every method per preset.
+
+ViT-B/16 and ViT-B/32 run a real random-weight forward in the default suite. ViT-L/14, ViT-L/14-336 and
+ViT-H/14 are checked on the meta device (the actual architecture, no memory), and their real forward runs
+only with ``GCLIP_SLOW=1`` (marker ``slow``): building them and running six methods takes minutes on a
+2-core machine.
+"""
+
+from __future__ import annotations
+
+import os
+
+import open_clip
+import pytest
+import torch
+from open_clip.model import _build_vision_tower
+
+from gclip.backbone_presets import get_preset, list_presets, tag_family
+from gclip.cli import main
+from gclip.errors import ConfigError
+from gclip.forward import dense_features
+from gclip.methods import get_method, list_methods
+from gclip.vit import DenseViT
+
+PRESETS = {p.name: p for p in list_presets()}
+FAST = {"ViT-B/16", "ViT-B/32"}
+SLOW = pytest.mark.skipif(not os.environ.get("GCLIP_SLOW"), reason="set GCLIP_SLOW=1 to run the large backbones")
+
+
+def test_preset_list_covers_the_issue():
+    assert list(PRESETS) == ["ViT-B/16", "ViT-B/32", "ViT-L/14", "ViT-L/14-336", "ViT-H/14"]
+    families = {t.family for p in PRESETS.values() for t in p.tags}
+    assert families == {"OpenAI", "LAION", "DataComp", "MetaCLIP", "DFN"}
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_preset_tags_and_settings(name):
+    preset = PRESETS[name]
+    listed = open_clip.list_pretrained_tags_by_model(preset.model)
+    for tag in preset.tags:
+        assert tag.tag in listed
+        cfg = open_clip.get_pretrained_cfg(preset.model, tag.tag)
+        assert tag.quick_gelu == bool(cfg.get("quick_gelu", False))
+        assert tag.family == tag_family(tag.tag) != "other"
+    for key in ("crop", "stride"):
+        assert preset.settings[key] % preset.patch_size == 0
+    assert get_preset(preset.model) is preset and get_preset(preset.quickgelu_model) is preset
+
+
+def test_laion_l14_normalisation_comes_from_its_config():
+    tag = {t.tag: t for t in PRESETS["ViT-L/14"].tags}["laion2b_s32b_b82k"]
+    assert tag.mean == tag.std == (0.5, 0.5, 0.5)
+    assert {t.tag: t for t in PRESETS["ViT-L/14"].tags}["openai"].mean[0] == pytest.approx(0.48145466)
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="no backbone preset"):
+        get_preset("ViT-Q/7")
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_preset_architecture_on_meta(name):
+    preset = PRESETS[name]
+    with torch.device("meta"):
+        model = open_clip.create_model(preset.model, pretrained=None, device="meta")
+    vit = DenseViT(model.visual)
+    assert (vit.patch_size, vit.depth, vit.width) == (preset.patch_size, preset.depth, preset.width)
+    assert model.visual.positional_embedding.shape[0] == 1 + (preset.image_size // preset.patch_size) ** 2
+
+
+def _forward_all_methods(name):
+    preset = PRESETS[name]
+    cfg = open_clip.get_model_config(preset.model)
+    torch.manual_seed(0)
+    visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=preset.tags[0].quick_gelu).eval()
+    vit = DenseViT(visual)
+    side = 4 * preset.patch_size  # a small crop: 4x4 patches, position embeddings resampled as for any crop
+    crops = torch.randn(1, 3, side, side)
+    for method in list_methods():
+        feats = dense_features(vit, get_method(method), crops)
+        assert feats.shape == (1, 4, 4, cfg["embed_dim"]) and torch.isfinite(feats).all(), method
+
+
+@pytest.mark.parametrize("name", sorted(FAST))
+def test_fast_preset_forward_every_method(name):
+    _forward_all_methods(name)
+
+
+@pytest.mark.slow
+@SLOW
+@pytest.mark.parametrize("name", [n for n in PRESETS if n not in FAST])
+def test_large_preset_forward_every_method(name):
+    _forward_all_methods(name)
+
+
+def test_cli_models_lists_presets(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for preset in PRESETS.values():
+        assert f"{preset.name}  --model {preset.model}" in out
+    assert "laion2b_s32b_b82k" in out and "mean (0.5, 0.5, 0.5)" in out
+    assert "crop=336, stride=168" in out
