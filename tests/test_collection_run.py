@@ -7,13 +7,14 @@ import pickle
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import gclip
 from collection_helpers import CLASSES, SETTINGS, synthetic_image, write_images
 from gclip.bench import StageTimer
 from gclip.engines import InputItem, Manifest, OutputWriter, collect_inputs, plan_run
-from gclip.engines.local import Preparer
+from gclip.engines.local import _Reader
 from gclip.outputs import read_label_png, rle_decode
 
 ALL = "png,overlay,rle,json,manifest"
@@ -116,9 +117,9 @@ def test_iter_segment_and_the_worker_preparer(seg, tmp_path):
     assert np.array_equal(results[0].result.labels, seg.predict(synthetic_image(0)).labels)
     # What spawn/forkserver workers receive: the preparer without the model, still able to prepare.
     seg.timer = StageTimer()
-    light = pickle.loads(pickle.dumps(Preparer(seg, keep_image=True)))
+    light = pickle.loads(pickle.dumps(_Reader(seg.preprocessor, keep_image=True)))
     seg.timer = None
-    assert not hasattr(light.segmenter, "model") and light.segmenter.timer is None
+    assert not any(isinstance(v, torch.nn.Module) for v in vars(light.preprocessor).values())
     loaded = light(results[1].item)
     assert loaded.error is None and np.array_equal(loaded.image, synthetic_image(1))
     assert np.array_equal(seg.infer([loaded.prepared])[0].labels, results[1].result.labels)

@@ -13,7 +13,6 @@ from gclip.datasets import (
     BenchmarkDataset,
     DatasetError,
     DatasetMissing,
-    Preparer,
     build_coco_object,
     get_dataset,
     image_areas,
@@ -24,6 +23,7 @@ from gclip.datasets import (
     summarize,
 )
 from gclip.outputs import palette
+from gclip.preprocess import Preprocessor
 from gclip.text import read_class_file
 
 # Where each layout puts an image and its label (from the mmsegmentation layouts, written out by hand so
@@ -188,7 +188,7 @@ def test_bad_labels_are_reported_with_the_file(tmp_path, damage, message):
         Image.new("RGB", (4, 4)).save(bad)
     else:
         Image.new("L", (5, 4)).save(bad)
-    dataset = BenchmarkDataset(spec, samples, Preparer(32, 2048), [0, 1])
+    dataset = BenchmarkDataset(spec, samples, Preprocessor(32, 2048), [0, 1])
     assert dataset[0].error is None and dataset[0].label is not None
     item = dataset[1]
     assert item.prepared is None and message in item.error and str(bad) in item.error
@@ -198,7 +198,7 @@ def test_preparer_equals_segmenter_prepare(tiny_model, rgb_image):
     from gclip import Segmenter
 
     seg = Segmenter(tiny_model, method="clip", short_side=40, max_long_side=60)
-    a, b = seg.prepare(rgb_image, key="k"), Preparer.from_segmenter(seg)(rgb_image, key="k")
+    a, b = seg.prepare(rgb_image, key="k"), seg.preprocessor(rgb_image, key="k")
     assert a.size == b.size and a.key == b.key
     assert a.image.shape == b.image.shape and (a.image == b.image).all()
 

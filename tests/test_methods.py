@@ -22,8 +22,16 @@ def deep_model():
     return make_tiny(layers=5, seed=1)
 
 
-def test_registry_lists_the_six_methods():
-    assert set(list_methods()) == {"clip", "maskclip", "sclip", "clearclip", "naclip", "gclip"}
+def test_registry_finds_every_method_module():
+    """Registration is automatic: every module of gclip/methods (but the private ones) registers one method."""
+    from pathlib import Path
+
+    import gclip.methods
+
+    modules = {p.stem for p in Path(gclip.methods.__file__).parent.glob("*.py")} - {"__init__", "base"}
+    modules = {m for m in modules if not m.startswith("_")}
+    assert set(list_methods()) == modules
+    assert list_methods()[:6] == ["clip", "maskclip", "sclip", "clearclip", "naclip", "gclip"]
 
 
 @pytest.mark.parametrize("method", list_methods())

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from gclip.postprocess import pamr, reduce_logits
-from gclip.windows import normalise, pad_sizes, rescale_size, resize_image, single_threaded_opencv, window_boxes
+from gclip.preprocess import normalise
+from gclip.windows import pad_sizes, rescale_size, resize_image, single_threaded_opencv, window_boxes
 
 
 @pytest.mark.parametrize(

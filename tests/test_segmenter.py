@@ -74,12 +74,29 @@ def test_whole_image_and_unpadded_windows(make, rgb_image):
 def test_windows_cover_all_pixels_in_the_canvas(make, rgb_image):
     seg = make()
     prepared = seg.prepare(rgb_image)
-    boxes, _ = seg._plan([prepared])
-    covered = torch.zeros(prepared.image.shape[-2:])
-    for y1, y2, x1, x2 in boxes[0]:
+    sizes, plans, _ = seg._plan([prepared])
+    assert sizes[0] == tuple(prepared.image.shape[-2:])
+    covered = torch.zeros(sizes[0])
+    for win in plans[0]:
+        y1, y2, x1, x2 = win.target
         covered[y1:y2, x1:x2] += 1
     assert covered.min() >= 1
     assert torch.isfinite(seg.merged_logits([prepared])[0]).all()
+
+
+def test_whole_image_mode_resizes_patch_logits_once_to_the_original_size(make, rgb_image):
+    """crop=0 (ClearCLIP/SCLIP/NACLIP "whole"): no padding, the patch logits go straight to the original size."""
+    import torch.nn.functional as F
+
+    from gclip.forward import dense_logits
+
+    seg = make(crop=0, short_side=40)
+    prepared = seg.prepare(rgb_image)
+    merged = seg.merged_logits([prepared])[0]
+    assert merged.shape[-2:] == (61, 83)
+    patch = dense_logits(seg.vit, seg.method, prepared.image[None], seg._queries)
+    expected = F.interpolate(patch, size=(61, 83), mode="bilinear")[0]
+    torch.testing.assert_close(merged, expected, rtol=0, atol=1e-6)
 
 
 def test_classes_required_and_settings_checked(tiny_model, rgb_image):

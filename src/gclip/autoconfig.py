@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .images import ImageInput, load_image
+from .preprocess import OPENAI_MEAN, OPENAI_STD, pixel_constants
 from .vit import DenseViT
 from .windows import resize_image
 
@@ -62,8 +63,6 @@ HIGH_NORM_RATIO = 4.0
 MIN_IMAGE_FRACTION = 0.5
 CHANNEL_RATIO = 2.0
 RULE_VERSION = 1
-_OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 _MEMORY: weakref.WeakKeyDictionary[nn.Module, dict[str, AutoSettings]] = weakref.WeakKeyDictionary()
 
 
@@ -113,7 +112,7 @@ def native_size(vit: DenseViT) -> int:
 
 def _norm_constants(vit: DenseViT) -> tuple[tuple[float, ...], tuple[float, ...]]:
     cfg = getattr(vit.visual, "preprocess_cfg", None) or {}
-    return tuple(cfg.get("mean", _OPENAI_MEAN)), tuple(cfg.get("std", _OPENAI_STD))
+    return tuple(cfg.get("mean", OPENAI_MEAN)), tuple(cfg.get("std", OPENAI_STD))
 
 
 def bundled_calibration_files() -> list[Path]:
@@ -156,9 +155,9 @@ def calibration_images(
     """
     size = size or native_size(vit)
     default_mean, default_std = _norm_constants(vit)
-    m = torch.tensor(mean or default_mean).view(1, 3, 1, 1) * 255.0
-    s = torch.tensor(std or default_std).view(1, 3, 1, 1) * 255.0
-    x = (calibration_rgb(images, size) - m) / s
+    mean_255, std_255 = pixel_constants(mean or default_mean, std or default_std)  # as the Preprocessor
+    rgb = calibration_rgb(images, size)
+    x = (rgb - torch.tensor(mean_255).view(1, 3, 1, 1)) / torch.tensor(std_255).view(1, 3, 1, 1)
     return x.to(device=vit.device, dtype=vit.dtype)
 
 

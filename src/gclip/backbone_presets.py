@@ -19,7 +19,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["TagInfo", "Preset", "list_presets", "get_preset", "tag_family"]
+__all__ = ["TagInfo", "Preset", "list_presets", "get_preset", "preset_settings", "tag_family"]
 
 _FAMILIES = (
     ("openai", "OpenAI"),
@@ -142,3 +142,12 @@ def get_preset(name: str) -> Preset:
             return preset
     names = ", ".join(p.name for p in list_presets())
     raise ConfigError(f"no backbone preset {name!r}: the presets are {names} (any other open_clip ViT still loads)")
+
+
+def preset_settings(model: str) -> dict[str, Any]:
+    """The settings the preset of an open_clip model name gives (``{}`` for a model without a preset)."""
+    base = model.removesuffix("-quickgelu")
+    for preset in list_presets():
+        if base in (preset.name, preset.model):
+            return dict(preset.settings)
+    return {}

@@ -2,8 +2,9 @@
 
 The work is split in two halves that the benchmark times separately: :func:`encode` (the image encoder:
 patch embedding and blocks ``0..L-2``, through the method's :meth:`~gclip.methods.Method.block`) and
-:func:`head` (the method's last block, the projection, the cosine logits and the method's refinement). On a GPU with a half-precision model both halves run under
-``torch.autocast`` so that the few fp32 operations of the methods also use the tensor cores.
+:func:`head` (the method's last block, the projection, the cosine logits and the method's refinement).
+On a GPU with a half-precision model both halves run under ``torch.autocast`` so that the few fp32
+operations of the methods also use the tensor cores.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from .images import ImageInput
 from .methods import Method
 from .postprocess import pamr
 from .segmenter import Prepared, Segmenter
-from .windows import pad_sizes, window_boxes
+from .windows import plan_windows
 
 __all__ = ["reference_method", "reference_merged_logits", "reference_labels"]
 
@@ -33,24 +33,22 @@ def reference_method(method: Method) -> Method:
 
 @torch.no_grad()
 def reference_merged_logits(segmenter: Segmenter, prepared: Prepared) -> torch.Tensor:
-    """Window-averaged ``(Q, h, w)`` logits of one prepared image, one window per forward pass."""
+    """Window-averaged ``(Q, h, w)`` logits of one prepared image, one window per forward pass (at the original
+    size in the whole-image mode)."""
     s = segmenter.settings
     vit, method = segmenter.vit, reference_method(segmenter.method)
     queries = segmenter._require_classes()
     image = prepared.image[None].to(segmenter.device)
-    h, w = image.shape[-2:]
+    size, windows = plan_windows(tuple(image.shape[-2:]), prepared.size, s.crop, s.stride, s.padding, vit.patch_size)
+    h, w = size
     preds = torch.zeros((1, queries.shape[0], h, w), device=segmenter.device)
     count = torch.zeros((1, 1, h, w), device=segmenter.device)
-    for y1, y2, x1, x2 in window_boxes(h, w, s.crop, s.stride):
-        crop = image[:, :, y1:y2, x1:x2]
-        ch, cw = y2 - y1, x2 - x1
-        left = right = top = bottom = 0
-        if s.padding == "symmetric":
-            left, right, top, bottom = pad_sizes(ch, cw, vit.patch_size)
-            crop = F.pad(crop, (left, right, top, bottom))
-        logits = dense_logits(vit, method, crop, queries)
-        logits = F.interpolate(logits, size=(ch + top + bottom, cw + left + right), mode="bilinear")
-        logits = logits[:, :, top : top + ch, left : left + cw]
+    for win in windows:
+        y1, y2, x1, x2 = win.box
+        logits = dense_logits(vit, method, F.pad(image[:, :, y1:y2, x1:x2], win.pads), queries)
+        top, ch, left, cw = win.keep
+        logits = F.interpolate(logits, size=win.out_size, mode="bilinear")[:, :, top : top + ch, left : left + cw]
+        y1, y2, x1, x2 = win.target
         preds += F.pad(logits, (x1, w - x2, y1, h - y2))
         count[:, :, y1:y2, x1:x2] += 1
     return (preds / count)[0]

@@ -28,19 +28,21 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from .backbone_presets import preset_settings
 from .canvas import BandCanvas, Canvas, WindowUpsample
 from .errors import ClassesError, ConfigError
 from .forward import encode, head
-from .images import DEFAULT_MAX_PIXELS, ImageInput, load_image
+from .images import DEFAULT_MAX_PIXELS, ImageInput
 from .methods import Method, get_method
 from .models import LoadedModel, load_model
 from .postprocess import TILE_ELEMENTS, StreamingReduction, pamr, reduce_logits
+from .preprocess import Prepared, Preprocessor
 from .result import SegmentationResult
 from .text import ClassList, ClassSpec, TextEncoder, parse_classes
 from .vit import DenseViT
-from .windows import pad_sizes, preprocess, window_boxes
+from .windows import Window, plan_windows
 
-__all__ = ["Settings", "Prepared", "Segmenter"]
+__all__ = ["Settings", "Prepared", "Segmenter", "PresetNotice"]  # Prepared lives in gclip.preprocess
 
 
 @dataclass
@@ -94,22 +96,12 @@ class Settings:
         return self
 
 
-@dataclass
-class Prepared:
-    """An image decoded, resized and normalised (the CPU half of inference; picklable for workers).
-
-    Attributes:
-        image: ``(3, h, w)`` float32 normalised tensor at the inference resolution.
-        size: ``(H, W)`` of the original image.
-        key: caller's identifier (e.g. the path), passed through to the result.
-    """
-
-    image: torch.Tensor
-    size: tuple[int, int]
-    key: Any = None
+_GEOMETRY = ("short_side", "max_long_side", "crop", "stride")
+"""Settings a backbone preset may set (see :func:`gclip.backbone_presets.preset_settings`)."""
 
 
-Box = tuple[int, int, int, int]
+class PresetNotice(UserWarning):
+    """A backbone preset's settings were applied because none were given."""
 
 
 class Segmenter:
@@ -154,14 +146,28 @@ class Segmenter:
         unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(Settings)})
         if unknown:
             raise ConfigError(f"unknown setting {unknown[0]!r}: see gclip.Settings for the settings")
-        self.settings = Settings(**settings).validate()
+        self.settings = Settings(**self._with_backbone_preset(settings)).validate()
         self.classes: ClassList | None = None
         self._queries: torch.Tensor | None = None
-        self._mean_std = (tuple(self.model.mean), tuple(self.model.std))  # kept by the model-less worker copy
         self.timer: Any = None  # an object with .stage(name) -> context manager (see gclip.bench.StageTimer)
         self._compiled: Any = None
         if classes is not None:
             self.set_classes(classes)
+
+    def _with_backbone_preset(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """The backbone preset's resize and window settings, when the caller sets none of them (with a notice)."""
+        if any(key in settings for key in _GEOMETRY):
+            return settings
+        defaults = Settings()
+        preset = {k: v for k, v in preset_settings(self.model.name).items() if getattr(defaults, k) != v}
+        if preset:
+            shown = ", ".join(f"{k}={v}" for k, v in preset.items())
+            warnings.warn(
+                f"{self.model.name}: using its backbone preset {shown} (pass short_side, crop or stride to choose)",
+                PresetNotice,
+                stacklevel=3,
+            )
+        return {**settings, **preset}
 
     @property
     def device(self) -> torch.device:
@@ -194,13 +200,19 @@ class Segmenter:
         self._queries = self.text.embed(self.classes.queries).to(self.device)
         return self.classes
 
+    @property
+    def preprocessor(self) -> Preprocessor:
+        """The picklable, model-less preprocessing of the current settings (for workers, Ray tasks, loaders)."""
+        s = self.settings
+        return Preprocessor(s.short_side, s.max_long_side, s.max_pixels, tuple(self.model.mean), tuple(self.model.std))
+
     def prepare(self, image: ImageInput, key: Any = None) -> Prepared:
-        """Decode (``HWC uint8 RGB``), resize and normalise one image. Safe to run in worker processes."""
+        """Decode (``HWC uint8 RGB``), resize and normalise one image (see :attr:`preprocessor`)."""
+        pre = self.preprocessor
         with self._stage("decode"):
-            array = load_image(image, self.settings.max_pixels)
+            array = pre.decode(image)
         with self._stage("preprocess"):
-            s = self.settings
-            normalised = preprocess(array, s.short_side, s.max_long_side, *self._mean_std)
+            normalised = pre.transform(array)
         return Prepared(normalised, array.shape[:2], key if key is not None else image)
 
     def predict(self, image: ImageInput, return_probs: bool = False) -> SegmentationResult:
@@ -253,86 +265,71 @@ class Segmenter:
         with self._stage("head"):
             return head(self.vit, self.method, encoded, queries)
 
-    def _plan(self, prepared: Sequence[Prepared]) -> tuple[list[list[Box]], dict[tuple[int, int], list]]:
-        """Window boxes per image, and (image, window) pairs grouped by window shape, in box order."""
+    def _plan(self, prepared: Sequence[Prepared]) -> tuple[list[tuple[int, int]], list[list[Window]], dict]:
+        """Per image its canvas size and windows (:func:`~gclip.windows.plan_windows`), and the (image, window)
+        pairs grouped by window shape, in window order."""
         s = self.settings
-        boxes, groups = [], defaultdict(list)
+        sizes, plans, groups = [], [], defaultdict(list)
         for i, item in enumerate(prepared):
-            h, w = item.image.shape[-2:]
-            item_boxes = window_boxes(h, w, s.crop, s.stride)
-            if self._stream_axis(item) == 1:  # column by column (see BandCanvas)
-                item_boxes = sorted(item_boxes, key=lambda b: (b[2], b[0]))
-            boxes.append(item_boxes)
-            for j, (y1, y2, x1, x2) in enumerate(boxes[-1]):
-                groups[(y2 - y1, x2 - x1)].append((i, j))
-        return boxes, groups
+            size, windows = plan_windows(
+                tuple(item.image.shape[-2:]), item.size, s.crop, s.stride, s.padding, self.vit.patch_size
+            )
+            if self._stream_axis(size) == 1:  # column by column (see BandCanvas)
+                windows = sorted(windows, key=lambda win: (win.target[2], win.target[0]))
+            sizes.append(size)
+            plans.append(windows)
+            for j, win in enumerate(windows):
+                groups[win.shape].append((i, j))
+        return sizes, plans, groups
 
-    def _pads(self, h: int, w: int) -> tuple[int, int, int, int]:
-        """Zero padding ``(left, right, top, bottom)`` of an ``h x w`` window (none with ``padding="none"``)."""
-        if self.settings.padding == "symmetric":
-            return pad_sizes(h, w, self.vit.patch_size)
-        return 0, 0, 0, 0
-
-    def _crop(self, image: torch.Tensor, box: Box) -> torch.Tensor:
-        y1, y2, x1, x2 = box
-        crop = image[:, y1:y2, x1:x2]
-        pads = self._pads(y2 - y1, x2 - x1)
-        return F.pad(crop, pads) if any(pads) else crop
-
-    def _upsample(self, logits: torch.Tensor, shape: tuple[int, int]) -> Iterator[WindowUpsample]:
-        """Window logits ``(B, Q, gh, gw)`` (one window shape) -> per window, its logits at the window size,
-        upsampled lazily a few classes at a time (see :class:`~gclip.canvas.WindowUpsample`)."""
-        h, w = shape
-        left, right, top, bottom = self._pads(h, w)
-        full = (h + top + bottom, w + left + right)
-        for window in logits:
-            yield WindowUpsample(window, full, (top, h, left, w), TILE_ELEMENTS // 4)
-
-    def _windows(self, prepared: Sequence[Prepared], boxes: list[list[Box]], groups: dict) -> Iterator[tuple]:
-        """``(image index, box, (Q, h, w) logits at the window size)`` for every window, batch by batch."""
+    def _windows(self, prepared: Sequence[Prepared], plans: list[list[Window]], groups: dict) -> Iterator[tuple]:
+        """``(image index, canvas box, lazily upsampled logits)`` for every window, batch by batch."""
         queries = self._require_classes()
         bs = self.batch_size
         images: dict[int, torch.Tensor] = {}  # each whole image crosses to the device once; windows are cut there
 
-        def on_device(i: int) -> torch.Tensor:
+        def crop(i: int, win: Window) -> torch.Tensor:
             if i not in images:
                 images[i] = prepared[i].image.to(self.device, non_blocking=True)
-            return images[i]
+            y1, y2, x1, x2 = win.box
+            part = images[i][:, y1:y2, x1:x2]
+            return F.pad(part, win.pads) if any(win.pads) else part
 
-        for shape, members in groups.items():
+        for members in groups.values():
             for start in range(0, len(members), bs):
                 chunk = members[start : start + bs]
                 with self._stage("preprocess"):
-                    batch = torch.stack([self._crop(on_device(i), boxes[i][j]) for i, j in chunk])
+                    batch = torch.stack([crop(i, plans[i][j]) for i, j in chunk])
                 logits = self._window_logits(batch, queries)
                 with self._stage("head"):
-                    for (i, j), up in zip(chunk, self._upsample(logits, shape)):
-                        yield i, boxes[i][j], up
+                    for (i, j), window_logits in zip(chunk, logits):
+                        win = plans[i][j]
+                        yield i, win.target, WindowUpsample(window_logits, win.out_size, win.keep, TILE_ELEMENTS // 4)
 
     @torch.no_grad()
     def merged_logits(self, prepared: Sequence[Prepared]) -> list[torch.Tensor]:
-        """Window-averaged cosine logits ``(Q, h, w)`` per image, at the inference resolution."""
+        """Window-averaged cosine logits ``(Q, h, w)`` per image, at the inference resolution (at the original
+        size for the whole-image mode, ``crop=0``)."""
         n_queries = self._require_classes().shape[0]
-        boxes, groups = self._plan(prepared)
-        canvases = [Canvas(n_queries, tuple(item.image.shape[-2:]), self.device) for item in prepared]
-        for i, box, up in self._windows(prepared, boxes, groups):
+        sizes, plans, groups = self._plan(prepared)
+        canvases = [Canvas(n_queries, size, self.device) for size in sizes]
+        for i, box, up in self._windows(prepared, plans, groups):
             canvases[i].add(box, up)
         return [c.merged() for c in canvases]
 
     @staticmethod
-    def _stream_axis(item: Prepared) -> int:
-        """0: windows row by row (a streamed canvas keeps rows); 1 for landscape images: column by column.
+    def _stream_axis(size: tuple[int, int]) -> int:
+        """0: windows row by row (a streamed canvas keeps rows); 1 for landscape canvases: column by column.
 
-        The order is that of the image's shape alone, whether or not its canvas is streamed, so that both
-        canvases add the same windows in the same order (identical sums).
+        The order is that of the canvas's shape alone, whether or not it is streamed, so that both canvases
+        add the same windows in the same order (identical sums).
         """
-        h, w = item.image.shape[-2:]
+        h, w = size
         return 1 if w > h else 0
 
-    def _streams(self, item: Prepared, n_queries: int) -> bool:
+    def _streams(self, size: tuple[int, int], n_queries: int) -> bool:
         s = self.settings
-        h, w = item.image.shape[-2:]
-        return s.pamr_steps == 0 and not s.area_thd and n_queries * h * w >= self.stream_min_elements
+        return s.pamr_steps == 0 and not s.area_thd and n_queries * size[0] * size[1] >= self.stream_min_elements
 
     @torch.no_grad()
     def infer(self, prepared: Sequence[Prepared], return_probs: bool = False) -> list[SegmentationResult]:
@@ -340,19 +337,19 @@ class Segmenter:
         queries = self._require_classes()
         s = self.settings
         q2c = self.classes.query_to_class  # type: ignore[union-attr]
-        boxes, groups = self._plan(prepared)
+        sizes, plans, groups = self._plan(prepared)
         canvases: list[Canvas | BandCanvas] = []
-        for item, item_boxes in zip(prepared, boxes):
-            src = tuple(item.image.shape[-2:])
-            if self._streams(item, queries.shape[0]):
-                axis = self._stream_axis(item)
+        for item, size, windows in zip(prepared, sizes, plans):
+            if self._streams(size, queries.shape[0]):
+                axis = self._stream_axis(size)
                 reducer = StreamingReduction(
-                    src, item.size, q2c, s.logit_scale, s.prob_thd, return_probs, device=self.device, axis=axis
+                    size, item.size, q2c, s.logit_scale, s.prob_thd, return_probs, device=self.device, axis=axis
                 )
-                canvases.append(BandCanvas(queries.shape[0], src, item_boxes, reducer, self.device, axis=axis))
+                targets = [win.target for win in windows]
+                canvases.append(BandCanvas(queries.shape[0], size, targets, reducer, self.device, axis=axis))
             else:
-                canvases.append(Canvas(queries.shape[0], src, self.device))
-        for i, box, up in self._windows(prepared, boxes, groups):
+                canvases.append(Canvas(queries.shape[0], size, self.device))
+        for i, box, up in self._windows(prepared, plans, groups):
             canvases[i].add(box, up)
         results = []
         with self._stage("head"):

@@ -1,21 +1,20 @@
-"""Resizing, sliding-window tiling and padding: the geometry shared by every method."""
+"""Resizing, sliding-window tiling and padding: the geometry shared by every method and every path."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 __all__ = [
     "rescale_size",
     "resize_image",
-    "normalise",
-    "preprocess",
     "single_threaded_opencv",
     "window_boxes",
     "pad_sizes",
+    "Window",
+    "plan_windows",
 ]
 
 
@@ -44,22 +43,6 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         return image
     cv2 = single_threaded_opencv()
     return cv2.resize(np.ascontiguousarray(image), (int(size[1]), int(size[0])), interpolation=cv2.INTER_LINEAR)
-
-
-def normalise(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """``HxWx3 uint8 RGB`` -> ``(3, H, W)`` float32 ``(x / 255 - mean) / std`` (``mean``/``std`` on the 0..1 scale)."""
-    tensor = torch.from_numpy(image).permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format)
-    scale = 255.0
-    return tensor.sub_(torch.tensor(mean).view(3, 1, 1) * scale).div_(torch.tensor(std).view(3, 1, 1) * scale)
-
-
-def preprocess(
-    image: np.ndarray, short_side: int, max_long_side: int, mean: Sequence[float], std: Sequence[float]
-) -> torch.Tensor:
-    """The protocol's input: ``HxWx3 uint8 RGB`` resized (:func:`rescale_size`, :func:`resize_image`) and
-    normalised (:func:`normalise`) -> ``(3, h, w)`` float32."""
-    h, w = image.shape[:2]
-    return normalise(resize_image(image, rescale_size(h, w, short_side, max_long_side)), mean, std)
 
 
 def single_threaded_opencv():
@@ -101,3 +84,61 @@ def pad_sizes(h: int, w: int, patch: int) -> tuple[int, int, int, int]:
     ph = math.ceil(h / patch) * patch - h
     pw = math.ceil(w / patch) * patch - w
     return pw // 2, pw - pw // 2, ph // 2, ph - ph // 2
+
+
+Box = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class Window:
+    """One window of an image and where its logits go.
+
+    Attributes:
+        box: ``(y1, y2, x1, x2)`` of the window on the (resized) model input.
+        pads: zero padding ``(left, right, top, bottom)`` that makes the window a patch multiple.
+        out_size: ``(H, W)`` the window's patch logits are upsampled to (bilinear).
+        keep: ``(top, h, left, w)``: the part of the upsampled logits that is kept.
+        target: ``(y1, y2, x1, x2)`` where the kept logits are added on the canvas.
+    """
+
+    box: Box
+    pads: tuple[int, int, int, int]
+    out_size: tuple[int, int]
+    keep: tuple[int, int, int, int]
+    target: Box
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The crop's ``(h, w)`` before padding (windows of one shape share forward passes)."""
+        return self.box[1] - self.box[0], self.box[3] - self.box[2]
+
+
+def plan_windows(
+    size: tuple[int, int], original: tuple[int, int], crop: int, stride: int, padding: str, patch: int
+) -> tuple[tuple[int, int], list[Window]]:
+    """The windows of one image and the size of the canvas they are averaged on.
+
+    Sliding windows (``crop > 0``, the mmseg ``slide`` mode): :func:`window_boxes` on the model input of
+    ``size``; with ``padding="symmetric"`` each window is zero-padded to a patch multiple and the pad is cut
+    from its logits upsampled to the padded window (ClearCLIP), with ``"none"`` the pixels past the last whole
+    patch are ignored and the logits stretched over the window (SCLIP, NACLIP). The canvas has the model
+    input's size and is resized to ``original`` afterwards.
+
+    Whole image (``crop <= 0``, the ``whole`` mode of ClearCLIP, SCLIP and NACLIP): one unpadded window whose
+    patch logits are resized once, straight to the ``original`` size, which is then the canvas size.
+
+    Returns:
+        ``(canvas size, windows)``.
+    """
+    h, w = size
+    if crop <= 0:
+        full = (0, original[0], 0, original[1])
+        return tuple(original), [Window((0, h, 0, w), (0, 0, 0, 0), tuple(original), full, full)]
+    windows = []
+    for box in window_boxes(h, w, crop, stride):
+        y1, y2, x1, x2 = box
+        ch, cw = y2 - y1, x2 - x1
+        pads = pad_sizes(ch, cw, patch) if padding == "symmetric" else (0, 0, 0, 0)
+        left, right, top, bottom = pads
+        windows.append(Window(box, pads, (ch + top + bottom, cw + left + right), (top, ch, left, cw), box))
+    return (h, w), windows

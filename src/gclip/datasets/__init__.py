@@ -16,7 +16,7 @@ from .layouts import (
     read_label,
     reduce_zero_label,
 )
-from .loader import BenchmarkDataset, Preparer
+from .loader import BenchmarkDataset
 from .metric import Areas, image_areas, summarize
 from .presets import Preset, list_protocols, protocol_for, resolve_preset
 
@@ -30,7 +30,6 @@ __all__ = [
     "DistContext",
     "EvalResult",
     "PAPER_ORDER",
-    "Preparer",
     "Preset",
     "Sample",
     "build_coco_object",

@@ -17,7 +17,7 @@ from ..outputs import write_label_png
 from ..segmenter import Segmenter
 from .distributed import DistContext, shard
 from .layouts import DatasetError, DatasetSpec, Sample
-from .loader import BenchmarkDataset, Preparer, make_loader
+from .loader import BenchmarkDataset, make_loader
 from .metric import Areas, image_areas, summarize
 
 __all__ = ["EvalResult", "evaluate"]
@@ -132,7 +132,7 @@ def evaluate(
     if images_per_step < 1 or workers < 0:
         raise ConfigError("images per step must be >= 1 and workers >= 0")
     mine = shard(len(samples), ctx)
-    dataset = BenchmarkDataset(spec, samples, Preparer.from_segmenter(segmenter), mine)
+    dataset = BenchmarkDataset(spec, samples, segmenter.preprocessor, mine)
     areas = Areas.zeros(spec.num_classes)
     skipped: list[tuple[str, str]] = []
     scored = 0

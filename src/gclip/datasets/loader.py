@@ -1,49 +1,19 @@
-"""Decoding and resizing in DataLoader workers: a picklable preparer and the benchmark ``Dataset``."""
+"""The benchmark ``Dataset``: samples decoded and resized in DataLoader workers by the Segmenter's preprocessor."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import GclipError
-from ..images import DEFAULT_MAX_PIXELS, load_image
-from ..segmenter import Prepared, Segmenter
-from ..windows import preprocess, single_threaded_opencv
+from ..preprocess import Prepared, Preprocessor
+from ..windows import single_threaded_opencv
 from .layouts import DatasetError, DatasetSpec, Sample, read_label
 
-__all__ = ["Preparer", "Item", "BenchmarkDataset", "make_loader"]
-
-
-@dataclass(frozen=True)
-class Preparer:
-    """The CPU half of :meth:`gclip.Segmenter.prepare` without the model, so it pickles into workers.
-
-    Attributes:
-        short_side, max_long_side, max_pixels: as in :class:`gclip.Settings`.
-        mean, std: the model's normalisation (0..1 scale, RGB).
-    """
-
-    short_side: int
-    max_long_side: int
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
-
-    @classmethod
-    def from_segmenter(cls, segmenter: Segmenter) -> Preparer:
-        """The preparer that gives exactly what ``segmenter.prepare`` gives."""
-        s = segmenter.settings
-        return cls(s.short_side, s.max_long_side, s.max_pixels, tuple(segmenter.model.mean), tuple(segmenter.model.std))
-
-    def __call__(self, image: Any, key: Any = None) -> Prepared:
-        """Decode (``HWC uint8 RGB``), resize and normalise -> :class:`gclip.segmenter.Prepared`."""
-        array = load_image(image, self.max_pixels)
-        normalised = preprocess(array, self.short_side, self.max_long_side, self.mean, self.std)
-        return Prepared(normalised, array.shape[:2], key if key is not None else image)
+__all__ = ["Item", "BenchmarkDataset", "make_loader"]
 
 
 @dataclass
@@ -64,7 +34,7 @@ class BenchmarkDataset(torch.utils.data.Dataset):
     to stop (the default) or skip (``--skip-bad``).
     """
 
-    def __init__(self, spec: DatasetSpec, samples: Sequence[Sample], preparer: Preparer, indices: Sequence[int]):
+    def __init__(self, spec: DatasetSpec, samples: Sequence[Sample], preparer: Preprocessor, indices: Sequence[int]):
         self.spec = spec
         self.samples = list(samples)
         self.preparer = preparer

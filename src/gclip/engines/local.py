@@ -6,21 +6,18 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import ImageError
+from ..preprocess import Prepared, Preprocessor
 from ..result import SegmentationResult
-from ..segmenter import Prepared, Segmenter
+from ..segmenter import Segmenter
 from ..windows import single_threaded_opencv
 from .inputs import InputItem, read_input
 
 __all__ = ["ItemResult", "iter_items", "default_workers"]
-
-# Segmenter attributes a worker does not need to prepare images (the model stays in the main process).
-_MODEL_ATTRS = ("model", "vit", "method", "text", "classes", "_queries")
 
 
 @dataclass
@@ -62,34 +59,28 @@ def _one_line(item: InputItem, e: BaseException) -> str:
     return f"{item.name}: {type(e).__name__}: {text}"
 
 
-class Preparer:
-    """Decodes, resizes and normalises one input in a worker (picklable without the model).
+@dataclass(frozen=True)
+class _Reader:
+    """Reads and prepares one input in a worker with the Segmenter's (model-less, picklable) preprocessor.
 
     Failures come back as a record with a one-line message instead of an exception, so a batch goes on.
     """
 
-    def __init__(self, segmenter: Segmenter, keep_image: bool = False) -> None:
-        self.segmenter = segmenter
-        self.keep_image = keep_image
-
-    def __getstate__(self) -> dict[str, Any]:
-        light = object.__new__(type(self.segmenter))
-        light.__dict__.update({k: v for k, v in vars(self.segmenter).items() if k not in _MODEL_ATTRS})
-        light.timer = light._compiled = None  # a benchmark's timer and a compiled forward stay here too
-        return {"segmenter": light, "keep_image": self.keep_image}
+    preprocessor: Preprocessor
+    keep_image: bool = False
 
     def __call__(self, item: InputItem) -> _Loaded:
         start = time.perf_counter()
         try:
-            image = read_input(item, self.segmenter.settings.max_pixels)
-            prepared = self.segmenter.prepare(image, key=item.key)
+            image = read_input(item, self.preprocessor.max_pixels)
+            prepared = self.preprocessor(image, key=item.key)
         except Exception as e:  # noqa: BLE001 - every failure becomes a one-line report
             return _Loaded(item, None, None, _one_line(item, e), time.perf_counter() - start)
         return _Loaded(item, prepared, image if self.keep_image else None, None, time.perf_counter() - start)
 
 
 class _Items(torch.utils.data.Dataset):
-    def __init__(self, items: Sequence[InputItem], preparer: Preparer) -> None:
+    def __init__(self, items: Sequence[InputItem], preparer: _Reader) -> None:
         self.items, self.preparer = list(items), preparer
 
     def __len__(self) -> int:
@@ -154,7 +145,7 @@ def iter_items(
     workers = default_workers() if workers is None else workers
     single_threaded_opencv()  # before the workers are forked
     loader = torch.utils.data.DataLoader(
-        _Items(items, Preparer(segmenter, keep_images)),
+        _Items(items, _Reader(segmenter.preprocessor, keep_images)),
         batch_size=max(1, images_per_batch),
         shuffle=False,
         num_workers=workers if len(items) > 1 else 0,

@@ -44,4 +44,5 @@ class NaClip(Method):
 
     def last_block(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         prior = self.prior(trace.grid, x.device)
-        return vit.block(vit.depth - 1, x, attention=lambda q, k, v: attend(k, k, v, bias=prior), residual=False, ffn=False)
+        last = vit.depth - 1
+        return vit.block(last, x, attention=lambda q, k, v: attend(k, k, v, bias=prior), residual=False, ffn=False)

@@ -1,0 +1,103 @@
+"""SC-CLIP (Self-Calibrated CLIP, SuleBai/SC-CLIP): anomaly-token repair, affinity-calibrated attention and
+multi-level features through the last block; residual and FFN dropped.
+
+On the output of block L-2 the anomalous patch tokens are found with SC-CLIP's local outlier factor and
+replaced by the mean of their neighbours. The last block's attention becomes the mean of a similarity prior
+(from the repaired features of an intermediate block) and key-key attention; it runs twice, on the repaired
+tokens and on the sum of several intermediate blocks' outputs, and both results are smoothed by feature
+affinity. Numbers of blocks are for a 12-block ViT and are moved to the same relative depth on others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError
+from ..vit import DenseViT
+from ._purify import aggregate, cosine_affinity, fill_outliers, lof_outliers, masked_softmax, scaled_index, threshold
+from .base import Method, Trace, attend, register
+
+
+@register
+@dataclass
+class ScClip(Method):
+    """SC-CLIP's options (the names of its code; block indices for 12 blocks).
+
+    Attributes:
+        pre_adjust_idx: block whose repaired output gives the similarity prior of the attention and the
+            pre-aggregation of the repaired tokens.
+        post_adjust_idx: block whose output gives the affinity that smooths the last block's outputs.
+        multi_start_idx, multi_end_idx: outputs of blocks ``[start, end)`` are summed for the multi-level pass.
+        res_cls: weight of the CLS token added back after the last block's attention.
+        beta: affinities below it are dropped from the aggregations.
+        lof_neighbours, lof_contamination: the outlier detector (neighbours, fraction of tokens flagged).
+        prior_scale: temperature of the similarity prior's masked softmax.
+    """
+
+    name = "scclip"
+    summary = "LOF anomaly repair + affinity prior ½(sim + k-k) attention, two passes (repaired, multi-level)"
+    pre_adjust_idx: int = 8
+    post_adjust_idx: int = 3
+    multi_start_idx: int = 3
+    multi_end_idx: int = 10
+    res_cls: float = 0.3
+    beta: float = 0.4
+    lof_neighbours: int = 30
+    lof_contamination: float = 0.05
+    prior_scale: float = 3.0
+
+    def _indices(self, vit: DenseViT) -> tuple[int, int, range]:
+        depth = vit.depth
+        if depth == 12:
+            pre, post, start, end = self.pre_adjust_idx, self.post_adjust_idx, self.multi_start_idx, self.multi_end_idx
+        else:
+            pre, post = scaled_index(self.pre_adjust_idx, depth), scaled_index(self.post_adjust_idx, depth)
+            start = scaled_index(self.multi_start_idx, depth)
+            end = max(start + 1, min(depth - 1, round(self.multi_end_idx * depth / 12)))
+        if not (0 <= pre <= depth - 2 and 0 <= post <= depth - 2 and 0 <= start < end <= depth - 1):
+            raise ConfigError(
+                f"scclip block indices must lie within 0..{depth - 2} (multi_end_idx <= {depth - 1}) for a "
+                f"{depth}-block model: pre {pre}, post {post}, multi [{start}, {end})"
+            )
+        return pre, post, range(start, end)
+
+    def keep_blocks(self, vit: DenseViT) -> set[int]:
+        pre, post, multi = self._indices(vit)
+        return {i + 1 for i in (pre, post, *multi) if i + 1 <= vit.depth - 2}  # block i's output: block i+1's input
+
+    def features(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+        pre, post, multi = self._indices(vit)
+        last = vit.depth - 1
+
+        def output(i: int) -> torch.Tensor:
+            return x if i == vit.depth - 2 else trace.inputs[i + 1]
+
+        multi_sum = output(multi[0])
+        for i in multi[1:]:
+            multi_sum = multi_sum + output(i)
+        rows = []
+        for b in range(x.shape[0]):
+            patches = x[b, 1:]
+            outliers = lof_outliers(patches, self.lof_neighbours, self.lof_contamination)
+            repaired = fill_outliers(patches, outliers, trace.grid)
+            sim = cosine_affinity(fill_outliers(output(pre)[b, 1:], outliers, trace.grid))
+            prior = masked_softmax(sim, self.prior_scale)
+            smooth = threshold(cosine_affinity(output(post)[b, 1:]), self.beta)
+            pooled = aggregate(threshold(sim, self.beta), repaired)
+            main = self._attend(vit, last, pooled, prior) + self.res_cls * x[b, :1]
+            deep = self._attend(vit, last, multi_sum[b, 1:], prior) + self.res_cls * multi_sum[b, :1]
+            rows.append(aggregate(smooth, main) + aggregate(smooth, deep))
+        feats = vit.project(torch.stack(rows))
+        return feats.reshape(feats.shape[0], trace.grid[0], trace.grid[1], -1)
+
+    @staticmethod
+    def _attend(vit: DenseViT, index: int, tokens: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        """Block ``index``'s projections on ``(P, D)`` tokens with attention ``½(prior + softmax(k kᵀ s))``."""
+        _, k, v = vit.qkv(index, tokens[None])
+        heads = 0.5 * (prior.to(v.dtype) @ v + attend(k, k, v))
+        return vit.out_proj(index, heads)[0]
+
+    def last_block(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+        raise NotImplementedError("scclip's last stage outputs patch tokens only: see ScClip.features")

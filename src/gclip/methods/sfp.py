@@ -1,0 +1,114 @@
+"""SFP (Self-adaptive Feature Purifier, ICCV 2025, Kimsure/SFP): outlier tokens found on block L-2 (by the CLS
+token's attention, by norm, or by local outlier factor) and repaired; the last block runs two branches, both
+without residual and FFN: the purified tokens with ``(k-k + q-q + similarity prior) / 3`` attention, and the sum
+of intermediate blocks' outputs with the similarity prior alone; both are smoothed by shallow feature affinity.
+Block numbers are for a 12-block ViT and move to the same relative depth on others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ..errors import ConfigError
+from ..vit import DenseViT
+from ._purify import (
+    aggregate,
+    cosine_affinity,
+    fill_outliers,
+    lof_outliers,
+    masked_softmax,
+    scaled_index,
+    threshold,
+    top_mask,
+)
+from .base import Method, Trace, attend, register
+
+
+@register
+@dataclass
+class Sfp(Method):
+    """SFP's options.
+
+    Attributes:
+        pm: how outliers are found on block L-2's output: ``"SOM"`` (patches the CLS token attends to more than
+            they attend to themselves, the ``top_k`` strongest), ``"L2"`` (the ``top_k`` largest norms) or
+            ``"LOF"`` (local outlier factor, as SC-CLIP).
+        res_cls: weight of the CLS token added back in both branches; SOM scales the CLS attention by
+            ``res_cls * 5`` before comparing.
+        top_k: outliers kept by SOM and L2.
+        pre_block, post_block: blocks whose outputs give the similarity prior (repaired) and the smoothing.
+        multi_start, multi_end: outputs of blocks ``[start, end)`` are summed for the second branch.
+        beta: affinities below it are dropped; prior_scale: temperature of the prior's masked softmax.
+    """
+
+    name = "sfp"
+    summary = "outlier purification (SOM/L2/LOF) + (k-k + q-q + prior)/3 attention and a multi-level prior branch"
+    pm: Literal["SOM", "L2", "LOF"] = "SOM"
+    res_cls: float = 0.3
+    top_k: int = 10
+    pre_block: int = 8
+    post_block: int = 3
+    multi_start: int = 3
+    multi_end: int = 10
+    beta: float = 0.4
+    prior_scale: float = 3.0
+
+    def _indices(self, vit: DenseViT) -> tuple[int, int, range]:
+        depth = vit.depth
+        pre, post, start = (scaled_index(i, depth) for i in (self.pre_block, self.post_block, self.multi_start))
+        end = self.multi_end if depth == 12 else max(start + 1, min(depth - 1, round(self.multi_end * depth / 12)))
+        if not (0 <= pre <= depth - 2 and 0 <= post <= depth - 2 and 0 <= start < end <= depth - 1):
+            raise ConfigError(f"sfp block indices must lie within 0..{depth - 2} for a {depth}-block model")
+        if self.pm not in ("SOM", "L2", "LOF"):
+            raise ConfigError(f"sfp pm must be 'SOM', 'L2' or 'LOF', got {self.pm!r}")
+        return pre, post, range(start, end)
+
+    def keep_blocks(self, vit: DenseViT) -> set[int]:
+        pre, post, multi = self._indices(vit)
+        keep = {i + 1 for i in (pre, post, *multi) if i + 1 <= vit.depth - 2}
+        return keep | {vit.depth - 2}  # SOM reads block L-2's attention from its input
+
+    def _outliers(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> list[torch.Tensor]:
+        """Per window, the ``(P,)`` boolean mask of the outlier patches."""
+        if self.pm == "L2":
+            return [top_mask(patches.norm(dim=-1), self.top_k) for patches in x[:, 1:]]
+        if self.pm == "LOF":
+            return [lof_outliers(patches) for patches in x[:, 1:]]
+        q, k, _ = vit.qkv(vit.depth - 2, trace.inputs[vit.depth - 2])
+        probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1).mean(dim=1)
+        cls_to_patch = probs[:, 0, 1:] * (self.res_cls * 5.0)
+        to_itself = probs.diagonal(dim1=-2, dim2=-1)[:, 1:]
+        salient = torch.where(cls_to_patch > to_itself, cls_to_patch, torch.full_like(cls_to_patch, float("-inf")))
+        return [top_mask(scores, self.top_k) for scores in salient]
+
+    def features(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+        pre, post, multi = self._indices(vit)
+        last = vit.depth - 1
+
+        def output(i: int) -> torch.Tensor:
+            return x if i == vit.depth - 2 else trace.inputs[i + 1]
+
+        multi_sum = output(multi[0])
+        for i in multi[1:]:
+            multi_sum = multi_sum + output(i)
+        rows = []
+        for b, outliers in enumerate(self._outliers(vit, x, trace)):
+            repaired_pre = fill_outliers(output(pre)[b, 1:], outliers, trace.grid)
+            sim = threshold(cosine_affinity(repaired_pre), self.beta)
+            prior = masked_softmax(sim, self.prior_scale)
+            smooth = threshold(cosine_affinity(output(post)[b, 1:]), self.beta)
+            purified = aggregate(sim, fill_outliers(x[b, 1:], outliers, trace.grid))
+            q, k, v = vit.qkv(last, purified[None])
+            heads = (attend(k, k, v) + attend(q, q, v) + prior.to(v.dtype) @ v) / 3
+            main = vit.out_proj(last, heads)[0] + self.res_cls * x[b, :1]
+            _, _, v = vit.qkv(last, multi_sum[b : b + 1, 1:])
+            deep = vit.out_proj(last, prior.to(v.dtype) @ v)[0] + self.res_cls * multi_sum[b, :1]
+            rows.append(aggregate(smooth, main) + aggregate(smooth, deep))
+        feats = vit.project(torch.stack(rows))
+        return feats.reshape(feats.shape[0], trace.grid[0], trace.grid[1], -1)
+
+    def last_block(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+        raise NotImplementedError("sfp's last stage outputs patch tokens only: see Sfp.features")
