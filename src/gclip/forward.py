@@ -34,7 +34,7 @@ def encode(vit: DenseViT, method: Method, crops: torch.Tensor) -> Encoded:
     """The image encoder: ``(B, 3, H, W)`` normalised crops -> (tokens entering the last block, trace)."""
     with autocast_for(vit):
         x, grid = vit.embed(crops)
-        trace = Trace(grid)
+        trace = Trace(grid, images=crops)
         x = method.encode(vit, x, trace)
     return x, trace
 

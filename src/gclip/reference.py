@@ -78,4 +78,4 @@ def reference_labels(segmenter: Segmenter, image: ImageInput) -> np.ndarray:
     top, labels = class_probs.max(0)
     if s.prob_thd > 0:
         labels[top < s.prob_thd] = 0
-    return labels.to(torch.int32).cpu().numpy()
+    return segmenter.method.refine_labels(labels).to(torch.int32).cpu().numpy()

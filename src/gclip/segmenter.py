@@ -197,7 +197,7 @@ class Segmenter:
     def set_classes(self, classes: ClassSpec | ClassList) -> ClassList:
         """Set the vocabulary and embed it (cached per name). See :func:`gclip.text.parse_classes`."""
         self.classes = parse_classes(classes)
-        self._queries = self.text.embed(self.classes.queries).to(self.device)
+        self._queries = self.method.text_queries(self.text, self.classes).to(self.device)
         return self.classes
 
     @property
@@ -360,7 +360,7 @@ class Segmenter:
                     reduced = self._reduce(item, canvas.merged(), return_probs)
                 results.append(
                     SegmentationResult(
-                        labels=reduced.labels.to(torch.int32).cpu().numpy(),
+                        labels=self.method.refine_labels(reduced.labels).to(torch.int32).cpu().numpy(),
                         class_names=self.classes.names,  # type: ignore[union-attr]
                         probs=reduced.probs.cpu().numpy() if reduced.probs is not None else None,
                         key=item.key,

@@ -30,7 +30,11 @@ def add_method_args(parser: argparse.ArgumentParser, multiple: bool = False) -> 
     g.add_argument(
         "--method",
         default="gclip",
-        help=f"{'comma-separated methods' if multiple else 'method'} among {names} (default: gclip)",
+        help=(
+            f"comma-separated methods, or 'all', among {names} (default: gclip)"
+            if multiple
+            else f"method among {names} (default: gclip)"
+        ),
     )
     g.add_argument(
         "--method-options",

@@ -12,6 +12,8 @@ from .common import add_method_args, add_model_args, add_settings_args, method_o
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from ..datasets.presets import list_protocols
+
     p = sub.add_parser(
         "eval",
         help="score methods on the benchmarks (mIoU, as mmseg computes it)",
@@ -31,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     add_method_args(p, multiple=True)
     p.add_argument(
-        "--protocol", choices=["clearclip", "sclip"], help="force a protocol preset (default: the method's own)"
+        "--protocol", choices=list_protocols(), help="force a protocol preset (default: the method's own)"
     )
     add_settings_args(p)
     g = p.add_argument_group("running and output")
@@ -72,7 +74,11 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ConfigError("--limit must be >= 1")
     specs, every = _parse_datasets(args.dataset)
+    from ..methods import list_methods
+
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    if methods == ["all"]:
+        methods = list_methods()
     if not methods or not specs:
         raise ConfigError("give at least one --method and one --dataset")
     options = method_options_from(args)
@@ -107,7 +113,11 @@ def run(args: argparse.Namespace) -> int:
             for spec, samples in plans:
                 preset = resolve_preset(method, spec, overrides, args.protocol)
                 seg = Segmenter(
-                    model, method=method, method_options=options, templates=args.templates, **preset.settings
+                    model,
+                    method=method,
+                    method_options={**preset.method_options, **options},
+                    templates=args.templates,
+                    **preset.settings,
                 )
                 seg.text = text  # one text-embedding cache for every method
                 seg.set_classes(read_class_file(preset.classes_file, allow_duplicates=True))

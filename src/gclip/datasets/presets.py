@@ -2,7 +2,8 @@
 
 A preset resolves, in order of increasing priority: the protocol's ``[defaults]``, its
 ``[datasets.<name>]`` table, the method's ``[method.<m>.defaults]`` and ``[method.<m>.datasets.<name>]``
-tables, then the caller's overrides (command-line options).
+tables, then the caller's overrides (command-line options). Any of these tables may hold a
+``method_options`` table: the method's options (e.g. ResCLIP's per-dataset thresholds), resolved the same way.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class Preset:
         settings: keyword arguments for :class:`gclip.Segmenter` (fields of :class:`gclip.Settings`).
         classes_file: the class-name file.
         overridden: names of the settings the caller changed.
+        method_options: the method's options on this dataset (the caller's options win over them).
     """
 
     protocol: str
@@ -48,6 +50,7 @@ class Preset:
     settings: dict[str, Any]
     classes_file: Path
     overridden: list[str] = field(default_factory=list)
+    method_options: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
         """Plain data for printing and JSON."""
@@ -56,6 +59,7 @@ class Preset:
             "classes_file": f"{self.protocol_classes}/{self.classes_file.name}",
             "overridden": self.overridden,
             **self.settings,
+            **({"method_options": self.method_options} if self.method_options else {}),
         }
 
     @property
@@ -123,6 +127,7 @@ def resolve_preset(
     data = _load(protocol)
     method_table = data.get("method", {}).get(method, {})
     settings: dict[str, Any] = {}
+    method_options: dict[str, Any] = {}
     layers = [
         (data.get("defaults", {}), "defaults"),
         (data.get("datasets", {}).get(spec.name, {}), f"datasets.{spec.name}"),
@@ -130,6 +135,8 @@ def resolve_preset(
         (method_table.get("datasets", {}).get(spec.name, {}), f"method.{method}.datasets.{spec.name}"),
     ]
     for table, where in layers:
+        table = dict(table)
+        method_options.update(table.pop("method_options", {}))
         settings.update(_check_keys(table, f"{protocol}.toml [{where}]"))
     overrides = dict(overrides or {})
     _check_keys(overrides, "override")
@@ -139,4 +146,4 @@ def resolve_preset(
         settings["pamr_dilations"] = tuple(int(d) for d in settings["pamr_dilations"])
     Settings(**settings).validate()
     classes = resources.files("gclip") / "data" / "classes" / data["classes"] / spec.classes_file
-    return Preset(protocol, method, spec.name, settings, Path(str(classes)), changed)
+    return Preset(protocol, method, spec.name, settings, Path(str(classes)), changed, method_options)

@@ -25,12 +25,14 @@ class Trace:
         inputs: ``{block index: its input tokens}`` for the blocks in :meth:`Method.keep_blocks`.
         overrides: per block, the parameters :meth:`Method.overrides` replaces.
         extras: anything a method collects on the way (attention maps, features of other blocks ...).
+        images: the ``(B, 3, H, W)`` normalised crops of the pass (for methods that look at pixels again).
     """
 
     grid: tuple[int, int]
     inputs: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     overrides: dict[int, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+    images: torch.Tensor | None = None
 
 
 class Method:
@@ -45,7 +47,8 @@ class Method:
       :meth:`DenseViT.block`, edit tokens before or after it, collect into ``trace.extras``);
     - :meth:`keep_blocks` / :meth:`overrides`: keep blocks' inputs; replace FFN parameters functionally;
     - :meth:`head`: the whole last stage (several passes through the last block, multi-level features);
-    - :meth:`refine`: a step on a window's patch logits (it sees the features and the text).
+    - :meth:`refine`: a step on a window's patch logits (it sees the features and the text);
+    - :meth:`text_queries` / :meth:`refine_labels`: the text embeddings; a step on the final label map.
 
     Before a compiled forward the engine calls :meth:`warm`, which must fill every per-backbone and per-grid
     cache the method keeps.
@@ -110,6 +113,15 @@ class Method:
     ) -> torch.Tensor:
         """A step on a window's ``(B, Q, gh, gw)`` cosine logits (``feats``: the ``(B, gh, gw, E)`` features)."""
         return logits
+
+    def text_queries(self, encoder: Any, classes: Any) -> torch.Tensor:
+        """The ``(Q, E)`` query embeddings of a :class:`~gclip.text.ClassList` (one per synonym) with a
+        :class:`~gclip.text.TextEncoder`; a method may change them (e.g. mix in descriptions)."""
+        return encoder.embed(classes.queries)
+
+    def refine_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """A step on an image's final ``(H, W)`` label map (after thresholds), e.g. a morphological filter."""
+        return labels
 
     def options(self) -> dict[str, Any]:
         """The method's settings as plain data (printed with and stored in results)."""

@@ -1,0 +1,173 @@
+"""ITACLIP (m-arda-aydn/ITACLIP): image, text and architecture engineering on CLIP.
+
+Architecture: blocks ``0..L-2`` unchanged; the last block attends with the mean of its own ``softmax(q qᵀ s) +
+softmax(k kᵀ s)`` and that of three intermediate blocks, keeps the residual and drops the FFN. Image
+engineering: each window is also seen in grey, blurred and flipped (all views share forward passes); the
+logits of the window, grey and blurred views are averaged and blended with the flipped views' logits
+(flipped back). Text: with a file of LLM-generated definitions or synonyms (the authors publish theirs),
+each class's embedding is blended with its description's. The final label map is closed with a 3x3 square.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..vit import DenseViT
+from .base import Method, Trace, attend, cosine_logits, register
+
+GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
+
+
+def grey_view(images: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, H, W)`` -> the luminance (ITU-R 601 weights) in all three channels, as torchvision's ``Grayscale``."""
+    lum = GREY[0] * images[:, 0] + GREY[1] * images[:, 1] + GREY[2] * images[:, 2]
+    return lum[:, None].expand(-1, 3, -1, -1)
+
+
+def blur_view(images: torch.Tensor, size: int = 11, sigma: float = 5.0) -> torch.Tensor:
+    """Separable Gaussian blur with reflect padding, as torchvision's ``GaussianBlur(size, sigma)``."""
+    half = (size - 1) * 0.5
+    x = torch.linspace(-half, half, steps=size, dtype=images.dtype, device=images.device)
+    pdf = torch.exp(-0.5 * (x / sigma).pow(2))
+    k1 = pdf / pdf.sum()
+    kernel = torch.mm(k1[:, None], k1[None, :]).expand(images.shape[1], 1, size, size)
+    pad = size // 2
+    return F.conv2d(F.pad(images, [pad, pad, pad, pad], mode="reflect"), kernel, groups=images.shape[1])
+
+
+def read_definitions(path: str | Path) -> list[str]:
+    """An ITACLIP description file: one ``<name> >=<text>`` line per class (background excluded or not)."""
+    file = Path(path)
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise ConfigError(f"itaclip definitions {file}: cannot read it ({e.strerror or e})") from e
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if ">=" not in line:
+            raise ConfigError(f"itaclip definitions {file} line {n}: expected '<class name> >=<description>'")
+        out.append(line.split(">=", 1)[1])
+    if not out:
+        raise ConfigError(f"itaclip definitions {file}: no description lines")
+    return out
+
+
+def mix_definitions(
+    names: torch.Tensor, descriptions: torch.Tensor, query_to_class: list[int], beta: float, background: bool
+) -> torch.Tensor:
+    """``(1 - beta) e(name) + beta e(description of its class)`` per query, not renormalised (as the authors).
+
+    With ``background`` class 0 has no description (its queries stay as they are) and description ``k``
+    belongs to class ``k + 1``.
+    """
+    out = names.clone()
+    for j, c in enumerate(query_to_class):
+        if background and c == 0:
+            continue
+        out[j] = (1 - beta) * names[j] + beta * descriptions[c - 1 if background else c]
+    return out
+
+
+@register
+@dataclass
+class ItaClip(Method):
+    """ITACLIP's options.
+
+    Attributes:
+        img_engineering: also run grey, blurred and flipped views of every window.
+        img_eng_coefficient: weight of the (window, grey, blur) mean against the flipped views' mean.
+        attn_self: ``softmax(q qᵀ s) + softmax(k kᵀ s)`` maps (``False``: the ordinary ``softmax(q kᵀ s)``).
+        mid_blocks: blocks whose maps are averaged into the last block's (for 12 blocks; same relative depth else).
+        definitions: a file of class descriptions (``<name> >=<text>`` per line, the authors' format);
+            ``None``: class names only.
+        def_coefficient: weight of a description's embedding.
+        closing: close the label map with a 3x3 square (grey-level dilation then erosion of the label ids).
+    """
+
+    name = "itaclip"
+    summary = "q-q + k-k maps of mid and last blocks, residual kept, FFN dropped; grey/blur/flip views; closing"
+    img_engineering: bool = True
+    img_eng_coefficient: float = 0.75
+    attn_self: bool = True
+    mid_blocks: list[int] = field(default_factory=lambda: [6, 7, 9])
+    definitions: str | None = None
+    def_coefficient: float = 0.2
+    closing: bool = True
+
+    def _mid(self, vit: DenseViT) -> list[int]:
+        blocks = [b if vit.depth == 12 else round(b * vit.depth / 12) for b in self.mid_blocks]
+        if not blocks or any(not 0 <= b <= vit.depth - 2 for b in blocks):
+            raise ConfigError(f"itaclip mid_blocks {self.mid_blocks} must be non-empty and within 0..{vit.depth - 2}")
+        return blocks
+
+    def keep_blocks(self, vit: DenseViT) -> set[int]:
+        return set(self._mid(vit))
+
+    def encode(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+        if self.img_engineering:
+            if trace.images is None:
+                raise ConfigError("itaclip's image engineering needs the crops (trace.images)")
+            images = trace.images.float()
+            views = torch.cat([grey_view(images), blur_view(images), images.flip(-2), images.flip(-1)])
+            x = torch.cat([x, vit.embed(views)[0]])  # the views share the forward passes of the windows
+        return super().encode(vit, x, trace)
+
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``A v`` for one block's ``A`` (q-q + k-k maps, or q-k), applied to the last block's ``v``."""
+        return attend(q, q, v) + attend(k, k, v) if self.attn_self else attend(q, k, v)
+
+    def last_block(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+        mids = [vit.qkv(b, trace.inputs[b])[:2] for b in self._mid(vit)]
+
+        def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            mid = sum(self._attention(qb, kb, v) for qb, kb in mids) / len(mids)
+            return 0.5 * self._attention(q, k, v) + 0.5 * mid
+
+        return vit.block(vit.depth - 1, x, attention=attention, residual=True, ffn=False)
+
+    def head(self, vit: DenseViT, x: torch.Tensor, trace: Trace, text: torch.Tensor | None) -> torch.Tensor:
+        feats = self.features(vit, x, trace).float()
+        n = trace.images.shape[0] if self.img_engineering and trace.images is not None else feats.shape[0]
+        if text is None:
+            return feats[:n]
+        logits = cosine_logits(feats, text)  # the mean of unit features' logits is the logits of their mean
+        if not self.img_engineering:
+            return logits
+        window, grey, blur, vflip, hflip = logits.split(n)
+        flipped = 0.5 * (vflip.flip(-2) + hflip.flip(-1))
+        c = self.img_eng_coefficient
+        return c * (window + grey + blur) / 3 + (1 - c) * flipped
+
+    def text_queries(self, encoder: Any, classes: Any) -> torch.Tensor:
+        names = encoder.embed(classes.queries)
+        if self.definitions is None:
+            return names
+        texts = read_definitions(self.definitions)
+        n = len(classes)
+        if len(texts) not in (n, n - 1):
+            raise ConfigError(
+                f"itaclip definitions {self.definitions}: {len(texts)} descriptions for {n} classes (give one per "
+                f"class, or one per class but the first, background)"
+            )
+        return mix_definitions(
+            names, encoder.embed(texts), classes.query_to_class, self.def_coefficient, len(texts) == n - 1
+        )
+
+    def refine_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        if not self.closing:
+            return labels
+        import cv2
+
+        array = labels.cpu().numpy()
+        dtype = np.uint8 if array.max(initial=0) < 256 else np.uint16
+        closed = cv2.morphologyEx(array.astype(dtype), cv2.MORPH_CLOSE, np.ones((3, 3), np.uint8))
+        return torch.from_numpy(closed.astype(np.int64)).to(labels.device, labels.dtype)
