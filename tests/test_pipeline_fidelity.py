@@ -22,7 +22,7 @@ from gclip.text import parse_classes
 GOLDEN = Path(__file__).parent / "data" / "fidelity"
 TABLE = tomllib.loads((GOLDEN / "pipelines.toml").read_text(encoding="utf-8"))
 PHOTOS = ["2007_001288", "2007_001321", "2007_001458"]
-SLOW = {"itaclip"}  # 55 windows x 5 views per photo: ~3 minutes on 2 cores (GCLIP_SLOW=1)
+SLOW = {"itaclip"}  # 55 windows x 5 views per photo: the first photo only, all three with GCLIP_SLOW=1
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +38,13 @@ def text():
 
 @pytest.mark.parametrize("name", sorted(TABLE))
 def test_pipeline_matches_the_authors_segmentor(model, text, sample_data, name):
-    if name in SLOW and not os.environ.get("GCLIP_SLOW"):
-        pytest.skip("slow pipeline: set GCLIP_SLOW=1")
     entry = TABLE[name]
     seg = Segmenter(model, method=entry["method"], method_options=entry.get("options", {}), **entry["settings"])
     seg.classes = parse_classes([f"class {i}" for i in range(10)])
     seg._queries = text  # the random embeddings stand in for the prompt ensemble, as in the authors' run
     golden = np.load(GOLDEN / "pipeline" / f"{name}.npz")
-    for stem in PHOTOS:
+    photos = PHOTOS[:1] if name in SLOW and not os.environ.get("GCLIP_SLOW") else PHOTOS
+    for stem in photos:
         result = seg.predict(sample_data / "VOCdevkit" / "VOC2012" / "JPEGImages" / f"{stem}.jpg", return_probs=True)
         labels = golden[f"{stem}_labels"]
         assert result.labels.shape == labels.shape
