@@ -16,12 +16,14 @@ from gclip.datasets import (
     build_coco_object,
     get_dataset,
     image_areas,
+    list_protocols,
     list_samples,
     read_label,
     resolve_preset,
     stuff_to_object,
     summarize,
 )
+from gclip.methods import list_methods
 from gclip.outputs import palette
 from gclip.preprocess import Preprocessor
 from gclip.text import read_class_file
@@ -206,12 +208,16 @@ def test_preparer_equals_segmenter_prepare(tiny_model, rgb_image):
 # ----- presets -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["gclip", "clearclip", "maskclip", "clip", "sclip", "naclip"])
+PROTOCOL_OF = {"sclip": "sclip", "naclip": "sclip", "cliptrase": "sclip", "gclip": "clearclip", "gem": "clearclip"}
+
+
+@pytest.mark.parametrize("method", list_methods())
 @pytest.mark.parametrize("name", list(DATASETS))
 def test_every_preset_resolves_with_matching_classes(method, name):
+    """Every registered method has a protocol (``gclip eval --method all`` needs one for each)."""
     preset = resolve_preset(method, name)
     assert len(read_class_file(preset.classes_file, allow_duplicates=True)) == get_dataset(name).num_classes
-    assert preset.protocol == ("sclip" if method in ("sclip", "naclip") else "clearclip")
+    assert preset.protocol == PROTOCOL_OF.get(method, method if method in list_protocols() else "clearclip")
 
 
 @pytest.mark.parametrize(

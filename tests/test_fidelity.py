@@ -72,6 +72,45 @@ def test_goldens_are_distinct():
                 assert np.abs(arrays[a] - arrays[b]).max() > 5e-4, (a, b)
 
 
+def test_cliptrase_dbscan_refinement_matches_the_authors(vitb16, inputs):
+    """CLIPtrase's label refinement on the crop: block L-2's affinity, its DBSCAN clusters (eps 0.8, min 3) and
+    the voted labels, each against the authors' run (cliptrase__*.npy, cliptrase_e08m3.npy)."""
+    from sklearn.cluster import DBSCAN
+
+    from gclip.forward import encode, head
+    from gclip.methods import WindowContext
+    from gclip.windows import plan_windows
+
+    image, text = inputs
+    method = get_method("cliptrase", dbscan_eps=0.8, dbscan_min_samples=3)
+    encoded = encode(vitb16, method, image)
+    logits = head(vitb16, method, encoded, text)
+    context = method.label_context(encoded[1])[0]  # (784, 28, 28)
+    affinity = context.reshape(784, 784).numpy()
+    assert np.abs(affinity[:256] - np.load(GOLDEN / "cliptrase__affinity.npy")).max() <= 1e-5  # first 256 rows kept
+    clusters = DBSCAN(eps=0.8, min_samples=3).fit_predict(affinity)
+    assert (clusters == np.load(GOLDEN / "cliptrase__dbscan_labels.npy")).all()
+    assert len(set(clusters) - {-1}) == 5
+    size, windows = plan_windows((448, 448), (448, 448), 0, 0, "symmetric", 16)
+    labels = torch.nn.functional.interpolate(logits, size=(448, 448), mode="bilinear").argmax(dim=1)[0]
+    refined = method.refine_labels(labels, [WindowContext(windows[0], size, context)]).numpy()
+    assert (refined != labels.numpy()).mean() > 0.5  # the vote changes most pixels ...
+    assert (refined == np.load(GOLDEN / "cliptrase__refined_labels.npy")).all()  # ... exactly as the authors'
+    assert (refined[::8, ::8] == np.load(GOLDEN / "cliptrase_e08m3.npy")[0]).all()
+
+
+def test_cliptrase_refinement_needs_the_whole_image_mode():
+    from gclip.errors import ConfigError
+    from gclip.methods import WindowContext
+
+    method = get_method("cliptrase", dbscan_eps=0.8)
+    labels = torch.zeros((8, 8), dtype=torch.long)
+    two = [WindowContext(None, (8, 8), torch.zeros((4, 2, 2)))] * 2
+    with pytest.raises(ConfigError, match="whole-image mode"):
+        method.refine_labels(labels, two)
+    assert get_method("cliptrase").refine_labels(labels, two) is labels
+
+
 def test_itaclip_definition_mixing_matches_the_authors():
     """ITACLIP's text side: name embeddings blended with description embeddings (rng 3 stands in for them)."""
     from gclip.methods.itaclip import mix_definitions

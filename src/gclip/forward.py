@@ -33,7 +33,7 @@ def autocast_for(vit: DenseViT) -> contextlib.AbstractContextManager:
 def encode(vit: DenseViT, method: Method, crops: torch.Tensor) -> Encoded:
     """The image encoder: ``(B, 3, H, W)`` normalised crops -> (tokens entering the last block, trace)."""
     with autocast_for(vit):
-        x, grid = vit.embed(crops)
+        x, grid = vit.embed(crops, method.pos_rule)
         trace = Trace(grid, images=crops)
         x = method.encode(vit, x, trace)
     return x, trace

@@ -60,7 +60,10 @@ def normalise(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) ->
     """``HxWx3 uint8 RGB`` -> ``(3, H, W)`` float32 ``(x - mean) / std`` with :func:`pixel_constants`
     (``mean``/``std`` given on the 0..1 scale)."""
     mean_255, std_255 = pixel_constants(mean, std)
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(torch.float32)
+    array = np.ascontiguousarray(image)
+    if not array.flags.writeable:  # e.g. np.asarray of a PIL image: torch wants a writable buffer
+        array = array.copy()
+    tensor = torch.from_numpy(array).permute(2, 0, 1).to(torch.float32)
     tensor = tensor.contiguous()
     return tensor.sub_(torch.tensor(mean_255).view(3, 1, 1)).div_(torch.tensor(std_255).view(3, 1, 1))
 

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .forward import dense_logits
+from .forward import encode, head
 from .images import ImageInput
-from .methods import Method
+from .methods import Method, WindowContext
 from .postprocess import pamr
 from .segmenter import Prepared, Segmenter
 from .windows import plan_windows
@@ -35,6 +35,10 @@ def reference_method(method: Method) -> Method:
 def reference_merged_logits(segmenter: Segmenter, prepared: Prepared) -> torch.Tensor:
     """Window-averaged ``(Q, h, w)`` logits of one prepared image, one window per forward pass (at the original
     size in the whole-image mode)."""
+    return _reference_pass(segmenter, prepared)[0]
+
+
+def _reference_pass(segmenter: Segmenter, prepared: Prepared) -> tuple[torch.Tensor, list[WindowContext]]:
     s = segmenter.settings
     vit, method = segmenter.vit, reference_method(segmenter.method)
     queries = segmenter._require_classes()
@@ -43,15 +47,20 @@ def reference_merged_logits(segmenter: Segmenter, prepared: Prepared) -> torch.T
     h, w = size
     preds = torch.zeros((1, queries.shape[0], h, w), device=segmenter.device)
     count = torch.zeros((1, 1, h, w), device=segmenter.device)
+    contexts: list[WindowContext] = []
     for win in windows:
         y1, y2, x1, x2 = win.box
-        logits = dense_logits(vit, method, F.pad(image[:, :, y1:y2, x1:x2], win.pads), queries)
+        encoded = encode(vit, method, F.pad(image[:, :, y1:y2, x1:x2], win.pads))
+        logits = head(vit, method, encoded, queries)
+        context = method.label_context(encoded[1])
+        if context is not None:
+            contexts.append(WindowContext(win, size, context[0]))
         top, ch, left, cw = win.keep
         logits = F.interpolate(logits, size=win.out_size, mode="bilinear")[:, :, top : top + ch, left : left + cw]
         y1, y2, x1, x2 = win.target
         preds += F.pad(logits, (x1, w - x2, y1, h - y2))
         count[:, :, y1:y2, x1:x2] += 1
-    return (preds / count)[0]
+    return (preds / count)[0], contexts
 
 
 @torch.no_grad()
@@ -59,7 +68,8 @@ def reference_labels(segmenter: Segmenter, image: ImageInput) -> np.ndarray:
     """``(H, W)`` int32 labels of one image, computed the plain way with the segmenter's settings."""
     s = segmenter.settings
     prepared = segmenter.prepare(image)
-    logits = reference_merged_logits(segmenter, prepared)[None]
+    merged, contexts = _reference_pass(segmenter, prepared)
+    logits = merged[None]
     logits = F.interpolate(logits, size=prepared.size, mode="bilinear")
     if s.pamr_steps > 0:
         small = F.interpolate(prepared.image[None].to(segmenter.device), size=prepared.size, mode="bilinear")
@@ -78,4 +88,4 @@ def reference_labels(segmenter: Segmenter, image: ImageInput) -> np.ndarray:
     top, labels = class_probs.max(0)
     if s.prob_thd > 0:
         labels[top < s.prob_thd] = 0
-    return segmenter.method.refine_labels(labels).to(torch.int32).cpu().numpy()
+    return segmenter.method.refine_labels(labels, contexts).to(torch.int32).cpu().numpy()

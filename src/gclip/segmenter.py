@@ -33,7 +33,7 @@ from .canvas import BandCanvas, Canvas, WindowUpsample
 from .errors import ClassesError, ConfigError
 from .forward import encode, head
 from .images import DEFAULT_MAX_PIXELS, ImageInput
-from .methods import Method, get_method
+from .methods import Method, WindowContext, get_method
 from .models import LoadedModel, load_model
 from .postprocess import TILE_ELEMENTS, StreamingReduction, pamr, reduce_logits
 from .preprocess import Prepared, Preprocessor
@@ -241,29 +241,33 @@ class Segmenter:
         """
         self._compiled = torch.compile(self._forward, **options)
 
-    def _forward(self, crops: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        return head(self.vit, self.method, encode(self.vit, self.method, crops), queries)
+    def _forward(self, crops: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        encoded = encode(self.vit, self.method, crops)
+        return head(self.vit, self.method, encoded, queries), self.method.label_context(encoded[1])
 
-    def _window_logits(self, crops: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        """``(B, Q, gh, gw)`` cosine logits of a batch of crops (timed as encoder and head)."""
+    def _window_logits(self, crops: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(B, Q, gh, gw)`` cosine logits of a batch of crops (timed as encoder and head), and the method's
+        :meth:`~gclip.methods.Method.label_context` of the pass."""
         if self._compiled is not None:
             n, bs, p = crops.shape[0], self.batch_size, self.vit.patch_size
             padded = crops  # one batch shape per window shape: a partial batch would trigger a recompilation
             if n < bs:
                 padded = torch.cat([crops, crops.new_zeros((bs - n, *crops.shape[1:]))])
             grid = (crops.shape[-2] // p, crops.shape[-1] // p)
-            self.vit.pos_embed(grid)  # caches filled eagerly: traced, a miss would break the graph or recompile
+            # caches filled eagerly: traced, a miss would break the graph or recompile
+            self.vit.pos_embed(grid, self.method.pos_rule)
             self.method.warm(self.vit, grid)
             try:
                 with self._stage("encoder"):
-                    return self._compiled(padded, queries)[:n]
+                    logits, context = self._compiled(padded, queries)
+                return logits[:n], None if context is None else context[:n]
             except Exception as e:  # noqa: BLE001 - any compiler failure: fall back to eager
                 warnings.warn(f"torch.compile failed ({type(e).__name__}); running without it", stacklevel=2)
                 self._compiled = None
         with self._stage("encoder"):
             encoded = encode(self.vit, self.method, crops)
         with self._stage("head"):
-            return head(self.vit, self.method, encoded, queries)
+            return head(self.vit, self.method, encoded, queries), self.method.label_context(encoded[1])
 
     def _plan(self, prepared: Sequence[Prepared]) -> tuple[list[tuple[int, int]], list[list[Window]], dict]:
         """Per image its canvas size and windows (:func:`~gclip.windows.plan_windows`), and the (image, window)
@@ -283,7 +287,8 @@ class Segmenter:
         return sizes, plans, groups
 
     def _windows(self, prepared: Sequence[Prepared], plans: list[list[Window]], groups: dict) -> Iterator[tuple]:
-        """``(image index, canvas box, lazily upsampled logits)`` for every window, batch by batch."""
+        """``(image index, window, lazily upsampled logits, label context or None)`` for every window, batch by
+        batch."""
         queries = self._require_classes()
         bs = self.batch_size
         images: dict[int, torch.Tensor] = {}  # each whole image crosses to the device once; windows are cut there
@@ -300,11 +305,12 @@ class Segmenter:
                 chunk = members[start : start + bs]
                 with self._stage("preprocess"):
                     batch = torch.stack([crop(i, plans[i][j]) for i, j in chunk])
-                logits = self._window_logits(batch, queries)
+                logits, context = self._window_logits(batch, queries)
                 with self._stage("head"):
-                    for (i, j), window_logits in zip(chunk, logits):
+                    for k, ((i, j), window_logits) in enumerate(zip(chunk, logits)):
                         win = plans[i][j]
-                        yield i, win.target, WindowUpsample(window_logits, win.out_size, win.keep, TILE_ELEMENTS // 4)
+                        up = WindowUpsample(window_logits, win.out_size, win.keep, TILE_ELEMENTS // 4)
+                        yield i, win, up, None if context is None else context[k]
 
     @torch.no_grad()
     def merged_logits(self, prepared: Sequence[Prepared]) -> list[torch.Tensor]:
@@ -313,8 +319,8 @@ class Segmenter:
         n_queries = self._require_classes().shape[0]
         sizes, plans, groups = self._plan(prepared)
         canvases = [Canvas(n_queries, size, self.device) for size in sizes]
-        for i, box, up in self._windows(prepared, plans, groups):
-            canvases[i].add(box, up)
+        for i, win, up, _ in self._windows(prepared, plans, groups):
+            canvases[i].add(win.target, up)
         return [c.merged() for c in canvases]
 
     @staticmethod
@@ -349,18 +355,21 @@ class Segmenter:
                 canvases.append(BandCanvas(queries.shape[0], size, targets, reducer, self.device, axis=axis))
             else:
                 canvases.append(Canvas(queries.shape[0], size, self.device))
-        for i, box, up in self._windows(prepared, plans, groups):
-            canvases[i].add(box, up)
+        contexts: list[list[WindowContext]] = [[] for _ in prepared]
+        for i, win, up, context in self._windows(prepared, plans, groups):
+            canvases[i].add(win.target, up)
+            if context is not None:
+                contexts[i].append(WindowContext(win, sizes[i], context))
         results = []
         with self._stage("head"):
-            for item, canvas in zip(prepared, canvases):
+            for item, canvas, image_contexts in zip(prepared, canvases, contexts):
                 if isinstance(canvas, BandCanvas):
                     reduced = canvas.reducer_result()
                 else:
                     reduced = self._reduce(item, canvas.merged(), return_probs)
                 results.append(
                     SegmentationResult(
-                        labels=self.method.refine_labels(reduced.labels).to(torch.int32).cpu().numpy(),
+                        labels=self.method.refine_labels(reduced.labels, image_contexts).to(torch.int32).cpu().numpy(),
                         class_names=self.classes.names,  # type: ignore[union-attr]
                         probs=reduced.probs.cpu().numpy() if reduced.probs is not None else None,
                         key=item.key,

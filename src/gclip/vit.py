@@ -35,11 +35,13 @@ def _manual_ok(block: nn.Module) -> bool:
     return getattr(attn, "logit_scale", None) is None  # open_clip's scaled cosine attention: the module's own
 
 
-def resample_pos_embed(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+def resample_pos_embed(pos: torch.Tensor, grid: tuple[int, int], rule: str = "sclip") -> torch.Tensor:
     """Resample a ``(1 + G*G, D)`` position embedding to a ``gh x gw`` patch grid.
 
-    The SCLIP/ClearCLIP rule: bicubic, ``scale_factor = (g + 0.1) / G``, ``align_corners=False``, no
-    antialias; the CLS embedding is kept as is.
+    ``rule="sclip"``: the SCLIP/ClearCLIP rule, bicubic with ``scale_factor = (g + 0.1) / G``,
+    ``align_corners=False``, no antialias. ``rule="antialias"``: timm's ``resample_abs_pos_embed`` as GEM uses
+    it, bicubic to the size with ``antialias=True`` (a different cubic kernel, also when upsampling). The CLS
+    embedding is kept as is.
 
     Returns:
         ``(1 + gh*gw, D)``.
@@ -54,12 +56,14 @@ def resample_pos_embed(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor
     cls_pos, patch_pos = pos[:1], pos[1:]
     grid_pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
     dtype = grid_pos.dtype
-    resized = F.interpolate(
-        grid_pos.float(),
-        scale_factor=((gh + 0.1) / side, (gw + 0.1) / side),
-        mode="bicubic",
-        align_corners=False,
-    ).to(dtype)
+    if rule == "sclip":
+        scale = ((gh + 0.1) / side, (gw + 0.1) / side)
+        resized = F.interpolate(grid_pos.float(), scale_factor=scale, mode="bicubic", align_corners=False)
+    elif rule == "antialias":
+        resized = F.interpolate(grid_pos.float(), size=(gh, gw), mode="bicubic", antialias=True)
+    else:
+        raise ValueError(f"position embedding rule must be 'sclip' or 'antialias', got {rule!r}")
+    resized = resized.to(dtype)
     if resized.shape[-2:] != (gh, gw):  # guard against rounding surprises
         raise RuntimeError(f"resampled grid {tuple(resized.shape[-2:])} != {(gh, gw)}")
     return torch.cat([cls_pos, resized.permute(0, 2, 3, 1).reshape(gh * gw, -1)], dim=0)
@@ -83,7 +87,7 @@ class DenseViT:
         self.depth = len(self.blocks)
         self.heads = int(self.blocks[0].attn.num_heads)
         self.batch_first = bool(getattr(visual.transformer, "batch_first", True))
-        self._pos_cache: dict[tuple[int, int, torch.dtype, torch.device], torch.Tensor] = {}
+        self._pos_cache: dict[tuple[int, int, str, torch.dtype, torch.device], torch.Tensor] = {}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -93,22 +97,23 @@ class DenseViT:
     def device(self) -> torch.device:
         return self.visual.conv1.weight.device
 
-    def pos_embed(self, grid: tuple[int, int]) -> torch.Tensor:
-        """The position embedding for a grid, resampled once and cached."""
+    def pos_embed(self, grid: tuple[int, int], rule: str = "sclip") -> torch.Tensor:
+        """The position embedding for a grid (:func:`resample_pos_embed` ``rule``), resampled once and cached."""
         pos = self.visual.positional_embedding
-        key = (grid[0], grid[1], pos.dtype, pos.device)
+        key = (grid[0], grid[1], rule, pos.dtype, pos.device)
         if key not in self._pos_cache:
-            self._pos_cache[key] = resample_pos_embed(pos.detach(), grid)
+            self._pos_cache[key] = resample_pos_embed(pos.detach(), grid, rule)
         return self._pos_cache[key]
 
-    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Normalised ``(B, 3, H, W)`` images (H, W multiples of the patch) -> ``(B, 1+N, D)`` tokens after ln_pre."""
+    def embed(self, images: torch.Tensor, pos_rule: str = "sclip") -> tuple[torch.Tensor, tuple[int, int]]:
+        """Normalised ``(B, 3, H, W)`` images (H, W multiples of the patch) -> ``(B, 1+N, D)`` tokens after ln_pre,
+        the position embedding resampled by ``pos_rule`` (:func:`resample_pos_embed`)."""
         v = self.visual
         x = v.conv1(images.to(self.dtype))
         grid = (int(x.shape[-2]), int(x.shape[-1]))
         x = x.flatten(2).transpose(1, 2)
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.pos_embed(grid).to(x.dtype)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed(grid, pos_rule).to(x.dtype)
         return v.ln_pre(x), grid
 
     def block(

@@ -32,9 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--skip-bad", action="store_true", help="skip unreadable or mismatched samples (with a warning)")
     add_model_args(p)
     add_method_args(p, multiple=True)
-    p.add_argument(
-        "--protocol", choices=list_protocols(), help="force a protocol preset (default: the method's own)"
-    )
+    p.add_argument("--protocol", choices=list_protocols(), help="force a protocol preset (default: the method's own)")
     add_settings_args(p)
     g = p.add_argument_group("running and output")
     g.add_argument("--images-per-step", type=int, default=4, help="images whose windows share forward passes")

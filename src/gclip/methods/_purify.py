@@ -6,10 +6,15 @@ windows of a batch for the data-dependent steps (which tokens are anomalous) and
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
+
 __all__ = [
+    "AffinityBlocks",
     "lof_outliers",
     "top_mask",
     "fill_outliers",
@@ -18,12 +23,60 @@ __all__ = [
     "aggregate",
     "masked_softmax",
     "scaled_index",
+    "patch_grid_features",
 ]
 
 
 def scaled_index(index: int, depth: int) -> int:
     """A block index given for a 12-block ViT at the same relative depth of a ``depth``-block one."""
     return index if depth == 12 else max(0, min(depth - 2, round(index * depth / 12)))
+
+
+@dataclass(frozen=True)
+class AffinityBlocks:
+    """The blocks SC-CLIP and SFP read: the prior block, the smoothing block, the multi-level range.
+
+    Built from indices given for 12 blocks (:meth:`resolve`); block ``i``'s output is block ``i+1``'s input,
+    and block L-2's output is the last block's input ``x``.
+    """
+
+    pre: int
+    post: int
+    multi: range
+
+    @classmethod
+    def resolve(cls, method: str, depth: int, pre: int, post: int, start: int, end: int) -> AffinityBlocks:
+        if depth != 12:
+            pre, post, start = scaled_index(pre, depth), scaled_index(post, depth), scaled_index(start, depth)
+            end = max(start + 1, min(depth - 1, round(end * depth / 12)))
+        if not (0 <= pre <= depth - 2 and 0 <= post <= depth - 2 and 0 <= start < end <= depth - 1):
+            raise ConfigError(
+                f"{method} block indices must lie within 0..{depth - 2} (the multi-level end within {depth - 1}) for "
+                f"a {depth}-block model: pre {pre}, post {post}, multi [{start}, {end})"
+            )
+        return cls(pre, post, range(start, end))
+
+    def keep(self, depth: int) -> set[int]:
+        """The block inputs to keep (``Method.keep_blocks``)."""
+        return {i + 1 for i in (self.pre, self.post, *self.multi) if i + 1 <= depth - 2}
+
+    @staticmethod
+    def output(i: int, depth: int, x: torch.Tensor, inputs: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Block ``i``'s output tokens."""
+        return x if i == depth - 2 else inputs[i + 1]
+
+    def multi_sum(self, depth: int, x: torch.Tensor, inputs: dict[int, torch.Tensor]) -> torch.Tensor:
+        """The sum of the multi-level blocks' outputs, in block order."""
+        total = self.output(self.multi[0], depth, x, inputs)
+        for i in self.multi[1:]:
+            total = total + self.output(i, depth, x, inputs)
+        return total
+
+
+def patch_grid_features(vit, rows: list[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
+    """Per-window ``(P, D)`` patch tokens -> ``(B, gh, gw, E)`` projected features."""
+    feats = vit.project(torch.stack(rows))
+    return feats.reshape(feats.shape[0], grid[0], grid[1], -1)
 
 
 def _squared_distances(x: torch.Tensor, rows: int = 32) -> torch.Tensor:

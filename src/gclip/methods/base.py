@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -11,9 +12,34 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..vit import DenseViT
 
-__all__ = ["Method", "Trace", "register", "get_method", "list_methods", "attend", "attention_map", "cosine_logits"]
+__all__ = [
+    "Method",
+    "Trace",
+    "WindowContext",
+    "register",
+    "get_method",
+    "list_methods",
+    "attend",
+    "attention_map",
+    "cosine_logits",
+]
 
 _REGISTRY: dict[str, type[Method]] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowContext:
+    """One window of an image with what :meth:`Method.label_context` kept of its pass.
+
+    Attributes:
+        window: the :class:`~gclip.windows.Window` (its box, padding, upsampled size, kept part, canvas target).
+        canvas: ``(H, W)`` of the canvas the windows are merged on (the label map's size in the whole-image mode).
+        context: the window's own slice of the context tensor.
+    """
+
+    window: Any
+    canvas: tuple[int, int]
+    context: torch.Tensor
 
 
 @dataclasses.dataclass
@@ -48,7 +74,8 @@ class Method:
     - :meth:`keep_blocks` / :meth:`overrides`: keep blocks' inputs; replace FFN parameters functionally;
     - :meth:`head`: the whole last stage (several passes through the last block, multi-level features);
     - :meth:`refine`: a step on a window's patch logits (it sees the features and the text);
-    - :meth:`text_queries` / :meth:`refine_labels`: the text embeddings; a step on the final label map.
+    - :meth:`text_queries` / :meth:`refine_labels`: the text embeddings; a step on the final label map, which
+      sees what :meth:`label_context` kept of each window's pass.
 
     Before a compiled forward the engine calls :meth:`warm`, which must fill every per-backbone and per-grid
     cache the method keeps.
@@ -56,6 +83,11 @@ class Method:
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+
+    @property
+    def pos_rule(self) -> str:
+        """How the position embedding is resampled to a crop's grid (:func:`gclip.vit.resample_pos_embed`)."""
+        return "sclip"
 
     def keep_blocks(self, vit: DenseViT) -> set[int]:
         """Blocks whose input tokens the head needs (``trace.inputs``)."""
@@ -119,8 +151,15 @@ class Method:
         :class:`~gclip.text.TextEncoder`; a method may change them (e.g. mix in descriptions)."""
         return encoder.embed(classes.queries)
 
-    def refine_labels(self, labels: torch.Tensor) -> torch.Tensor:
-        """A step on an image's final ``(H, W)`` label map (after thresholds), e.g. a morphological filter."""
+    def label_context(self, trace: Trace) -> torch.Tensor | None:
+        """Per crop, ``(B, ...)`` tensors that :meth:`refine_labels` needs from the pass (computed inside the
+        forward, so also under ``torch.compile``); ``None``: nothing."""
+        return None
+
+    def refine_labels(self, labels: torch.Tensor, windows: Sequence[WindowContext] = ()) -> torch.Tensor:
+        """A step on an image's final ``(H, W)`` label map (after thresholds), e.g. a morphological filter.
+
+        ``windows``: the image's windows with their :meth:`label_context` (empty when the method keeps none)."""
         return labels
 
     def options(self) -> dict[str, Any]:

@@ -10,6 +10,7 @@ each class's embedding is blended with its description's. The final label map is
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,8 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..vit import DenseViT
-from .base import Method, Trace, attend, cosine_logits, register
+from ._purify import scaled_index
+from .base import Method, Trace, WindowContext, attend, cosine_logits, register
 
 GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 
@@ -104,7 +106,7 @@ class ItaClip(Method):
     closing: bool = True
 
     def _mid(self, vit: DenseViT) -> list[int]:
-        blocks = [b if vit.depth == 12 else round(b * vit.depth / 12) for b in self.mid_blocks]
+        blocks = list(self.mid_blocks) if vit.depth == 12 else [scaled_index(b, vit.depth) for b in self.mid_blocks]
         if not blocks or any(not 0 <= b <= vit.depth - 2 for b in blocks):
             raise ConfigError(f"itaclip mid_blocks {self.mid_blocks} must be non-empty and within 0..{vit.depth - 2}")
         return blocks
@@ -118,7 +120,7 @@ class ItaClip(Method):
                 raise ConfigError("itaclip's image engineering needs the crops (trace.images)")
             images = trace.images.float()
             views = torch.cat([grey_view(images), blur_view(images), images.flip(-2), images.flip(-1)])
-            x = torch.cat([x, vit.embed(views)[0]])  # the views share the forward passes of the windows
+            x = torch.cat([x, vit.embed(views, self.pos_rule)[0]])  # the views share the forward passes of the windows
         return super().encode(vit, x, trace)
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -162,7 +164,7 @@ class ItaClip(Method):
             names, encoder.embed(texts), classes.query_to_class, self.def_coefficient, len(texts) == n - 1
         )
 
-    def refine_labels(self, labels: torch.Tensor) -> torch.Tensor:
+    def refine_labels(self, labels: torch.Tensor, windows: Sequence[WindowContext] = ()) -> torch.Tensor:
         if not self.closing:
             return labels
         import cv2

@@ -24,6 +24,14 @@ def neighbourhood_prior(grid: tuple[int, int], std: float) -> torch.Tensor:
     return prior.float()
 
 
+def cached_prior(cache: dict, grid: tuple[int, int], std: float, device: torch.device) -> torch.Tensor:
+    """:func:`neighbourhood_prior` on ``device``, kept in ``cache`` per grid, std and device."""
+    key = (grid, std, device)
+    if key not in cache:
+        cache[key] = neighbourhood_prior(grid, std).to(device)
+    return cache[key]
+
+
 @register
 @dataclass
 class NaClip(Method):
@@ -33,10 +41,7 @@ class NaClip(Method):
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def prior(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
-        key = (grid, device)
-        if key not in self._cache:
-            self._cache[key] = neighbourhood_prior(grid, self.gaussian_std).to(device)
-        return self._cache[key]
+        return cached_prior(self._cache, grid, self.gaussian_std, device)
 
     def warm(self, vit: DenseViT, grid: tuple[int, int]) -> None:
         super().warm(vit, grid)

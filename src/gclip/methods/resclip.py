@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..postprocess import pamr
 from ..vit import DenseViT
+from ._purify import scaled_index
 from .base import Method, Trace, cosine_logits, register
-from .naclip import neighbourhood_prior
+from .naclip import cached_prior
 
 _BASES = ("naclip", "clearclip", "sclip", "clip")
 
@@ -32,7 +33,7 @@ def patch_classes(probs: torch.Tensor, patch: int, temp_thd: float) -> torch.Ten
     labels = torch.where(top < temp_thd, torch.zeros_like(labels), labels)
     gh, gw = labels.shape[0] // patch, labels.shape[1] // patch
     blocks = labels[: gh * patch, : gw * patch].reshape(gh, patch, gw, patch).permute(0, 2, 1, 3).reshape(gh, gw, -1)
-    counts = F.one_hot(blocks, probs.shape[0]).sum(dim=2)  # (gh, gw, Q)
+    counts = (blocks[..., None] == torch.arange(probs.shape[0], device=probs.device)).sum(dim=2)  # (gh, gw, Q)
     return counts.argmax(dim=-1)  # first maximum: the smallest label
 
 
@@ -45,7 +46,7 @@ def _paths_valid(classes: torch.Tensor, rows: int = 64) -> tuple[torch.Tensor, t
     idx = torch.arange(n, device=classes.device)
     coords = torch.stack([idx // gw, idx % gw], dim=-1)  # (n, 2) long
     steps = (coords[None, :, :] - coords[:, None, :]).abs().max(dim=-1).values  # (p, q)
-    most = int(steps.max())
+    most = max(gh, gw) - 1  # the largest of them (known from the grid: no device sync)
     t = torch.linspace(0, 1, steps=most + 1, device=classes.device).view(1, -1, 1)
     flat = classes.reshape(-1)
     valid = torch.empty((n, n), dtype=torch.bool, device=classes.device)
@@ -72,7 +73,7 @@ def feedback_matrix(classes: torch.Tensor, gaussian_std: float, delete_same_enti
     same.diagonal().fill_(1)
     if delete_same_entity:
         valid, steps, most = _paths_valid(classes)
-        same = torch.where(valid, same, same * torch.exp(-steps / most))
+        same = torch.where(valid, same, same * torch.exp(-steps / max(most, 1)))
     size = min(n, int(6 * gaussian_std + 1))
     size = size if size % 2 == 1 else size + 1
     x = torch.arange(size, device=classes.device) - size // 2
@@ -121,7 +122,7 @@ class ResClip(Method):
     def _rcs_blocks(self, vit: DenseViT) -> list[int]:
         if self.base not in _BASES:
             raise ConfigError(f"resclip base must be one of {', '.join(_BASES)}, got {self.base!r}")
-        blocks = [b if vit.depth == 12 else round(b * vit.depth / 12) for b in self.rcs_blocks]
+        blocks = list(self.rcs_blocks) if vit.depth == 12 else [scaled_index(b, vit.depth) for b in self.rcs_blocks]
         if not blocks or any(not 0 <= b <= vit.depth - 2 for b in blocks):
             raise ConfigError(f"resclip rcs_blocks {self.rcs_blocks} must be non-empty and within 0..{vit.depth - 2}")
         return blocks
@@ -129,15 +130,9 @@ class ResClip(Method):
     def keep_blocks(self, vit: DenseViT) -> set[int]:
         return set(self._rcs_blocks(vit)) if self.rcs else set()
 
-    def prior(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
-        key = (grid, device, self.gaussian_std)
-        if key not in self._cache:
-            self._cache[key] = neighbourhood_prior(grid, self.gaussian_std).to(device)
-        return self._cache[key]
-
     def warm(self, vit: DenseViT, grid: tuple[int, int]) -> None:
         super().warm(vit, grid)
-        self.prior(grid, vit.device)
+        cached_prior(self._cache, grid, self.gaussian_std, vit.device)
 
     def _rcs(self, vit: DenseViT, trace: Trace) -> torch.Tensor | None:
         if not self.rcs:
@@ -165,7 +160,8 @@ class ResClip(Method):
             return tau * ((1 - lam) * scores + lam * m16)
 
         if self.base == "naclip":
-            weights = torch.softmax(mix(k @ k.transpose(-1, -2) * scale) + self.prior(trace.grid, x.device), dim=-1)
+            prior = cached_prior(self._cache, trace.grid, self.gaussian_std, x.device)
+            weights = torch.softmax(mix(k @ k.transpose(-1, -2) * scale) + prior, dim=-1)
         elif self.base == "clearclip":
             weights = torch.softmax(mix(q @ q.transpose(-1, -2) * scale), dim=-1)
         elif self.base == "sclip":
@@ -210,5 +206,3 @@ class ResClip(Method):
 
     def last_block(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         return self._last(vit, x, trace, self._rcs(vit, trace), None)
-
-

@@ -14,9 +14,17 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError
 from ..vit import DenseViT
-from ._purify import aggregate, cosine_affinity, fill_outliers, lof_outliers, masked_softmax, scaled_index, threshold
+from ._purify import (
+    AffinityBlocks,
+    aggregate,
+    cosine_affinity,
+    fill_outliers,
+    lof_outliers,
+    masked_softmax,
+    patch_grid_features,
+    threshold,
+)
 from .base import Method, Trace, attend, register
 
 
@@ -48,49 +56,32 @@ class ScClip(Method):
     lof_contamination: float = 0.05
     prior_scale: float = 3.0
 
-    def _indices(self, vit: DenseViT) -> tuple[int, int, range]:
-        depth = vit.depth
-        if depth == 12:
-            pre, post, start, end = self.pre_adjust_idx, self.post_adjust_idx, self.multi_start_idx, self.multi_end_idx
-        else:
-            pre, post = scaled_index(self.pre_adjust_idx, depth), scaled_index(self.post_adjust_idx, depth)
-            start = scaled_index(self.multi_start_idx, depth)
-            end = max(start + 1, min(depth - 1, round(self.multi_end_idx * depth / 12)))
-        if not (0 <= pre <= depth - 2 and 0 <= post <= depth - 2 and 0 <= start < end <= depth - 1):
-            raise ConfigError(
-                f"scclip block indices must lie within 0..{depth - 2} (multi_end_idx <= {depth - 1}) for a "
-                f"{depth}-block model: pre {pre}, post {post}, multi [{start}, {end})"
-            )
-        return pre, post, range(start, end)
+    def _blocks(self, vit: DenseViT) -> AffinityBlocks:
+        return AffinityBlocks.resolve(
+            "scclip", vit.depth, self.pre_adjust_idx, self.post_adjust_idx, self.multi_start_idx, self.multi_end_idx
+        )
 
     def keep_blocks(self, vit: DenseViT) -> set[int]:
-        pre, post, multi = self._indices(vit)
-        return {i + 1 for i in (pre, post, *multi) if i + 1 <= vit.depth - 2}  # block i's output: block i+1's input
+        return self._blocks(vit).keep(vit.depth)
 
     def features(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
-        pre, post, multi = self._indices(vit)
-        last = vit.depth - 1
-
-        def output(i: int) -> torch.Tensor:
-            return x if i == vit.depth - 2 else trace.inputs[i + 1]
-
-        multi_sum = output(multi[0])
-        for i in multi[1:]:
-            multi_sum = multi_sum + output(i)
+        blocks, last = self._blocks(vit), vit.depth - 1
+        pre = blocks.output(blocks.pre, vit.depth, x, trace.inputs)
+        post = blocks.output(blocks.post, vit.depth, x, trace.inputs)
+        multi_sum = blocks.multi_sum(vit.depth, x, trace.inputs)
         rows = []
         for b in range(x.shape[0]):
             patches = x[b, 1:]
             outliers = lof_outliers(patches, self.lof_neighbours, self.lof_contamination)
             repaired = fill_outliers(patches, outliers, trace.grid)
-            sim = cosine_affinity(fill_outliers(output(pre)[b, 1:], outliers, trace.grid))
+            sim = cosine_affinity(fill_outliers(pre[b, 1:], outliers, trace.grid))
             prior = masked_softmax(sim, self.prior_scale)
-            smooth = threshold(cosine_affinity(output(post)[b, 1:]), self.beta)
+            smooth = threshold(cosine_affinity(post[b, 1:]), self.beta)
             pooled = aggregate(threshold(sim, self.beta), repaired)
             main = self._attend(vit, last, pooled, prior) + self.res_cls * x[b, :1]
             deep = self._attend(vit, last, multi_sum[b, 1:], prior) + self.res_cls * multi_sum[b, :1]
             rows.append(aggregate(smooth, main) + aggregate(smooth, deep))
-        feats = vit.project(torch.stack(rows))
-        return feats.reshape(feats.shape[0], trace.grid[0], trace.grid[1], -1)
+        return patch_grid_features(vit, rows, trace.grid)
 
     @staticmethod
     def _attend(vit: DenseViT, index: int, tokens: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:

@@ -15,12 +15,13 @@ import torch
 from ..errors import ConfigError
 from ..vit import DenseViT
 from ._purify import (
+    AffinityBlocks,
     aggregate,
     cosine_affinity,
     fill_outliers,
     lof_outliers,
     masked_softmax,
-    scaled_index,
+    patch_grid_features,
     threshold,
     top_mask,
 )
@@ -56,20 +57,15 @@ class Sfp(Method):
     beta: float = 0.4
     prior_scale: float = 3.0
 
-    def _indices(self, vit: DenseViT) -> tuple[int, int, range]:
-        depth = vit.depth
-        pre, post, start = (scaled_index(i, depth) for i in (self.pre_block, self.post_block, self.multi_start))
-        end = self.multi_end if depth == 12 else max(start + 1, min(depth - 1, round(self.multi_end * depth / 12)))
-        if not (0 <= pre <= depth - 2 and 0 <= post <= depth - 2 and 0 <= start < end <= depth - 1):
-            raise ConfigError(f"sfp block indices must lie within 0..{depth - 2} for a {depth}-block model")
+    def _blocks(self, vit: DenseViT) -> AffinityBlocks:
         if self.pm not in ("SOM", "L2", "LOF"):
             raise ConfigError(f"sfp pm must be 'SOM', 'L2' or 'LOF', got {self.pm!r}")
-        return pre, post, range(start, end)
+        return AffinityBlocks.resolve(
+            "sfp", vit.depth, self.pre_block, self.post_block, self.multi_start, self.multi_end
+        )
 
     def keep_blocks(self, vit: DenseViT) -> set[int]:
-        pre, post, multi = self._indices(vit)
-        keep = {i + 1 for i in (pre, post, *multi) if i + 1 <= vit.depth - 2}
-        return keep | {vit.depth - 2}  # SOM reads block L-2's attention from its input
+        return self._blocks(vit).keep(vit.depth) | {vit.depth - 2}  # SOM reads block L-2's attention from its input
 
     def _outliers(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> list[torch.Tensor]:
         """Per window, the ``(P,)`` boolean mask of the outlier patches."""
@@ -85,21 +81,15 @@ class Sfp(Method):
         return [top_mask(scores, self.top_k) for scores in salient]
 
     def features(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
-        pre, post, multi = self._indices(vit)
-        last = vit.depth - 1
-
-        def output(i: int) -> torch.Tensor:
-            return x if i == vit.depth - 2 else trace.inputs[i + 1]
-
-        multi_sum = output(multi[0])
-        for i in multi[1:]:
-            multi_sum = multi_sum + output(i)
+        blocks, last = self._blocks(vit), vit.depth - 1
+        pre = blocks.output(blocks.pre, vit.depth, x, trace.inputs)
+        post = blocks.output(blocks.post, vit.depth, x, trace.inputs)
+        multi_sum = blocks.multi_sum(vit.depth, x, trace.inputs)
         rows = []
         for b, outliers in enumerate(self._outliers(vit, x, trace)):
-            repaired_pre = fill_outliers(output(pre)[b, 1:], outliers, trace.grid)
-            sim = threshold(cosine_affinity(repaired_pre), self.beta)
+            sim = threshold(cosine_affinity(fill_outliers(pre[b, 1:], outliers, trace.grid)), self.beta)
             prior = masked_softmax(sim, self.prior_scale)
-            smooth = threshold(cosine_affinity(output(post)[b, 1:]), self.beta)
+            smooth = threshold(cosine_affinity(post[b, 1:]), self.beta)
             purified = aggregate(sim, fill_outliers(x[b, 1:], outliers, trace.grid))
             q, k, v = vit.qkv(last, purified[None])
             heads = (attend(k, k, v) + attend(q, q, v) + prior.to(v.dtype) @ v) / 3
@@ -107,8 +97,7 @@ class Sfp(Method):
             _, _, v = vit.qkv(last, multi_sum[b : b + 1, 1:])
             deep = vit.out_proj(last, prior.to(v.dtype) @ v)[0] + self.res_cls * multi_sum[b, :1]
             rows.append(aggregate(smooth, main) + aggregate(smooth, deep))
-        feats = vit.project(torch.stack(rows))
-        return feats.reshape(feats.shape[0], trace.grid[0], trace.grid[1], -1)
+        return patch_grid_features(vit, rows, trace.grid)
 
     def last_block(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         raise NotImplementedError("sfp's last stage outputs patch tokens only: see Sfp.features")
