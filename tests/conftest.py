@@ -19,6 +19,33 @@ open_clip.add_model_config(HERE / "configs")
 logging.getLogger().setLevel(logging.ERROR)
 
 
+def make_tiny_proxy():
+    """A tiny DINO-layout ViT (timm): patch 4, width 32, 2 blocks, so its grid is twice CLIP-tiny's."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=0).eval()
+
+
+def _register_tiny_proxy() -> None:
+    """The suite has no DINO weights: the default proxy name (ProxyCLIP's ``dino_vitb8``) is pointed at a tiny
+    random ViT saved to a temporary file, as the tiny open_clip config stands in for CLIP. The real entries are
+    kept in ``REAL_PROXIES`` (test_proxy checks them)."""
+    import tempfile
+
+    import torch
+
+    from gclip import proxy
+
+    REAL_PROXIES.update(proxy.PROXIES)
+    path = Path(tempfile.mkdtemp(prefix="gclip-proxy-")) / "tiny-dino.pth"
+    torch.save(random_state_dict(make_tiny_proxy(), seed=7), path)
+    proxy.register_proxy("dino_vitb8", proxy.ProxySpec("gclip-tiny-proxy", build=make_tiny_proxy, checkpoint=str(path)))
+
+
+REAL_PROXIES: dict = {}
+_register_tiny_proxy()
+
+
 def make_tiny(layers: int = 2, seed: int = 0, block_type: str | None = None, **vision):
     """A random-weight tiny CLIP (eval mode), optionally deeper, with open_clip's custom attention block, or with
     other ``vision_cfg`` entries (e.g. ``scale_heads=True``)."""
@@ -80,3 +107,19 @@ def rgb_image() -> np.ndarray:
     """A 61x83 RGB uint8 test image (odd sizes on purpose)."""
     rng = np.random.default_rng(0)
     return rng.integers(0, 256, size=(61, 83, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="session")
+def golden_dino(tmp_path_factory) -> str:
+    """The random DINO ViT-B/8 of the ProxyCLIP goldens (timm ``vit_base_patch8_224``, random_state_dict seed 11),
+    registered as the proxy ``golden_dino_vitb8``."""
+    import timm
+    import torch
+
+    from gclip import proxy
+
+    path = tmp_path_factory.mktemp("dino") / "dino-vitb8-random.pth"
+    dino = timm.create_model("vit_base_patch8_224", pretrained=False, num_classes=0)
+    torch.save(random_state_dict(dino, seed=11), path)
+    proxy.register_proxy("golden_dino_vitb8", proxy.ProxySpec("vit_base_patch8_224", "dino", checkpoint=str(path)))
+    return "golden_dino_vitb8"

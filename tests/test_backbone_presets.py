@@ -77,8 +77,10 @@ def _forward_all_methods(name):
     side = 4 * preset.patch_size  # a small crop: 4x4 patches, position embeddings resampled as for any crop
     crops = torch.randn(1, 3, side, side)
     for method in list_methods():
-        feats = dense_features(vit, get_method(method), crops)
-        assert feats.shape == (1, 4, 4, cfg["embed_dim"]) and torch.isfinite(feats).all(), method
+        m = get_method(method)
+        feats = dense_features(vit, m, crops)
+        grid = m.output_grid(vit, (side, side))  # 4 x 4, or a second model's own grid
+        assert feats.shape == (1, *grid, cfg["embed_dim"]) and torch.isfinite(feats).all(), method
 
 
 @pytest.mark.parametrize("name", sorted(FAST))

@@ -140,7 +140,7 @@ class Segmenter:
         **settings: Any,
     ) -> None:
         self.model = model if isinstance(model, LoadedModel) else load_model(model, pretrained, precision, device)
-        self.vit = DenseViT(self.model.visual)
+        self.vit = DenseViT(self.model.visual, self.model.mean, self.model.std)
         self.method = get_method(method, **(method_options or {}))
         self.text = TextEncoder(self.model, templates)
         unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(Settings)})

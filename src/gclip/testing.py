@@ -22,14 +22,15 @@ def _init_tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator) ->
     leaf = name.rsplit(".", 1)[-1]
     if name == "logit_scale":
         return np.full(shape, math.log(100.0), dtype=np.float32)
-    if len(shape) == 1 and ("ln" in name.split(".")[-2] if "." in name else False):
+    parent = name.split(".")[-2] if "." in name else ""
+    if len(shape) == 1 and ("ln" in parent or "norm" in parent):  # open_clip's ln_*, timm's norm*
         # LayerNorm: weight near one, bias near zero.
         return (1.0 + 0.1 * noise) if leaf == "weight" else 0.05 * noise
     if leaf == "bias" or name.endswith("in_proj_bias"):
         return 0.02 * noise
     if leaf in ("proj", "text_projection"):
         return noise / math.sqrt(shape[0])
-    if leaf in ("class_embedding", "positional_embedding"):
+    if leaf in ("class_embedding", "positional_embedding", "cls_token", "pos_embed"):
         return noise / math.sqrt(shape[-1])
     if leaf == "token_embedding" or name.endswith("token_embedding.weight"):
         return 0.02 * noise

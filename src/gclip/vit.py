@@ -74,13 +74,21 @@ class DenseViT:
 
     Args:
         visual: ``clip_model.visual`` of an open_clip CLIP ViT. It is only read, never modified.
+        mean, std: the normalisation of the images it is given (0..1 scale, RGB; OpenAI's by default), for
+            methods that look at the pixels again (e.g. to feed a second model).
 
     Attributes:
         patch_size, width, depth, heads: read from the model.
     """
 
-    def __init__(self, visual: nn.Module) -> None:
+    def __init__(
+        self,
+        visual: nn.Module,
+        mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073),
+        std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711),
+    ) -> None:
         self.visual = visual
+        self.mean, self.std = tuple(mean), tuple(std)
         self.patch_size = int(visual.conv1.kernel_size[0])
         self.width = int(visual.conv1.out_channels)
         self.blocks: nn.ModuleList = visual.transformer.resblocks

@@ -42,6 +42,13 @@ def add_method_args(parser: argparse.ArgumentParser, multiple: bool = False) -> 
         metavar="JSON",
         help='method options as JSON, e.g. \'{"emerging_blocks": [6, 7], "fusion": "per_head"}\'',
     )
+    g.add_argument(
+        "--proxy",
+        default=None,
+        metavar="NAME",
+        help="second model of the methods that pair CLIP with one (proxyclip): dino_vitb8, dino_vitb16, ...",
+    )
+    g.add_argument("--proxy-checkpoint", default=None, metavar="PATH", help="local weights file of --proxy")
 
 
 def add_class_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -87,15 +94,29 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
     return {f: getattr(args, f) for f in SETTING_FIELDS if getattr(args, f, None) is not None}
 
 
-def method_options_from(args: argparse.Namespace) -> dict[str, Any]:
-    if not args.method_options:
-        return {}
-    try:
-        options = json.loads(args.method_options)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--method-options is not valid JSON ({e.msg} at column {e.colno})") from e
-    if not isinstance(options, dict):
-        raise ConfigError('--method-options must be a JSON object, e.g. \'{"fusion": "per_head"}\'')
+def method_options_from(args: argparse.Namespace, method: str | None = None) -> dict[str, Any]:
+    """``--method-options`` as a dict, plus ``--proxy``/``--proxy-checkpoint`` for a method that has a second
+    model (for ``method=None``: the one ``--method`` names; other methods never get them)."""
+    options: dict[str, Any] = {}
+    if args.method_options:
+        try:
+            options = json.loads(args.method_options)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--method-options is not valid JSON ({e.msg} at column {e.colno})") from e
+        if not isinstance(options, dict):
+            raise ConfigError('--method-options must be a JSON object, e.g. \'{"fusion": "per_head"}\'')
+    proxy = {"proxy": getattr(args, "proxy", None), "proxy_checkpoint": getattr(args, "proxy_checkpoint", None)}
+    proxy = {k: v for k, v in proxy.items() if v is not None}
+    if proxy:
+        import dataclasses
+
+        from ..methods import get_method
+
+        target = get_method(method or args.method)
+        if any(f.name == "proxy" for f in dataclasses.fields(target)):
+            options.update(proxy)
+        elif method is None:
+            raise ConfigError(f"--proxy: method {args.method!r} uses no second model (proxyclip does)")
     return options
 
 

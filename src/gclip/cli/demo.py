@@ -19,6 +19,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-megapixels", type=float, default=25, help="largest image in megapixels (default: 25)")
     g.add_argument("--work-side", type=int, default=1024, help="scale larger images to this long side (default 1024)")
     g.add_argument("--max-classes", type=int, default=30, help="most classes per request (default: 30)")
+    g = p.add_argument_group("second models")
+    g.add_argument("--proxy", default=None, metavar="NAME", help="proxyclip's second model (default: dino_vitb8)")
+    g.add_argument("--proxy-checkpoint", default=None, metavar="PATH", help="local weights file of that model")
     p.set_defaults(func=run)
 
 
@@ -40,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
         import gradio  # noqa: F401
     except ImportError as e:
         raise ConfigError("the demo needs Gradio: pip install 'gclip[demo]'") from e
-    service = DemoService(load_model_from(args), limits)
+    proxy = {"proxy": args.proxy, "proxy_checkpoint": args.proxy_checkpoint}
+    proxy = {k: v for k, v in proxy.items() if v is not None}
+    service = DemoService(load_model_from(args), limits, method_options={"proxyclip": proxy} if proxy else None)
     launch(service, host=args.host, port=args.port, concurrency=args.concurrency)
     return 0

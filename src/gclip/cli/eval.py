@@ -57,6 +57,28 @@ def _settings_text(settings: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in settings.items() if k not in ("method_options",))
 
 
+def _with_second_models(methods: list[str], options: dict, model: Any, every: bool, say: Any) -> list[str]:
+    """Load the second model of each method that has one, before any image is scored; with ``--method all`` a
+    method whose second model has no weights here is skipped with a one-line notice (named: an error)."""
+    from ..errors import WeightsError
+    from ..methods import get_method
+    from ..proxy import load_proxy
+
+    kept = []
+    for m in methods:
+        method = get_method(m, **options[m])
+        if hasattr(method, "proxy"):
+            try:
+                load_proxy(method.proxy, method.proxy_checkpoint, model.device, model.dtype)
+            except WeightsError as e:
+                if not every:
+                    raise
+                say(f"gclip: {m} skipped: {e}", file=sys.stderr)
+                continue
+        kept.append(m)
+    return kept
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -75,13 +97,14 @@ def run(args: argparse.Namespace) -> int:
     from ..methods import list_methods
 
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
-    if methods == ["all"]:
+    every_method = methods == ["all"]
+    if every_method:
         methods = list_methods()
     if not methods or not specs:
         raise ConfigError("give at least one --method and one --dataset")
-    options = method_options_from(args)
+    options = {m: method_options_from(args, m) for m in methods}
     for m in methods:
-        get_method(m, **options)
+        get_method(m, **options[m])
     overrides = settings_from(args)
 
     wants_cuda = torch.cuda.is_available() and (args.device is None or str(args.device).startswith("cuda"))
@@ -103,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"no benchmark dataset found under {args.data_root}")
 
     model = load_model(args.model, args.pretrained, args.precision, device, quick_gelu=args.quick_gelu)
+    methods = _with_second_models(methods, options, model, every_method, say)
     text = TextEncoder(model, args.templates)
     versions = software_versions(model.device)
     results = []
@@ -113,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
                 seg = Segmenter(
                     model,
                     method=method,
-                    method_options={**preset.method_options, **options},
+                    method_options={**preset.method_options, **options[method]},
                     templates=args.templates,
                     **preset.settings,
                 )

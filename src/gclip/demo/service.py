@@ -172,8 +172,10 @@ class DemoService:
         workdir: str | Path | None = None,
         methods: list[str] | None = None,
         defaults: DemoSettings = DemoSettings(),
+        method_options: dict[str, dict] | None = None,
     ) -> None:
         self.model = model
+        self.method_options = dict(method_options or {})  # per method, e.g. {"proxyclip": {"proxy_checkpoint": ...}}
         self.limits = limits
         self.methods = list(methods or list_methods())
         self.defaults = defaults
@@ -226,7 +228,12 @@ class DemoService:
         seen = self._names_seen.setdefault(method, set())
         seen.update(names)
         if method not in self._segmenters or len(seen) > self.limits.max_cached_names:
-            self._segmenters[method] = Segmenter(self.model, method=method, max_pixels=self.limits.max_pixels)
+            self._segmenters[method] = Segmenter(
+                self.model,
+                method=method,
+                method_options=self.method_options.get(method),
+                max_pixels=self.limits.max_pixels,
+            )
             self._names_seen[method] = set(names)
         return self._segmenters[method]
 

@@ -151,6 +151,10 @@ class Method:
         :class:`~gclip.text.TextEncoder`; a method may change them (e.g. mix in descriptions)."""
         return encoder.embed(classes.queries)
 
+    def output_grid(self, vit: DenseViT, size: tuple[int, int]) -> tuple[int, int]:
+        """The patch grid of the features of an ``(H, W)`` crop (CLIP's; a method with a second model: its own)."""
+        return int(size[0]) // vit.patch_size, int(size[1]) // vit.patch_size
+
     def label_context(self, trace: Trace) -> torch.Tensor | None:
         """Per crop, ``(B, ...)`` tensors that :meth:`refine_labels` needs from the pass (computed inside the
         forward, so also under ``torch.compile``); ``None``: nothing."""

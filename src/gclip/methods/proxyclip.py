@@ -1,0 +1,86 @@
+"""ProxyCLIP (ECCV 2024, mc-lan/ProxyCLIP): a vision foundation model's patch similarity as the last block's attention.
+
+The crop also goes through a second backbone (``proxy``, e.g. DINO ViT-B/8, see :mod:`gclip.proxy`), renormalised
+for it. Its last block's normalised patch tokens give a cosine similarity ``S`` over ITS patch grid; the attention
+is ``softmax(γ (S - β mean(S)))`` with the negative entries masked out, the same for every head. It is applied to
+the last CLIP block's values, bilinearly resized from CLIP's patch grid to the proxy's, then ``out_proj``, with no
+residual and no FFN; the logits are on the proxy's (finer) grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..proxy import ProxyViT, load_proxy
+from ..vit import DenseViT
+from .base import Method, Trace, register
+
+_LOADED: dict[tuple, ProxyViT] = {}
+
+
+def proxy_attention(feats: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+    """``(B, C, h, w)`` proxy features -> ``(B, h*w, h*w)`` attention: ``softmax(γ (S - β mean S))`` over the
+    entries that stay non-negative, ``S`` the patch cosine similarity (its mean taken per crop)."""
+    unit = F.normalize(feats.flatten(2).float(), dim=1)
+    sim = unit.transpose(1, 2) @ unit
+    sim = (sim - sim.mean(dim=(1, 2), keepdim=True) * beta) * gamma
+    return torch.softmax(sim.masked_fill(sim < 0, float("-inf")), dim=-1)
+
+
+@register
+@dataclass
+class ProxyClip(Method):
+    """ProxyCLIP's options.
+
+    Attributes:
+        proxy: the second backbone (:func:`gclip.proxy.list_proxies`; the authors' default ``dino_vitb8``).
+        proxy_checkpoint: its weights file (``None``: timm's cached pretrained weights).
+        beta, gamma: the shift (times the mean similarity) and the scale of the proxy attention.
+    """
+
+    name = "proxyclip"
+    summary = "a second model's patch similarity as the last block's attention on CLIP's values"
+    proxy: str = "dino_vitb8"
+    proxy_checkpoint: str | None = None
+    beta: float = 1.2
+    gamma: float = 3.0
+
+    def _proxy(self, vit: DenseViT) -> ProxyViT:
+        key = (self.proxy, self.proxy_checkpoint, str(vit.device), vit.dtype)
+        if key not in _LOADED:  # a plain dict (not load_proxy's lru_cache) so that a compiled forward traces a hit
+            if self.gamma <= 0:
+                raise ConfigError(f"proxyclip gamma must be > 0, got {self.gamma}")
+            _LOADED[key] = load_proxy(self.proxy, self.proxy_checkpoint, vit.device, vit.dtype)
+        return _LOADED[key]
+
+    def output_grid(self, vit: DenseViT, size: tuple[int, int]) -> tuple[int, int]:
+        patch = self._proxy(vit).patch_size
+        return int(size[0]) // patch, int(size[1]) // patch
+
+    def warm(self, vit: DenseViT, grid: tuple[int, int]) -> None:
+        self._proxy(vit).pos_embed((grid[0] * vit.patch_size, grid[1] * vit.patch_size))
+
+    def last_block(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+        if trace.images is None:
+            raise ConfigError("proxyclip needs the crops' pixels (trace.images) for its second model")
+        proxy = self._proxy(vit)
+        feats = proxy.features(proxy.renormalise(trace.images.to(vit.dtype), vit.mean, vit.std))
+        attn = proxy_attention(feats, self.beta, self.gamma)  # (B, M, M)
+        trace.extras["proxy_grid"] = tuple(feats.shape[-2:])
+        index = vit.depth - 1
+        _, _, v = vit.qkv(index, x)  # (B, H, 1+N, d)
+        b, h, _, d = v.shape
+        grid = v[:, :, 1:].reshape(b * h, trace.grid[0], trace.grid[1], d).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid.float(), size=feats.shape[-2:], mode="bilinear", align_corners=False)
+        values = grid.permute(0, 2, 3, 1).reshape(b, h, -1, d)
+        heads = (attn[:, None] @ values).to(x.dtype)  # (B, H, M, d)
+        return vit.out_proj(index, heads)
+
+    def features(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+        tokens = vit.project(self.last_block(vit, x, trace))  # patch tokens only, on the proxy's grid
+        gh, gw = trace.extras["proxy_grid"]
+        return tokens.reshape(tokens.shape[0], gh, gw, -1)

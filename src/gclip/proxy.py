@@ -1,0 +1,195 @@
+"""Second backbones: the vision foundation models some methods pair with CLIP (DINO ViTs).
+
+A proxy is loaded by name (:data:`PROXIES`) through timm, from a local checkpoint file or from timm's cached
+pretrained weights, with the same one-line errors as CLIP's loader, and cached per process: the Segmenter,
+``gclip eval``, bulk runs and the demo share one copy. Its forward is gclip's own walk over timm's modules, with
+the position embedding resampled by DINO's rule (the one the authors' torch.hub models use).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .errors import ConfigError, WeightsError
+from .models import _hub_reachable, read_checkpoint, resolve_device
+from .vit import resample_pos_embed
+
+__all__ = ["PROXIES", "ProxySpec", "ProxyViT", "load_proxy", "register_proxy", "list_proxies"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ProxySpec:
+    """A named second backbone.
+
+    Attributes:
+        arch: the timm architecture (built without weights, ``num_classes=0``).
+        tag: timm's pretrained tag for cached weights (``None``: a local checkpoint is required).
+        mean, std: the model's input normalisation (0..1 scale, RGB).
+        build: builds the bare model instead of ``timm.create_model(arch)`` (tiny test configs).
+        checkpoint: a weights file used when the caller gives none (before timm's cache).
+    """
+
+    arch: str
+    tag: str | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    build: Callable[[], nn.Module] | None = None
+    checkpoint: str | None = None
+
+
+PROXIES: dict[str, ProxySpec] = {
+    "dino_vitb8": ProxySpec("vit_base_patch8_224", "dino"),
+    "dino_vitb16": ProxySpec("vit_base_patch16_224", "dino"),
+    "dino_vits8": ProxySpec("vit_small_patch8_224", "dino"),
+    "dino_vits16": ProxySpec("vit_small_patch16_224", "dino"),
+}
+
+
+def register_proxy(name: str, spec: ProxySpec) -> None:
+    """Make a second backbone available by name (e.g. a tiny config in tests)."""
+    PROXIES[name] = spec
+    load_proxy.cache_clear()
+
+
+def list_proxies() -> list[str]:
+    return sorted(PROXIES)
+
+
+class ProxyViT:
+    """A timm ``VisionTransformer`` (DINO's layout) that yields its last block's normalised patch tokens.
+
+    Attributes:
+        name, spec: what was loaded; ``patch_size``, ``width``: read from the model.
+    """
+
+    def __init__(self, name: str, spec: ProxySpec, model: nn.Module) -> None:
+        self.name, self.spec, self.model = name, spec, model
+        self.patch_size = int(model.patch_embed.proj.kernel_size[0])
+        self.width = int(model.patch_embed.proj.out_channels)
+        self._pos: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.patch_embed.proj.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.patch_embed.proj.weight.dtype
+
+    def renormalise(self, images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+        """Images normalised with ``mean``/``std`` (CLIP's) -> normalised with this model's."""
+        src_m, src_s = (torch.tensor(v, device=images.device, dtype=images.dtype).view(1, 3, 1, 1) for v in (mean, std))
+        dst_m, dst_s = (
+            torch.tensor(v, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+            for v in (self.spec.mean, self.spec.std)
+        )
+        return (images * src_s + src_m - dst_m) / dst_s
+
+    def pos_embed(self, size: tuple[int, int]) -> torch.Tensor:
+        """The position embedding for ``(H, W)`` pixel inputs (DINO's resampling), computed once per size."""
+        grid = (int(size[0]) // self.patch_size, int(size[1]) // self.patch_size)
+        if grid not in self._pos:
+            self._pos[grid] = resample_pos_embed(self.model.pos_embed.detach()[0], grid).to(self.dtype)
+        return self._pos[grid]
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` images normalised for this model -> ``(B, C, H/p, W/p)`` patch tokens of the last block
+        after the final norm (DINO's ``get_intermediate_layers(x, 1)``)."""
+        m = self.model
+        x = m.patch_embed.proj(images.to(self.dtype))
+        grid = (int(x.shape[-2]), int(x.shape[-1]))
+        x = x.flatten(2).transpose(1, 2)
+        x = torch.cat([m.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        x = m.norm_pre(m.pos_drop(x + self.pos_embed((images.shape[-2], images.shape[-1]))))
+        for blk in m.blocks:
+            x = blk(x)
+        x = m.norm(x)[:, 1:]
+        return x.transpose(1, 2).reshape(x.shape[0], -1, grid[0], grid[1])
+
+
+def _bare_model(name: str, spec: ProxySpec) -> nn.Module:
+    if spec.build is not None:
+        return spec.build()
+    import timm
+
+    return timm.create_model(spec.arch, pretrained=False, num_classes=0)
+
+
+def _cached_weights(spec: ProxySpec) -> str | None:
+    if spec.tag is None:
+        return None
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(f"{spec.arch}.{spec.tag}")
+    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    for fname in ("model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(repo, fname) if repo else None
+        if isinstance(found, str) and Path(found).is_file():
+            return found
+    return None
+
+
+def _weights_file(name: str, spec: ProxySpec, checkpoint: str | None) -> str:
+    if checkpoint or spec.checkpoint:
+        return str(checkpoint or spec.checkpoint)
+    hint = f"download them on a connected machine and pass proxy_checkpoint=/path/to/{name}.pth"
+    cached = _cached_weights(spec)
+    if cached:
+        return cached
+    if spec.tag is None:
+        raise WeightsError(f"proxy {name} has no published weights: pass proxy_checkpoint=/path/to/checkpoint")
+    if not _hub_reachable():
+        raise WeightsError(
+            f"proxy {name} weights ({spec.arch}.{spec.tag}) are not cached and the network is unreachable: {hint}"
+        )
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(f"timm/{spec.arch}.{spec.tag}", "model.safetensors")
+    except Exception as e:  # noqa: BLE001
+        raise WeightsError(f"download of proxy {name} failed ({type(e).__name__}): {hint}") from e
+
+
+@functools.lru_cache(maxsize=4)
+def load_proxy(
+    name: str,
+    checkpoint: str | None = None,
+    device: str | torch.device | None = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> ProxyViT:
+    """The second backbone ``name`` with weights from ``checkpoint`` (a DINO ``.pth``, a timm ``.safetensors``
+    ...) or timm's cache; built once per process and arguments.
+
+    Raises:
+        ConfigError: unknown name. WeightsError: missing, unreadable or mismatched weights (one line).
+    """
+    if name not in PROXIES:
+        raise ConfigError(f"unknown proxy model {name!r}: choose one of {', '.join(list_proxies())}")
+    spec = PROXIES[name]
+    path = _weights_file(name, spec, checkpoint)
+    state, _ = read_checkpoint(path)
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    model = _bare_model(name, spec)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1].strip()[:160]
+        raise WeightsError(f"checkpoint {path} does not fit proxy {name} ({spec.arch}): {first}") from e
+    if result.missing_keys or result.unexpected_keys:
+        example = (result.missing_keys or result.unexpected_keys)[0]
+        raise WeightsError(
+            f"checkpoint {path} does not fit proxy {name} ({spec.arch}): {len(result.missing_keys)} missing and "
+            f"{len(result.unexpected_keys)} unexpected keys (e.g. {example!r})"
+        )
+    model = model.to(device=resolve_device(device), dtype=dtype).eval().requires_grad_(False)
+    return ProxyViT(name, spec, model)

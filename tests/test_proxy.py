@@ -1,0 +1,99 @@
+"""Second backbones (gclip.proxy): names, weights, one-line errors, the per-process cache, the forward walk."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import REAL_PROXIES, make_tiny_proxy
+from gclip import Segmenter, proxy
+from gclip.errors import ConfigError, WeightsError
+from gclip.testing import random_state_dict
+
+
+def test_named_proxies_are_dino_vits():
+    assert REAL_PROXIES["dino_vitb8"] == proxy.ProxySpec("vit_base_patch8_224", "dino")
+    assert {"dino_vitb8", "dino_vitb16", "dino_vits8", "dino_vits16"} <= set(REAL_PROXIES)
+
+
+def test_missing_weights_offline_give_one_line_error(monkeypatch):
+    monkeypatch.setenv("GCLIP_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-cache")
+    proxy.register_proxy("offline_dino", REAL_PROXIES["dino_vits16"])
+    with pytest.raises(WeightsError) as e:
+        proxy.load_proxy("offline_dino")
+    message = str(e.value)
+    assert "\n" not in message and "proxy_checkpoint=" in message and "unreachable" in message
+
+
+def test_unknown_proxy_and_mismatched_checkpoint(tmp_path):
+    with pytest.raises(ConfigError, match="unknown proxy model 'nope'"):
+        proxy.load_proxy("nope")
+    wrong = tmp_path / "wrong.pth"
+    tiny = make_tiny_proxy()
+    state = random_state_dict(tiny, seed=1)
+    state["pos_embed"] = torch.zeros(1, 5, 32)  # another grid
+    torch.save(state, wrong)
+    proxy.register_proxy("wrong_tiny", proxy.ProxySpec("tiny", build=make_tiny_proxy))
+    with pytest.raises(WeightsError, match="does not fit proxy wrong_tiny"):
+        proxy.load_proxy("wrong_tiny", str(wrong))
+    with pytest.raises(WeightsError, match="does not exist"):
+        proxy.load_proxy("wrong_tiny", str(tmp_path / "absent.pth"))
+
+
+def test_features_are_the_last_blocks_normalised_tokens():
+    loaded = proxy.load_proxy("dino_vitb8")  # the tiny stand-in (conftest)
+    assert loaded is proxy.load_proxy("dino_vitb8")  # one copy per process
+    x = torch.randn(2, 3, 32, 32)
+    feats = loaded.features(x)
+    expected = loaded.model.forward_features(x)[:, 1:]  # timm's own forward at the native size
+    assert feats.shape == (2, 32, 8, 8)
+    assert torch.allclose(feats.flatten(2).transpose(1, 2), expected, atol=1e-5)
+    assert loaded.features(torch.randn(1, 3, 48, 64)).shape == (1, 32, 12, 16)  # DINO's resampled positions
+
+
+def test_renormalise_maps_clip_inputs_to_imagenet_inputs():
+    loaded = proxy.load_proxy("dino_vitb8")
+    pixels = torch.rand(1, 3, 4, 4)
+    clip_mean, clip_std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    clip_in = (pixels - torch.tensor(clip_mean).view(1, 3, 1, 1)) / torch.tensor(clip_std).view(1, 3, 1, 1)
+    imagenet = (pixels - torch.tensor(proxy.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(proxy.IMAGENET_STD).view(
+        1, 3, 1, 1
+    )
+    assert torch.allclose(loaded.renormalise(clip_in, clip_mean, clip_std), imagenet, atol=1e-5)
+
+
+def test_proxyclip_logits_are_on_the_proxys_grid(tiny_model, rgb_image):
+    seg = Segmenter(tiny_model, method="proxyclip", short_side=32, crop=32, stride=16)
+    seg.set_classes(["a", "b", "c"])
+    result = seg.predict(rgb_image)
+    assert result.labels.shape == rgb_image.shape[:2]
+    from gclip.forward import dense_logits
+
+    logits = dense_logits(seg.vit, seg.method, torch.randn(1, 3, 32, 48), seg._require_classes())
+    assert logits.shape == (1, 3, 8, 12)  # proxy patch 4 (CLIP-tiny's is 8)
+
+
+def test_proxy_flags_reach_only_the_methods_with_a_second_model():
+    import argparse
+
+    from gclip.cli.common import method_options_from
+
+    args = argparse.Namespace(
+        method="proxyclip", method_options='{"beta": 1.0}', proxy="dino_vits8", proxy_checkpoint="/x/dino.pth"
+    )
+    assert method_options_from(args) == {"beta": 1.0, "proxy": "dino_vits8", "proxy_checkpoint": "/x/dino.pth"}
+    args.method, args.method_options = "all", None
+    assert method_options_from(args, "clearclip") == {}  # --method all: the others never see --proxy
+    assert method_options_from(args, "proxyclip")["proxy"] == "dino_vits8"
+    args.method = "clearclip"
+    with pytest.raises(ConfigError, match="uses no second model"):
+        method_options_from(args)
+
+
+def test_demo_passes_method_options_to_its_segmenters(tiny_model, tmp_path):
+    from gclip.demo import DemoService
+
+    service = DemoService(tiny_model, workdir=tmp_path, method_options={"proxyclip": {"beta": 1.0}})
+    assert service._segmenter("proxyclip", ["a", "b"]).method.beta == 1.0
+    assert service._segmenter("clip", ["a", "b"]).method.name == "clip"
