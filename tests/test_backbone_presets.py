@@ -102,3 +102,7 @@ def test_cli_models_lists_presets(capsys):
         assert f"{preset.name}  --model {preset.model}" in out
     assert "laion2b_s32b_b82k" in out and "mean (0.5, 0.5, 0.5)" in out
     assert "crop=336, stride=168" in out
+    from gclip.methods import list_methods
+
+    assert len(list_methods()) >= 12 and all(f"  {m} " in out for m in list_methods())
+    assert "second models" in out and "dino_vits8" in out

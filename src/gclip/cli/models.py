@@ -24,6 +24,11 @@ def run(args: argparse.Namespace) -> int:
     print("methods:")
     for name in list_methods():
         print(f"  {name:10s} {get_method(name).summary}")
+    from ..proxy import PROXIES
+
+    print("\nsecond models (--proxy NAME --proxy-checkpoint PATH, for proxyclip):")
+    for name, spec in sorted(PROXIES.items()):
+        print(f"  {name:12s} timm {spec.arch}" + (f" ({spec.tag} weights)" if spec.tag else ""))
     print("\nbackbone presets (--model NAME --pretrained TAG):")
     presets = list_presets()
     for p in presets:
