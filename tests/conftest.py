@@ -123,3 +123,25 @@ def golden_dino(tmp_path_factory) -> str:
     torch.save(random_state_dict(dino, seed=11), path)
     proxy.register_proxy("golden_dino_vitb8", proxy.ProxySpec("vit_base_patch8_224", "dino", checkpoint=str(path)))
     return "golden_dino_vitb8"
+
+
+@pytest.fixture(scope="session")
+def golden_dinov2(tmp_path_factory) -> str:
+    """The random DINOv2 ViT-B/14 with registers of the ProxyCLIP goldens (timm ``vit_base_patch14_reg4_dinov2``,
+    random_state_dict seed 13), saved in DINOv2's own checkpoint layout and registered as ``golden_dinov2``."""
+    import timm
+    import torch
+
+    from gclip import proxy
+
+    state = random_state_dict(timm.create_model("vit_base_patch14_reg4_dinov2", pretrained=False, num_classes=0), 13)
+    official = {k: v for k, v in state.items() if k not in ("cls_token", "pos_embed", "reg_token")}
+    official["cls_token"] = state["cls_token"]  # DINOv2 adds its CLS position (here 0) to the CLS token
+    official["pos_embed"] = torch.cat([torch.zeros(1, 1, state["pos_embed"].shape[-1]), state["pos_embed"]], dim=1)
+    official["register_tokens"] = state["reg_token"]
+    official["mask_token"] = torch.zeros(1, state["pos_embed"].shape[-1])
+    path = tmp_path_factory.mktemp("dinov2") / "dinov2-vitb14-reg-random.pth"
+    torch.save(official, path)
+    spec = proxy.ProxySpec("vit_base_patch14_reg4_dinov2", "lvd142m", checkpoint=str(path), pos_rule="antialias")
+    proxy.register_proxy("golden_dinov2", spec)
+    return "golden_dinov2"

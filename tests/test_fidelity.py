@@ -51,8 +51,9 @@ def ours(vit: DenseViT, entry: dict, inputs) -> np.ndarray:
 @pytest.mark.parametrize("golden", sorted(TABLE))
 def test_dense_logits_match_reference_implementation(vitb16, inputs, golden, request):
     entry = TABLE[golden]
-    if "proxy" in entry.get("options", {}):
-        request.getfixturevalue("golden_dino")  # registers the random second model the golden was made with
+    proxy = entry.get("options", {}).get("proxy")
+    if proxy:  # registers the random second model the golden was made with
+        request.getfixturevalue("golden_dinov2" if proxy == "golden_dinov2" else "golden_dino")
     expected = np.load(GOLDEN / f"{golden}.npy")
     got = ours(vitb16, entry, inputs)
     assert got.shape == expected.shape

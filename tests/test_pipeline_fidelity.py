@@ -39,8 +39,9 @@ def text():
 @pytest.mark.parametrize("name", sorted(TABLE))
 def test_pipeline_matches_the_authors_segmentor(model, text, sample_data, name, request):
     entry = TABLE[name]
-    if "proxy" in entry.get("options", {}):
-        request.getfixturevalue("golden_dino")  # registers the random second model the golden was made with
+    proxy = entry.get("options", {}).get("proxy")
+    if proxy:  # registers the random second model the golden was made with
+        request.getfixturevalue("golden_dinov2" if proxy == "golden_dinov2" else "golden_dino")
     seg = Segmenter(model, method=entry["method"], method_options=entry.get("options", {}), **entry["settings"])
     seg.classes = parse_classes([f"class {i}" for i in range(10)])
     seg._queries = text  # the random embeddings stand in for the prompt ensemble, as in the authors' run

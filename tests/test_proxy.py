@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +15,8 @@ from gclip.testing import random_state_dict
 def test_named_proxies_are_dino_vits():
     assert REAL_PROXIES["dino_vitb8"] == proxy.ProxySpec("vit_base_patch8_224", "dino")
     assert {"dino_vitb8", "dino_vitb16", "dino_vits8", "dino_vits16"} <= set(REAL_PROXIES)
+    dinov2 = REAL_PROXIES["dinov2_vitb14_reg"]
+    assert (dinov2.arch, dinov2.tag, dinov2.pos_rule) == ("vit_base_patch14_reg4_dinov2", "lvd142m", "antialias")
 
 
 def test_missing_weights_offline_give_one_line_error(monkeypatch):
@@ -97,3 +100,28 @@ def test_demo_passes_method_options_to_its_segmenters(tiny_model, tmp_path):
     service = DemoService(tiny_model, workdir=tmp_path, method_options={"proxyclip": {"beta": 1.0}})
     assert service._segmenter("proxyclip", ["a", "b"]).method.beta == 1.0
     assert service._segmenter("clip", ["a", "b"]).method.name == "clip"
+
+
+def test_dinov2_checkpoint_in_its_own_layout_loads_into_timm(golden_dinov2):
+    """DINOv2's checkpoint names (register_tokens, mask_token, CLS position in pos_embed) are converted to timm's;
+    the walk equals timm's own forward at the native size, and refuses crops that are not patch multiples."""
+    loaded = proxy.load_proxy(golden_dinov2)
+    assert loaded.patch_size == 14 and loaded.model.num_prefix_tokens == 5
+    x = torch.randn(1, 3, 518, 518)
+    feats = loaded.features(x)
+    expected = loaded.model.forward_features(x)[:, 5:]
+    assert feats.shape == (1, 768, 37, 37)
+    assert torch.allclose(feats.flatten(2).transpose(1, 2), expected, atol=1e-5)
+    with pytest.raises(ConfigError, match="multiples of its patch 14"):
+        loaded.features(torch.randn(1, 3, 320, 320))
+
+
+@pytest.mark.parametrize("padding", ["symmetric", "none"])
+def test_proxyclip_windows_fit_both_patches(tiny_model, padding):
+    """Padded windows are padded to a multiple of both models' patches; unpadded ones lose their last partial
+    proxy patch, as CLIP loses its own."""
+    seg = Segmenter(tiny_model, method="proxyclip", short_side=44, crop=36, stride=20, padding=padding)
+    assert seg.method.window_multiple(seg.vit) == 8  # lcm(CLIP-tiny 8, proxy 4)
+    seg.set_classes(["a", "b"])
+    image = np.random.default_rng(0).integers(0, 256, size=(44, 61, 3), dtype=np.uint8)
+    assert seg.predict(image).labels.shape == (44, 61)

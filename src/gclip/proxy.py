@@ -1,9 +1,10 @@
-"""Second backbones: the vision foundation models some methods pair with CLIP (DINO ViTs).
+"""Second backbones: the vision foundation models some methods pair with CLIP (DINO and DINOv2 ViTs).
 
 A proxy is loaded by name (:data:`PROXIES`) through timm, from a local checkpoint file or from timm's cached
 pretrained weights, with the same one-line errors as CLIP's loader, and cached per process: the Segmenter,
 ``gclip eval``, bulk runs and the demo share one copy. Its forward is gclip's own walk over timm's modules, with
-the position embedding resampled by DINO's rule (the one the authors' torch.hub models use).
+the position embedding resampled as the authors' torch.hub models do it (DINO: bicubic by scale factor;
+DINOv2 with registers: bicubic to the size with antialias).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class ProxySpec:
         mean, std: the model's input normalisation (0..1 scale, RGB).
         build: builds the bare model instead of ``timm.create_model(arch)`` (tiny test configs).
         checkpoint: a weights file used when the caller gives none (before timm's cache).
+        pos_rule: how the position embedding is resampled (:func:`gclip.vit.resample_pos_embed`).
     """
 
     arch: str
@@ -44,6 +46,7 @@ class ProxySpec:
     std: tuple[float, float, float] = IMAGENET_STD
     build: Callable[[], nn.Module] | None = None
     checkpoint: str | None = None
+    pos_rule: str = "sclip"
 
 
 PROXIES: dict[str, ProxySpec] = {
@@ -51,6 +54,8 @@ PROXIES: dict[str, ProxySpec] = {
     "dino_vitb16": ProxySpec("vit_base_patch16_224", "dino"),
     "dino_vits8": ProxySpec("vit_small_patch8_224", "dino"),
     "dino_vits16": ProxySpec("vit_small_patch16_224", "dino"),
+    "dinov2_vitb14_reg": ProxySpec("vit_base_patch14_reg4_dinov2", "lvd142m", pos_rule="antialias"),
+    "dinov2_vits14_reg": ProxySpec("vit_small_patch14_reg4_dinov2", "lvd142m", pos_rule="antialias"),
 }
 
 
@@ -95,24 +100,45 @@ class ProxyViT:
         return (images * src_s + src_m - dst_m) / dst_s
 
     def pos_embed(self, size: tuple[int, int]) -> torch.Tensor:
-        """The position embedding for ``(H, W)`` pixel inputs (DINO's resampling), computed once per size."""
+        """The position embedding for ``(H, W)`` pixel inputs (the spec's resampling), computed once per size.
+
+        Models whose embedding covers the patches only (timm's ``no_embed_class``, DINOv2 with registers) get
+        ``(N, C)``, the others ``(1 + N, C)`` with the CLS position first."""
         grid = (int(size[0]) // self.patch_size, int(size[1]) // self.patch_size)
         if grid not in self._pos:
-            self._pos[grid] = resample_pos_embed(self.model.pos_embed.detach()[0], grid).to(self.dtype)
+            pos = self.model.pos_embed.detach()[0]
+            patches_only = bool(getattr(self.model, "no_embed_class", False))
+            if patches_only:  # resample_pos_embed expects a CLS row first
+                pos = torch.cat([pos.new_zeros((1, pos.shape[-1])), pos])
+            out = resample_pos_embed(pos, grid, self.spec.pos_rule)
+            self._pos[grid] = (out[1:] if patches_only else out).to(self.dtype)
         return self._pos[grid]
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` images normalised for this model -> ``(B, C, H/p, W/p)`` patch tokens of the last block
         after the final norm (DINO's ``get_intermediate_layers(x, 1)``)."""
         m = self.model
+        if images.shape[-2] % self.patch_size or images.shape[-1] % self.patch_size:
+            raise ConfigError(
+                f"proxy {self.name} needs crops whose sides are multiples of its patch {self.patch_size}, got "
+                f"{images.shape[-2]}x{images.shape[-1]}: choose a crop such as {self.patch_size * 16} (and stride)"
+            )
         x = m.patch_embed.proj(images.to(self.dtype))
         grid = (int(x.shape[-2]), int(x.shape[-1]))
         x = x.flatten(2).transpose(1, 2)
-        x = torch.cat([m.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-        x = m.norm_pre(m.pos_drop(x + self.pos_embed((images.shape[-2], images.shape[-1]))))
+        b = x.shape[0]
+        prefix = [m.cls_token.expand(b, -1, -1).to(x.dtype)]
+        if getattr(m, "reg_token", None) is not None:
+            prefix.append(m.reg_token.expand(b, -1, -1).to(x.dtype))
+        pos = self.pos_embed((images.shape[-2], images.shape[-1]))
+        if getattr(m, "no_embed_class", False):  # DINOv2 with registers: CLS and registers carry no position
+            x = torch.cat([*prefix, x + pos], dim=1)
+        else:
+            x = torch.cat([*prefix, x], dim=1) + pos
+        x = m.norm_pre(m.pos_drop(x))
         for blk in m.blocks:
             x = blk(x)
-        x = m.norm(x)[:, 1:]
+        x = m.norm(x)[:, m.num_prefix_tokens :]
         return x.transpose(1, 2).reshape(x.shape[0], -1, grid[0], grid[1])
 
 
@@ -180,6 +206,10 @@ def load_proxy(
     state, _ = read_checkpoint(path)
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
     model = _bare_model(name, spec)
+    if "register_tokens" in state or "mask_token" in state:  # DINOv2's own checkpoint names -> timm's
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        state = checkpoint_filter_fn(state, model)
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:

@@ -43,7 +43,8 @@ def _reference_pass(segmenter: Segmenter, prepared: Prepared) -> tuple[torch.Ten
     vit, method = segmenter.vit, reference_method(segmenter.method)
     queries = segmenter._require_classes()
     image = prepared.image[None].to(segmenter.device)
-    size, windows = plan_windows(tuple(image.shape[-2:]), prepared.size, s.crop, s.stride, s.padding, vit.patch_size)
+    multiple = method.window_multiple(vit)
+    size, windows = plan_windows(tuple(image.shape[-2:]), prepared.size, s.crop, s.stride, s.padding, multiple)
     h, w = size
     preds = torch.zeros((1, queries.shape[0], h, w), device=segmenter.device)
     count = torch.zeros((1, 1, h, w), device=segmenter.device)

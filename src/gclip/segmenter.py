@@ -274,10 +274,9 @@ class Segmenter:
         pairs grouped by window shape, in window order."""
         s = self.settings
         sizes, plans, groups = [], [], defaultdict(list)
+        multiple = self.method.window_multiple(self.vit)
         for i, item in enumerate(prepared):
-            size, windows = plan_windows(
-                tuple(item.image.shape[-2:]), item.size, s.crop, s.stride, s.padding, self.vit.patch_size
-            )
+            size, windows = plan_windows(tuple(item.image.shape[-2:]), item.size, s.crop, s.stride, s.padding, multiple)
             if self._stream_axis(size) == 1:  # column by column (see BandCanvas)
                 windows = sorted(windows, key=lambda win: (win.target[2], win.target[0]))
             sizes.append(size)

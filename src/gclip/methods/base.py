@@ -151,6 +151,11 @@ class Method:
         :class:`~gclip.text.TextEncoder`; a method may change them (e.g. mix in descriptions)."""
         return encoder.embed(classes.queries)
 
+    def window_multiple(self, vit: DenseViT) -> int:
+        """Windows are padded to a multiple of this (``padding="symmetric"``): the patch, or what every model of
+        the method divides."""
+        return vit.patch_size
+
     def output_grid(self, vit: DenseViT, size: tuple[int, int]) -> tuple[int, int]:
         """The patch grid of the features of an ``(H, W)`` crop (CLIP's; a method with a second model: its own)."""
         return int(size[0]) // vit.patch_size, int(size[1]) // vit.patch_size

@@ -9,6 +9,7 @@ residual and no FFN; the logits are on the proxy's (finer) grid.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,9 @@ class ProxyClip(Method):
             _LOADED[key] = load_proxy(self.proxy, self.proxy_checkpoint, vit.device, vit.dtype)
         return _LOADED[key]
 
+    def window_multiple(self, vit: DenseViT) -> int:
+        return math.lcm(vit.patch_size, self._proxy(vit).patch_size)  # both models see whole patches
+
     def output_grid(self, vit: DenseViT, size: tuple[int, int]) -> tuple[int, int]:
         patch = self._proxy(vit).patch_size
         return int(size[0]) // patch, int(size[1]) // patch
@@ -68,7 +72,13 @@ class ProxyClip(Method):
         if trace.images is None:
             raise ConfigError("proxyclip needs the crops' pixels (trace.images) for its second model")
         proxy = self._proxy(vit)
-        feats = proxy.features(proxy.renormalise(trace.images.to(vit.dtype), vit.mean, vit.std))
+        images = trace.images
+        h, w = (
+            images.shape[-2] // proxy.patch_size * proxy.patch_size,
+            images.shape[-1] // proxy.patch_size * proxy.patch_size,
+        )
+        images = images[..., :h, :w]  # unpadded windows: the pixels past the last whole patch are ignored, as by CLIP
+        feats = proxy.features(proxy.renormalise(images.to(vit.dtype), vit.mean, vit.std))
         attn = proxy_attention(feats, self.beta, self.gamma)  # (B, M, M)
         trace.extras["proxy_grid"] = tuple(feats.shape[-2:])
         index = vit.depth - 1
