@@ -145,3 +145,20 @@ def golden_dinov2(tmp_path_factory) -> str:
     spec = proxy.ProxySpec("vit_base_patch14_reg4_dinov2", "lvd142m", checkpoint=str(path), pos_rule="antialias")
     proxy.register_proxy("golden_dinov2", spec)
     return "golden_dinov2"
+
+
+@pytest.fixture(scope="session")
+def golden_sam(tmp_path_factory) -> str:
+    """The random SAM ViT-B image encoder of the ProxyCLIP goldens (timm ``samvit_base_patch16``, random_state_dict
+    seed 17), saved in SAM's own checkpoint layout (``image_encoder.*``, ``mlp.lin*``), registered as ``golden_sam``."""
+    import timm
+    import torch
+
+    from gclip import proxy
+
+    state = random_state_dict(timm.create_model("samvit_base_patch16", pretrained=False, num_classes=0), seed=17)
+    path = tmp_path_factory.mktemp("sam") / "sam-vitb-random.pth"
+    torch.save({"image_encoder." + k.replace("mlp.fc", "mlp.lin"): v for k, v in state.items()}, path)
+    spec = proxy.ProxySpec("vit_b", None, checkpoint=str(path), input_size=1024, family="sam")
+    proxy.register_proxy("golden_sam", spec)
+    return "golden_sam"

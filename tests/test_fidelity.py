@@ -53,7 +53,9 @@ def test_dense_logits_match_reference_implementation(vitb16, inputs, golden, req
     entry = TABLE[golden]
     proxy = entry.get("options", {}).get("proxy")
     if proxy:  # registers the random second model the golden was made with
-        request.getfixturevalue("golden_dinov2" if proxy == "golden_dinov2" else "golden_dino")
+        request.getfixturevalue(
+            {"golden_dinov2": "golden_dinov2", "golden_sam": "golden_sam"}.get(proxy, "golden_dino")
+        )
     expected = np.load(GOLDEN / f"{golden}.npy")
     got = ours(vitb16, entry, inputs)
     assert got.shape == expected.shape

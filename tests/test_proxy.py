@@ -17,6 +17,8 @@ def test_named_proxies_are_dino_vits():
     assert {"dino_vitb8", "dino_vitb16", "dino_vits8", "dino_vits16"} <= set(REAL_PROXIES)
     dinov2 = REAL_PROXIES["dinov2_vitb14_reg"]
     assert (dinov2.arch, dinov2.tag, dinov2.pos_rule) == ("vit_base_patch14_reg4_dinov2", "lvd142m", "antialias")
+    sam = REAL_PROXIES["sam_vitb"]
+    assert (sam.family, sam.arch, sam.input_size) == ("sam", "vit_b", 1024)
 
 
 def test_missing_weights_offline_give_one_line_error(monkeypatch):
@@ -125,3 +127,10 @@ def test_proxyclip_windows_fit_both_patches(tiny_model, padding):
     seg.set_classes(["a", "b"])
     image = np.random.default_rng(0).integers(0, 256, size=(44, 61, 3), dtype=np.uint8)
     assert seg.predict(image).labels.shape == (44, 61)
+
+
+def test_sam_without_weights_names_the_file_to_pass():
+    proxy.register_proxy("sam_noweights", REAL_PROXIES["sam_vitb"])
+    with pytest.raises(WeightsError, match="proxy_checkpoint=.*sam_vit_b_01ec64.pth") as e:
+        proxy.load_proxy("sam_noweights")
+    assert "\n" not in str(e.value)

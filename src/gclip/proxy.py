@@ -1,4 +1,4 @@
-"""Second backbones: the vision foundation models some methods pair with CLIP (DINO and DINOv2 ViTs).
+"""Second backbones: the vision foundation models some methods pair with CLIP (DINO, DINOv2, SAM's encoder).
 
 A proxy is loaded by name (:data:`PROXIES`) through timm, from a local checkpoint file or from timm's cached
 pretrained weights, with the same one-line errors as CLIP's loader, and cached per process: the Segmenter,
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .errors import ConfigError, WeightsError
 from .models import _hub_reachable, read_checkpoint, resolve_device
@@ -38,6 +39,9 @@ class ProxySpec:
         build: builds the bare model instead of ``timm.create_model(arch)`` (tiny test configs).
         checkpoint: a weights file used when the caller gives none (before timm's cache).
         pos_rule: how the position embedding is resampled (:func:`gclip.vit.resample_pos_embed`).
+        input_size: a fixed input side the crops are resized to (SAM's image encoder: 1024); 0: the crop's size.
+        family: ``"timm"`` (a timm ViT) or ``"sam"`` (``arch`` names a ``segment_anything.sam_model_registry``
+            entry; its image encoder, from the ``segment-anything`` package).
     """
 
     arch: str
@@ -47,6 +51,8 @@ class ProxySpec:
     build: Callable[[], nn.Module] | None = None
     checkpoint: str | None = None
     pos_rule: str = "sclip"
+    input_size: int = 0
+    family: str = "timm"
 
 
 PROXIES: dict[str, ProxySpec] = {
@@ -56,6 +62,7 @@ PROXIES: dict[str, ProxySpec] = {
     "dino_vits16": ProxySpec("vit_small_patch16_224", "dino"),
     "dinov2_vitb14_reg": ProxySpec("vit_base_patch14_reg4_dinov2", "lvd142m", pos_rule="antialias"),
     "dinov2_vits14_reg": ProxySpec("vit_small_patch14_reg4_dinov2", "lvd142m", pos_rule="antialias"),
+    "sam_vitb": ProxySpec("vit_b", None, input_size=1024, family="sam"),
 }
 
 
@@ -114,10 +121,27 @@ class ProxyViT:
             self._pos[grid] = (out[1:] if patches_only else out).to(self.dtype)
         return self._pos[grid]
 
+    @property
+    def window_patch(self) -> int:
+        """What a crop's sides must be a multiple of (1 for a model that resizes its input)."""
+        return 1 if self.spec.input_size else self.patch_size
+
+    def grid(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The feature grid for an ``(H, W)`` crop."""
+        if self.spec.input_size:
+            side = self.spec.input_size // self.patch_size
+            return side, side
+        return int(size[0]) // self.patch_size, int(size[1]) // self.patch_size
+
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` images normalised for this model -> ``(B, C, H/p, W/p)`` patch tokens of the last block
-        after the final norm (DINO's ``get_intermediate_layers(x, 1)``)."""
+        """``(B, 3, H, W)`` images normalised for this model -> ``(B, C, h, w)``: the patch tokens of the last block
+        after the final norm (DINO's ``get_intermediate_layers(x, 1)``); for SAM the image encoder's output (neck
+        included) of the crop resized bilinearly to its fixed input, as ProxyCLIP feeds it."""
         m = self.model
+        if self.spec.input_size:
+            side = self.spec.input_size
+            images = F.interpolate(images.to(self.dtype), size=(side, side), mode="bilinear", align_corners=False)
+            return m(images)  # SAM's ImageEncoderViT: blocks and neck
         if images.shape[-2] % self.patch_size or images.shape[-1] % self.patch_size:
             raise ConfigError(
                 f"proxy {self.name} needs crops whose sides are multiples of its patch {self.patch_size}, got "
@@ -145,6 +169,12 @@ class ProxyViT:
 def _bare_model(name: str, spec: ProxySpec) -> nn.Module:
     if spec.build is not None:
         return spec.build()
+    if spec.family == "sam":
+        try:
+            from segment_anything import sam_model_registry
+        except ImportError:
+            raise ConfigError(f"proxy {name} needs SAM's package: pip install 'gclip[sam]'") from None
+        return sam_model_registry[spec.arch](checkpoint=None).image_encoder
     import timm
 
     return timm.create_model(spec.arch, pretrained=False, num_classes=0)
@@ -173,7 +203,12 @@ def _weights_file(name: str, spec: ProxySpec, checkpoint: str | None) -> str:
     if cached:
         return cached
     if spec.tag is None:
-        raise WeightsError(f"proxy {name} has no published weights: pass proxy_checkpoint=/path/to/checkpoint")
+        raise WeightsError(
+            f"proxy {name}: no weights given: pass proxy_checkpoint=/path/to/checkpoint (e.g. SAM's "
+            "sam_vit_b_01ec64.pth)"
+            if spec.family == "sam"
+            else f"proxy {name} has no published weights: pass proxy_checkpoint=/path/to/checkpoint"
+        )
     if not _hub_reachable():
         raise WeightsError(
             f"proxy {name} weights ({spec.arch}.{spec.tag}) are not cached and the network is unreachable: {hint}"
@@ -210,6 +245,10 @@ def load_proxy(
         from timm.models.vision_transformer import checkpoint_filter_fn
 
         state = checkpoint_filter_fn(state, model)
+    elif spec.family == "sam":  # a whole SAM checkpoint (or timm's samvit names): the image encoder's own names
+        if any(k.startswith("image_encoder.") for k in state):
+            state = {k[len("image_encoder.") :]: v for k, v in state.items() if k.startswith("image_encoder.")}
+        state = {k.replace("mlp.fc", "mlp.lin"): v for k, v in state.items()}
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:

@@ -59,24 +59,23 @@ class ProxyClip(Method):
         return _LOADED[key]
 
     def window_multiple(self, vit: DenseViT) -> int:
-        return math.lcm(vit.patch_size, self._proxy(vit).patch_size)  # both models see whole patches
+        return math.lcm(vit.patch_size, self._proxy(vit).window_patch)  # both models see whole patches
 
     def output_grid(self, vit: DenseViT, size: tuple[int, int]) -> tuple[int, int]:
-        patch = self._proxy(vit).patch_size
-        return int(size[0]) // patch, int(size[1]) // patch
+        return self._proxy(vit).grid(size)
 
     def warm(self, vit: DenseViT, grid: tuple[int, int]) -> None:
-        self._proxy(vit).pos_embed((grid[0] * vit.patch_size, grid[1] * vit.patch_size))
+        proxy = self._proxy(vit)
+        if not proxy.spec.input_size:
+            proxy.pos_embed((grid[0] * vit.patch_size, grid[1] * vit.patch_size))
 
     def last_block(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         if trace.images is None:
             raise ConfigError("proxyclip needs the crops' pixels (trace.images) for its second model")
         proxy = self._proxy(vit)
         images = trace.images
-        h, w = (
-            images.shape[-2] // proxy.patch_size * proxy.patch_size,
-            images.shape[-1] // proxy.patch_size * proxy.patch_size,
-        )
+        p = proxy.window_patch
+        h, w = images.shape[-2] // p * p, images.shape[-1] // p * p
         images = images[..., :h, :w]  # unpadded windows: the pixels past the last whole patch are ignored, as by CLIP
         feats = proxy.features(proxy.renormalise(images.to(vit.dtype), vit.mean, vit.std))
         attn = proxy_attention(feats, self.beta, self.gamma)  # (B, M, M)
