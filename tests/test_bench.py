@@ -10,7 +10,7 @@ from conftest import HERE, TINY
 from gclip.bench import BenchConfig, encoder_flops, memory_check_subprocess, window_grids
 from gclip.cli import main
 
-STAGES = {"decode", "preprocess", "encoder", "head", "text"}
+STAGES = {"decode", "preprocess", "encoder", "second_model", "head", "text"}
 TOP_FIELDS = {
     "images", "count", "model", "weights", "method", "method_options", "precision", "device", "batch_size",
     "batch_images", "compile", "settings", "classes", "windows", "images_per_s", "seconds", "latency_ms",
@@ -38,6 +38,7 @@ def test_bench_smoke_writes_json_with_every_field(tmp_path, capsys):
     assert record["count"] == 3 and record["images_per_s"] > 0 and record["peak_rss_mb"] > 0
     assert record["encoder_tflops_per_s"] > 0 and record["classes"] == 21
     assert record["reference"]["labels_identical"] is True and record["reference"]["mismatched_pixels"] == 0
+    assert record["stage_seconds"]["second_model"] < 0.05  # gclip has none (the stage only times the hook)
     assert record["command"].startswith("gclip bench ") and "--random-weights" in record["command"]
     # 70x50 -> 67x48 after the resize: windows of 32, stride 16 -> 2 rows x 4 columns per image
     assert record["windows"] == 3 * 8
@@ -91,3 +92,23 @@ def test_memory_check_runs_in_a_fresh_process():
     record = memory_check_subprocess(config, size=(90, 120), classes="voc21", timeout=300)
     assert record["labels_shape"] == [90, 120] and record["classes"] == 21
     assert record["peak_rss_mb"] > 0 and record["naive_canvas_mb"] == pytest.approx(21 * 90 * 120 * 4 / 2**20)
+
+
+def test_bench_times_the_second_model_as_its_own_stage(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = [
+        "bench",
+        "--model",
+        TINY,
+        "--random-weights",
+        "--synthetic",
+        "70x50",
+        "--count",
+        "2",
+        "--method",
+        "proxyclip",
+    ]
+    argv += ["--crop", "32", "--stride", "16", "--short-side", "48", "--no-reference", "--no-record"]
+    assert main(argv + ["--json", str(out)]) == 0
+    stages = json.loads(out.read_text())["stage_seconds"]
+    assert stages["second_model"] > 0 and stages["head"] > 0

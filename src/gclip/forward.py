@@ -16,7 +16,7 @@ import torch
 from .methods import Method, Trace
 from .vit import DenseViT
 
-__all__ = ["dense_features", "dense_logits", "encode", "head", "autocast_for"]
+__all__ = ["dense_features", "dense_logits", "encode", "second_model", "head", "autocast_for"]
 
 Encoded = tuple[torch.Tensor, Trace]
 """The tokens entering the last block, and the pass's :class:`~gclip.methods.Trace`."""
@@ -46,9 +46,20 @@ def head(vit: DenseViT, method: Method, encoded: Encoded, text: torch.Tensor | N
     Returns:
         ``(B, gh, gw, E)`` float32 features (not normalised), or ``(B, Q, gh, gw)`` float32 logits.
     """
-    x, trace = encoded
+    x, trace = second_model(vit, method, encoded)
     with autocast_for(vit):
         return method.head(vit, x, trace, text).float()
+
+
+@torch.no_grad()
+def second_model(vit: DenseViT, method: Method, encoded: Encoded) -> Encoded:
+    """The method's :meth:`~gclip.methods.Method.second_pass` (e.g. ProxyCLIP's DINO), once per pass."""
+    _, trace = encoded
+    if not trace.extras.get("_second_pass_done"):
+        with autocast_for(vit):
+            method.second_pass(vit, trace)
+        trace.extras["_second_pass_done"] = True
+    return encoded
 
 
 @torch.no_grad()

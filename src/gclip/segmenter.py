@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .backbone_presets import preset_settings
 from .canvas import BandCanvas, Canvas, WindowUpsample
 from .errors import ClassesError, ConfigError
-from .forward import encode, head
+from .forward import encode, head, second_model
 from .images import DEFAULT_MAX_PIXELS, ImageInput
 from .methods import Method, WindowContext, get_method
 from .models import LoadedModel, load_model
@@ -266,6 +266,8 @@ class Segmenter:
                 self._compiled = None
         with self._stage("encoder"):
             encoded = encode(self.vit, self.method, crops)
+        with self._stage("second_model"):
+            second_model(self.vit, self.method, encoded)
         with self._stage("head"):
             return head(self.vit, self.method, encoded, queries), self.method.label_context(encoded[1])
 

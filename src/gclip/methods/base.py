@@ -151,6 +151,10 @@ class Method:
         :class:`~gclip.text.TextEncoder`; a method may change them (e.g. mix in descriptions)."""
         return encoder.embed(classes.queries)
 
+    def second_pass(self, vit: DenseViT, trace: Trace) -> None:
+        """The method's second model on the pass's crops (``trace.images``), its results kept in ``trace.extras``;
+        run once, before :meth:`head` (the engine times it as its own stage). Nothing for CLIP-only methods."""
+
     def window_multiple(self, vit: DenseViT) -> int:
         """Windows are padded to a multiple of this (``padding="symmetric"``): the patch, or what every model of
         the method divides."""

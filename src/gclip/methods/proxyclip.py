@@ -69,7 +69,7 @@ class ProxyClip(Method):
         if not proxy.spec.input_size:
             proxy.pos_embed((grid[0] * vit.patch_size, grid[1] * vit.patch_size))
 
-    def last_block(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+    def second_pass(self, vit: DenseViT, trace: Trace) -> None:
         if trace.images is None:
             raise ConfigError("proxyclip needs the crops' pixels (trace.images) for its second model")
         proxy = self._proxy(vit)
@@ -78,13 +78,18 @@ class ProxyClip(Method):
         h, w = images.shape[-2] // p * p, images.shape[-1] // p * p
         images = images[..., :h, :w]  # unpadded windows: the pixels past the last whole patch are ignored, as by CLIP
         feats = proxy.features(proxy.renormalise(images.to(vit.dtype), vit.mean, vit.std))
-        attn = proxy_attention(feats, self.beta, self.gamma)  # (B, M, M)
+        trace.extras["proxy_attention"] = proxy_attention(feats, self.beta, self.gamma)  # (B, M, M)
         trace.extras["proxy_grid"] = tuple(feats.shape[-2:])
+
+    def last_block(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+        if "proxy_attention" not in trace.extras:
+            self.second_pass(vit, trace)
+        attn, size = trace.extras["proxy_attention"], trace.extras["proxy_grid"]
         index = vit.depth - 1
         _, _, v = vit.qkv(index, x)  # (B, H, 1+N, d)
         b, h, _, d = v.shape
         grid = v[:, :, 1:].reshape(b * h, trace.grid[0], trace.grid[1], d).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid.float(), size=feats.shape[-2:], mode="bilinear", align_corners=False)
+        grid = F.interpolate(grid.float(), size=size, mode="bilinear", align_corners=False)
         values = grid.permute(0, 2, 3, 1).reshape(b, h, -1, d)
         heads = (attn[:, None] @ values).to(x.dtype)  # (B, H, M, d)
         return vit.out_proj(index, heads)
