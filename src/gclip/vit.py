@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .preprocess import OPENAI_MEAN, OPENAI_STD
+
 __all__ = ["DenseViT", "Attention", "resample_pos_embed"]
 
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -84,8 +86,8 @@ class DenseViT:
     def __init__(
         self,
         visual: nn.Module,
-        mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073),
-        std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711),
+        mean: tuple[float, ...] = OPENAI_MEAN,
+        std: tuple[float, ...] = OPENAI_STD,
     ) -> None:
         self.visual = visual
         self.mean, self.std = tuple(mean), tuple(std)

@@ -105,19 +105,21 @@ def method_options_from(args: argparse.Namespace, method: str | None = None) -> 
             raise ConfigError(f"--method-options is not valid JSON ({e.msg} at column {e.colno})") from e
         if not isinstance(options, dict):
             raise ConfigError('--method-options must be a JSON object, e.g. \'{"fusion": "per_head"}\'')
-    proxy = {"proxy": getattr(args, "proxy", None), "proxy_checkpoint": getattr(args, "proxy_checkpoint", None)}
-    proxy = {k: v for k, v in proxy.items() if v is not None}
+    proxy = proxy_options_from(args)
     if proxy:
-        import dataclasses
-
         from ..methods import get_method
 
-        target = get_method(method or args.method)
-        if any(f.name == "proxy" for f in dataclasses.fields(target)):
+        if hasattr(get_method(method or args.method), "proxy"):  # the methods with a second model
             options.update(proxy)
         elif method is None:
             raise ConfigError(f"--proxy: method {args.method!r} uses no second model (proxyclip does)")
     return options
+
+
+def proxy_options_from(args: argparse.Namespace) -> dict[str, Any]:
+    """``--proxy`` / ``--proxy-checkpoint`` as method options (only those given)."""
+    proxy = {"proxy": getattr(args, "proxy", None), "proxy_checkpoint": getattr(args, "proxy_checkpoint", None)}
+    return {k: v for k, v in proxy.items() if v is not None}
 
 
 def load_model_from(args: argparse.Namespace):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_model_args, load_model_from
+from .common import add_model_args, load_model_from, proxy_options_from
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -43,8 +43,7 @@ def run(args: argparse.Namespace) -> int:
         import gradio  # noqa: F401
     except ImportError as e:
         raise ConfigError("the demo needs Gradio: pip install 'gclip[demo]'") from e
-    proxy = {"proxy": args.proxy, "proxy_checkpoint": args.proxy_checkpoint}
-    proxy = {k: v for k, v in proxy.items() if v is not None}
+    proxy = proxy_options_from(args)
     service = DemoService(load_model_from(args), limits, method_options={"proxyclip": proxy} if proxy else None)
     launch(service, host=args.host, port=args.port, concurrency=args.concurrency)
     return 0

@@ -28,7 +28,8 @@ def run(args: argparse.Namespace) -> int:
 
     print("\nsecond models (--proxy NAME --proxy-checkpoint PATH, for proxyclip):")
     for name, spec in sorted(PROXIES.items()):
-        print(f"  {name:12s} timm {spec.arch}" + (f" ({spec.tag} weights)" if spec.tag else ""))
+        source = "segment-anything sam_model_registry" if spec.family == "sam" else "timm"
+        print(f"  {name:18s} {source} {spec.arch}" + (f" ({spec.tag} weights)" if spec.tag else ""))
     print("\nbackbone presets (--model NAME --pretrained TAG):")
     presets = list_presets()
     for p in presets:
