@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -20,10 +21,11 @@ logging.getLogger().setLevel(logging.ERROR)
 
 
 def make_tiny_proxy():
-    """A tiny DINO-layout ViT (timm): patch 4, width 32, 2 blocks, so its grid is twice CLIP-tiny's."""
+    """A tiny DINO-layout ViT (timm): patch 4, width 64 and 4 heads (CLIP-tiny's, as CASS needs), 2 blocks, so its grid
+    is twice CLIP-tiny's."""
     from timm.models.vision_transformer import VisionTransformer
 
-    return VisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=0).eval()
+    return VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, num_classes=0).eval()
 
 
 def _register_tiny_proxy() -> None:
@@ -162,3 +164,23 @@ def golden_sam(tmp_path_factory) -> str:
     spec = proxy.ProxySpec("vit_b", None, checkpoint=str(path), input_size=1024, family="sam")
     proxy.register_proxy("golden_sam", spec)
     return "golden_sam"
+
+
+@pytest.fixture(scope="session")
+def golden_mae(tmp_path_factory) -> str:
+    """The random MAE ViT-B/16 of the ProxyCLIP goldens (timm ``vit_base_patch16_224``, random_state_dict seed 19),
+    saved as MAE's pre-training checkpoint (``{"model": ...}`` with a decoder key and the mask token, which the
+    loader drops), registered as ``golden_mae`` with the real ``mae_vitb16`` spec."""
+    import timm
+    import torch
+
+    from gclip import proxy
+
+    state = random_state_dict(timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0), seed=19)
+    state["mask_token"] = torch.zeros(1, 1, 512)
+    state["decoder_embed.weight"] = torch.zeros(512, 768)
+    path = tmp_path_factory.mktemp("mae") / "mae-vitb16-random.pth"
+    torch.save({"model": state}, path)
+    spec = REAL_PROXIES.get("mae_vitb16", proxy.PROXIES["mae_vitb16"])
+    proxy.register_proxy("golden_mae", dataclasses.replace(spec, checkpoint=str(path)))
+    return "golden_mae"

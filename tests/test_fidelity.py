@@ -6,6 +6,7 @@ weights and input (see the README there); ``goldens.toml`` says which method and
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +41,26 @@ def inputs():
     return image, torch.from_numpy(text / np.linalg.norm(text, axis=1, keepdims=True))
 
 
+def pixel_input() -> torch.Tensor:
+    """Random pixels (0..255) normalised with the peers' CLIP constants: for methods that send the crop through
+    8-bit PIL (CASS), where normal noise would overflow it."""
+    pixels = torch.from_numpy(np.random.default_rng(1).random((1, 3, 448, 448), dtype=np.float32) * 255)
+    mean = torch.tensor([122.771, 116.746, 104.094]).view(1, 3, 1, 1)
+    std = torch.tensor([68.501, 66.632, 70.323]).view(1, 3, 1, 1)
+    return (pixels - mean) / std
+
+
+def golden_method(entry: dict):
+    method = get_method(entry["method"], **entry.get("options", {}))
+    if "pairing" in entry:  # CASS: the authors' head pairing, set by rounding on random weights (goldens.toml)
+        method = dataclasses.replace(method, _pairing=tuple(entry["pairing"]))
+    return method
+
+
 def ours(vit: DenseViT, entry: dict, inputs) -> np.ndarray:
-    logits = dense_logits(vit, get_method(entry["method"], **entry.get("options", {})), *inputs)
+    if entry.get("input") == "pixels":
+        inputs = (pixel_input(), inputs[1])
+    logits = dense_logits(vit, golden_method(entry), *inputs)
     if "upsample" in entry:  # the authors' crop function ends at pixel resolution: upsampled as the engine does
         logits = torch.nn.functional.interpolate(logits, size=(entry["upsample"],) * 2, mode="bilinear")
     stride = entry.get("stride", 1)  # goldens at pixel resolution are stored subsampled
@@ -54,12 +73,39 @@ def test_dense_logits_match_reference_implementation(vitb16, inputs, golden, req
     proxy = entry.get("options", {}).get("proxy")
     if proxy:  # registers the random second model the golden was made with
         request.getfixturevalue(
-            {"golden_dinov2": "golden_dinov2", "golden_sam": "golden_sam"}.get(proxy, "golden_dino")
+            {"golden_dinov2": "golden_dinov2", "golden_sam": "golden_sam", "golden_mae": "golden_mae"}.get(
+                proxy, "golden_dino"
+            )
         )
     expected = np.load(GOLDEN / f"{golden}.npy")
     got = ours(vitb16, entry, inputs)
     assert got.shape == expected.shape
     assert np.abs(got - expected).max() <= entry.get("atol", 1e-4)
+
+
+def test_cass_costs_equal_the_authors_and_its_pairing_is_as_cheap(vitb16, inputs, golden_dino, monkeypatch):
+    """Our Hungarian costs (1 - spectral distance, [DINO head, CLIP head]) equal the authors' on the golden crop,
+    and the pairing we choose costs what theirs costs: the cost is separable there, so both are optimal."""
+    from scipy.optimize import linear_sum_assignment
+
+    from gclip.methods.cass import Cass
+
+    theirs = np.load(GOLDEN / "cass_cost.npy").astype(np.float64)
+    seen = {}
+    original = Cass._assignment
+
+    def record(self, cost):
+        seen["cost"] = cost[0].numpy().astype(np.float64)
+        seen["cols"] = original(self, cost)[0].numpy()
+        return original(self, cost)
+
+    monkeypatch.setattr(Cass, "_assignment", record)
+    dense_logits(vitb16, get_method("cass", **TABLE["cass"]["options"]), pixel_input(), inputs[1])
+    assert np.abs(seen["cost"] - theirs).max() <= 1e-6
+    rows = np.arange(theirs.shape[0])
+    authors = np.asarray(TABLE["cass"]["pairing"])
+    assert abs(theirs[rows, seen["cols"]].sum() - theirs[rows, authors].sum()) <= 1e-5
+    assert abs(theirs[rows, linear_sum_assignment(theirs)[1]].sum() - theirs[rows, authors].sum()) <= 1e-5
 
 
 def test_every_method_has_a_golden():

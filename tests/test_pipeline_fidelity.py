@@ -7,6 +7,7 @@ settings of each. Skipped without the real data sample.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -42,7 +43,9 @@ def test_pipeline_matches_the_authors_segmentor(model, text, sample_data, name, 
     proxy = entry.get("options", {}).get("proxy")
     if proxy:  # registers the random second model the golden was made with
         request.getfixturevalue(
-            {"golden_dinov2": "golden_dinov2", "golden_sam": "golden_sam"}.get(proxy, "golden_dino")
+            {"golden_dinov2": "golden_dinov2", "golden_sam": "golden_sam", "golden_mae": "golden_mae"}.get(
+                proxy, "golden_dino"
+            )
         )
     seg = Segmenter(model, method=entry["method"], method_options=entry.get("options", {}), **entry["settings"])
     seg.classes = parse_classes([f"class {i}" for i in range(10)])
@@ -51,6 +54,8 @@ def test_pipeline_matches_the_authors_segmentor(model, text, sample_data, name, 
     photos = PHOTOS[:1] if name in SLOW and not os.environ.get("GCLIP_SLOW") else PHOTOS
     photos = [p for p in photos if f"{p}_labels" in golden]  # a file may hold fewer photos (SAM: the first)
     for stem in photos:
+        if f"{stem}_pairing" in golden:  # CASS: the authors' head pairing, set by rounding on random weights
+            seg.method = dataclasses.replace(seg.method, _pairing=tuple(int(c) for c in golden[f"{stem}_pairing"]))
         path = sample_data / "VOCdevkit" / "VOC2012" / "JPEGImages" / f"{stem}.jpg"
         result = seg.predict(center_crop(path, entry["center_crop"]) if "center_crop" in entry else path, True)
         labels = golden[f"{stem}_labels"]

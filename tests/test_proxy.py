@@ -52,9 +52,24 @@ def test_features_are_the_last_blocks_normalised_tokens():
     x = torch.randn(2, 3, 32, 32)
     feats = loaded.features(x)
     expected = loaded.model.forward_features(x)[:, 1:]  # timm's own forward at the native size
-    assert feats.shape == (2, 32, 8, 8)
+    assert feats.shape == (2, 64, 8, 8)
     assert torch.allclose(feats.flatten(2).transpose(1, 2), expected, atol=1e-5)
-    assert loaded.features(torch.randn(1, 3, 48, 64)).shape == (1, 32, 12, 16)  # DINO's resampled positions
+    assert loaded.features(torch.randn(1, 3, 48, 64)).shape == (1, 64, 12, 16)  # DINO's resampled positions
+
+
+def test_last_keys_are_the_last_blocks_patch_keys():
+    loaded = proxy.load_proxy("dino_vitb8")
+    x = torch.randn(2, 3, 32, 32)
+    seen = {}
+    last = loaded.model.blocks[-1].attn
+    handle = last.qkv.register_forward_hook(lambda mod, inp, out: seen.update(qkv=out))
+    loaded.model.forward_features(x)  # timm's own forward
+    handle.remove()
+    b, n, _ = seen["qkv"].shape
+    expected = seen["qkv"].reshape(b, n, 3, last.num_heads, -1).permute(2, 0, 3, 1, 4)[1][:, :, 1:]
+    keys, grid = loaded.last_keys(x)
+    assert grid == (8, 8) and keys.shape == (2, 4, 64, 16)
+    assert torch.allclose(keys, expected, atol=1e-5)
 
 
 def test_renormalise_maps_clip_inputs_to_imagenet_inputs():

@@ -115,6 +115,9 @@ def test_describe_lists_everything(make):
     assert "emerging_blocks" in info["method_options"]
 
 
+GRAPH_BREAKS = {"cass": "scipy's Hungarian assignment and Ward clustering run on the CPU, between graphs"}
+
+
 @pytest.mark.parametrize("method", list_methods())
 def test_compiled_forward_pads_partial_batches_and_compiles_once_per_window_shape(make, rgb_image, method):
     """A counting backend stands in for inductor (no C++ build here): same outputs, one graph per window shape."""
@@ -129,8 +132,14 @@ def test_compiled_forward_pads_partial_batches_and_compiles_once_per_window_shap
     compiled = make(method, batch_size=4)
     compiled.compile(backend=counting_backend)
     other = np.ascontiguousarray(rgb_image[:40, :50])
+    first = None
     for image in (rgb_image, other, rgb_image):  # 8, then 4 windows (32 x 32 crops), batches of 4 and a partial one
         a, b = compiled.predict(image, return_probs=True), eager.predict(image, return_probs=True)
         np.testing.assert_allclose(a.probs, b.probs, atol=1e-6)
         assert np.array_equal(a.labels, b.labels)
-    assert compiled._compiled is not None and len(graphs) == 1, graphs  # no graph break, no recompilation
+        first = len(graphs) if first is None else first
+    assert compiled._compiled is not None
+    if method in GRAPH_BREAKS:
+        assert len(graphs) == first, graphs  # its breaks are fixed: no recompilation on the later batches
+    else:
+        assert len(graphs) == 1, graphs  # no graph break, no recompilation

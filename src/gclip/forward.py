@@ -16,7 +16,7 @@ import torch
 from .methods import Method, Trace
 from .vit import DenseViT
 
-__all__ = ["dense_features", "dense_logits", "encode", "second_model", "head", "autocast_for"]
+__all__ = ["dense_features", "dense_logits", "encode", "second_model", "head", "image_context", "autocast_for"]
 
 Encoded = tuple[torch.Tensor, Trace]
 """The tokens entering the last block, and the pass's :class:`~gclip.methods.Trace`."""
@@ -30,13 +30,24 @@ def autocast_for(vit: DenseViT) -> contextlib.AbstractContextManager:
 
 
 @torch.no_grad()
-def encode(vit: DenseViT, method: Method, crops: torch.Tensor) -> Encoded:
-    """The image encoder: ``(B, 3, H, W)`` normalised crops -> (tokens entering the last block, trace)."""
+def encode(vit: DenseViT, method: Method, crops: torch.Tensor, context: torch.Tensor | None = None) -> Encoded:
+    """The image encoder: ``(B, 3, H, W)`` normalised crops -> (tokens entering the last block, trace).
+
+    ``context``: the crops' images' :func:`image_context`, stacked (``trace.extras["image_context"]``)."""
     with autocast_for(vit):
         x, grid = vit.embed(crops, method.pos_rule)
         trace = Trace(grid, images=crops)
+        if context is not None:
+            trace.extras["image_context"] = context
         x = method.encode(vit, x, trace)
     return x, trace
+
+
+@torch.no_grad()
+def image_context(vit: DenseViT, method: Method, image: torch.Tensor) -> torch.Tensor | None:
+    """The method's :meth:`~gclip.methods.Method.image_context` of one ``(1, 3, H, W)`` whole model input."""
+    with autocast_for(vit):
+        return method.image_context(vit, image)
 
 
 @torch.no_grad()

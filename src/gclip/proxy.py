@@ -39,9 +39,11 @@ class ProxySpec:
         build: builds the bare model instead of ``timm.create_model(arch)`` (tiny test configs).
         checkpoint: a weights file used when the caller gives none (before timm's cache).
         pos_rule: how the position embedding is resampled (:func:`gclip.vit.resample_pos_embed`).
-        input_size: a fixed input side the crops are resized to (SAM's image encoder: 1024); 0: the crop's size.
-        family: ``"timm"`` (a timm ViT) or ``"sam"`` (``arch`` names a ``segment_anything.sam_model_registry``
-            entry; its image encoder, from the ``segment-anything`` package).
+        input_size: a fixed input side the crops are resized to, bilinearly (SAM's image encoder: 1024; MAE: 336,
+            ProxyCLIP's crop); 0: the crop's size.
+        family: ``"timm"`` (a timm ViT), ``"mae"`` (a timm ViT from an MAE checkpoint: its decoder is dropped) or
+            ``"sam"`` (``arch`` names a ``segment_anything.sam_model_registry`` entry; its image encoder, from the
+            ``segment-anything`` package).
     """
 
     arch: str
@@ -62,6 +64,7 @@ PROXIES: dict[str, ProxySpec] = {
     "dino_vits16": ProxySpec("vit_small_patch16_224", "dino"),
     "dinov2_vitb14_reg": ProxySpec("vit_base_patch14_reg4_dinov2", "lvd142m", pos_rule="antialias"),
     "dinov2_vits14_reg": ProxySpec("vit_small_patch14_reg4_dinov2", "lvd142m", pos_rule="antialias"),
+    "mae_vitb16": ProxySpec("vit_base_patch16_224", "mae", pos_rule="size", input_size=336, family="mae"),
     "sam_vitb": ProxySpec("vit_b", None, input_size=1024, family="sam"),
 }
 
@@ -121,6 +124,13 @@ class ProxyViT:
             self._pos[grid] = (out[1:] if patches_only else out).to(self.dtype)
         return self._pos[grid]
 
+    def warm(self, size: tuple[int, int]) -> None:
+        """Fill the position-embedding cache for ``(H, W)`` crops (before a compiled forward traces it)."""
+        if self.spec.family == "sam":
+            return
+        side = self.spec.input_size
+        self.pos_embed((side, side) if side else size)
+
     @property
     def window_patch(self) -> int:
         """What a crop's sides must be a multiple of (1 for a model that resizes its input)."""
@@ -135,13 +145,36 @@ class ProxyViT:
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` images normalised for this model -> ``(B, C, h, w)``: the patch tokens of the last block
-        after the final norm (DINO's ``get_intermediate_layers(x, 1)``); for SAM the image encoder's output (neck
-        included) of the crop resized bilinearly to its fixed input, as ProxyCLIP feeds it."""
+        after the final norm (DINO's ``get_intermediate_layers(x, 1)``, MAE's ``forward_features``); for SAM the
+        image encoder's output (neck included). A model with a fixed input gets the crop resized bilinearly to it,
+        as ProxyCLIP feeds it."""
         m = self.model
         if self.spec.input_size:
             side = self.spec.input_size
             images = F.interpolate(images.to(self.dtype), size=(side, side), mode="bilinear", align_corners=False)
-            return m(images)  # SAM's ImageEncoderViT: blocks and neck
+            if self.spec.family == "sam":
+                return m(images)  # SAM's ImageEncoderViT: blocks and neck
+        x, grid = self._walk(images, len(m.blocks))
+        x = m.norm(x)[:, m.num_prefix_tokens :]
+        return x.transpose(1, 2).reshape(x.shape[0], -1, grid[0], grid[1])
+
+    def last_keys(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """``(B, 3, H, W)`` images normalised for this model -> the last block's patch keys ``(B, heads, N, d)``
+        (``norm1`` then ``qkv``, prefix tokens dropped; CASS's ``qkv[1]``) and the patch grid."""
+        m = self.model
+        if self.spec.input_size:
+            raise ConfigError(f"proxy {self.name} resizes its input to a fixed size: choose a DINO or DINOv2 proxy")
+        x, grid = self._walk(images, len(m.blocks) - 1)
+        blk = m.blocks[-1]
+        attn = blk.attn
+        b, n, c = x.shape
+        qkv = attn.qkv(blk.norm1(x)).reshape(b, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)
+        k = attn.k_norm(qkv[1]) if hasattr(attn, "k_norm") else qkv[1]
+        return k[:, :, m.num_prefix_tokens :], grid
+
+    def _walk(self, images: torch.Tensor, blocks: int) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Tokens after the first ``blocks`` blocks (prefix tokens first) and the patch grid."""
+        m = self.model
         if images.shape[-2] % self.patch_size or images.shape[-1] % self.patch_size:
             raise ConfigError(
                 f"proxy {self.name} needs crops whose sides are multiples of its patch {self.patch_size}, got "
@@ -160,10 +193,9 @@ class ProxyViT:
         else:
             x = torch.cat([*prefix, x], dim=1) + pos
         x = m.norm_pre(m.pos_drop(x))
-        for blk in m.blocks:
+        for blk in m.blocks[:blocks]:
             x = blk(x)
-        x = m.norm(x)[:, m.num_prefix_tokens :]
-        return x.transpose(1, 2).reshape(x.shape[0], -1, grid[0], grid[1])
+        return x, grid
 
 
 def _bare_model(name: str, spec: ProxySpec) -> nn.Module:
@@ -241,7 +273,9 @@ def load_proxy(
     state, _ = read_checkpoint(path)
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
     model = _bare_model(name, spec)
-    if "register_tokens" in state or "mask_token" in state:  # DINOv2's own checkpoint names -> timm's
+    if spec.family == "mae":  # MAE's pre-training checkpoint also holds its decoder and mask token
+        state = {k: v for k, v in state.items() if not k.startswith("decoder") and k != "mask_token"}
+    elif "register_tokens" in state or "mask_token" in state:  # DINOv2's own checkpoint names -> timm's
         from timm.models.vision_transformer import checkpoint_filter_fn
 
         state = checkpoint_filter_fn(state, model)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .forward import encode, head
+from .forward import encode, head, image_context
 from .images import ImageInput
 from .methods import Method, WindowContext
 from .postprocess import pamr
@@ -49,9 +49,10 @@ def _reference_pass(segmenter: Segmenter, prepared: Prepared) -> tuple[torch.Ten
     preds = torch.zeros((1, queries.shape[0], h, w), device=segmenter.device)
     count = torch.zeros((1, 1, h, w), device=segmenter.device)
     contexts: list[WindowContext] = []
+    whole = image_context(vit, method, image)
     for win in windows:
         y1, y2, x1, x2 = win.box
-        encoded = encode(vit, method, F.pad(image[:, :, y1:y2, x1:x2], win.pads))
+        encoded = encode(vit, method, F.pad(image[:, :, y1:y2, x1:x2], win.pads), whole)
         logits = head(vit, method, encoded, queries)
         context = method.label_context(encoded[1])
         if context is not None:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .backbone_presets import preset_settings
 from .canvas import BandCanvas, Canvas, WindowUpsample
 from .errors import ClassesError, ConfigError
-from .forward import encode, head, second_model
+from .forward import encode, head, image_context, second_model
 from .images import DEFAULT_MAX_PIXELS, ImageInput
 from .methods import Method, WindowContext, get_method
 from .models import LoadedModel, load_model
@@ -241,31 +241,37 @@ class Segmenter:
         """
         self._compiled = torch.compile(self._forward, **options)
 
-    def _forward(self, crops: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        encoded = encode(self.vit, self.method, crops)
+    def _forward(
+        self, crops: torch.Tensor, queries: torch.Tensor, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        encoded = encode(self.vit, self.method, crops, context)
         return head(self.vit, self.method, encoded, queries), self.method.label_context(encoded[1])
 
-    def _window_logits(self, crops: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _window_logits(
+        self, crops: torch.Tensor, queries: torch.Tensor, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(B, Q, gh, gw)`` cosine logits of a batch of crops (timed as encoder and head), and the method's
-        :meth:`~gclip.methods.Method.label_context` of the pass."""
+        :meth:`~gclip.methods.Method.label_context` of the pass (``context``: the crops' image contexts)."""
         if self._compiled is not None:
             n, bs, p = crops.shape[0], self.batch_size, self.vit.patch_size
             padded = crops  # one batch shape per window shape: a partial batch would trigger a recompilation
             if n < bs:
                 padded = torch.cat([crops, crops.new_zeros((bs - n, *crops.shape[1:]))])
+                if context is not None:
+                    context = torch.cat([context, context.new_zeros((bs - n, *context.shape[1:]))])
             grid = (crops.shape[-2] // p, crops.shape[-1] // p)
             # caches filled eagerly: traced, a miss would break the graph or recompile
             self.vit.pos_embed(grid, self.method.pos_rule)
             self.method.warm(self.vit, grid)
             try:
                 with self._stage("encoder"):
-                    logits, context = self._compiled(padded, queries)
-                return logits[:n], None if context is None else context[:n]
+                    logits, labels_context = self._compiled(padded, queries, context)
+                return logits[:n], None if labels_context is None else labels_context[:n]
             except Exception as e:  # noqa: BLE001 - any compiler failure: fall back to eager
                 warnings.warn(f"torch.compile failed ({type(e).__name__}); running without it", stacklevel=2)
                 self._compiled = None
         with self._stage("encoder"):
-            encoded = encode(self.vit, self.method, crops)
+            encoded = encode(self.vit, self.method, crops, context)
         with self._stage("second_model"):
             second_model(self.vit, self.method, encoded)
         with self._stage("head"):
@@ -293,10 +299,13 @@ class Segmenter:
         queries = self._require_classes()
         bs = self.batch_size
         images: dict[int, torch.Tensor] = {}  # each whole image crosses to the device once; windows are cut there
+        contexts: dict[int, torch.Tensor | None] = {}
 
         def crop(i: int, win: Window) -> torch.Tensor:
             if i not in images:
                 images[i] = prepared[i].image.to(self.device, non_blocking=True)
+                with self._stage("encoder"):
+                    contexts[i] = image_context(self.vit, self.method, images[i][None])
             y1, y2, x1, x2 = win.box
             part = images[i][:, y1:y2, x1:x2]
             return F.pad(part, win.pads) if any(win.pads) else part
@@ -306,7 +315,9 @@ class Segmenter:
                 chunk = members[start : start + bs]
                 with self._stage("preprocess"):
                     batch = torch.stack([crop(i, plans[i][j]) for i, j in chunk])
-                logits, context = self._window_logits(batch, queries)
+                    given = [contexts[i] for i, _ in chunk]
+                    stacked = None if any(c is None for c in given) else torch.cat(given)  # type: ignore[arg-type]
+                logits, context = self._window_logits(batch, queries, stacked)
                 with self._stage("head"):
                     for k, ((i, j), window_logits) in enumerate(zip(chunk, logits)):
                         win = plans[i][j]

@@ -46,7 +46,7 @@ def add_method_args(parser: argparse.ArgumentParser, multiple: bool = False) -> 
         "--proxy",
         default=None,
         metavar="NAME",
-        help="second model of the methods that pair CLIP with one (proxyclip): dino_vitb8, dino_vitb16, ...",
+        help="second model of the methods that pair CLIP with one (proxyclip, cass): dino_vitb8, dino_vitb16, ...",
     )
     g.add_argument("--proxy-checkpoint", default=None, metavar="PATH", help="local weights file of --proxy")
 
@@ -107,12 +107,13 @@ def method_options_from(args: argparse.Namespace, method: str | None = None) -> 
             raise ConfigError('--method-options must be a JSON object, e.g. \'{"fusion": "per_head"}\'')
     proxy = proxy_options_from(args)
     if proxy:
-        from ..methods import get_method
+        from ..methods import paired_methods
 
-        if hasattr(get_method(method or args.method), "proxy"):  # the methods with a second model
+        if (method or args.method) in paired_methods():
             options.update(proxy)
         elif method is None:
-            raise ConfigError(f"--proxy: method {args.method!r} uses no second model (proxyclip does)")
+            paired = ", ".join(paired_methods())
+            raise ConfigError(f"--proxy: method {args.method!r} uses no second model ({paired} do)")
     return options
 
 

@@ -20,7 +20,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--work-side", type=int, default=1024, help="scale larger images to this long side (default 1024)")
     g.add_argument("--max-classes", type=int, default=30, help="most classes per request (default: 30)")
     g = p.add_argument_group("second models")
-    g.add_argument("--proxy", default=None, metavar="NAME", help="proxyclip's second model (default: dino_vitb8)")
+    g.add_argument(
+        "--proxy", default=None, metavar="NAME", help="second model of proxyclip and cass (default: dino_vitb8)"
+    )
     g.add_argument("--proxy-checkpoint", default=None, metavar="PATH", help="local weights file of that model")
     p.set_defaults(func=run)
 
@@ -44,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise ConfigError("the demo needs Gradio: pip install 'gclip[demo]'") from e
     proxy = proxy_options_from(args)
-    service = DemoService(load_model_from(args), limits, method_options={"proxyclip": proxy} if proxy else None)
+    from ..methods import paired_methods
+
+    options = {name: proxy for name in paired_methods()} if proxy else None
+    service = DemoService(load_model_from(args), limits, method_options=options)
     launch(service, host=args.host, port=args.port, concurrency=args.concurrency)
     return 0

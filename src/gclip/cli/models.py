@@ -24,9 +24,10 @@ def run(args: argparse.Namespace) -> int:
     print("methods:")
     for name in list_methods():
         print(f"  {name:10s} {get_method(name).summary}")
+    from ..methods import paired_methods
     from ..proxy import PROXIES
 
-    print("\nsecond models (--proxy NAME --proxy-checkpoint PATH, for proxyclip):")
+    print(f"\nsecond models (--proxy NAME --proxy-checkpoint PATH, for {', '.join(paired_methods())}):")
     for name, spec in sorted(PROXIES.items()):
         source = "segment-anything sam_model_registry" if spec.family == "sam" else "timm"
         print(f"  {name:18s} {source} {spec.arch}" + (f" ({spec.tag} weights)" if spec.tag else ""))

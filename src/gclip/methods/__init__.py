@@ -6,7 +6,18 @@ Every module of this package is imported here, so a new method is one file with 
 import importlib
 import pkgutil
 
-from .base import Method, Trace, WindowContext, attend, attention_map, cosine_logits, get_method, list_methods, register
+from .base import (
+    Method,
+    Trace,
+    WindowContext,
+    attend,
+    attention_map,
+    cosine_logits,
+    get_method,
+    list_methods,
+    paired_methods,
+    register,
+)
 
 _ORDER = ["clip", "maskclip", "sclip", "clearclip", "naclip", "gclip"]  # the baselines first, then the rest by name
 for _name in _ORDER + sorted({m.name for m in pkgutil.iter_modules(__path__)} - set(_ORDER) - {"base"}):
@@ -22,5 +33,6 @@ __all__ = [
     "cosine_logits",
     "get_method",
     "list_methods",
+    "paired_methods",
     "register",
 ]

@@ -19,6 +19,7 @@ __all__ = [
     "register",
     "get_method",
     "list_methods",
+    "paired_methods",
     "attend",
     "attention_map",
     "cosine_logits",
@@ -155,6 +156,12 @@ class Method:
         """The method's second model on the pass's crops (``trace.images``), its results kept in ``trace.extras``;
         run once, before :meth:`head` (the engine times it as its own stage). Nothing for CLIP-only methods."""
 
+    def image_context(self, vit: DenseViT, image: torch.Tensor) -> torch.Tensor | None:
+        """Something computed once per image from its whole normalised model input ``(1, 3, H, W)`` (e.g. CASS's
+        global CLS embedding), stacked for the windows of a pass as ``trace.extras["image_context"]``; ``None``
+        (the default): nothing, and the engine does not call it again for the image."""
+        return None
+
     def window_multiple(self, vit: DenseViT) -> int:
         """Windows are padded to a multiple of this (``padding="symmetric"``): the patch, or what every model of
         the method divides."""
@@ -197,6 +204,11 @@ def register(cls: type[Method]) -> type[Method]:
 def list_methods() -> list[str]:
     """Names of the registered methods, in registration order."""
     return list(_REGISTRY)
+
+
+def paired_methods() -> list[str]:
+    """The methods that pair CLIP with a second model (they have a ``proxy`` option)."""
+    return [n for n, cls in _REGISTRY.items() if "proxy" in {f.name for f in dataclasses.fields(cls)}]
 
 
 def get_method(name: str | Method, **options: Any) -> Method:

@@ -65,9 +65,7 @@ class ProxyClip(Method):
         return self._proxy(vit).grid(size)
 
     def warm(self, vit: DenseViT, grid: tuple[int, int]) -> None:
-        proxy = self._proxy(vit)
-        if not proxy.spec.input_size:
-            proxy.pos_embed((grid[0] * vit.patch_size, grid[1] * vit.patch_size))
+        self._proxy(vit).warm((grid[0] * vit.patch_size, grid[1] * vit.patch_size))
 
     def second_pass(self, vit: DenseViT, trace: Trace) -> None:
         if trace.images is None:
