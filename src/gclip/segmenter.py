@@ -304,8 +304,6 @@ class Segmenter:
         def crop(i: int, win: Window) -> torch.Tensor:
             if i not in images:
                 images[i] = prepared[i].image.to(self.device, non_blocking=True)
-                with self._stage("encoder"):
-                    contexts[i] = image_context(self.vit, self.method, images[i][None])
             y1, y2, x1, x2 = win.box
             part = images[i][:, y1:y2, x1:x2]
             return F.pad(part, win.pads) if any(win.pads) else part
@@ -315,8 +313,12 @@ class Segmenter:
                 chunk = members[start : start + bs]
                 with self._stage("preprocess"):
                     batch = torch.stack([crop(i, plans[i][j]) for i, j in chunk])
-                    given = [contexts[i] for i, _ in chunk]
-                    stacked = None if any(c is None for c in given) else torch.cat(given)  # type: ignore[arg-type]
+                with self._stage("encoder"):  # the method's per-image pass (e.g. CASS's whole-image CLS), once each
+                    for i, _ in chunk:
+                        if i not in contexts:
+                            contexts[i] = image_context(self.vit, self.method, images[i][None])
+                given = [contexts[i] for i, _ in chunk]
+                stacked = None if any(c is None for c in given) else torch.cat(given)  # type: ignore[arg-type]
                 logits, context = self._window_logits(batch, queries, stacked)
                 with self._stage("head"):
                     for k, ((i, j), window_logits) in enumerate(zip(chunk, logits)):
