@@ -28,10 +28,30 @@ def make_tiny_proxy():
     return VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, num_classes=0).eval()
 
 
+def make_tiny_sam():
+    """A tiny SAM image encoder (segment-anything): 64 px input, patch 8, width 32, 2 blocks (windowed, then
+    global with relative positions)."""
+    from segment_anything.modeling.image_encoder import ImageEncoderViT
+
+    return ImageEncoderViT(
+        img_size=64,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        mlp_ratio=2.0,
+        out_chans=16,
+        qkv_bias=True,
+        use_rel_pos=True,
+        window_size=4,
+        global_attn_indexes=(1,),
+    ).eval()
+
+
 def _register_tiny_proxy() -> None:
-    """The suite has no DINO weights: the default proxy name (ProxyCLIP's ``dino_vitb8``) is pointed at a tiny
-    random ViT saved to a temporary file, as the tiny open_clip config stands in for CLIP. The real entries are
-    kept in ``REAL_PROXIES`` (test_proxy checks them)."""
+    """The suite has no DINO or SAM weights: the default proxy names (``dino_vitb8``, Trident's ``dino_vitb16``
+    and ``sam_vitb``) are pointed at tiny random models saved to temporary files, as the tiny open_clip config
+    stands in for CLIP. The real entries are kept in ``REAL_PROXIES`` (test_proxy checks them)."""
     import tempfile
 
     import torch
@@ -42,10 +62,26 @@ def _register_tiny_proxy() -> None:
     path = Path(tempfile.mkdtemp(prefix="gclip-proxy-")) / "tiny-dino.pth"
     torch.save(random_state_dict(make_tiny_proxy(), seed=7), path)
     proxy.register_proxy("dino_vitb8", proxy.ProxySpec("gclip-tiny-proxy", build=make_tiny_proxy, checkpoint=str(path)))
+    proxy.register_proxy("dino_vitb16", proxy.PROXIES["dino_vitb8"])  # Trident's default DINO
+    try:
+        sam = make_tiny_sam()
+    except ImportError:  # segment-anything absent: the SAM tests skip
+        return
+    sam_path = path.with_name("tiny-sam.pth")
+    torch.save(random_state_dict(sam, seed=8), sam_path)
+    spec = proxy.ProxySpec("gclip-tiny-sam", build=make_tiny_sam, checkpoint=str(sam_path), input_size=64, family="sam")
+    proxy.register_proxy("sam_vitb", spec)
 
 
 REAL_PROXIES: dict = {}
 _register_tiny_proxy()
+
+
+def crop_methods() -> list[str]:
+    """The methods with a per-crop forward (``dense_logits``); whole-image ones (Trident) have their own tests."""
+    from gclip.methods import get_method, list_methods
+
+    return [m for m in list_methods() if not get_method(m).whole_image]
 
 
 def make_tiny(layers: int = 2, seed: int = 0, block_type: str | None = None, **vision):
@@ -184,3 +220,18 @@ def golden_mae(tmp_path_factory) -> str:
     spec = REAL_PROXIES.get("mae_vitb16", proxy.PROXIES["mae_vitb16"])
     proxy.register_proxy("golden_mae", dataclasses.replace(spec, checkpoint=str(path)))
     return "golden_mae"
+
+
+@pytest.fixture(scope="session")
+def golden_dino16(tmp_path_factory) -> str:
+    """The random DINO ViT-B/16 of the Trident goldens (timm ``vit_base_patch16_224``, random_state_dict seed 23),
+    registered as ``golden_dino16``."""
+    import timm
+    import torch
+
+    from gclip import proxy
+
+    path = tmp_path_factory.mktemp("dino16") / "dino-vitb16-random.pth"
+    torch.save(random_state_dict(timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0), 23), path)
+    proxy.register_proxy("golden_dino16", proxy.ProxySpec("vit_base_patch16_224", "dino", checkpoint=str(path)))
+    return "golden_dino16"

@@ -94,7 +94,10 @@ def test_memory_check_runs_in_a_fresh_process():
     assert record["peak_rss_mb"] > 0 and record["naive_canvas_mb"] == pytest.approx(21 * 90 * 120 * 4 / 2**20)
 
 
-def test_bench_times_the_second_model_as_its_own_stage(tmp_path):
+@pytest.mark.parametrize("method", ["proxyclip", "trident"])
+def test_bench_times_the_second_model_as_its_own_stage(tmp_path, method):
+    if method == "trident":
+        pytest.importorskip("segment_anything")
     out = tmp_path / "bench.json"
     argv = [
         "bench",
@@ -106,7 +109,7 @@ def test_bench_times_the_second_model_as_its_own_stage(tmp_path):
         "--count",
         "2",
         "--method",
-        "proxyclip",
+        method,
     ]
     argv += ["--crop", "32", "--stride", "16", "--short-side", "48", "--no-reference", "--no-record"]
     assert main(argv + ["--json", str(out)]) == 0

@@ -24,6 +24,7 @@ GOLDEN = Path(__file__).parent / "data" / "fidelity"
 TABLE = tomllib.loads((GOLDEN / "pipelines.toml").read_text(encoding="utf-8"))
 PHOTOS = ["2007_001288", "2007_001321", "2007_001458"]
 SLOW = {"itaclip"}  # 55 windows x 5 views per photo: the first photo only, all three with GCLIP_SLOW=1
+FIXTURES = {name: name for name in ("golden_dinov2", "golden_sam", "golden_mae", "golden_dino16")}  # else golden_dino
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +41,10 @@ def text():
 @pytest.mark.parametrize("name", sorted(TABLE))
 def test_pipeline_matches_the_authors_segmentor(model, text, sample_data, name, request):
     entry = TABLE[name]
-    proxy = entry.get("options", {}).get("proxy")
-    if proxy:  # registers the random second model the golden was made with
-        request.getfixturevalue(
-            {"golden_dinov2": "golden_dinov2", "golden_sam": "golden_sam", "golden_mae": "golden_mae"}.get(
-                proxy, "golden_dino"
-            )
-        )
+    options = entry.get("options", {})
+    for key in ("proxy", "sam"):  # registers the random second models the golden was made with
+        if key in options:
+            request.getfixturevalue(FIXTURES.get(options[key], "golden_dino"))
     seg = Segmenter(model, method=entry["method"], method_options=entry.get("options", {}), **entry["settings"])
     seg.classes = parse_classes([f"class {i}" for i in range(10)])
     seg._queries = text  # the random embeddings stand in for the prompt ensemble, as in the authors' run
@@ -65,6 +63,10 @@ def test_pipeline_matches_the_authors_segmentor(model, text, sample_data, name, 
         if entry.get("stored") == "logits":  # the authors' argmax sees logits: compare their softmax
             probs = torch.softmax(probs, dim=0)
         assert np.abs(result.probs[:, ::4, ::4] - probs.numpy()).max() <= 2e-3, stem  # fp16-stored values
+        if f"{stem}_dense" in golden:  # the cosine logits themselves, resized to the photo, stored in float32
+            merged = seg.merged_logits([seg.prepare(path)])[0]
+            dense = torch.nn.functional.interpolate(merged[None], size=labels.shape, mode="bilinear")[0]
+            assert np.abs(dense[:, ::4, ::4].numpy() - golden[f"{stem}_dense"]).max() <= 1e-4, stem
 
 
 def center_crop(path: Path, size: int) -> np.ndarray:

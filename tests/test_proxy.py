@@ -107,7 +107,13 @@ def test_proxy_flags_reach_only_the_methods_with_a_second_model():
     assert method_options_from(args, "clearclip") == {}  # --method all: the others never see --proxy
     assert method_options_from(args, "proxyclip")["proxy"] == "dino_vits8"
     args.method = "clearclip"
-    with pytest.raises(ConfigError, match="uses no second model"):
+    with pytest.raises(ConfigError, match="no such second model"):
+        method_options_from(args)
+    args.method, args.proxy, args.proxy_checkpoint, args.sam_checkpoint = "all", None, None, "/x/sam.pth"
+    assert method_options_from(args, "trident") == {"sam_checkpoint": "/x/sam.pth"}  # SAM's file: Trident's only
+    assert method_options_from(args, "proxyclip") == {}
+    args.method = "cass"
+    with pytest.raises(ConfigError, match="--sam-checkpoint"):
         method_options_from(args)
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import crop_methods
 from gclip.errors import ClassesError, ConfigError
 from gclip.methods import list_methods
 from gclip.segmenter import Segmenter
@@ -118,7 +119,7 @@ def test_describe_lists_everything(make):
 GRAPH_BREAKS = {"cass": "scipy's Hungarian assignment and Ward clustering run on the CPU, between graphs"}
 
 
-@pytest.mark.parametrize("method", list_methods())
+@pytest.mark.parametrize("method", crop_methods())  # the per-window forward
 def test_compiled_forward_pads_partial_batches_and_compiles_once_per_window_shape(make, rgb_image, method):
     """A counting backend stands in for inductor (no C++ build here): same outputs, one graph per window shape."""
     graphs = []

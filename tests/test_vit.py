@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_tiny
-from gclip.methods import Trace, get_method, list_methods
+from conftest import crop_methods, make_tiny
+from gclip.methods import Trace, get_method
 from gclip.vit import DenseViT, resample_pos_embed
 
 
@@ -55,7 +55,7 @@ def test_qkv_attention_equals_multihead_attention(tiny_vit):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("method", list_methods())
+@pytest.mark.parametrize("method", crop_methods())
 def test_custom_attention_block_gives_the_same_features(method):
     """open_clip's newer custom Attention block holds the same parameters: same outputs."""
     mha, custom = _tiny(), _tiny("custom")

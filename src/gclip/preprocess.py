@@ -36,11 +36,14 @@ class Prepared:
         image: ``(3, h, w)`` float32 normalised tensor at the inference resolution.
         size: ``(H, W)`` of the original image.
         key: caller's identifier (e.g. the path), passed through to the result.
+        original: the decoded ``HxWx3 uint8 RGB`` pixels, kept only for methods that look at them again
+            (:attr:`gclip.methods.Method.needs_original`, e.g. Trident's SAM), else ``None``.
     """
 
     image: torch.Tensor
     size: tuple[int, int]
     key: Any = None
+    original: np.ndarray | None = None
 
 
 def pixel_constants(mean: Sequence[float], std: Sequence[float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -75,6 +78,7 @@ class Preprocessor:
     Attributes:
         short_side, max_long_side, max_pixels: as in :class:`gclip.Settings`.
         mean, std: the model's normalisation (0..1 scale, RGB).
+        keep_original: also keep the decoded pixels in :attr:`Prepared.original`.
     """
 
     short_side: int = 448
@@ -82,6 +86,7 @@ class Preprocessor:
     max_pixels: int = DEFAULT_MAX_PIXELS
     mean: tuple[float, ...] = OPENAI_MEAN
     std: tuple[float, ...] = OPENAI_STD
+    keep_original: bool = False
 
     def decode(self, image: ImageInput) -> np.ndarray:
         """A path, bytes, PIL image or array -> ``HxWx3 uint8 RGB`` (one-line :class:`~gclip.errors.ImageError`)."""
@@ -95,4 +100,5 @@ class Preprocessor:
 
     def __call__(self, image: ImageInput, key: Any = None) -> Prepared:
         array = self.decode(image)
-        return Prepared(self.transform(array), array.shape[:2], key if key is not None else image)
+        original = array if self.keep_original else None
+        return Prepared(self.transform(array), array.shape[:2], key if key is not None else image, original)

@@ -204,7 +204,8 @@ class Segmenter:
     def preprocessor(self) -> Preprocessor:
         """The picklable, model-less preprocessing of the current settings (for workers, Ray tasks, loaders)."""
         s = self.settings
-        return Preprocessor(s.short_side, s.max_long_side, s.max_pixels, tuple(self.model.mean), tuple(self.model.std))
+        mean, std = tuple(self.model.mean), tuple(self.model.std)
+        return Preprocessor(s.short_side, s.max_long_side, s.max_pixels, mean, std, self.method.needs_original)
 
     def prepare(self, image: ImageInput, key: Any = None) -> Prepared:
         """Decode (``HWC uint8 RGB``), resize and normalise one image (see :attr:`preprocessor`)."""
@@ -213,7 +214,8 @@ class Segmenter:
             array = pre.decode(image)
         with self._stage("preprocess"):
             normalised = pre.transform(array)
-        return Prepared(normalised, array.shape[:2], key if key is not None else image)
+        original = array if pre.keep_original else None
+        return Prepared(normalised, array.shape[:2], key if key is not None else image, original)
 
     def predict(self, image: ImageInput, return_probs: bool = False) -> SegmentationResult:
         """Segment one image (path, PIL image or ``HxWx3 uint8`` array) -> labels ``(H, W)`` at its size."""
@@ -330,6 +332,8 @@ class Segmenter:
     def merged_logits(self, prepared: Sequence[Prepared]) -> list[torch.Tensor]:
         """Window-averaged cosine logits ``(Q, h, w)`` per image, at the inference resolution (at the original
         size for the whole-image mode, ``crop=0``)."""
+        if self.method.whole_image:
+            return [self.image_logits(item) for item in prepared]
         n_queries = self._require_classes().shape[0]
         sizes, plans, groups = self._plan(prepared)
         canvases = [Canvas(n_queries, size, self.device) for size in sizes]
@@ -355,6 +359,10 @@ class Segmenter:
     def infer(self, prepared: Sequence[Prepared], return_probs: bool = False) -> list[SegmentationResult]:
         """The model half of inference on already :meth:`prepare`-d images."""
         queries = self._require_classes()
+        if self.method.whole_image:
+            return [
+                self._result(item, self._reduce(item, self.image_logits(item), return_probs), []) for item in prepared
+            ]
         s = self.settings
         q2c = self.classes.query_to_class  # type: ignore[union-attr]
         sizes, plans, groups = self._plan(prepared)
@@ -381,15 +389,28 @@ class Segmenter:
                     reduced = canvas.reducer_result()
                 else:
                     reduced = self._reduce(item, canvas.merged(), return_probs)
-                results.append(
-                    SegmentationResult(
-                        labels=self.method.refine_labels(reduced.labels, image_contexts).to(torch.int32).cpu().numpy(),
-                        class_names=self.classes.names,  # type: ignore[union-attr]
-                        probs=reduced.probs.cpu().numpy() if reduced.probs is not None else None,
-                        key=item.key,
-                    )
-                )
+                results.append(self._result(item, reduced, image_contexts))
         return results
+
+    def _result(self, item: Prepared, reduced: Any, contexts: list[WindowContext]) -> SegmentationResult:
+        return SegmentationResult(
+            labels=self.method.refine_labels(reduced.labels, contexts).to(torch.int32).cpu().numpy(),
+            class_names=self.classes.names,  # type: ignore[union-attr]
+            probs=reduced.probs.cpu().numpy() if reduced.probs is not None else None,
+            key=item.key,
+        )
+
+    @torch.no_grad()
+    def image_logits(self, item: Prepared) -> torch.Tensor:
+        """``(Q, h, w)`` logits of one image from a method that runs whole images itself
+        (:attr:`~gclip.methods.Method.whole_image`, e.g. Trident), at the resolution it chooses."""
+        if self.method.needs_original and item.original is None:
+            raise ConfigError(f"{self.method.name} needs the decoded pixels: prepare the image with this Segmenter")
+        image = item.image[None].to(self.device)
+        s = self.settings
+        return self.method.image_logits(
+            self.vit, image, item.original, self._require_classes(), s.crop, s.stride, self._stage
+        )
 
     def _reduce(self, item: Prepared, logits: torch.Tensor, return_probs: bool):
         s = self.settings

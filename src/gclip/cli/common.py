@@ -46,9 +46,10 @@ def add_method_args(parser: argparse.ArgumentParser, multiple: bool = False) -> 
         "--proxy",
         default=None,
         metavar="NAME",
-        help="second model of the methods that pair CLIP with one (proxyclip, cass): dino_vitb8, dino_vitb16, ...",
+        help="second model of the methods that pair CLIP with one (proxyclip, cass, trident): dino_vitb8, ...",
     )
     g.add_argument("--proxy-checkpoint", default=None, metavar="PATH", help="local weights file of --proxy")
+    g.add_argument("--sam-checkpoint", default=None, metavar="PATH", help="SAM's weights file (trident)")
 
 
 def add_class_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -109,18 +110,31 @@ def method_options_from(args: argparse.Namespace, method: str | None = None) -> 
     if proxy:
         from ..methods import paired_methods
 
-        if (method or args.method) in paired_methods():
-            options.update(proxy)
-        elif method is None:
+        mine = second_model_options(method or args.method, proxy)
+        options.update(mine)
+        if method is None and len(mine) < len(proxy):
+            flag = "--" + sorted(set(proxy) - set(mine))[0].replace("_", "-")
             paired = ", ".join(paired_methods())
-            raise ConfigError(f"--proxy: method {args.method!r} uses no second model ({paired} do)")
+            raise ConfigError(f"{flag}: method {args.method!r} has no such second model (see {paired})")
     return options
 
 
 def proxy_options_from(args: argparse.Namespace) -> dict[str, Any]:
-    """``--proxy`` / ``--proxy-checkpoint`` as method options (only those given)."""
-    proxy = {"proxy": getattr(args, "proxy", None), "proxy_checkpoint": getattr(args, "proxy_checkpoint", None)}
-    return {k: v for k, v in proxy.items() if v is not None}
+    """``--proxy`` / ``--proxy-checkpoint`` / ``--sam-checkpoint`` as method options (only those given)."""
+    names = ("proxy", "proxy_checkpoint", "sam_checkpoint")
+    return {k: getattr(args, k, None) for k in names if getattr(args, k, None) is not None}
+
+
+def second_model_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``options`` (second-model flags) that ``method`` has as options."""
+    import dataclasses
+
+    from ..methods import get_method, list_methods
+
+    if method not in list_methods():
+        return {}
+    fields = {f.name for f in dataclasses.fields(type(get_method(method)))}
+    return {k: v for k, v in options.items() if k in fields}
 
 
 def load_model_from(args: argparse.Namespace):

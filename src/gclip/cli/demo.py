@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_model_args, load_model_from, proxy_options_from
+from .common import add_model_args, load_model_from, proxy_options_from, second_model_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,9 +21,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-classes", type=int, default=30, help="most classes per request (default: 30)")
     g = p.add_argument_group("second models")
     g.add_argument(
-        "--proxy", default=None, metavar="NAME", help="second model of proxyclip and cass (default: dino_vitb8)"
+        "--proxy", default=None, metavar="NAME", help="DINO model of proxyclip, cass and trident (their defaults)"
     )
     g.add_argument("--proxy-checkpoint", default=None, metavar="PATH", help="local weights file of that model")
+    g.add_argument("--sam-checkpoint", default=None, metavar="PATH", help="SAM's weights file (trident)")
     p.set_defaults(func=run)
 
 
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     proxy = proxy_options_from(args)
     from ..methods import paired_methods
 
-    options = {name: proxy for name in paired_methods()} if proxy else None
+    options = {name: second_model_options(name, proxy) for name in paired_methods()} if proxy else None
     service = DemoService(load_model_from(args), limits, method_options=options)
     launch(service, host=args.host, port=args.port, concurrency=args.concurrency)
     return 0

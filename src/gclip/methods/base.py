@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -84,6 +85,10 @@ class Method:
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    whole_image: ClassVar[bool] = False
+    """The method runs whole images itself (:meth:`image_logits`) instead of the engine's window passes."""
+    needs_original: ClassVar[bool] = False
+    """The method also reads the decoded pixels (``Prepared.original``), e.g. for a second model's own resize."""
 
     @property
     def pos_rule(self) -> str:
@@ -161,6 +166,22 @@ class Method:
         global CLS embedding), stacked for the windows of a pass as ``trace.extras["image_context"]``; ``None``
         (the default): nothing, and the engine does not call it again for the image."""
         return None
+
+    def image_logits(
+        self,
+        vit: DenseViT,
+        image: torch.Tensor,
+        original: Any,
+        text: torch.Tensor,
+        crop: int,
+        stride: int,
+        stage: Callable[[str], contextlib.AbstractContextManager],
+    ) -> torch.Tensor:
+        """For :attr:`whole_image` methods: one ``(1, 3, H, W)`` normalised model input (and the decoded
+        ``original`` pixels when :attr:`needs_original`) -> ``(Q, h, w)`` cosine logits at a resolution of the
+        method's choosing (the engine resizes them to the image). ``crop``/``stride``: the settings' windows;
+        ``stage(name)`` times a part as a bench stage."""
+        raise NotImplementedError(f"{self.name} runs through the engine's windows")
 
     def window_multiple(self, vit: DenseViT) -> int:
         """Windows are padded to a multiple of this (``padding="symmetric"``): the patch, or what every model of
