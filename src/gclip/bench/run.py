@@ -85,7 +85,8 @@ def staged_pass(seg, inputs: list[Any], config: BenchConfig, cuda: bool) -> dict
         latencies += [time.perf_counter() - t0] * len(group)
         labels += [r.labels for r in results]
         for p in prepared:
-            grids = window_grids(tuple(p.image.shape[-2:]), s.crop, s.stride, seg.vit.patch_size, s.padding)
+            shape = seg.method.input_shape(tuple(p.image.shape[-2:]), seg.vit.patch_size, s.crop)
+            grids = window_grids(shape, s.crop, s.stride, seg.vit.patch_size, s.padding)
             windows += len(grids)
             flops += sum(encoder_flops(seg.vit, g) for g in grids)
     seconds = time.perf_counter() - start

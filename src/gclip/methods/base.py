@@ -183,6 +183,11 @@ class Method:
         ``stage(name)`` times a part as a bench stage."""
         raise NotImplementedError(f"{self.name} runs through the engine's windows")
 
+    def input_shape(self, shape: tuple[int, int], patch: int, crop: int) -> tuple[int, int]:
+        """The ``(H, W)`` the windows are cut from, for a model input of ``shape`` (a :attr:`whole_image` method may
+        resize it first; the bench counts windows and FLOPs on it)."""
+        return shape
+
     def window_multiple(self, vit: DenseViT) -> int:
         """Windows are padded to a multiple of this (``padding="symmetric"``): the patch, or what every model of
         the method divides."""

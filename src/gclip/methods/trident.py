@@ -31,18 +31,23 @@ from .base import Method, Trace, register
 _LOADED: dict[tuple, ProxyViT] = {}
 
 
-def patch_aligned(image: torch.Tensor, patch: int, crop: int) -> torch.Tensor:
-    """The authors' ``preprocess_image``: a ``(1, 3, H, W)`` input whose sides are not patch multiples is resized
-    (bilinear) so that the long side is the next multiple, the short side scaled alike and rounded up to a
-    multiple, both at least ``crop``."""
-    h, w = image.shape[-2:]
+def aligned_shape(h: int, w: int, patch: int, crop: int) -> tuple[int, int]:
+    """The authors' ``preprocess_image`` size: unchanged if both sides are patch multiples, else the long side to
+    the next multiple, the short side scaled alike and rounded up to a multiple, both at least ``crop``."""
     if h % patch == 0 and w % patch == 0:
-        return image
+        return h, w
     longer = max(h, w)
     target = math.ceil(longer / patch) * patch
     new_h, new_w = int(h * target / longer), int(w * target / longer)
     new_h, new_w = math.ceil(new_h / patch) * patch, math.ceil(new_w / patch) * patch
-    size = (max(new_h, crop), max(new_w, crop))
+    return max(new_h, crop), max(new_w, crop)
+
+
+def patch_aligned(image: torch.Tensor, patch: int, crop: int) -> torch.Tensor:
+    """A ``(1, 3, H, W)`` input resized (bilinear) to :func:`aligned_shape` (unchanged if it is already)."""
+    size = aligned_shape(int(image.shape[-2]), int(image.shape[-1]), patch, crop)
+    if size == tuple(image.shape[-2:]):
+        return image
     return F.interpolate(image, size, mode="bilinear", align_corners=False)
 
 
@@ -239,6 +244,9 @@ class Trident(Method):
             feats = F.normalize(vit.project(out.reshape(1, -1, out.shape[-1]).to(vit.dtype)).float(), dim=-1)[0]
             logits = feats @ text.to(feats.device, torch.float32).T
             return logits.T.reshape(-1, *sam_grid)
+
+    def input_shape(self, shape: tuple[int, int], patch: int, crop: int) -> tuple[int, int]:
+        return aligned_shape(int(shape[0]), int(shape[1]), patch, crop)
 
     def last_block(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         raise ConfigError("trident runs whole images (Segmenter); it has no per-crop forward")
