@@ -184,3 +184,11 @@ def test_cli_demo_rejects_bad_limits(capsys):
 
     assert main(["demo", "--max-classes", "0"]) == 2
     assert "--max-classes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["cass", "trident"])
+def test_the_demo_runs_the_methods_with_second_models(service, method):
+    pytest.importorskip("segment_anything")
+    outcome = service.segment(HORSE, "horse, person, wall", method, FAST)
+    h, w = np.asarray(Image.open(HORSE)).shape[:2]
+    assert outcome.result.labels.shape == (h, w)
