@@ -155,3 +155,16 @@ def test_sam_without_weights_names_the_file_to_pass():
     with pytest.raises(WeightsError, match="proxy_checkpoint=.*sam_vit_b_01ec64.pth") as e:
         proxy.load_proxy("sam_noweights")
     assert "\n" not in str(e.value)
+
+
+def test_trident_without_sam_weights_names_its_flag(tiny_model):
+    from gclip.cli.eval import _with_second_models
+
+    proxy.register_proxy("sam_noweights", REAL_PROXIES["sam_vitb"])
+    options = {"trident": {"sam": "sam_noweights"}}
+    with pytest.raises(WeightsError, match="trident: .*--sam-checkpoint PATH") as e:
+        _with_second_models(["trident"], options, tiny_model, False, print)
+    assert "\n" not in str(e.value)
+    notices = []
+    assert _with_second_models(["trident"], options, tiny_model, True, lambda *a, **k: notices.append(a[0])) == []
+    assert notices and notices[0].startswith("gclip: skipped trident:")

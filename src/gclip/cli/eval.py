@@ -57,6 +57,9 @@ def _settings_text(settings: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in settings.items() if k not in ("method_options",))
 
 
+SECOND = ("proxy", "sam")  # a method's second-model options: NAME and NAME_checkpoint
+
+
 def _with_second_models(methods: list[str], options: dict, model: Any, every: bool, say: Any) -> list[str]:
     """Load the second model of each method that has one, before any image is scored; with ``--method all`` a
     method whose second model has no weights here is skipped with a one-line notice (named: an error)."""
@@ -67,14 +70,19 @@ def _with_second_models(methods: list[str], options: dict, model: Any, every: bo
     kept = []
     for m in methods:
         method = get_method(m, **options[m])
-        if hasattr(method, "proxy"):
-            try:
-                load_proxy(method.proxy, method.proxy_checkpoint, model.device, model.dtype)
-            except WeightsError as e:
-                if not every:
-                    raise
-                say(f"gclip: {m} skipped: {e}", file=sys.stderr)
-                continue
+        try:
+            for option in SECOND:
+                if getattr(method, option, None) is not None:
+                    flag = f"--{option}-checkpoint PATH"
+                    load_proxy(
+                        getattr(method, option), getattr(method, f"{option}_checkpoint"), model.device, model.dtype
+                    )
+        except WeightsError as e:
+            message = f"{m}: " + str(e).replace("proxy_checkpoint=/path/to/checkpoint", flag)
+            if not every:
+                raise WeightsError(message) from e
+            say(f"gclip: skipped {message}", file=sys.stderr)
+            continue
         kept.append(m)
     return kept
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
+from ..errors import ConfigError, WeightsError
 from ..proxy import ProxyViT, load_proxy
 from ..vit import DenseViT
 from ..windows import window_boxes
@@ -156,7 +156,10 @@ class Trident(Method):
         return self._model(self.proxy, self.proxy_checkpoint, vit)
 
     def sam_encoder(self, vit: DenseViT) -> ProxyViT:
-        sam = self._model(self.sam, self.sam_checkpoint, vit)
+        try:
+            sam = self._model(self.sam, self.sam_checkpoint, vit)
+        except WeightsError as e:
+            raise WeightsError(f"trident's SAM: {e}".replace("proxy_checkpoint=", "sam_checkpoint=")) from e
         if sam.spec.family != "sam":
             raise ConfigError(f"trident's sam must be a SAM image encoder (e.g. sam_vitb), got {self.sam!r}")
         return sam
