@@ -98,7 +98,11 @@ class Preprocessor:
         resized = resize_image(array, rescale_size(h, w, self.short_side, self.max_long_side))
         return normalise(resized, self.mean, self.std)
 
+    def pack(self, array: np.ndarray, normalised: torch.Tensor, image: ImageInput, key: Any = None) -> Prepared:
+        """The :class:`Prepared` record of a decoded ``array`` and its model input (``key``: default ``image``)."""
+        original = array if self.keep_original else None
+        return Prepared(normalised, array.shape[:2], key if key is not None else image, original)
+
     def __call__(self, image: ImageInput, key: Any = None) -> Prepared:
         array = self.decode(image)
-        original = array if self.keep_original else None
-        return Prepared(self.transform(array), array.shape[:2], key if key is not None else image, original)
+        return self.pack(array, self.transform(array), image, key)

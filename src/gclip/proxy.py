@@ -13,6 +13,7 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -22,7 +23,7 @@ from .errors import ConfigError, WeightsError
 from .models import _hub_reachable, read_checkpoint, resolve_device
 from .vit import resample_pos_embed
 
-__all__ = ["PROXIES", "ProxySpec", "ProxyViT", "load_proxy", "register_proxy", "list_proxies"]
+__all__ = ["PROXIES", "ProxySpec", "ProxyViT", "load_proxy", "proxy_for", "register_proxy", "list_proxies"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -69,10 +70,14 @@ PROXIES: dict[str, ProxySpec] = {
 }
 
 
+_FOR_VIT: dict[tuple, ProxyViT] = {}  # proxy_for's models (a plain dict: see there)
+
+
 def register_proxy(name: str, spec: ProxySpec) -> None:
     """Make a second backbone available by name (e.g. a tiny config in tests)."""
     PROXIES[name] = spec
     load_proxy.cache_clear()
+    _FOR_VIT.clear()
 
 
 def list_proxies() -> list[str]:
@@ -227,19 +232,20 @@ def _cached_weights(spec: ProxySpec) -> str | None:
     return None
 
 
-def _weights_file(name: str, spec: ProxySpec, checkpoint: str | None) -> str:
+def _weights_file(name: str, spec: ProxySpec, checkpoint: str | None, option: str) -> str:
     if checkpoint or spec.checkpoint:
         return str(checkpoint or spec.checkpoint)
-    hint = f"download them on a connected machine and pass proxy_checkpoint=/path/to/{name}.pth"
+    flag = f"--{option.replace('_', '-')} PATH on the command line"
+    hint = f"download them on a connected machine and pass {option}=/path/to/{name}.pth ({flag})"
     cached = _cached_weights(spec)
     if cached:
         return cached
     if spec.tag is None:
         raise WeightsError(
-            f"proxy {name}: no weights given: pass proxy_checkpoint=/path/to/checkpoint (e.g. SAM's "
-            "sam_vit_b_01ec64.pth)"
+            f"proxy {name}: no weights given: pass {option}=/path/to/checkpoint, e.g. SAM's sam_vit_b_01ec64.pth "
+            f"({flag})"
             if spec.family == "sam"
-            else f"proxy {name} has no published weights: pass proxy_checkpoint=/path/to/checkpoint"
+            else f"proxy {name} has no published weights: pass {option}=/path/to/checkpoint ({flag})"
         )
     if not _hub_reachable():
         raise WeightsError(
@@ -259,9 +265,11 @@ def load_proxy(
     checkpoint: str | None = None,
     device: str | torch.device | None = "cpu",
     dtype: torch.dtype = torch.float32,
+    option: str = "proxy_checkpoint",
 ) -> ProxyViT:
     """The second backbone ``name`` with weights from ``checkpoint`` (a DINO ``.pth``, a timm ``.safetensors``
-    ...) or timm's cache; built once per process and arguments.
+    ...) or timm's cache; built once per process and arguments. ``option``: the method option (and, with dashes,
+    the command-line flag) that a missing-weights error tells the user to set.
 
     Raises:
         ConfigError: unknown name. WeightsError: missing, unreadable or mismatched weights (one line).
@@ -269,7 +277,7 @@ def load_proxy(
     if name not in PROXIES:
         raise ConfigError(f"unknown proxy model {name!r}: choose one of {', '.join(list_proxies())}")
     spec = PROXIES[name]
-    path = _weights_file(name, spec, checkpoint)
+    path = _weights_file(name, spec, checkpoint, option)
     state, _ = read_checkpoint(path)
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
     model = _bare_model(name, spec)
@@ -296,3 +304,12 @@ def load_proxy(
         )
     model = model.to(device=resolve_device(device), dtype=dtype).eval().requires_grad_(False)
     return ProxyViT(name, spec, model)
+
+
+def proxy_for(vit: Any, name: str, checkpoint: str | None, option: str = "proxy_checkpoint") -> ProxyViT:
+    """:func:`load_proxy` on a :class:`~gclip.vit.DenseViT`'s device and dtype, for the methods' forwards: kept in
+    a plain dict (not ``lru_cache``), which a ``torch.compile``'d forward traces as a hit."""
+    key = (name, checkpoint, str(vit.device), vit.dtype)
+    if key not in _FOR_VIT:
+        _FOR_VIT[key] = load_proxy(name, checkpoint, vit.device, vit.dtype, option)
+    return _FOR_VIT[key]

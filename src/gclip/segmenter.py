@@ -214,8 +214,7 @@ class Segmenter:
             array = pre.decode(image)
         with self._stage("preprocess"):
             normalised = pre.transform(array)
-        original = array if pre.keep_original else None
-        return Prepared(normalised, array.shape[:2], key if key is not None else image, original)
+        return pre.pack(array, normalised, image, key)
 
     def predict(self, image: ImageInput, return_probs: bool = False) -> SegmentationResult:
         """Segment one image (path, PIL image or ``HxWx3 uint8`` array) -> labels ``(H, W)`` at its size."""

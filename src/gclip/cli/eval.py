@@ -71,14 +71,12 @@ def _with_second_models(methods: list[str], options: dict, model: Any, every: bo
     for m in methods:
         method = get_method(m, **options[m])
         try:
-            for option in SECOND:
-                if getattr(method, option, None) is not None:
-                    flag = f"--{option}-checkpoint PATH"
-                    load_proxy(
-                        getattr(method, option), getattr(method, f"{option}_checkpoint"), model.device, model.dtype
-                    )
+            for name in SECOND:
+                if getattr(method, name, None) is not None:
+                    option = f"{name}_checkpoint"
+                    load_proxy(getattr(method, name), getattr(method, option), model.device, model.dtype, option)
         except WeightsError as e:
-            message = f"{m}: " + str(e).replace("proxy_checkpoint=/path/to/checkpoint", flag)
+            message = f"{m}: {e}"
             if not every:
                 raise WeightsError(message) from e
             say(f"gclip: skipped {message}", file=sys.stderr)

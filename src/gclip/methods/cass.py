@@ -27,12 +27,11 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..pilresize import pil_bicubic_resize
-from ..proxy import IMAGENET_MEAN, IMAGENET_STD, ProxyViT, load_proxy
+from ..proxy import IMAGENET_MEAN, IMAGENET_STD, ProxyViT, proxy_for
 from ..vit import DenseViT
 from .base import Method, Trace, register
 from .naclip import cached_prior
 
-_LOADED: dict[tuple, ProxyViT] = {}
 _STRATEGIES = ("spectral", "sequential", "vanilla")
 INV_STD = (0.229, 0.224, 0.255)  # the authors' inverse normalisation (sic: 0.255), kept for parity
 
@@ -176,16 +175,13 @@ class Cass(Method):
             raise ConfigError(f"cass rank and k_eigen must be >= 1, got {self.rank} and {self.k_eigen}")
 
     def _proxy(self, vit: DenseViT) -> ProxyViT:
-        key = (self.proxy, self.proxy_checkpoint, str(vit.device), vit.dtype)
-        if key not in _LOADED:
-            proxy = load_proxy(self.proxy, self.proxy_checkpoint, vit.device, vit.dtype)
-            if proxy.spec.input_size or proxy.width != vit.width or proxy.model.blocks[-1].attn.num_heads != vit.heads:
-                raise ConfigError(
-                    f"cass pairs CLIP with a DINO of the same width and heads: {self.proxy} does not fit this CLIP "
-                    f"(width {vit.width}, {vit.heads} heads); choose e.g. dino_vitb8 for a ViT-B"
-                )
-            _LOADED[key] = proxy
-        return _LOADED[key]
+        proxy = proxy_for(vit, self.proxy, self.proxy_checkpoint)
+        if proxy.spec.input_size or proxy.width != vit.width or proxy.model.blocks[-1].attn.num_heads != vit.heads:
+            raise ConfigError(
+                f"cass pairs CLIP with a DINO of the same width and heads: {self.proxy} does not fit this CLIP "
+                f"(width {vit.width}, {vit.heads} heads); choose e.g. dino_vitb8 for a ViT-B"
+            )
+        return proxy
 
     def window_multiple(self, vit: DenseViT) -> int:
         return vit.patch_size  # DINO sees the crop resized to a square and cut to its patch

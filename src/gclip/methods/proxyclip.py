@@ -16,11 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..proxy import ProxyViT, load_proxy
+from ..proxy import ProxyViT, proxy_for
 from ..vit import DenseViT
 from .base import Method, Trace, register
-
-_LOADED: dict[tuple, ProxyViT] = {}
 
 
 def proxy_attention(feats: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
@@ -51,12 +49,9 @@ class ProxyClip(Method):
     gamma: float = 3.0
 
     def _proxy(self, vit: DenseViT) -> ProxyViT:
-        key = (self.proxy, self.proxy_checkpoint, str(vit.device), vit.dtype)
-        if key not in _LOADED:  # a plain dict (not load_proxy's lru_cache) so that a compiled forward traces a hit
-            if self.gamma <= 0:
-                raise ConfigError(f"proxyclip gamma must be > 0, got {self.gamma}")
-            _LOADED[key] = load_proxy(self.proxy, self.proxy_checkpoint, vit.device, vit.dtype)
-        return _LOADED[key]
+        if self.gamma <= 0:
+            raise ConfigError(f"proxyclip gamma must be > 0, got {self.gamma}")
+        return proxy_for(vit, self.proxy, self.proxy_checkpoint)
 
     def window_multiple(self, vit: DenseViT) -> int:
         return math.lcm(vit.patch_size, self._proxy(vit).window_patch)  # both models see whole patches

@@ -23,12 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, WeightsError
-from ..proxy import ProxyViT, load_proxy
+from ..proxy import ProxyViT, proxy_for
 from ..vit import DenseViT
 from ..windows import window_boxes
 from .base import Method, Trace, register
-
-_LOADED: dict[tuple, ProxyViT] = {}
 
 
 def aligned_shape(h: int, w: int, patch: int, crop: int) -> tuple[int, int]:
@@ -146,20 +144,14 @@ class Trident(Method):
     refine_neg_cos: bool = True
     split_halves: bool = False
 
-    def _model(self, name: str, checkpoint: str | None, vit: DenseViT) -> ProxyViT:
-        key = (name, checkpoint, str(vit.device), vit.dtype)
-        if key not in _LOADED:
-            _LOADED[key] = load_proxy(name, checkpoint, vit.device, vit.dtype)
-        return _LOADED[key]
-
     def dino(self, vit: DenseViT) -> ProxyViT:
-        return self._model(self.proxy, self.proxy_checkpoint, vit)
+        return proxy_for(vit, self.proxy, self.proxy_checkpoint)
 
     def sam_encoder(self, vit: DenseViT) -> ProxyViT:
         try:
-            sam = self._model(self.sam, self.sam_checkpoint, vit)
+            sam = proxy_for(vit, self.sam, self.sam_checkpoint, option="sam_checkpoint")
         except WeightsError as e:
-            raise WeightsError(f"trident's SAM: {e}".replace("proxy_checkpoint=", "sam_checkpoint=")) from e
+            raise WeightsError(f"trident's SAM: {e}") from e
         if sam.spec.family != "sam":
             raise ConfigError(f"trident's sam must be a SAM image encoder (e.g. sam_vitb), got {self.sam!r}")
         return sam
