@@ -235,3 +235,37 @@ def golden_dino16(tmp_path_factory) -> str:
     torch.save(random_state_dict(timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0), 23), path)
     proxy.register_proxy("golden_dino16", proxy.ProxySpec("vit_base_patch16_224", "dino", checkpoint=str(path)))
     return "golden_dino16"
+
+
+def make_tiny_full_sam():
+    """A whole tiny SAM (segment-anything: :func:`make_tiny_sam`'s encoder, a prompt encoder, a mask decoder) for
+    SAM's automatic mask generator."""
+    from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    return Sam(
+        make_tiny_sam(),
+        PromptEncoder(embed_dim=16, image_embedding_size=(8, 8), input_image_size=(64, 64), mask_in_chans=4),
+        MaskDecoder(
+            transformer_dim=16, transformer=TwoWayTransformer(depth=1, embedding_dim=16, mlp_dim=32, num_heads=2)
+        ),
+    ).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_mask_generator(tmp_path_factory) -> dict:
+    """CorrCLIP options for a tiny random SAM (registered as the mask generator ``tiny_sam``) as its mask
+    generator, its thresholds 0 so that random masks pass."""
+    pytest.importorskip("segment_anything")
+    import torch
+
+    from gclip.masks import register_mask_model
+
+    register_mask_model("tiny_sam", make_tiny_full_sam)
+    path = tmp_path_factory.mktemp("sam") / "tiny-full-sam.pth"
+    torch.save(random_state_dict(make_tiny_full_sam(), seed=3), path)
+    return {
+        "mask_generator": "tiny_sam",
+        "sam_checkpoint": str(path),
+        "pred_iou_thresh": 0.0,
+        "stability_score_thresh": 0.0,
+    }

@@ -10,7 +10,7 @@ from conftest import HERE, TINY
 from gclip.bench import BenchConfig, encoder_flops, memory_check_subprocess, window_grids
 from gclip.cli import main
 
-STAGES = {"decode", "preprocess", "encoder", "second_model", "head", "text"}
+STAGES = {"decode", "preprocess", "masks", "encoder", "second_model", "head", "text"}
 TOP_FIELDS = {
     "images", "count", "model", "weights", "method", "method_options", "precision", "device", "batch_size",
     "batch_images", "compile", "settings", "classes", "windows", "images_per_s", "seconds", "latency_ms",
@@ -94,10 +94,14 @@ def test_memory_check_runs_in_a_fresh_process():
     assert record["peak_rss_mb"] > 0 and record["naive_canvas_mb"] == pytest.approx(21 * 90 * 120 * 4 / 2**20)
 
 
-@pytest.mark.parametrize("method", ["proxyclip", "trident"])
-def test_bench_times_the_second_model_as_its_own_stage(tmp_path, method):
-    if method == "trident":
+@pytest.mark.parametrize("method", ["proxyclip", "trident", "corrclip"])
+def test_bench_times_the_second_model_as_its_own_stage(tmp_path, method, request):
+    extra = []
+    if method in ("trident", "corrclip"):
         pytest.importorskip("segment_anything")
+    if method == "corrclip":  # synthetic images have no mask files: SAM's generator makes them (its own stage)
+        options = {**request.getfixturevalue("tiny_mask_generator"), "window_pad": 8}
+        extra = ["--method-options", json.dumps(options)]
     out = tmp_path / "bench.json"
     argv = [
         "bench",
@@ -111,7 +115,8 @@ def test_bench_times_the_second_model_as_its_own_stage(tmp_path, method):
         "--method",
         method,
     ]
-    argv += ["--crop", "32", "--stride", "16", "--short-side", "48", "--no-reference", "--no-record"]
+    argv += ["--crop", "32", "--stride", "16", "--short-side", "48", "--no-reference", "--no-record", *extra]
     assert main(argv + ["--json", str(out)]) == 0
     stages = json.loads(out.read_text())["stage_seconds"]
     assert stages["second_model"] > 0 and stages["head"] > 0
+    assert (stages["masks"] > 0) == (method == "corrclip")

@@ -192,3 +192,13 @@ def test_the_demo_runs_the_methods_with_second_models(service, method):
     outcome = service.segment(HORSE, "horse, person, wall", method, FAST)
     h, w = np.asarray(Image.open(HORSE)).shape[:2]
     assert outcome.result.labels.shape == (h, w)
+
+
+def test_the_demo_runs_corrclip_with_sams_mask_generator(tiny_model, tmp_path, monkeypatch, tiny_mask_generator):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    options = {"corrclip": {**tiny_mask_generator, "window_pad": 8}}
+    service = DemoService(
+        tiny_model, Limits(work_side=512), workdir=tmp_path / "work", defaults=FAST, method_options=options
+    )
+    outcome = service.segment(HORSE, "horse, person, wall", "corrclip", FAST)
+    assert outcome.result.labels.shape == np.asarray(Image.open(HORSE)).shape[:2]

@@ -30,8 +30,9 @@ def images() -> list[np.ndarray]:
 
 @pytest.mark.parametrize("settings", SETTINGS, ids=["sliding", "thresholds-nopad", "whole-pamr"])
 @pytest.mark.parametrize("method", gclip.list_methods())
-def test_engine_equals_reference_loop(tiny_model, images, method, settings):
-    seg = gclip.Segmenter(tiny_model, method=method, classes=CLASSES, **settings)
+def test_engine_equals_reference_loop(tiny_model, images, method, settings, request):
+    options = request.getfixturevalue("tiny_mask_generator") if method == "corrclip" else {}  # arrays: no mask files
+    seg = gclip.Segmenter(tiny_model, method=method, classes=CLASSES, method_options=options, **settings)
     results = seg.predict_batch(images)
     prepared = [seg.prepare(img) for img in images]
     for img, result, merged, item in zip(images, results, seg.merged_logits(prepared), prepared):

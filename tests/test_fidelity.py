@@ -24,6 +24,7 @@ TABLE = tomllib.loads((GOLDEN / "goldens.toml").read_text(encoding="utf-8"))
 UNMATCHED = {
     "gclip": "no official code: its defaults follow a third-party reading (README, Methods)",
     "trident": "runs whole images only: its dense logits are checked on the pipeline photos (pipelines.toml)",
+    "corrclip": "runs whole images only: a window's logits in test_corrclip, the pipelines in pipelines.toml",
 }
 
 
@@ -81,7 +82,12 @@ def test_dense_logits_match_reference_implementation(vitb16, inputs, golden, req
     expected = np.load(GOLDEN / f"{golden}.npy")
     got = ours(vitb16, entry, inputs)
     assert got.shape == expected.shape
-    assert np.abs(got - expected).max() <= entry.get("atol", 1e-4)
+    diff = np.abs(got - expected)
+    off = diff > entry.get("atol", 1e-4)
+    # `flipped`: the fraction of values allowed off where the method's mask cuts through entries that lie within
+    # CPU round-off of its threshold (goldens.toml says which); they must stay within `flipped_atol`
+    assert off.mean() <= entry.get("flipped", 0.0), f"{off.sum()} of {off.size} values off, max {diff.max():.2e}"
+    assert diff.max() <= entry.get("flipped_atol", entry.get("atol", 1e-4))
 
 
 def test_cass_costs_equal_the_authors_and_its_pairing_is_as_cheap(vitb16, inputs, golden_dino, monkeypatch):

@@ -16,9 +16,12 @@ SMALL = {"short_side": 48, "crop": 32, "stride": 16}
 
 
 @pytest.fixture
-def make(tiny_model):
+def make(tiny_model, request):
     def build(method="gclip", classes=("cat", "dog", "sky"), **settings):
-        return Segmenter(tiny_model, method=method, classes=list(classes), **{**SMALL, **settings})
+        options = request.getfixturevalue("tiny_mask_generator") if method == "corrclip" else {}  # arrays: no files
+        return Segmenter(
+            tiny_model, method=method, classes=list(classes), method_options=options, **{**SMALL, **settings}
+        )
 
     return build
 

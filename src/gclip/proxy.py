@@ -163,9 +163,9 @@ class ProxyViT:
         x = m.norm(x)[:, m.num_prefix_tokens :]
         return x.transpose(1, 2).reshape(x.shape[0], -1, grid[0], grid[1])
 
-    def last_keys(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """``(B, 3, H, W)`` images normalised for this model -> the last block's patch keys ``(B, heads, N, d)``
-        (``norm1`` then ``qkv``, prefix tokens dropped; CASS's ``qkv[1]``) and the patch grid."""
+    def last_qkv(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """``(B, 3, H, W)`` images normalised for this model -> the last block's patch queries, keys and values,
+        each ``(B, heads, N, d)`` (``norm1`` then ``qkv``, prefix tokens dropped), and the patch grid."""
         m = self.model
         if self.spec.input_size:
             raise ConfigError(f"proxy {self.name} resizes its input to a fixed size: choose a DINO or DINOv2 proxy")
@@ -174,8 +174,16 @@ class ProxyViT:
         attn = blk.attn
         b, n, c = x.shape
         qkv = attn.qkv(blk.norm1(x)).reshape(b, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)
+        q = attn.q_norm(qkv[0]) if hasattr(attn, "q_norm") else qkv[0]
         k = attn.k_norm(qkv[1]) if hasattr(attn, "k_norm") else qkv[1]
-        return k[:, :, m.num_prefix_tokens :], grid
+        keep = slice(m.num_prefix_tokens, None)
+        return q[:, :, keep], k[:, :, keep], qkv[2][:, :, keep], grid
+
+    def last_keys(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The last block's patch keys ``(B, heads, N, d)`` (CASS's ``qkv[1]``) and the patch grid
+        (:meth:`last_qkv`)."""
+        _, k, _, grid = self.last_qkv(images)
+        return k, grid
 
     def _walk(self, images: torch.Tensor, blocks: int) -> tuple[torch.Tensor, tuple[int, int]]:
         """Tokens after the first ``blocks`` blocks (prefix tokens first) and the patch grid."""

@@ -41,7 +41,7 @@ def reference_merged_logits(segmenter: Segmenter, prepared: Prepared) -> torch.T
 def _reference_pass(segmenter: Segmenter, prepared: Prepared) -> tuple[torch.Tensor, list[WindowContext]]:
     s = segmenter.settings
     if segmenter.method.whole_image:  # the method runs the whole image itself: it is its own reference
-        return segmenter.image_logits(prepared), []
+        return segmenter.image_logits(prepared)
     vit, method = segmenter.vit, reference_method(segmenter.method)
     queries = segmenter._require_classes()
     image = prepared.image[None].to(segmenter.device)

@@ -332,7 +332,7 @@ class Segmenter:
         """Window-averaged cosine logits ``(Q, h, w)`` per image, at the inference resolution (at the original
         size for the whole-image mode, ``crop=0``)."""
         if self.method.whole_image:
-            return [self.image_logits(item) for item in prepared]
+            return [self.image_logits(item)[0] for item in prepared]
         n_queries = self._require_classes().shape[0]
         sizes, plans, groups = self._plan(prepared)
         canvases = [Canvas(n_queries, size, self.device) for size in sizes]
@@ -359,9 +359,11 @@ class Segmenter:
         """The model half of inference on already :meth:`prepare`-d images."""
         queries = self._require_classes()
         if self.method.whole_image:
-            return [
-                self._result(item, self._reduce(item, self.image_logits(item), return_probs), []) for item in prepared
-            ]
+            results = []
+            for item in prepared:
+                logits, contexts = self.image_logits(item)
+                results.append(self._result(item, self._reduce(item, logits, return_probs), contexts))
+            return results
         s = self.settings
         q2c = self.classes.query_to_class  # type: ignore[union-attr]
         sizes, plans, groups = self._plan(prepared)
@@ -400,16 +402,19 @@ class Segmenter:
         )
 
     @torch.no_grad()
-    def image_logits(self, item: Prepared) -> torch.Tensor:
+    def image_logits(self, item: Prepared) -> tuple[torch.Tensor, list[WindowContext]]:
         """``(Q, h, w)`` logits of one image from a method that runs whole images itself
-        (:attr:`~gclip.methods.Method.whole_image`, e.g. Trident), at the resolution it chooses."""
+        (:attr:`~gclip.methods.Method.whole_image`, e.g. Trident), at the resolution it chooses, and what the
+        method keeps for :meth:`~gclip.methods.Method.refine_labels` (one whole-image context, or none)."""
         if self.method.needs_original and item.original is None:
             raise ConfigError(f"{self.method.name} needs the decoded pixels: prepare the image with this Segmenter")
         image = item.image[None].to(self.device)
         s = self.settings
-        return self.method.image_logits(
-            self.vit, image, item.original, self._require_classes(), s.crop, s.stride, self._stage
-        )
+        out = self.method.image_logits(self.vit, image, item, self._require_classes(), s.crop, s.stride, self._stage)
+        if not isinstance(out, tuple):
+            return out, []
+        logits, context = out
+        return logits, [WindowContext(None, tuple(item.size), context)]
 
     def _reduce(self, item: Prepared, logits: torch.Tensor, return_probs: bool):
         s = self.settings

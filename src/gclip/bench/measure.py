@@ -20,7 +20,7 @@ import torch
 from ..vit import DenseViT
 from ..windows import pad_sizes, window_boxes
 
-STAGES = ("decode", "preprocess", "encoder", "second_model", "head", "text")
+STAGES = ("decode", "preprocess", "masks", "encoder", "second_model", "head", "text")
 
 
 class StageTimer:

@@ -49,7 +49,16 @@ def add_method_args(parser: argparse.ArgumentParser, multiple: bool = False) -> 
         help="second model of the methods that pair CLIP with one (proxyclip, cass, trident): dino_vitb8, ...",
     )
     g.add_argument("--proxy-checkpoint", default=None, metavar="PATH", help="local weights file of --proxy")
-    g.add_argument("--sam-checkpoint", default=None, metavar="PATH", help="SAM's weights file (trident)")
+    g.add_argument("--sam-checkpoint", default=None, metavar="PATH", help="SAM's weights file (trident, corrclip)")
+    g.add_argument(
+        "--masks", default=None, metavar="FOLDER", help="pre-generated instance masks, <image stem>.npz (corrclip)"
+    )
+    g.add_argument(
+        "--mask-generator",
+        default=None,
+        metavar="NAME",
+        help="SAM model making instance masks (corrclip)",
+    )
 
 
 def add_class_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -120,8 +129,9 @@ def method_options_from(args: argparse.Namespace, method: str | None = None) -> 
 
 
 def proxy_options_from(args: argparse.Namespace) -> dict[str, Any]:
-    """``--proxy`` / ``--proxy-checkpoint`` / ``--sam-checkpoint`` as method options (only those given)."""
-    names = ("proxy", "proxy_checkpoint", "sam_checkpoint")
+    """``--proxy`` / ``--proxy-checkpoint`` / ``--sam-checkpoint`` / ``--masks`` / ``--mask-generator`` as method
+    options (only those given)."""
+    names = ("proxy", "proxy_checkpoint", "sam_checkpoint", "masks", "mask_generator")
     return {k: getattr(args, k, None) for k in names if getattr(args, k, None) is not None}
 
 

@@ -24,7 +24,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--proxy", default=None, metavar="NAME", help="DINO model of proxyclip, cass and trident (their defaults)"
     )
     g.add_argument("--proxy-checkpoint", default=None, metavar="PATH", help="local weights file of that model")
-    g.add_argument("--sam-checkpoint", default=None, metavar="PATH", help="SAM's weights file (trident)")
+    g.add_argument("--sam-checkpoint", default=None, metavar="PATH", help="SAM's weights file (trident, corrclip)")
+    g.add_argument(
+        "--mask-generator", default=None, metavar="NAME", help="SAM model making corrclip's instance masks: sam_vitb"
+    )
     p.set_defaults(func=run)
 
 

@@ -57,28 +57,21 @@ def _settings_text(settings: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in settings.items() if k not in ("method_options",))
 
 
-SECOND = ("proxy", "sam")  # a method's second-model options: NAME and NAME_checkpoint
-
-
 def _with_second_models(methods: list[str], options: dict, model: Any, every: bool, say: Any) -> list[str]:
-    """Load the second model of each method that has one, before any image is scored; with ``--method all`` a
-    method whose second model has no weights here is skipped with a one-line notice (named: an error)."""
-    from ..errors import WeightsError
+    """Load the second models (and check the mask sources) of each method that has them, before any image is
+    scored (:meth:`~gclip.methods.Method.check_resources`); with ``--method all`` a method that cannot run here is
+    skipped with a one-line notice (named: an error)."""
+    from ..errors import ConfigError, WeightsError
     from ..methods import get_method
-    from ..proxy import load_proxy
 
     kept = []
     for m in methods:
-        method = get_method(m, **options[m])
         try:
-            for name in SECOND:
-                if getattr(method, name, None) is not None:
-                    option = f"{name}_checkpoint"
-                    load_proxy(getattr(method, name), getattr(method, option), model.device, model.dtype, option)
-        except WeightsError as e:
+            get_method(m, **options[m]).check_resources(model.device, model.dtype)
+        except (WeightsError, ConfigError) as e:
             message = f"{m}: {e}"
             if not every:
-                raise WeightsError(message) from e
+                raise type(e)(message) from e
             say(f"gclip: skipped {message}", file=sys.stderr)
             continue
         kept.append(m)

@@ -171,16 +171,18 @@ class Method:
         self,
         vit: DenseViT,
         image: torch.Tensor,
-        original: Any,
+        item: Any,
         text: torch.Tensor,
         crop: int,
         stride: int,
         stage: Callable[[str], contextlib.AbstractContextManager],
-    ) -> torch.Tensor:
-        """For :attr:`whole_image` methods: one ``(1, 3, H, W)`` normalised model input (and the decoded
-        ``original`` pixels when :attr:`needs_original`) -> ``(Q, h, w)`` cosine logits at a resolution of the
-        method's choosing (the engine resizes them to the image). ``crop``/``stride``: the settings' windows;
-        ``stage(name)`` times a part as a bench stage."""
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """For :attr:`whole_image` methods: one ``(1, 3, H, W)`` normalised model input of the
+        :class:`~gclip.preprocess.Prepared` ``item`` (its decoded ``original`` pixels when :attr:`needs_original`,
+        its ``key`` and ``size``) -> ``(Q, h, w)`` cosine logits at a resolution of the method's choosing (the
+        engine resizes them to the image), or ``(logits, context)``: ``context`` reaches :meth:`refine_labels` as
+        the one :class:`WindowContext` of the image (its ``window`` ``None``). ``crop``/``stride``: the settings'
+        windows; ``stage(name)`` times a part as a bench stage."""
         raise NotImplementedError(f"{self.name} runs through the engine's windows")
 
     def input_shape(self, shape: tuple[int, int], patch: int, crop: int) -> tuple[int, int]:
@@ -207,6 +209,17 @@ class Method:
 
         ``windows``: the image's windows with their :meth:`label_context` (empty when the method keeps none)."""
         return labels
+
+    def check_resources(self, device: Any, dtype: torch.dtype) -> None:
+        """Load (into the per-process cache) or check what the method needs besides CLIP, before any image: its
+        second models (options ``proxy``/``sam`` with their ``*_checkpoint``). Raises a one-line
+        :class:`~gclip.errors.WeightsError` or :class:`~gclip.errors.ConfigError`."""
+        from ..proxy import load_proxy
+
+        for name in ("proxy", "sam"):
+            if getattr(self, name, None) is not None:
+                option = f"{name}_checkpoint"
+                load_proxy(getattr(self, name), getattr(self, option), device, dtype, option)
 
     def options(self) -> dict[str, Any]:
         """The method's settings as plain data (printed with and stored in results)."""

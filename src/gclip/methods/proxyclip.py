@@ -30,6 +30,19 @@ def proxy_attention(feats: torch.Tensor, beta: float, gamma: float) -> torch.Ten
     return torch.softmax(sim.masked_fill(sim < 0, float("-inf")), dim=-1)
 
 
+def values_attention(
+    vit: DenseViT, index: int, v: torch.Tensor, grid: tuple[int, int], attn: torch.Tensor, size: tuple[int, int]
+) -> torch.Tensor:
+    """A second model's attention over CLIP's values: block ``index``'s values ``v`` ``(B, H, 1+N, d)`` on CLIP's
+    patch ``grid``, bilinearly resized to the second model's grid ``size``, mixed by ``attn`` ``(B, M, M)`` (the
+    same for every head), then ``out_proj`` -> ``(B, M, D)`` (no residual, no FFN)."""
+    b, h, _, d = v.shape
+    values = v[:, :, 1:].reshape(b * h, grid[0], grid[1], d).permute(0, 3, 1, 2)
+    values = F.interpolate(values.float(), size=size, mode="bilinear", align_corners=False)
+    heads = (attn[:, None] @ values.permute(0, 2, 3, 1).reshape(b, h, -1, d)).to(v.dtype)  # (B, H, M, d)
+    return vit.out_proj(index, heads)
+
+
 @register
 @dataclass
 class ProxyClip(Method):
@@ -80,12 +93,7 @@ class ProxyClip(Method):
         attn, size = trace.extras["proxy_attention"], trace.extras["proxy_grid"]
         index = vit.depth - 1
         _, _, v = vit.qkv(index, x)  # (B, H, 1+N, d)
-        b, h, _, d = v.shape
-        grid = v[:, :, 1:].reshape(b * h, trace.grid[0], trace.grid[1], d).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid.float(), size=size, mode="bilinear", align_corners=False)
-        values = grid.permute(0, 2, 3, 1).reshape(b, h, -1, d)
-        heads = (attn[:, None] @ values).to(x.dtype)  # (B, H, M, d)
-        return vit.out_proj(index, heads)
+        return values_attention(vit, index, v, trace.grid, attn, size)
 
     def features(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         tokens = vit.project(self.last_block(vit, x, trace))  # patch tokens only, on the proxy's grid

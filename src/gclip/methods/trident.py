@@ -27,6 +27,7 @@ from ..proxy import ProxyViT, proxy_for
 from ..vit import DenseViT
 from ..windows import window_boxes
 from .base import Method, Trace, register
+from .proxyclip import values_attention
 
 
 def aligned_shape(h: int, w: int, patch: int, crop: int) -> tuple[int, int]:
@@ -176,18 +177,14 @@ class Trident(Method):
         with stage("head"):
             index = vit.depth - 1
             _, _, v = vit.qkv(index, x)
-            b, h, _, d = v.shape
-            grid = v[:, :, 1:].reshape(b * h, trace.grid[0], trace.grid[1], d).permute(0, 3, 1, 2)
-            grid = F.interpolate(grid.float(), size=size, mode="bilinear", align_corners=False)
-            heads = (attn[:, None] @ grid.permute(0, 2, 3, 1).reshape(b, h, -1, d)).to(x.dtype)
-            out = vit.out_proj(index, heads)  # (B, M, D)
-        return out.transpose(1, 2).reshape(b, -1, *size), trace.grid
+            out = values_attention(vit, index, v, trace.grid, attn, size)  # (B, M, D)
+        return out.transpose(1, 2).reshape(out.shape[0], -1, *size), trace.grid
 
     def image_logits(
         self,
         vit: DenseViT,
         image: torch.Tensor,
-        original: Any,
+        item: Any,
         text: torch.Tensor,
         crop: int,
         stride: int,
@@ -198,7 +195,7 @@ class Trident(Method):
             raise ConfigError(f"trident needs crop and stride multiples of the patch {p}, got {crop} and {stride}")
         sam = self.sam_encoder(vit)
         with stage("second_model"):
-            pixels = sam_pixels(np.asarray(original), p)
+            pixels = sam_pixels(np.asarray(item.original), p)
             half = pixels.shape[1] // 2
             parts = [pixels[:, :half], pixels[:, half:]] if self.split_halves else [pixels]
             guides = []

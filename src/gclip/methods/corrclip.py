@@ -1,0 +1,320 @@
+"""CorrCLIP (CVPR 2025, zdk258/CorrCLIP): instance masks restrict the last block's attention to a region.
+
+Per image an instance mask (pre-generated, or from SAM's automatic generator, see :mod:`gclip.masks`). Per window:
+
+- the window's regions, on DINO's patch grid, are merged when their mean DINO features (last block's ``q + k``,
+  normalised) are within ``dbscan_eps`` of each other (DBSCAN on ``max(S) - S``);
+- scope reconstruction: a patch attends to the patches of its own region; where either patch is unsegmented (the
+  smallest mask value), to those whose DINO similarity exceeds its mean; the attention is ``softmax(τ S)`` there;
+- mask class tokens: one copy of CLS per region goes through every CLIP block attending to CLS and its region's
+  patches only (the patch tokens never see them), so each region gets its own embedding;
+- the last block: that attention over CLIP's values (resized to DINO's grid), ``out_proj``, for the input tokens
+  (main branch) and the mean of the inputs of ``spatial_blocks`` earlier blocks (spatial branch); the region tokens
+  through the whole last block, spread over their regions (semantic branch); after ``ln_post``,
+  ``main + spatial * spatial_weight + semantic * semantic_weight``, then the projection.
+
+Windows are zero-padded to multiples of ``window_pad`` (the mask padded with 10000, as the authors do); the
+logits, on DINO's grid, are resized to the window, averaged over windows and resized to the image. Map correction:
+after the thresholds, every region of the instance mask (but the unsegmented one) takes its most frequent label.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..masks import generate_instance_mask, load_sam, read_instance_mask
+from ..proxy import ProxyViT, proxy_for
+from ..vit import DenseViT
+from ..windows import pad_sizes, window_boxes
+from .base import Method, Trace, WindowContext, cosine_logits, register
+from .proxyclip import values_attention
+
+PAD_VALUE = 10000
+"""The mask value of padded pixels; merged regions are numbered from it too (``cluster + 10000``), as the authors
+do."""
+NO_MASKS = (
+    "corrclip needs instance masks: pass masks=FOLDER of pre-generated <stem>.npz (--masks FOLDER), or "
+    "mask_generator='sam_vitb' with sam_checkpoint=PATH (--mask-generator sam_vitb --sam-checkpoint PATH)"
+)
+SPATIAL_BLOCKS = {12: 5, 24: 12, 32: 28}
+"""The authors' number of blocks averaged by the spatial branch, by depth (otherwise depth - 4, at least 1)."""
+
+
+def merge_regions(mask: torch.Tensor, feats: torch.Tensor, eps: float, min_samples: int) -> torch.Tensor:
+    """An ``(h, w)`` region map and ``(h*w, C)`` unit DINO features -> the map with the regions whose normalised
+    mean features DBSCAN clusters (``max(S) - S`` within ``eps``) renumbered ``PAD_VALUE + cluster``; the first
+    (smallest) value is left out. Unchanged with two regions or fewer."""
+    values = torch.unique(mask)
+    if values.numel() <= 2:
+        return mask
+    try:
+        from sklearn.cluster import DBSCAN
+    except ImportError:
+        raise ConfigError("corrclip needs scikit-learn for its region merging: pip install 'gclip[cluster]'") from None
+    flat = mask.reshape(-1)
+    regions = [flat == v for v in values]
+    unit = F.normalize(torch.stack([feats[r].mean(dim=0) for r in regions]).float(), dim=1)[1:]
+    sim = unit @ unit.T
+    clusters = DBSCAN(eps=eps, min_samples=min_samples, metric="precomputed").fit_predict(
+        (sim.max() - sim).cpu().numpy()
+    )
+    out = flat.clone()
+    for region, cluster in zip(regions[1:], clusters):
+        if cluster != -1:
+            out[region] = int(cluster) + PAD_VALUE
+    return out.view_as(mask)
+
+
+def scope_attention(mask: torch.Tensor, sim: torch.Tensor, tau: float) -> torch.Tensor:
+    """An ``(M,)`` region id per patch and the ``(M, M)`` DINO similarity -> ``softmax(τ S)`` over the allowed
+    pairs: the same region, or (either patch unsegmented, the smallest id) a similarity above its mean."""
+    ids = torch.searchsorted(torch.unique(mask), mask)
+    segmented = ids != 0
+    allowed = (ids[:, None] == ids[None, :]) & segmented[:, None] & segmented[None, :]
+    allowed |= (~segmented[:, None] | ~segmented[None, :]) & (sim > sim.mean())
+    return torch.softmax(sim.masked_fill(~allowed, float("-inf")) * tau, dim=-1)
+
+
+def region_ids(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """An ``(h, w)`` region map resized (nearest) to ``grid`` -> ``(gh*gw,)`` indices into its sorted values."""
+    small = F.interpolate(mask[None, None].float(), size=grid, mode="nearest").to(mask.dtype).reshape(-1)
+    return torch.searchsorted(torch.unique(small), small)
+
+
+def map_correction(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Every region of ``mask`` but the first (smallest value) takes its most frequent label (the smallest of
+    equally frequent ones)."""
+    ids = torch.searchsorted(torch.unique(mask), mask.reshape(-1))
+    n = int(labels.max()) + 1
+    counts = torch.bincount(ids * n + labels.reshape(-1).long(), minlength=int(ids.max() + 1) * n)
+    mode = counts.view(-1, n).argmax(dim=1).to(labels.dtype)
+    return torch.where(ids == 0, labels.reshape(-1), mode[ids]).view_as(labels)
+
+
+@dataclass
+class _Regions:
+    """What the CLIP pass needs of a batch of windows: the scope attention and the region tokens' bookkeeping."""
+
+    attention: torch.Tensor  # (B, M, M) on DINO's grid
+    size: tuple[int, int]  # DINO's grid
+    bias: torch.Tensor  # (B, 1, R, 1+N): 0 where a region token attends (CLS, its patches), -inf elsewhere
+    semantic: torch.Tensor  # (B, M) index of the region of every DINO patch
+    tokens: torch.Tensor | None = None  # (B, R, D) region tokens, advanced block by block
+
+
+@register
+@dataclass
+class CorrClip(Method):
+    """CorrCLIP's options (its base config: CLIP ViT-B/16, DINO ViT-B/8, windows 336 / 112, logit scale 40).
+
+    Attributes:
+        proxy, proxy_checkpoint: the DINO model and its weights file.
+        masks: a folder of pre-generated instance masks, ``<image stem>.npz`` (``instance_mask``) or ``.png``.
+        mask_generator, sam_checkpoint: or a SAM model (``sam_vitb``, ...) and its weights for SAM's automatic mask
+            generator (the authors use SAM2; segment-anything's SAM stands in), with ``points_per_side``,
+            ``pred_iou_thresh``, ``stability_score_thresh``.
+        tau: the temperature of the scope attention; dbscan_eps, dbscan_min_samples: the region merging.
+        spatial_weight, semantic_weight: the two extra branches; spatial_blocks: blocks the spatial branch averages
+            (``None``: the authors' rule by depth, 5 for ViT-B).
+        window_pad: windows are zero-padded to multiples of it; map_correction: the per-region mode labels.
+    """
+
+    name = "corrclip"
+    summary = "instance masks and DINO correlations restrict the last block's attention, plus region tokens"
+    whole_image = True
+    needs_original = True
+    proxy: str = "dino_vitb8"
+    proxy_checkpoint: str | None = None
+    masks: str | None = None
+    mask_generator: str | None = None
+    sam_checkpoint: str | None = None
+    points_per_side: int = 8
+    pred_iou_thresh: float = 0.4
+    stability_score_thresh: float = 0.4
+    tau: float = 4.0
+    dbscan_eps: float = 0.2
+    dbscan_min_samples: int = 1
+    spatial_weight: float = 1.0
+    semantic_weight: float = 0.5
+    spatial_blocks: int | None = None
+    window_pad: int = 56
+    map_correction: bool = True
+
+    def dino(self, vit: DenseViT) -> ProxyViT:
+        return proxy_for(vit, self.proxy, self.proxy_checkpoint)
+
+    def _spatial(self, vit: DenseViT) -> range:
+        count = self.spatial_blocks
+        if count is None:  # the authors' rule; at least one block for shallow (test) models
+            count = SPATIAL_BLOCKS.get(vit.depth, max(1, vit.depth - 4))
+        if not 1 <= count <= vit.depth - 1:
+            raise ConfigError(f"corrclip spatial_blocks must be in 1..{vit.depth - 1}, got {count}")
+        return range(vit.depth - 1 - count, vit.depth - 1)  # the inputs of these blocks: outputs of the ones before
+
+    def instance_mask(
+        self, vit: DenseViT, original: np.ndarray | None, key: Any, size: tuple[int, int]
+    ) -> torch.Tensor:
+        """The image's ``(H, W)`` instance mask, from :attr:`masks` or :attr:`mask_generator`."""
+        if self.masks is not None:
+            mask = read_instance_mask(self.masks, key, size)
+        elif self.mask_generator is not None:
+            if original is None:
+                raise ConfigError(
+                    "corrclip's mask generator needs the decoded pixels: prepare images with the Segmenter"
+                )
+            sam = load_sam(self.mask_generator, self.sam_checkpoint, vit.device, torch.float32)
+            mask = generate_instance_mask(
+                sam, original, self.points_per_side, self.pred_iou_thresh, self.stability_score_thresh
+            )
+        else:
+            raise ConfigError(NO_MASKS)
+        return torch.from_numpy(mask).to(vit.device)
+
+    def _regions(self, vit: DenseViT, crops: torch.Tensor, masks: torch.Tensor, grid: tuple[int, int]) -> _Regions:
+        """DINO on the ``(B, 3, h, w)`` windows; with their ``(B, h, w)`` masks, the merged regions, the scope
+        attention and the region tokens' attention bias on CLIP's patch ``grid``."""
+        dino = self.dino(vit)
+        q, k, _, size = dino.last_qkv(dino.renormalise(crops.to(vit.dtype), vit.mean, vit.std))
+        feats = F.normalize((q + k).transpose(1, 2).flatten(2).float(), dim=-1)  # (B, M, C): heads side by side
+        sims = feats @ feats.transpose(1, 2)
+        small = F.interpolate(masks[:, None].float(), size=size, mode="nearest").to(masks.dtype)[:, 0]
+        attention, tokens, semantic = [], [], []
+        for mask, feat, sim in zip(small, feats, sims):
+            merged = merge_regions(mask, feat, self.dbscan_eps, self.dbscan_min_samples)
+            attention.append(scope_attention(merged.reshape(-1), sim, self.tau))
+            ids = region_ids(merged, grid)  # regions on CLIP's grid
+            tokens.append(ids)
+            up = F.interpolate(ids.view(1, 1, *grid).float(), size=size, mode="nearest")
+            semantic.append(up.reshape(-1).long())
+        count = max(int(ids.max()) + 1 for ids in tokens)
+        bias = torch.full((len(tokens), 1, count, 1 + grid[0] * grid[1]), float("-inf"), device=crops.device)
+        bias[..., 0] = 0.0  # CLS, for every region token (padding ones too)
+        for b, ids in enumerate(tokens):
+            bias[b, 0, :, 1:].masked_fill_(ids[None] == torch.arange(count, device=ids.device)[:, None], 0.0)
+        return _Regions(torch.stack(attention), size, bias, torch.stack(semantic))
+
+    def check_resources(self, device: Any, dtype: torch.dtype) -> None:
+        super().check_resources(device, dtype)
+        if self.masks is not None:
+            if not Path(self.masks).is_dir():
+                raise ConfigError(f"masks folder {self.masks} does not exist: pass the folder of <stem>.npz masks")
+        elif self.mask_generator is not None:
+            load_sam(self.mask_generator, self.sam_checkpoint, device, torch.float32)
+        else:
+            raise ConfigError(NO_MASKS)
+
+    def keep_blocks(self, vit: DenseViT) -> set[int]:
+        return set(self._spatial(vit))
+
+    def block(self, vit: DenseViT, index: int, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+        regions: _Regions = trace.extras["regions"]
+        if regions.tokens is None:
+            regions.tokens = x[:, :1].expand(-1, regions.bias.shape[2], -1)  # CLS copies, after ln_pre
+        kept = {}
+
+        def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            kept["kv"] = (k, v)
+            return F.scaled_dot_product_attention(q, k, v)
+
+        out = vit.block(index, x, attention=attention)
+        regions.tokens = self._region_step(vit, index, regions, *kept["kv"])
+        return out
+
+    @staticmethod
+    def _region_step(vit: DenseViT, index: int, regions: _Regions, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Block ``index`` on the region tokens, which attend to the patch tokens' keys ``k`` and values ``v``."""
+        t = regions.tokens
+        q, _, _ = vit.qkv(index, t)
+        heads = F.scaled_dot_product_attention(q, k, v, attn_mask=regions.bias.to(q.dtype))
+        t = t + vit.attn_residual(index, vit.out_proj(index, heads))
+        return t + vit.ffn(index, t)
+
+    def _features(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+        """The tokens entering the last block -> ``(B, M, E)`` features on DINO's grid."""
+        regions: _Regions = trace.extras["regions"]
+        index = vit.depth - 1
+        _, k, v = vit.qkv(index, x)
+        semantic = self._region_step(vit, index, regions, k, v)  # (B, R, D)
+        spatial_in = torch.stack([trace.inputs[i] for i in self._spatial(vit)]).mean(0)
+        _, _, v_spatial = vit.qkv(index, spatial_in)
+        main = values_attention(vit, index, v, trace.grid, regions.attention, regions.size)
+        spatial = values_attention(vit, index, v_spatial, trace.grid, regions.attention, regions.size)
+        semantic = torch.gather(semantic, 1, regions.semantic[..., None].expand(-1, -1, semantic.shape[-1]))
+        ln = vit.visual.ln_post
+        mixed = ln(main) + ln(spatial) * self.spatial_weight + ln(semantic) * self.semantic_weight
+        return mixed @ vit.visual.proj
+
+    def _window_logits(
+        self, vit: DenseViT, crops: torch.Tensor, masks: torch.Tensor, text: torch.Tensor, stage: Callable
+    ) -> torch.Tensor:
+        """``(B, 3, h, w)`` padded windows and their masks -> ``(B, Q, h, w)`` cosine logits."""
+        from ..forward import autocast_for
+
+        p = vit.patch_size
+        grid = (crops.shape[-2] // p, crops.shape[-1] // p)
+        with stage("second_model"), autocast_for(vit):
+            regions = self._regions(vit, crops, masks, grid)
+        with stage("encoder"), autocast_for(vit):
+            x, grid = vit.embed(crops, self.pos_rule)
+            trace = Trace(grid, images=crops, extras={"regions": regions})
+            x = self.encode(vit, x, trace)
+        with stage("head"), autocast_for(vit):
+            feats = self._features(vit, x, trace).float()
+            logits = cosine_logits(feats.reshape(feats.shape[0], *regions.size, -1), text)
+            return F.interpolate(logits, size=crops.shape[-2:], mode="bilinear")
+
+    def image_logits(
+        self,
+        vit: DenseViT,
+        image: torch.Tensor,
+        item: Any,
+        text: torch.Tensor,
+        crop: int,
+        stride: int,
+        stage: Callable[[str], contextlib.AbstractContextManager],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        with stage("masks"):
+            instance = self.instance_mask(vit, item.original, item.key, tuple(item.size))
+        h, w = image.shape[-2:]
+        resized = F.interpolate(instance[None, None].float(), size=(h, w), mode="nearest").to(instance.dtype)[0, 0]
+        boxes = window_boxes(h, w, crop, stride)
+        crops, masks, pads = [], [], []
+        for y1, y2, x1, x2 in boxes:
+            pad = pad_sizes(y2 - y1, x2 - x1, self.window_pad)
+            crops.append(F.pad(image[..., y1:y2, x1:x2], pad))
+            masks.append(F.pad(resized[y1:y2, x1:x2], pad, value=PAD_VALUE))
+            pads.append(pad)
+        canvas = torch.zeros((text.shape[0], h, w), device=image.device)
+        count = torch.zeros((1, h, w), device=image.device)
+        shapes: dict[tuple[int, int], list[int]] = {}
+        for i, c in enumerate(crops):
+            shapes.setdefault(tuple(c.shape[-2:]), []).append(i)
+        for members in shapes.values():  # windows of one shape share a pass
+            logits = self._window_logits(
+                vit, torch.cat([crops[i] for i in members]), torch.stack([masks[i] for i in members]), text, stage
+            )
+            for i, window in zip(members, logits):
+                (y1, y2, x1, x2), (left, _, top, _) = boxes[i], pads[i]
+                canvas[:, y1:y2, x1:x2] += window[:, top : top + y2 - y1, left : left + x2 - x1]
+                count[:, y1:y2, x1:x2] += 1
+        return canvas / count, instance
+
+    def input_shape(self, shape: tuple[int, int], patch: int, crop: int) -> tuple[int, int]:
+        return shape
+
+    def refine_labels(self, labels: torch.Tensor, windows: Sequence[WindowContext] = ()) -> torch.Tensor:
+        if not self.map_correction or not windows:
+            return labels
+        return map_correction(labels, windows[0].context.to(labels.device))
+
+    def last_block(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+        raise ConfigError("corrclip runs whole images (Segmenter); it has no per-crop forward")
