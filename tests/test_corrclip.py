@@ -227,3 +227,8 @@ def test_crop_logits_match_the_authors_forward_feature(vitb16_checkpoint, golden
         )
     expected = np.load(golden / "corrclip.npz")["crop"]
     assert np.abs(got[0, :, ::4, ::4].numpy() - expected).max() <= 1e-4
+
+
+def test_corrclip_keeps_the_decoded_pixels_only_for_its_generator(tiny_model, photo, tiny_mask_generator):
+    assert _segmenter(tiny_model, masks=str(photo.parent / "masks")).prepare(photo).original is None
+    assert _segmenter(tiny_model, **tiny_mask_generator).prepare(photo).original is not None

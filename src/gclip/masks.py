@@ -10,7 +10,7 @@ smallest area up, as CorrCLIP paints SAM2's.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from .models import read_checkpoint, resolve_device
 __all__ = [
     "MASK_MODELS",
     "register_mask_model",
+    "mask_folder",
     "read_instance_mask",
     "paint_masks",
     "load_sam",
@@ -46,9 +47,7 @@ def read_instance_mask(folder: str | Path, key: Any, size: tuple[int, int]) -> n
     Raises:
         ImageError: no file for the image, an unreadable file, or a mask of another size than ``size`` (one line).
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ConfigError(f"masks folder {folder} does not exist: pass the folder of pre-generated <stem>.npz masks")
+    folder = mask_folder(folder)
     if key is None or not isinstance(key, (str, Path, int)):
         raise ImageError(
             f"no instance mask for an in-memory image: segment files (their stems name the masks in {folder})"
@@ -75,14 +74,32 @@ def read_instance_mask(folder: str | Path, key: Any, size: tuple[int, int]) -> n
     return mask.astype(np.int64)
 
 
+def mask_folder(folder: str | Path) -> Path:
+    """``folder`` as a path, checked to be a folder (one-line :class:`~gclip.errors.ConfigError` otherwise)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"masks folder {folder} does not exist: pass the folder of pre-generated <stem>.npz masks")
+    return folder
+
+
 def _find_mask(folder: Path, stem: str) -> Path | None:
     """``<folder>/<stem>.npz`` (or ``.png``), else the same in its subfolders (sorted; e.g. CorrCLIP's region_masks
-    root with voc, context, coco, city, ade)."""
-    for where in (folder, *sorted(p for p in folder.iterdir() if p.is_dir())):
+    root with voc, context, coco, city, ade), which are listed once per folder."""
+    for where in _places(folder):
         for suffix in (".npz", ".png"):
             if (where / f"{stem}{suffix}").is_file():
                 return where / f"{stem}{suffix}"
     return None
+
+
+def _places(folder: Path) -> Iterator[Path]:
+    yield folder  # first, before any listing
+    yield from _subfolders(folder)
+
+
+@functools.lru_cache(maxsize=8)
+def _subfolders(folder: Path) -> tuple[Path, ...]:
+    return tuple(sorted(p for p in folder.iterdir() if p.is_dir()))
 
 
 def paint_masks(masks: list[dict[str, Any]], size: tuple[int, int]) -> np.ndarray:

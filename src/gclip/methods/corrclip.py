@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..masks import generate_instance_mask, load_sam, read_instance_mask
+from ..masks import generate_instance_mask, load_sam, mask_folder, read_instance_mask
 from ..proxy import ProxyViT, proxy_for
 from ..vit import DenseViT
 from ..windows import pad_sizes, window_boxes
@@ -131,7 +130,6 @@ class CorrClip(Method):
     name = "corrclip"
     summary = "instance masks and DINO correlations restrict the last block's attention, plus region tokens"
     whole_image = True
-    needs_original = True
     proxy: str = "dino_vitb8"
     proxy_checkpoint: str | None = None
     masks: str | None = None
@@ -151,6 +149,11 @@ class CorrClip(Method):
 
     def dino(self, vit: DenseViT) -> ProxyViT:
         return proxy_for(vit, self.proxy, self.proxy_checkpoint)
+
+    @property
+    def needs_original(self) -> bool:  # type: ignore[override]
+        """The decoded pixels are kept only for the mask generator (a masks folder needs the file name only)."""
+        return self.mask_generator is not None
 
     def _spatial(self, vit: DenseViT) -> range:
         count = self.spatial_blocks
@@ -205,8 +208,7 @@ class CorrClip(Method):
     def check_resources(self, device: Any, dtype: torch.dtype) -> None:
         super().check_resources(device, dtype)
         if self.masks is not None:
-            if not Path(self.masks).is_dir():
-                raise ConfigError(f"masks folder {self.masks} does not exist: pass the folder of <stem>.npz masks")
+            mask_folder(self.masks)
         elif self.mask_generator is not None:
             load_sam(self.mask_generator, self.sam_checkpoint, device, torch.float32)
         else:
@@ -286,30 +288,19 @@ class CorrClip(Method):
             instance = self.instance_mask(vit, item.original, item.key, tuple(item.size))
         h, w = image.shape[-2:]
         resized = F.interpolate(instance[None, None].float(), size=(h, w), mode="nearest").to(instance.dtype)[0, 0]
-        boxes = window_boxes(h, w, crop, stride)
-        crops, masks, pads = [], [], []
-        for y1, y2, x1, x2 in boxes:
-            pad = pad_sizes(y2 - y1, x2 - x1, self.window_pad)
-            crops.append(F.pad(image[..., y1:y2, x1:x2], pad))
-            masks.append(F.pad(resized[y1:y2, x1:x2], pad, value=PAD_VALUE))
-            pads.append(pad)
+        boxes = window_boxes(h, w, crop, stride)  # all of one size: min(crop, side), so one pass for all
+        y1, y2, x1, x2 = boxes[0]
+        pad = pad_sizes(y2 - y1, x2 - x1, self.window_pad)
+        crops = torch.cat([F.pad(image[..., y1:y2, x1:x2], pad) for y1, y2, x1, x2 in boxes])
+        masks = torch.stack([F.pad(resized[y1:y2, x1:x2], pad, value=PAD_VALUE) for y1, y2, x1, x2 in boxes])
+        logits = self._window_logits(vit, crops, masks, text, stage)
         canvas = torch.zeros((text.shape[0], h, w), device=image.device)
         count = torch.zeros((1, h, w), device=image.device)
-        shapes: dict[tuple[int, int], list[int]] = {}
-        for i, c in enumerate(crops):
-            shapes.setdefault(tuple(c.shape[-2:]), []).append(i)
-        for members in shapes.values():  # windows of one shape share a pass
-            logits = self._window_logits(
-                vit, torch.cat([crops[i] for i in members]), torch.stack([masks[i] for i in members]), text, stage
-            )
-            for i, window in zip(members, logits):
-                (y1, y2, x1, x2), (left, _, top, _) = boxes[i], pads[i]
-                canvas[:, y1:y2, x1:x2] += window[:, top : top + y2 - y1, left : left + x2 - x1]
-                count[:, y1:y2, x1:x2] += 1
+        left, top = pad[0], pad[2]
+        for (y1, y2, x1, x2), window in zip(boxes, logits):
+            canvas[:, y1:y2, x1:x2] += window[:, top : top + y2 - y1, left : left + x2 - x1]
+            count[:, y1:y2, x1:x2] += 1
         return canvas / count, instance
-
-    def input_shape(self, shape: tuple[int, int], patch: int, crop: int) -> tuple[int, int]:
-        return shape
 
     def refine_labels(self, labels: torch.Tensor, windows: Sequence[WindowContext] = ()) -> torch.Tensor:
         if not self.map_correction or not windows:
