@@ -208,7 +208,7 @@ def test_preparer_equals_segmenter_prepare(tiny_model, rgb_image):
 # ----- presets -------------------------------------------------------------------------------------------
 
 
-PROTOCOL_OF = {"sclip": "sclip", "naclip": "sclip", "cliptrase": "sclip", "gclip": "clearclip", "gem": "clearclip"}
+PROTOCOL_OF = {"sclip": "sclip", "naclip": "sclip", "gclip": "clearclip", "gem": "clearclip"}
 
 
 @pytest.mark.parametrize("method", list_methods())

@@ -30,6 +30,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--data-root", required=True, help="folder holding VOCdevkit/, coco_stuff164k/, cityscapes/, ade/")
     g.add_argument("--limit", type=int, help="score only the first N images of each dataset")
     g.add_argument("--skip-bad", action="store_true", help="skip unreadable or mismatched samples (with a warning)")
+    g.add_argument(
+        "--centre-crop",
+        "--center-crop",
+        dest="centre_crop",
+        type=int,
+        metavar="N",
+        help="score the central NxN square of each image and its ground truth, both resized to short side N "
+        "(CLIPtrase's protocol; its preset sets 336); 0: off",
+    )
     add_model_args(p)
     add_method_args(p, multiple=True)
     p.add_argument("--protocol", choices=list_protocols(), help="force a protocol preset (default: the method's own)")
@@ -105,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
     for m in methods:
         get_method(m, **options[m])
     overrides = settings_from(args)
+    if args.centre_crop is not None:
+        overrides["centre_crop"] = args.centre_crop
 
     wants_cuda = torch.cuda.is_available() and (args.device is None or str(args.device).startswith("cuda"))
     ctx = init_distributed(use_cuda=wants_cuda)
@@ -156,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
                     save_dir=save,
                     ctx=ctx,
                     progress=not args.quiet and sys.stderr.isatty(),
+                    **preset.scoring,
                 )
                 result.settings = settings
                 if not args.quiet:

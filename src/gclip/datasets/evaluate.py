@@ -104,6 +104,7 @@ def evaluate(
     ctx: DistContext | None = None,
     progress: bool = False,
     warn: Callable[[str], None] | None = None,
+    centre_crop: int = 0,
 ) -> EvalResult:
     """Score ``segmenter`` (classes already set, ``spec.num_classes`` of them) on ``samples``.
 
@@ -119,6 +120,8 @@ def evaluate(
         ctx: the distributed context (default: one process).
         progress: show a progress bar with ETA (main rank only).
         warn: where skip warnings go (default: stderr; each rank reports its own samples).
+        centre_crop: score the central square of this side of each image and of its labels, both resized so
+            their short side has this length (CLIPtrase's protocol, :mod:`gclip.datasets.centre_crop`); 0: off.
 
     Raises:
         DatasetError: a sample is bad and ``skip_bad`` is off.
@@ -129,10 +132,10 @@ def evaluate(
     if segmenter.classes is None or len(segmenter.classes) != spec.num_classes:
         got = 0 if segmenter.classes is None else len(segmenter.classes)
         raise ConfigError(f"{spec.name} has {spec.num_classes} classes but the segmenter has {got}")
-    if images_per_step < 1 or workers < 0:
-        raise ConfigError("images per step must be >= 1 and workers >= 0")
+    if images_per_step < 1 or workers < 0 or centre_crop < 0:
+        raise ConfigError("images per step must be >= 1, workers and centre crop >= 0")
     mine = shard(len(samples), ctx)
-    dataset = BenchmarkDataset(spec, samples, segmenter.preprocessor, mine)
+    dataset = BenchmarkDataset(spec, samples, segmenter.preprocessor, mine, centre_crop)
     areas = Areas.zeros(spec.num_classes)
     skipped: list[tuple[str, str]] = []
     scored = 0

@@ -11,6 +11,7 @@ import torch
 from ..errors import GclipError
 from ..preprocess import Prepared, Preprocessor
 from ..windows import single_threaded_opencv
+from .centre_crop import centre_crop_image, centre_crop_label
 from .layouts import DatasetError, DatasetSpec, Sample, read_label
 
 __all__ = ["Item", "BenchmarkDataset", "make_loader"]
@@ -31,14 +32,23 @@ class BenchmarkDataset(torch.utils.data.Dataset):
     """``(image, label)`` pairs of one benchmark, decoded and resized on access.
 
     Errors do not raise in the worker: they come back as :attr:`Item.error` so the caller decides whether
-    to stop (the default) or skip (``--skip-bad``).
+    to stop (the default) or skip (``--skip-bad``). With ``centre_crop`` the image and its labels are both cut
+    to their central square of that side (:mod:`gclip.datasets.centre_crop`) before the preprocessor's resize.
     """
 
-    def __init__(self, spec: DatasetSpec, samples: Sequence[Sample], preparer: Preprocessor, indices: Sequence[int]):
+    def __init__(
+        self,
+        spec: DatasetSpec,
+        samples: Sequence[Sample],
+        preparer: Preprocessor,
+        indices: Sequence[int],
+        centre_crop: int = 0,
+    ):
         self.spec = spec
         self.samples = list(samples)
         self.preparer = preparer
         self.indices = list(indices)
+        self.centre_crop = centre_crop
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -48,13 +58,17 @@ class BenchmarkDataset(torch.utils.data.Dataset):
         sample = self.samples[index]
         item = Item(index, sample)
         try:
-            item.prepared = self.preparer(sample.image, key=sample.name)
+            array = self.preparer.decode(sample.image)
             item.label = read_label(sample.label, self.spec)
-            if tuple(item.label.shape) != tuple(item.prepared.size):
+            if tuple(item.label.shape) != tuple(array.shape[:2]):
                 raise DatasetError(
                     f"label {sample.label} is {item.label.shape[1]}x{item.label.shape[0]} but its image "
-                    f"{sample.image} is {item.prepared.size[1]}x{item.prepared.size[0]}"
+                    f"{sample.image} is {array.shape[1]}x{array.shape[0]}"
                 )
+            if self.centre_crop:
+                array = centre_crop_image(array, self.centre_crop)
+                item.label = centre_crop_label(item.label, self.centre_crop)
+            item.prepared = self.preparer.pack(array, self.preparer.transform(array), sample.image, sample.name)
         except GclipError as e:
             item.prepared, item.label, item.error = None, None, str(e)
         return item

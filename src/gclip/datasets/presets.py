@@ -3,7 +3,9 @@
 A preset resolves, in order of increasing priority: the protocol's ``[defaults]``, its
 ``[datasets.<name>]`` table, the method's ``[method.<m>.defaults]`` and ``[method.<m>.datasets.<name>]``
 tables, then the caller's overrides (command-line options). Any of these tables may hold a
-``method_options`` table: the method's options (e.g. ResCLIP's per-dataset thresholds), resolved the same way.
+``method_options`` table: the method's options (e.g. ResCLIP's per-dataset thresholds), resolved the same way,
+and the evaluation-only keys (:data:`EVAL_KEYS`: ``centre_crop``, the side of the square the image and its ground
+truth are cut to), which are not segmentation settings.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-__all__ = ["Preset", "list_protocols", "resolve_preset", "protocol_for"]
+__all__ = ["EVAL_KEYS", "Preset", "list_protocols", "resolve_preset", "protocol_for"]
 
 _SETTING_NAMES = {f.name for f in dataclasses.fields(Settings)}
+EVAL_KEYS = {"centre_crop": 0}
+"""Preset keys that change how the benchmark is scored, not how images are segmented, with their defaults."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class Preset:
         classes_file: the class-name file.
         overridden: names of the settings the caller changed.
         method_options: the method's options on this dataset (the caller's options win over them).
+        scoring: the evaluation-only keys (:data:`EVAL_KEYS`), every one of them, for :func:`gclip.datasets.evaluate`.
     """
 
     protocol: str
@@ -51,6 +56,7 @@ class Preset:
     classes_file: Path
     overridden: list[str] = field(default_factory=list)
     method_options: dict[str, Any] = field(default_factory=dict)
+    scoring: dict[str, Any] = field(default_factory=lambda: dict(EVAL_KEYS))
 
     def describe(self) -> dict[str, Any]:
         """Plain data for printing and JSON."""
@@ -59,6 +65,7 @@ class Preset:
             "classes_file": f"{self.protocol_classes}/{self.classes_file.name}",
             "overridden": self.overridden,
             **self.settings,
+            **{k: v for k, v in self.scoring.items() if v != EVAL_KEYS[k]},
             **({"method_options": self.method_options} if self.method_options else {}),
         }
 
@@ -95,7 +102,7 @@ def protocol_for(method: str) -> str:
 
 
 def _check_keys(table: dict[str, Any], where: str) -> dict[str, Any]:
-    unknown = sorted(set(table) - _SETTING_NAMES)
+    unknown = sorted(set(table) - _SETTING_NAMES - set(EVAL_KEYS))
     if unknown:
         raise ConfigError(f"preset {where}: unknown setting {unknown[0]!r}")
     return table
@@ -112,7 +119,7 @@ def resolve_preset(
     Args:
         method: a method name (``gclip``, ``sclip``, ...).
         dataset: a dataset name or spec.
-        overrides: settings that win over the preset (e.g. from the command line).
+        overrides: settings (and :data:`EVAL_KEYS`) that win over the preset (e.g. from the command line).
         protocol: force a protocol file (default: the one listing ``method``).
 
     >>> resolve_preset("sclip", "voc21").settings["logit_scale"]
@@ -142,8 +149,12 @@ def resolve_preset(
     _check_keys(overrides, "override")
     changed = sorted(k for k, v in overrides.items() if settings.get(k) != v)
     settings.update(overrides)
+    scoring = {k: settings.pop(k, default) for k, default in EVAL_KEYS.items()}
+    crop = scoring["centre_crop"]
+    if isinstance(crop, bool) or not isinstance(crop, int) or crop < 0:
+        raise ConfigError(f"centre_crop must be a whole number >= 0, got {scoring['centre_crop']!r}")
     if "pamr_dilations" in settings:
         settings["pamr_dilations"] = tuple(int(d) for d in settings["pamr_dilations"])
     Settings(**settings).validate()
     classes = resources.files("gclip") / "data" / "classes" / data["classes"] / spec.classes_file
-    return Preset(protocol, method, spec.name, settings, Path(str(classes)), changed, method_options)
+    return Preset(protocol, method, spec.name, settings, Path(str(classes)), changed, method_options, scoring)
