@@ -23,7 +23,7 @@ from gclip.datasets import (
     stuff_to_object,
     summarize,
 )
-from gclip.methods import list_methods
+from gclip.methods import get_method, list_methods
 from gclip.outputs import palette
 from gclip.preprocess import Preprocessor
 from gclip.text import read_class_file
@@ -241,6 +241,32 @@ def test_every_preset_resolves_with_matching_classes(method, name):
 def test_preset_values(method, dataset, expected):
     settings = resolve_preset(method, dataset).settings
     assert {k: settings[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize("protocol", ["cliptrase", "resclip", "itaclip"])
+def test_another_methods_protocol_keeps_its_settings_not_its_methods_options(protocol):
+    own = resolve_preset(protocol, "voc20")
+    assert own.method_options  # the protocol's own method has knobs in it
+    borrowed = resolve_preset("gclip", "voc20", protocol=protocol)
+    assert borrowed.settings == own.settings and borrowed.method_options == {}
+    get_method("gclip", **borrowed.method_options)  # what eval builds
+
+
+def test_class_files_from_a_folder_of_either_name(tmp_path):
+    from gclip.errors import ConfigError
+
+    (tmp_path / "cls_voc21.txt").write_text("a\n")
+    (tmp_path / "cls_cityscapes.txt").write_text("b\n")  # ITACLIP's name for SCLIP's cls_city_scapes.txt
+    assert resolve_preset("sfp", "voc21", classes_dir=tmp_path).classes_file == tmp_path / "cls_voc21.txt"
+    preset = resolve_preset("itaclip", "cityscapes", classes_dir=tmp_path)
+    assert preset.classes_file == tmp_path / "cls_cityscapes.txt"
+    assert preset.describe()["classes_file"] == str(tmp_path / "cls_cityscapes.txt")
+    (tmp_path / "cls_city_scapes.txt").write_text("c\n")
+    assert resolve_preset("itaclip", "cityscapes", classes_dir=tmp_path).classes_file.name == "cls_city_scapes.txt"
+    with pytest.raises(ConfigError, match=f"classes folder {tmp_path}: no cls_ade20k.txt for ade20k"):
+        resolve_preset("sfp", "ade20k", classes_dir=tmp_path)
+    with pytest.raises(ConfigError, match="no cls_coco_stuff.txt for coco_stuff"):
+        resolve_preset("sfp", "coco_stuff", classes_dir=tmp_path)
 
 
 def test_overrides_win_and_are_recorded():

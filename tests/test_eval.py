@@ -128,6 +128,36 @@ def test_bad_label_stops_or_is_skipped(tiny_checkpoint, tmp_path, capsys):
     assert "warning: skipped ADE_val_00000002" in capsys.readouterr().err
 
 
+def test_own_class_files_and_per_set_option_paths(tiny_checkpoint, voc_root, tmp_path, capsys):
+    """``--classes-dir`` (a method repository's cls_<set>.txt files) and ``{dataset}`` in a method option path
+    (ITACLIP's per-set description files), for each set of the run."""
+    from gclip.datasets import get_dataset
+
+    classes, defs = tmp_path / "configs", tmp_path / "texts"
+    classes.mkdir(), defs.mkdir()
+    for name in ("voc20", "voc21"):
+        n = get_dataset(name).num_classes
+        names = [f"thing{i} of {name}" for i in range(n)]
+        (classes / f"cls_{name}.txt").write_text("\n".join(names) + "\n")
+        (defs / f"{name}_definitions.txt").write_text("".join(f"{c} >=a {c} seen closely\n" for c in names))
+    out = tmp_path / "r.json"
+    options = json.dumps({"definitions": str(defs / "{dataset}_definitions.txt")})
+    extra = ["--dataset", "voc20,voc21", "--method", "itaclip", "--method-options", options, "--limit", "1"]
+    assert run_eval(tiny_checkpoint, voc_root, *extra, "--classes-dir", str(classes), "--out", str(out)) == 0
+    runs = json.loads(out.read_text())["runs"]
+    for run, name in zip(runs, ("voc20", "voc21")):
+        assert run["per_class"][3]["class"] == f"thing3 of {name}"
+        assert run["settings"]["classes_file"] == str(classes / f"cls_{name}.txt")
+        assert run["settings"]["method_options"]["definitions"] == str(defs / f"{name}_definitions.txt")
+    (defs / "voc21_definitions.txt").write_text("only >=one line\n")
+    assert run_eval(tiny_checkpoint, voc_root, *extra, "--classes-dir", str(classes)) == 2
+    err = capsys.readouterr().err
+    assert "voc21_definitions.txt: 1 descriptions for 21 classes" in err and err.count("\n") == 1
+    (classes / "cls_voc21.txt").unlink()
+    assert run_eval(tiny_checkpoint, voc_root, "--dataset", "voc21", "--classes-dir", str(classes)) == 2
+    assert capsys.readouterr().err == f"gclip: error: classes folder {classes}: no cls_voc21.txt for voc21\n"
+
+
 def test_missing_dataset_is_a_one_line_error(tiny_checkpoint, tmp_path, capsys):
     assert run_eval(tiny_checkpoint, tmp_path, "--dataset", "cityscapes") == 2
     err = capsys.readouterr().err.strip()

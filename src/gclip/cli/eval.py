@@ -42,6 +42,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     add_method_args(p, multiple=True)
     p.add_argument("--protocol", choices=list_protocols(), help="force a protocol preset (default: the method's own)")
+    p.add_argument(
+        "--classes-dir",
+        metavar="DIR",
+        help="class-name files cls_<set>.txt (e.g. cls_voc21.txt) from DIR instead of the protocol's, e.g. a method "
+        "repository's configs/ folder; '{dataset}' in a --method-options path becomes each set's name",
+    )
     add_settings_args(p)
     g = p.add_argument_group("running and output")
     g.add_argument("--images-per-step", type=int, default=4, help="images whose windows share forward passes")
@@ -66,7 +72,15 @@ def _settings_text(settings: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in settings.items() if k not in ("method_options",))
 
 
-def _with_second_models(methods: list[str], options: dict, model: Any, every: bool, say: Any) -> list[str]:
+def _for_dataset(options: dict[str, Any], dataset: str) -> dict[str, Any]:
+    """The method options with ``{dataset}`` in each text value replaced by the set's name (e.g. ITACLIP's
+    per-set description files: ``"defs/{dataset}_definitions.txt"``)."""
+    return {k: v.replace("{dataset}", dataset) if isinstance(v, str) else v for k, v in options.items()}
+
+
+def _with_second_models(
+    methods: list[str], options: dict, datasets: list[str], model: Any, every: bool, say: Any
+) -> list[str]:
     """Load the second models (and check the mask sources) of each method that has them, before any image is
     scored (:meth:`~gclip.methods.Method.check_resources`); with ``--method all`` a method that cannot run here is
     skipped with a one-line notice (named: an error)."""
@@ -76,7 +90,8 @@ def _with_second_models(methods: list[str], options: dict, model: Any, every: bo
     kept = []
     for m in methods:
         try:
-            get_method(m, **options[m]).check_resources(model.device, model.dtype)
+            for name in datasets:
+                get_method(m, **_for_dataset(options[m], name)).check_resources(model.device, model.dtype)
         except (WeightsError, ConfigError) as e:
             message = f"{m}: {e}"
             if not every:
@@ -136,24 +151,24 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"no benchmark dataset found under {args.data_root}")
 
     model = load_model(args.model, args.pretrained, args.precision, device, quick_gelu=args.quick_gelu)
-    methods = _with_second_models(methods, options, model, every_method, say)
+    methods = _with_second_models(methods, options, [spec.name for spec, _ in plans], model, every_method, say)
     text = TextEncoder(model, args.templates)
     versions = software_versions(model.device)
     results = []
     try:
         for method in methods:
             for spec, samples in plans:
-                preset = resolve_preset(method, spec, overrides, args.protocol)
+                preset = resolve_preset(method, spec, overrides, args.protocol, args.classes_dir)
                 seg = Segmenter(
                     model,
                     method=method,
-                    method_options={**preset.method_options, **options[method]},
+                    method_options={**preset.method_options, **_for_dataset(options[method], spec.name)},
                     templates=args.templates,
                     **preset.settings,
                 )
                 seg.text = text  # one text-embedding cache for every method
                 seg.set_classes(read_class_file(preset.classes_file, allow_duplicates=True))
-                settings = {**seg.describe(), **preset.describe(), "dataset": spec.name, "data_root": args.data_root}
+                settings = {**preset.describe(), **seg.describe(), "dataset": spec.name, "data_root": args.data_root}
                 settings.update(limit=args.limit, images_per_step=args.images_per_step, world_size=ctx.world_size)
                 say(f"== {method} on {spec.name} ({len(samples)} images): {_settings_text(preset.describe())}")
                 save = Path(args.save_predictions) / method / spec.name if args.save_predictions else None

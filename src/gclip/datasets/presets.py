@@ -43,10 +43,11 @@ class Preset:
         method: the method name.
         dataset: the dataset name.
         settings: keyword arguments for :class:`gclip.Segmenter` (fields of :class:`gclip.Settings`).
-        classes_file: the class-name file.
+        classes_file: the class-name file (the protocol's, or one from the caller's ``classes_dir``).
         overridden: names of the settings the caller changed.
         method_options: the method's options on this dataset (the caller's options win over them).
         scoring: the evaluation-only keys (:data:`EVAL_KEYS`), every one of them, for :func:`gclip.datasets.evaluate`.
+        classes_dir: the caller's class-name folder, if the class file came from one.
     """
 
     protocol: str
@@ -57,12 +58,14 @@ class Preset:
     overridden: list[str] = field(default_factory=list)
     method_options: dict[str, Any] = field(default_factory=dict)
     scoring: dict[str, Any] = field(default_factory=lambda: dict(EVAL_KEYS))
+    classes_dir: str | None = None
 
     def describe(self) -> dict[str, Any]:
         """Plain data for printing and JSON."""
+        shipped = f"{self.protocol_classes}/{self.classes_file.name}"
         return {
             "protocol": self.protocol,
-            "classes_file": f"{self.protocol_classes}/{self.classes_file.name}",
+            "classes_file": str(self.classes_file) if self.classes_dir else shipped,
             "overridden": self.overridden,
             **self.settings,
             **{k: v for k, v in self.scoring.items() if v != EVAL_KEYS[k]},
@@ -113,6 +116,7 @@ def resolve_preset(
     dataset: str | DatasetSpec,
     overrides: dict[str, Any] | None = None,
     protocol: str | None = None,
+    classes_dir: str | Path | None = None,
 ) -> Preset:
     """The settings and class file for ``method`` on ``dataset``.
 
@@ -121,6 +125,12 @@ def resolve_preset(
         dataset: a dataset name or spec.
         overrides: settings (and :data:`EVAL_KEYS`) that win over the preset (e.g. from the command line).
         protocol: force a protocol file (default: the one listing ``method``).
+        classes_dir: take the class-name file from this folder instead of the protocol's, e.g. a method
+            repository's ``configs/`` (its own class names): the protocol's file name (``cls_voc21.txt``,
+            ``cls_city_scapes.txt``, ...), else ``cls_<dataset name>.txt`` (``cls_cityscapes.txt``).
+
+    Raises:
+        ConfigError: an unknown protocol or setting, a bad value, or no class file for the set in ``classes_dir``.
 
     >>> resolve_preset("sclip", "voc21").settings["logit_scale"]
     65.0
@@ -145,6 +155,11 @@ def resolve_preset(
         table = dict(table)
         method_options.update(table.pop("method_options", {}))
         settings.update(_check_keys(table, f"{protocol}.toml [{where}]"))
+    if method not in data.get("used_by", []):  # another method's protocol: its geometry, not its method's knobs
+        from ..methods import get_method
+
+        accepted = get_method(method).options()
+        method_options = {k: v for k, v in method_options.items() if k in accepted}
     overrides = dict(overrides or {})
     _check_keys(overrides, "override")
     changed = sorted(k for k, v in overrides.items() if settings.get(k) != v)
@@ -156,5 +171,13 @@ def resolve_preset(
     if "pamr_dilations" in settings:
         settings["pamr_dilations"] = tuple(int(d) for d in settings["pamr_dilations"])
     Settings(**settings).validate()
-    classes = resources.files("gclip") / "data" / "classes" / data["classes"] / spec.classes_file
-    return Preset(protocol, method, spec.name, settings, Path(str(classes)), changed, method_options, scoring)
+    if classes_dir is None:
+        classes = Path(str(resources.files("gclip") / "data" / "classes" / data["classes"] / spec.classes_file))
+    else:
+        names = list(dict.fromkeys([spec.classes_file, f"cls_{spec.name}.txt"]))  # cls_city_scapes / cls_cityscapes
+        found = [Path(classes_dir) / n for n in names if (Path(classes_dir) / n).is_file()]
+        if not found:
+            raise ConfigError(f"classes folder {classes_dir}: no {' or '.join(names)} for {spec.name}")
+        classes = found[0]
+    own = None if classes_dir is None else str(classes_dir)
+    return Preset(protocol, method, spec.name, settings, classes, changed, method_options, scoring, own)
