@@ -163,8 +163,9 @@ def test_trident_without_sam_weights_names_its_flag(tiny_model):
     proxy.register_proxy("sam_noweights", REAL_PROXIES["sam_vitb"])
     options = {"trident": {"sam": "sam_noweights"}}
     with pytest.raises(WeightsError, match="trident: .*--sam-checkpoint PATH") as e:
-        _with_second_models(["trident"], options, tiny_model, False, print)
+        _with_second_models(["trident"], options, ["voc21"], tiny_model, False, print)
     assert "\n" not in str(e.value)
     notices = []
-    assert _with_second_models(["trident"], options, tiny_model, True, lambda *a, **k: notices.append(a[0])) == []
+    say = lambda *a, **k: notices.append(a[0])  # noqa: E731
+    assert _with_second_models(["trident"], options, ["voc21"], tiny_model, True, say) == []
     assert notices and notices[0].startswith("gclip: skipped trident:")
