@@ -81,9 +81,9 @@ if __name__ == "__main__":  # makes docs/inspect.png: python tests/_planted.py d
 
     import open_clip
 
-    from gclip.inspect import inspect_backbone
-    from gclip.models import load_model
-    from gclip.plots import summary_figure
+    from gclip.backbones.models import load_model
+    from gclip.diagnostics.inspect import inspect_backbone
+    from gclip.diagnostics.plots import summary_figure
     from gclip.testing import random_state_dict
 
     clip = open_clip.create_model("ViT-B-16", pretrained=None, force_quick_gelu=True)

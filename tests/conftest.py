@@ -11,7 +11,7 @@ import numpy as np
 import open_clip
 import pytest
 
-from gclip.models import load_model
+from gclip.backbones.models import load_model
 from gclip.testing import random_state_dict, save_random_checkpoint
 
 HERE = Path(__file__).parent
@@ -56,7 +56,7 @@ def _register_tiny_proxy() -> None:
 
     import torch
 
-    from gclip import proxy
+    from gclip.backbones import second_models as proxy
 
     REAL_PROXIES.update(proxy.PROXIES)
     path = Path(tempfile.mkdtemp(prefix="gclip-proxy-")) / "tiny-dino.pth"
@@ -154,7 +154,7 @@ def golden_dino(tmp_path_factory) -> str:
     import timm
     import torch
 
-    from gclip import proxy
+    from gclip.backbones import second_models as proxy
 
     path = tmp_path_factory.mktemp("dino") / "dino-vitb8-random.pth"
     dino = timm.create_model("vit_base_patch8_224", pretrained=False, num_classes=0)
@@ -170,7 +170,7 @@ def golden_dinov2(tmp_path_factory) -> str:
     import timm
     import torch
 
-    from gclip import proxy
+    from gclip.backbones import second_models as proxy
 
     state = random_state_dict(timm.create_model("vit_base_patch14_reg4_dinov2", pretrained=False, num_classes=0), 13)
     official = {k: v for k, v in state.items() if k not in ("cls_token", "pos_embed", "reg_token")}
@@ -192,7 +192,7 @@ def golden_sam(tmp_path_factory) -> str:
     import timm
     import torch
 
-    from gclip import proxy
+    from gclip.backbones import second_models as proxy
 
     state = random_state_dict(timm.create_model("samvit_base_patch16", pretrained=False, num_classes=0), seed=17)
     path = tmp_path_factory.mktemp("sam") / "sam-vitb-random.pth"
@@ -210,7 +210,7 @@ def golden_mae(tmp_path_factory) -> str:
     import timm
     import torch
 
-    from gclip import proxy
+    from gclip.backbones import second_models as proxy
 
     state = random_state_dict(timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0), seed=19)
     state["mask_token"] = torch.zeros(1, 1, 512)
@@ -229,7 +229,7 @@ def golden_dino16(tmp_path_factory) -> str:
     import timm
     import torch
 
-    from gclip import proxy
+    from gclip.backbones import second_models as proxy
 
     path = tmp_path_factory.mktemp("dino16") / "dino-vitb16-random.pth"
     torch.save(random_state_dict(timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0), 23), path)
@@ -258,7 +258,7 @@ def tiny_mask_generator(tmp_path_factory) -> dict:
     pytest.importorskip("segment_anything")
     import torch
 
-    from gclip.masks import register_mask_model
+    from gclip.io.masks import register_mask_model
 
     register_mask_model("tiny_sam", make_tiny_full_sam)
     path = tmp_path_factory.mktemp("sam") / "tiny-full-sam.pth"

@@ -16,12 +16,12 @@ import torch
 from open_clip.model import _build_vision_tower
 
 from conftest import crop_methods
-from gclip.backbone_presets import get_preset, list_presets, tag_family
+from gclip.backbones.openclip import DenseViT
+from gclip.backbones.presets import get_preset, list_presets, tag_family
 from gclip.cli import main
 from gclip.errors import ConfigError
-from gclip.forward import dense_features
+from gclip.inference.forward import dense_features
 from gclip.methods import get_method, list_methods
-from gclip.vit import DenseViT
 
 PRESETS = {p.name: p for p in list_presets()}
 FAST = {"ViT-B/16", "ViT-B/32"}

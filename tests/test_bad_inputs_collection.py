@@ -14,8 +14,8 @@ from PIL import Image
 from collection_helpers import CLASSES, CLI_SETTINGS, synthetic_image
 from conftest import TINY
 from gclip.cli import main
-from gclip.images import load_image
-from gclip.outputs import read_label_png
+from gclip.io.images import load_image
+from gclip.io.outputs import read_label_png
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from conftest import HERE, TINY
-from gclip.bench import BenchConfig, encoder_flops, memory_check_subprocess, window_grids
 from gclip.cli import main
+from gclip.diagnostics.bench import BenchConfig, encoder_flops, memory_check_subprocess, window_grids
 
 STAGES = {"decode", "preprocess", "masks", "encoder", "second_model", "head", "text"}
 TOP_FIELDS = {
@@ -76,7 +76,7 @@ def test_bench_rejects_bad_arguments(tmp_path, capsys):
 
 
 def test_encoder_flops_formula(tiny_model):
-    from gclip.vit import DenseViT
+    from gclip.backbones.openclip import DenseViT
 
     vit = DenseViT(tiny_model.visual)
     d, p, layers = vit.width, vit.patch_size, vit.depth - 1

@@ -12,10 +12,10 @@ import torch
 
 from gclip import Segmenter
 from gclip.errors import ConfigError
+from gclip.inference.reference import reference_labels
+from gclip.io.pilresize import pil_bicubic_resize
 from gclip.methods import get_method, paired_methods
 from gclip.methods.cass import dino_input, low_rank, text_clusters
-from gclip.pilresize import pil_bicubic_resize
-from gclip.reference import reference_labels
 
 pytest.importorskip("scipy")
 
@@ -131,7 +131,7 @@ def test_cass_global_source_image_takes_the_whole_image(tiny_model, rgb_image, m
 def test_cass_needs_a_dino_as_wide_as_clip(tiny_model, rgb_image, tmp_path):
     from timm.models.vision_transformer import VisionTransformer
 
-    from gclip import proxy
+    from gclip.backbones import second_models as proxy
     from gclip.testing import random_state_dict
 
     def narrow():

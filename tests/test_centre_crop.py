@@ -10,11 +10,11 @@ from PIL import Image
 
 from gclip import Segmenter
 from gclip.cli import main
-from gclip.datasets import BenchmarkDataset, get_dataset, list_samples, read_label, resolve_preset
-from gclip.datasets.centre_crop import centre_crop_image, centre_crop_label
 from gclip.errors import ConfigError
-from gclip.outputs import read_label_png
-from gclip.preprocess import Preprocessor
+from gclip.evaluation import BenchmarkDataset, get_dataset, list_samples, read_label, resolve_preset
+from gclip.evaluation.centre_crop import centre_crop_image, centre_crop_label
+from gclip.inference.preprocess import Preprocessor
+from gclip.io.outputs import read_label_png
 from gclip.text import read_class_file
 from test_datasets import write_layout
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import TINY
 from gclip.cli import main
-from gclip.outputs import read_label_png
+from gclip.io.outputs import read_label_png
 
 
 def _write(tmp_path, rgb):

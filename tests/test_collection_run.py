@@ -12,10 +12,10 @@ from PIL import Image
 
 import gclip
 from collection_helpers import CLASSES, SETTINGS, synthetic_image, write_images
-from gclip.bench import StageTimer
+from gclip.diagnostics.bench import StageTimer
 from gclip.engines import InputItem, Manifest, OutputWriter, collect_inputs, plan_run
 from gclip.engines.local import _Reader
-from gclip.outputs import read_label_png, rle_decode
+from gclip.io.outputs import read_label_png, rle_decode
 
 ALL = "png,overlay,rle,json,manifest"
 

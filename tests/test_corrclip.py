@@ -14,9 +14,9 @@ from conftest import TINY
 from gclip import Segmenter
 from gclip.cli import main
 from gclip.errors import ConfigError, ImageError, WeightsError
-from gclip.masks import paint_masks, read_instance_mask
+from gclip.inference.reference import reference_labels
+from gclip.io.masks import paint_masks, read_instance_mask
 from gclip.methods.corrclip import NO_MASKS, PAD_VALUE, map_correction, merge_regions, scope_attention
-from gclip.reference import reference_labels
 
 pytest.importorskip("sklearn")
 
@@ -215,7 +215,7 @@ def test_crop_logits_match_the_authors_forward_feature(vitb16_checkpoint, golden
     import contextlib
     from pathlib import Path
 
-    from gclip.models import load_model
+    from gclip.backbones.models import load_model
 
     golden = Path(__file__).parent / "data" / "fidelity" / "pipeline"
     model = load_model("ViT-B-16", str(vitb16_checkpoint), device="cpu", quick_gelu=True)

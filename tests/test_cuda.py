@@ -18,9 +18,9 @@ import torch
 
 import gclip
 from conftest import TINY, crop_methods
-from gclip.forward import dense_features, dense_logits
+from gclip.backbones.models import load_model
+from gclip.inference.forward import dense_features, dense_logits
 from gclip.methods.gclip import Gclip
-from gclip.models import load_model
 
 DEVICE = os.environ.get("GCLIP_TEST_DEVICE", "cuda")
 CUDA = DEVICE.startswith("cuda")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gclip.datasets import (
+from gclip.evaluation import (
     DATASETS,
     BenchmarkDataset,
     DatasetError,
@@ -23,9 +23,9 @@ from gclip.datasets import (
     stuff_to_object,
     summarize,
 )
+from gclip.inference.preprocess import Preprocessor
+from gclip.io.outputs import palette
 from gclip.methods import get_method, list_methods
-from gclip.outputs import palette
-from gclip.preprocess import Preprocessor
 from gclip.text import read_class_file
 
 # Where each layout puts an image and its label (from the mmsegmentation layouts, written out by hand so
@@ -364,7 +364,7 @@ def test_real_coco_stuff_values(sample_data):
 @pytest.mark.parametrize("name", ["voc21", "voc20", "ade20k", "coco_stuff"])
 def test_oracle_on_real_sample_is_100(sample_data, name):
     spec = get_dataset(name)
-    from gclip.datasets import Areas
+    from gclip.evaluation import Areas
 
     total = Areas.zeros(spec.num_classes)
     for sample in list_samples(spec, sample_data):

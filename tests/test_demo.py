@@ -11,7 +11,7 @@ from PIL import Image
 from gclip.demo import DemoService, DemoSettings, Limits, parse_vocabulary
 from gclip.demo.service import EXAMPLES_DIR, overlay
 from gclip.errors import ClassesError
-from gclip.outputs import palette, read_label_png
+from gclip.io.outputs import palette, read_label_png
 
 gr = pytest.importorskip("gradio")
 ui = pytest.importorskip("gclip.demo.ui")

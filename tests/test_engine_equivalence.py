@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import gclip
-from gclip.canvas import BandCanvas
+from gclip.inference.canvas import BandCanvas
+from gclip.inference.postprocess import StreamingReduction, reduce_logits
+from gclip.inference.reference import reference_labels, reference_merged_logits
 from gclip.methods.gclip import Gclip
-from gclip.postprocess import StreamingReduction, reduce_logits
-from gclip.reference import reference_labels, reference_merged_logits
 
 CLASSES = ["cat", "dog, puppy", "sky", "tree", "road"]
 SETTINGS = [
@@ -46,7 +46,7 @@ def test_gclip_fused_attention_equals_explicit_maps(tiny_model, fusion, impl):
     seg = gclip.Segmenter(tiny_model, method="gclip")
     crops = torch.randn(3, 3, 40, 48, generator=torch.Generator().manual_seed(0))
     plain = Gclip(fusion=fusion, fusion_weights=[0.7, 0.3], _impl="maps")
-    from gclip.forward import dense_features
+    from gclip.inference.forward import dense_features
 
     fast = dataclasses.replace(plain, _impl=impl)
     torch.testing.assert_close(
@@ -67,7 +67,7 @@ def test_streamed_canvas_equals_whole_canvas(tiny_model, images, short_side, mon
             super().__init__(*args, **kwargs)
             axes.append(self.axis)
 
-    monkeypatch.setattr(gclip.segmenter, "BandCanvas", Spy)
+    monkeypatch.setattr(gclip.inference.segmenter, "BandCanvas", Spy)
     streamed = seg.predict_batch(images, return_probs=True)
     assert axes == [1, 0]  # the 83x61 landscape image by columns, the 37x40 portrait one by rows
     for a, b in zip(plain, streamed):
@@ -133,7 +133,7 @@ def test_tiled_and_streamed_reduction_equal_full_resolution(src, size, prob_thd,
 @pytest.mark.parametrize(("max_elements", "n_pieces"), [(1, 7), (40 * 30, 7), (3 * 40 * 30, 3), (10**9, 1)])
 def test_window_upsample_in_class_chunks_is_exact(max_elements, n_pieces):
     """Upsampling a window a few classes at a time gives bit-identical values to one interpolate call."""
-    from gclip.canvas import WindowUpsample
+    from gclip.inference.canvas import WindowUpsample
 
     logits = torch.randn(7, 5, 4, generator=torch.Generator().manual_seed(0))
     whole = torch.nn.functional.interpolate(logits[None], size=(40, 30), mode="bilinear")[0][:, 3:37, 2:29]

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from gclip import Segmenter
-from gclip.datasets import resolve_preset
 from gclip.errors import ConfigError
+from gclip.evaluation import resolve_preset
+from gclip.inference.preprocess import Preprocessor, normalise, pixel_constants
+from gclip.inference.segmenter import PresetNotice
 from gclip.methods import get_method
 from gclip.methods.itaclip import read_definitions
-from gclip.preprocess import Preprocessor, normalise, pixel_constants
-from gclip.segmenter import PresetNotice
 from gclip.text import parse_classes
 
 
@@ -52,7 +52,7 @@ def test_the_segmenter_owns_a_picklable_preprocessor(tiny_model, rgb_image):
 
 
 def test_backbone_preset_is_applied_when_no_geometry_is_given(tiny_model, monkeypatch):
-    import gclip.segmenter as segmenter
+    import gclip.inference.segmenter as segmenter
 
     monkeypatch.setattr(segmenter, "preset_settings", lambda name: {"short_side": 336, "crop": 336, "stride": 168})
     with pytest.warns(PresetNotice, match="short_side=336, crop=336, stride=168"):
@@ -97,7 +97,7 @@ def test_itaclip_closing_fills_one_pixel_holes():
 def test_label_contexts_reach_the_label_step_as_in_the_reference_loop(tiny_model, compiled):
     """A method's per-window context (CLIPtrase's affinity) crosses the batched, optionally compiled, engine to
     its label step: the engine's labels equal the plain loop's, and the refinement changed them."""
-    from gclip.reference import reference_labels
+    from gclip.inference.reference import reference_labels
 
     rng = np.random.default_rng(5)
     images = [rng.integers(0, 256, size=(48, 64, 3), dtype=np.uint8) for _ in range(3)]

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from gclip.cli import main
-from gclip.outputs import read_label_png
+from gclip.io.outputs import read_label_png
 from test_datasets import write_layout
 
 HERE = Path(__file__).parent
@@ -131,7 +131,7 @@ def test_bad_label_stops_or_is_skipped(tiny_checkpoint, tmp_path, capsys):
 def test_own_class_files_and_per_set_option_paths(tiny_checkpoint, voc_root, tmp_path, capsys):
     """``--classes-dir`` (a method repository's cls_<set>.txt files) and ``{dataset}`` in a method option path
     (ITACLIP's per-set description files), for each set of the run."""
-    from gclip.datasets import get_dataset
+    from gclip.evaluation import get_dataset
 
     classes, defs = tmp_path / "configs", tmp_path / "texts"
     classes.mkdir(), defs.mkdir()

@@ -14,10 +14,10 @@ import pytest
 import tomllib
 import torch
 
-from gclip.forward import dense_logits
+from gclip.backbones.models import load_model
+from gclip.backbones.openclip import DenseViT
+from gclip.inference.forward import dense_logits
 from gclip.methods import get_method, list_methods
-from gclip.models import load_model
-from gclip.vit import DenseViT
 
 GOLDEN = Path(__file__).parent / "data" / "fidelity"
 TABLE = tomllib.loads((GOLDEN / "goldens.toml").read_text(encoding="utf-8"))
@@ -135,9 +135,9 @@ def test_cliptrase_dbscan_refinement_matches_the_authors(vitb16, inputs):
     the voted labels, each against the authors' run (cliptrase__*.npy, cliptrase_e08m3.npy)."""
     from sklearn.cluster import DBSCAN
 
-    from gclip.forward import encode, head
+    from gclip.inference.forward import encode, head
+    from gclip.inference.windows import plan_windows
     from gclip.methods import WindowContext
-    from gclip.windows import plan_windows
 
     image, text = inputs
     method = get_method("cliptrase", dbscan_eps=0.8, dbscan_min_samples=3)

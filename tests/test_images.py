@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from gclip.errors import ImageError
-from gclip.images import load_image
+from gclip.io.images import load_image
 
 
 def _exif_rotated(tmp_path, rgb):

@@ -10,13 +10,13 @@ import torch
 from PIL import Image
 
 from _planted import PLANT_MODEL, planted_model
-from gclip import autoconfig
+from gclip.backbones.models import load_model
+from gclip.backbones.openclip import DenseViT
 from gclip.cli import main
-from gclip.inspect import inspect_backbone
+from gclip.diagnostics.inspect import inspect_backbone
+from gclip.methods import gclip_auto as autoconfig
 from gclip.methods import get_method
 from gclip.methods.gclip import CS_WEIGHT
-from gclip.models import load_model
-from gclip.vit import DenseViT
 
 PLANTS = [
     # block, token positions, channel, other blocks with the channel scaled up, expected auto choice
@@ -138,7 +138,7 @@ def test_cli_inspect_json_and_plots(tmp_path, capsys):
 
 def test_summary_figure(tmp_path):
     pytest.importorskip("matplotlib")
-    from gclip.plots import summary_figure
+    from gclip.diagnostics.plots import summary_figure
 
     model = _load(planted_model(seed=1, block=2, positions=[9], channel=5), tmp_path)
     with warnings.catch_warnings():

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from conftest import crop_methods, make_tiny
+from gclip.backbones.openclip import DenseViT
 from gclip.errors import ConfigError
-from gclip.forward import dense_features
+from gclip.inference.forward import dense_features
 from gclip.methods import get_method, list_methods
 from gclip.methods.gclip import default_emerging_blocks, suppress_channel
-from gclip.vit import DenseViT
 
 torch.set_grad_enabled(False)
 

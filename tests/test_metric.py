@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gclip.datasets import Areas, image_areas, reduce_zero_label, summarize
+from gclip.evaluation import Areas, image_areas, reduce_zero_label, summarize
 
 I = 255  # ignore index  # noqa: E741
 

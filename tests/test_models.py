@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import TINY
+from gclip.backbones.models import load_model, read_checkpoint
 from gclip.errors import WeightsError
-from gclip.models import load_model, read_checkpoint
-from gclip.segmenter import Segmenter
+from gclip.inference.segmenter import Segmenter
 from gclip.testing import random_state_dict, save_random_checkpoint
 
 

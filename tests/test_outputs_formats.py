@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gclip import SegmentationResult
-from gclip.outputs import (
+from gclip.io.outputs import (
     _counts_to_string,
     overlay_image,
     palette,

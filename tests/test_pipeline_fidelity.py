@@ -17,7 +17,7 @@ import tomllib
 import torch
 
 from gclip import Segmenter
-from gclip.models import load_model
+from gclip.backbones.models import load_model
 from gclip.text import parse_classes
 
 GOLDEN = Path(__file__).parent / "data" / "fidelity"

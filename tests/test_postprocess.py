@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gclip.postprocess import pamr, reduce_logits
-from gclip.preprocess import normalise
-from gclip.windows import pad_sizes, rescale_size, resize_image, single_threaded_opencv, window_boxes
+from gclip.inference.postprocess import pamr, reduce_logits
+from gclip.inference.preprocess import normalise
+from gclip.inference.windows import pad_sizes, rescale_size, resize_image, single_threaded_opencv, window_boxes
 
 
 @pytest.mark.parametrize(

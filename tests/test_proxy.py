@@ -1,4 +1,5 @@
-"""Second backbones (gclip.proxy): names, weights, one-line errors, the per-process cache, the forward walk."""
+"""Second backbones (gclip.backbones.second_models): names, weights, one-line errors, the per-process cache, the
+forward walk."""
 
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ def test_proxyclip_logits_are_on_the_proxys_grid(tiny_model, rgb_image):
     seg.set_classes(["a", "b", "c"])
     result = seg.predict(rgb_image)
     assert result.labels.shape == rgb_image.shape[:2]
-    from gclip.forward import dense_logits
+    from gclip.inference.forward import dense_logits
 
     logits = dense_logits(seg.vit, seg.method, torch.randn(1, 3, 32, 48), seg._require_classes())
     assert logits.shape == (1, 3, 8, 12)  # proxy patch 4 (CLIP-tiny's is 8)

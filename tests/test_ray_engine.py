@@ -9,7 +9,7 @@ import pytest
 
 import gclip
 from collection_helpers import CLASSES, SETTINGS, write_images
-from gclip.outputs import read_label_png
+from gclip.io.outputs import read_label_png
 
 ray = pytest.importorskip("ray")
 

@@ -9,8 +9,8 @@ from PIL import Image
 
 from conftest import crop_methods
 from gclip.errors import ClassesError, ConfigError
+from gclip.inference.segmenter import Segmenter
 from gclip.methods import list_methods
-from gclip.segmenter import Segmenter
 
 SMALL = {"short_side": 48, "crop": 32, "stride": 16}
 
@@ -92,7 +92,7 @@ def test_whole_image_mode_resizes_patch_logits_once_to_the_original_size(make, r
     """crop=0 (ClearCLIP/SCLIP/NACLIP "whole"): no padding, the patch logits go straight to the original size."""
     import torch.nn.functional as F
 
-    from gclip.forward import dense_logits
+    from gclip.inference.forward import dense_logits
 
     seg = make(crop=0, short_side=40)
     prepared = seg.prepare(rgb_image)

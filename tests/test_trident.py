@@ -9,9 +9,9 @@ import torch
 
 from gclip import Segmenter
 from gclip.errors import ConfigError
+from gclip.inference.preprocess import Prepared
+from gclip.inference.reference import reference_labels
 from gclip.methods.trident import patch_aligned, sam_guidance, sam_input, sam_last_attention, sam_pixels
-from gclip.preprocess import Prepared
-from gclip.reference import reference_labels
 
 pytest.importorskip("segment_anything")
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import crop_methods, make_tiny
+from gclip.backbones.openclip import DenseViT, resample_pos_embed
 from gclip.methods import Trace, get_method
-from gclip.vit import DenseViT, resample_pos_embed
 
 
 def _tiny(block_type: str | None = None) -> torch.nn.Module:
@@ -60,7 +60,7 @@ def test_custom_attention_block_gives_the_same_features(method):
     """open_clip's newer custom Attention block holds the same parameters: same outputs."""
     mha, custom = _tiny(), _tiny("custom")
     assert type(custom.visual.transformer.resblocks[0].attn).__name__ == "Attention"
-    from gclip.forward import dense_features
+    from gclip.inference.forward import dense_features
 
     images = torch.randn(1, 3, 40, 32)
     a = dense_features(DenseViT(mha.visual), get_method(method), images)
@@ -87,7 +87,7 @@ def test_tower_with_head_scale_and_inner_norm():
             handle.remove()
         torch.testing.assert_close(ours, vit.blocks[i](x), rtol=1e-5, atol=1e-5)
         x = ours
-    from gclip.forward import dense_features
+    from gclip.inference.forward import dense_features
 
     feats = {
         impl: dense_features(vit, dataclasses.replace(get_method("gclip", emerging_blocks=[0, 1]), _impl=impl), images)

@@ -6,16 +6,19 @@
 >>> labels = seg.predict("photo.jpg").labels  # (H, W) int32  # doctest: +SKIP
 """
 
+from . import _moved
+from .backbones.models import LoadedModel, load_model
+from .diagnostics.inspect import BackboneReport, inspect_backbone
 from .engines import SegmenterSpec, iter_segment, segment_folder
 from .errors import ClassesError, ConfigError, GclipError, ImageError, WeightsError
-from .inspect import BackboneReport, inspect_backbone
+from .inference.result import SegmentationResult
+from .inference.segmenter import Segmenter, Settings
 from .methods import Method, get_method, list_methods, register
-from .models import LoadedModel, load_model
-from .result import SegmentationResult
-from .segmenter import Segmenter, Settings
 from .text import ClassList, parse_classes
 
 __version__ = "0.1.0"
+
+_moved.install()  # the module names before the v3 layout still import, with a DeprecationWarning
 
 __all__ = [
     "BackboneReport",

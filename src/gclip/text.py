@@ -19,9 +19,9 @@ from typing import Union
 import numpy as np
 import torch
 
+from .backbones.models import LoadedModel
 from .errors import ClassesError, ConfigError
-from .models import LoadedModel
-from .outputs import atomic_path
+from .io.outputs import atomic_path
 
 __all__ = ["ClassList", "parse_classes", "read_class_file", "load_templates", "TextEncoder", "cache_dir"]
 

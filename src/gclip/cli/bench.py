@@ -85,7 +85,7 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def _config(args: argparse.Namespace):
-    from ..bench import BenchConfig
+    from ..diagnostics.bench import BenchConfig
 
     random_weights = args.random_weights or args.pretrained is None
     return BenchConfig(
@@ -114,9 +114,9 @@ def _config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench import machine_info, memory_check_subprocess, run_bench
+    from ..diagnostics.bench import machine_info, memory_check_subprocess, run_bench
     from ..errors import ConfigError
-    from ..outputs import write_json
+    from ..io.outputs import write_json
 
     if args.count < 1 or args.batch_images < 1 or (args.workers is not None and args.workers < 0):
         raise ConfigError("--count and --batch-images must be >= 1 and --workers >= 0")
@@ -235,7 +235,7 @@ def markdown(record: dict[str, Any]) -> str:
 
 def append_results(record: dict[str, Any], path: Path) -> None:
     """Append the record's Markdown to ``path`` (created with a title if missing), atomically."""
-    from ..outputs import atomic_path
+    from ..io.outputs import atomic_path
 
     old = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmark results (`gclip bench`)\n"
     with atomic_path(path) as tmp:

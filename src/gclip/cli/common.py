@@ -148,7 +148,7 @@ def second_model_options(method: str, options: dict[str, Any]) -> dict[str, Any]
 
 
 def load_model_from(args: argparse.Namespace):
-    from ..models import load_model
+    from ..backbones.models import load_model
 
     return load_model(args.model, args.pretrained, args.precision, args.device, quick_gelu=args.quick_gelu)
 

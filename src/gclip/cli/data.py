@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_coco_object(args: argparse.Namespace) -> int:
-    from ..datasets import build_coco_object
+    from ..evaluation import build_coco_object
 
     written, kept = build_coco_object(args.data_root, overwrite=args.overwrite)
     print(f"coco_object: {written} labels written, {kept} already present (use --overwrite to rewrite)")

@@ -12,7 +12,7 @@ from .common import add_method_args, add_model_args, add_settings_args, method_o
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from ..datasets.presets import list_protocols
+    from ..evaluation.protocols import list_protocols
 
     p = sub.add_parser(
         "eval",
@@ -61,7 +61,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _parse_datasets(text: str) -> tuple[list[Any], bool]:
-    from ..datasets import PAPER_ORDER, get_dataset
+    from ..evaluation import PAPER_ORDER, get_dataset
 
     if text.strip().lower() == "all":
         return [get_dataset(d) for d in PAPER_ORDER], True
@@ -105,13 +105,13 @@ def _with_second_models(
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..datasets import DatasetMissing, evaluate, init_distributed, list_samples, resolve_preset
-    from ..datasets.report import markdown_table, per_class_table, software_versions, summary_line
+    from ..backbones.models import load_model
     from ..errors import ConfigError
+    from ..evaluation import DatasetMissing, evaluate, init_distributed, list_samples, resolve_preset
+    from ..evaluation.report import markdown_table, per_class_table, software_versions, summary_line
+    from ..inference.segmenter import Segmenter
+    from ..io.outputs import write_json
     from ..methods import get_method
-    from ..models import load_model
-    from ..outputs import write_json
-    from ..segmenter import Segmenter
     from ..text import TextEncoder, read_class_file
 
     if args.limit is not None and args.limit < 1:

@@ -36,8 +36,8 @@ def _patch(text: str | None) -> tuple[int, int] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..inspect import inspect_backbone
-    from ..outputs import write_json
+    from ..diagnostics.inspect import inspect_backbone
+    from ..io.outputs import write_json
 
     patch = _patch(args.patch)
     if args.size is not None and args.size <= 0:
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         write_json(report.to_dict(), args.json_out)
         print(f"report: {args.json_out}")
     if args.plot:
-        from ..plots import save_figures
+        from ..diagnostics.plots import save_figures
         from ..text import parse_classes
 
         classes = parse_classes(args.classes) if args.classes else None

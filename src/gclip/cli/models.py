@@ -18,14 +18,14 @@ def _fmt(values: tuple[float, ...]) -> str:
 def run(args: argparse.Namespace) -> int:
     import open_clip
 
-    from ..backbone_presets import list_presets
+    from ..backbones.presets import list_presets
     from ..methods import get_method, list_methods
 
     print("methods:")
     for name in list_methods():
         print(f"  {name:10s} {get_method(name).summary}")
+    from ..backbones.second_models import PROXIES
     from ..methods import paired_methods
-    from ..proxy import PROXIES
 
     print(f"\nsecond models (--proxy NAME --proxy-checkpoint PATH, for {', '.join(paired_methods())}):")
     for name, spec in sorted(PROXIES.items()):

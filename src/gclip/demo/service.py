@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..backbones.models import LoadedModel
 from ..errors import ClassesError, ConfigError, ImageError
-from ..images import load_image
+from ..inference.result import SegmentationResult
+from ..inference.segmenter import Segmenter, Settings
+from ..io.images import load_image
+from ..io.outputs import atomic_path, palette, write_label_png
 from ..methods import list_methods
-from ..models import LoadedModel
-from ..outputs import atomic_path, palette, write_label_png
-from ..result import SegmentationResult
-from ..segmenter import Segmenter, Settings
 
 __all__ = ["Limits", "DemoSettings", "Outcome", "DemoService", "parse_vocabulary", "overlay"]
 

@@ -5,12 +5,12 @@
 >>> gclip.segment_folder(seg, "photos/", "labels/", formats="png,overlay,rle,manifest")  # doctest: +SKIP
 """
 
-from .inputs import IMAGE_EXTENSIONS, InputItem, collect_inputs, parse_shard, read_input, shard_items
+from ..io.inputs import IMAGE_EXTENSIONS, InputItem, collect_inputs, parse_shard, read_input, shard_items
+from ..io.manifest import Manifest, manifest_name
+from ..io.writer import FILE_SUFFIXES, FORMATS, OutputWriter, clean_stale_tmp, parse_formats, settings_hash
 from .local import ItemResult, default_workers, iter_items
-from .manifest import Manifest, manifest_name
 from .run import RunSummary, iter_segment, plan_run, segment_folder
 from .spec import SegmenterSpec
-from .writer import FILE_SUFFIXES, FORMATS, OutputWriter, clean_stale_tmp, parse_formats, settings_hash
 
 __all__ = [
     "FILE_SUFFIXES",

@@ -11,11 +11,11 @@ import numpy as np
 import torch
 
 from ..errors import ImageError
-from ..preprocess import Prepared, Preprocessor
-from ..result import SegmentationResult
-from ..segmenter import Segmenter
-from ..windows import single_threaded_opencv
-from .inputs import InputItem, read_input
+from ..inference.preprocess import Prepared, Preprocessor
+from ..inference.result import SegmentationResult
+from ..inference.segmenter import Segmenter
+from ..inference.windows import single_threaded_opencv
+from ..io.inputs import InputItem, read_input
 
 __all__ = ["ItemResult", "iter_items", "default_workers"]
 

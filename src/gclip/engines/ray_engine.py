@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
-from ..images import DEFAULT_MAX_PIXELS
-from .inputs import InputItem, read_input
+from ..io.images import DEFAULT_MAX_PIXELS
+from ..io.inputs import InputItem, read_input
+from ..io.writer import OutputWriter
 from .local import _infer, _Loaded, _one_line
 from .spec import SegmenterSpec
-from .writer import OutputWriter
 
 __all__ = ["run_ray"]
 

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import ConfigError
-from ..segmenter import Segmenter
-from .inputs import InputItem, collect_inputs, shard_items
+from ..inference.segmenter import Segmenter
+from ..io.inputs import InputItem, collect_inputs, shard_items
+from ..io.manifest import Manifest, manifest_name
+from ..io.writer import OutputWriter, clean_stale_tmp, parse_formats
 from .local import ItemResult, iter_items
-from .manifest import Manifest, manifest_name
 from .spec import SegmenterSpec
-from .writer import OutputWriter, clean_stale_tmp, parse_formats
 
 __all__ = ["RunSummary", "segment_folder", "iter_segment", "plan_run"]
 

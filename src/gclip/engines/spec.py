@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..backbones.models import LoadedModel, load_model
+from ..inference.segmenter import Segmenter
 from ..methods import Method
-from ..models import LoadedModel, load_model
-from ..segmenter import Segmenter
 from ..text import ClassList, ClassSpec
 
 __all__ = ["SegmenterSpec"]

@@ -10,8 +10,8 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from ..backbones.openclip import DenseViT
 from ..errors import ConfigError
-from ..vit import DenseViT
 
 __all__ = [
     "Method",
@@ -34,7 +34,8 @@ class WindowContext:
     """One window of an image with what :meth:`Method.label_context` kept of its pass.
 
     Attributes:
-        window: the :class:`~gclip.windows.Window` (its box, padding, upsampled size, kept part, canvas target).
+        window: the :class:`~gclip.inference.windows.Window` (its box, padding, upsampled size, kept part, canvas
+        target).
         canvas: ``(H, W)`` of the canvas the windows are merged on (the label map's size in the whole-image mode).
         context: the window's own slice of the context tensor.
     """
@@ -92,7 +93,8 @@ class Method:
 
     @property
     def pos_rule(self) -> str:
-        """How the position embedding is resampled to a crop's grid (:func:`gclip.vit.resample_pos_embed`)."""
+        """How the position embedding is resampled to a crop's grid
+        (:func:`gclip.backbones.openclip.resample_pos_embed`)."""
         return "sclip"
 
     def keep_blocks(self, vit: DenseViT) -> set[int]:
@@ -178,11 +180,11 @@ class Method:
         stage: Callable[[str], contextlib.AbstractContextManager],
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         """For :attr:`whole_image` methods: one ``(1, 3, H, W)`` normalised model input of the
-        :class:`~gclip.preprocess.Prepared` ``item`` (its decoded ``original`` pixels when :attr:`needs_original`,
-        its ``key`` and ``size``) -> ``(Q, h, w)`` cosine logits at a resolution of the method's choosing (the
-        engine resizes them to the image), or ``(logits, context)``: ``context`` reaches :meth:`refine_labels` as
-        the one :class:`WindowContext` of the image (its ``window`` ``None``). ``crop``/``stride``: the settings'
-        windows; ``stage(name)`` times a part as a bench stage."""
+        :class:`~gclip.inference.preprocess.Prepared` ``item`` (its decoded ``original`` pixels when
+        :attr:`needs_original`, its ``key`` and ``size``) -> ``(Q, h, w)`` cosine logits at a resolution of the
+        method's choosing (the engine resizes them to the image), or ``(logits, context)``: ``context`` reaches
+        :meth:`refine_labels` as the one :class:`WindowContext` of the image (its ``window`` ``None``).
+        ``crop``/``stride``: the settings' windows; ``stage(name)`` times a part as a bench stage."""
         raise NotImplementedError(f"{self.name} runs through the engine's windows")
 
     def input_shape(self, shape: tuple[int, int], patch: int, crop: int) -> tuple[int, int]:
@@ -214,7 +216,7 @@ class Method:
         """Load (into the per-process cache) or check what the method needs besides CLIP, before any image: its
         second models (options ``proxy``/``sam`` with their ``*_checkpoint``). Raises a one-line
         :class:`~gclip.errors.WeightsError` or :class:`~gclip.errors.ConfigError`."""
-        from ..proxy import load_proxy
+        from ..backbones.second_models import load_proxy
 
         for name in ("proxy", "sam"):
             if getattr(self, name, None) is not None:

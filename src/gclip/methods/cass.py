@@ -25,10 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..backbones.openclip import DenseViT
+from ..backbones.second_models import IMAGENET_MEAN, IMAGENET_STD, ProxyViT, proxy_for
 from ..errors import ConfigError
-from ..pilresize import pil_bicubic_resize
-from ..proxy import IMAGENET_MEAN, IMAGENET_STD, ProxyViT, proxy_for
-from ..vit import DenseViT
+from ..io.pilresize import pil_bicubic_resize
 from .base import Method, Trace, register
 from .naclip import cached_prior
 
@@ -135,7 +135,8 @@ class Cass(Method):
     """CASS's options (the authors' names; defaults: their VOC21 config with DINO ViT-B/8).
 
     Attributes:
-        proxy, proxy_checkpoint: the DINO model (:func:`gclip.proxy.list_proxies`) and its weights file.
+        proxy, proxy_checkpoint: the DINO model (:func:`gclip.backbones.second_models.list_proxies`) and its weights
+        file.
         attention: ``"spectral"`` (matched heads), ``"sequential"`` (head i with head i, no stretching) or
             ``"vanilla"`` (CLIP's own q-k attention of the patches).
         global_source: whose CLS embedding is the global one: ``"image"`` (the whole model input's, the authors'

@@ -7,8 +7,8 @@ from typing import Literal
 
 import torch
 
+from ..backbones.openclip import DenseViT
 from ..errors import ConfigError
-from ..vit import DenseViT
 from .base import Method, Trace, attend, register
 
 

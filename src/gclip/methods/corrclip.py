@@ -1,6 +1,6 @@
 """CorrCLIP (CVPR 2025, zdk258/CorrCLIP): instance masks restrict the last block's attention to a region.
 
-Per image an instance mask (pre-generated, or from SAM's automatic generator, see :mod:`gclip.masks`). Per window:
+Per image an instance mask (pre-generated, or from SAM's automatic generator, see :mod:`gclip.io.masks`). Per window:
 
 - the window's regions, on DINO's patch grid, are merged when their mean DINO features (last block's ``q + k``,
   normalised) are within ``dbscan_eps`` of each other (DBSCAN on ``max(S) - S``);
@@ -29,11 +29,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..backbones.openclip import DenseViT
+from ..backbones.second_models import ProxyViT, proxy_for
 from ..errors import ConfigError
-from ..masks import generate_instance_mask, load_sam, mask_folder, read_instance_mask
-from ..proxy import ProxyViT, proxy_for
-from ..vit import DenseViT
-from ..windows import pad_sizes, window_boxes
+from ..inference.windows import pad_sizes, window_boxes
+from ..io.masks import generate_instance_mask, load_sam, mask_folder, read_instance_mask
 from .base import Method, Trace, WindowContext, cosine_logits, register
 from .proxyclip import values_attention
 
@@ -259,7 +259,7 @@ class CorrClip(Method):
         self, vit: DenseViT, crops: torch.Tensor, masks: torch.Tensor, text: torch.Tensor, stage: Callable
     ) -> torch.Tensor:
         """``(B, 3, h, w)`` padded windows and their masks -> ``(B, Q, h, w)`` cosine logits."""
-        from ..forward import autocast_for
+        from ..inference.forward import autocast_for
 
         p = vit.patch_size
         grid = (crops.shape[-2] // p, crops.shape[-1] // p)

@@ -14,35 +14,10 @@ from typing import Literal
 
 import torch
 
+from ..backbones.openclip import DenseViT
 from ..errors import ConfigError
-from ..vit import CS_OVERRIDE, DenseViT
 from .base import Method, Trace, attend, attention_map, register
-
-CS_WEIGHT = CS_OVERRIDE
-
-
-def default_emerging_blocks(depth: int) -> list[int]:
-    """Blocks {6, 7} of a 12-block ViT, at the same relative depth for other depths (at most L-2)."""
-    first = min(round(depth * 6 / 12), depth - 2)
-    first = max(first, 0)
-    return sorted({first, min(first + 1, depth - 2)})
-
-
-def abnormal_channel(weight: torch.Tensor, rule: str = "mean") -> tuple[int, float]:
-    """The residual channel whose FFN output row has the largest L2 norm, and that norm over the others'.
-
-    Args:
-        weight: ``mlp.c_proj.weight``, shape ``(width, hidden)``.
-        rule: ``"mean"`` or ``"median"`` of the other rows' norms as the reference.
-
-    Returns:
-        ``(channel, ratio)``; a ratio near 1 means no channel stands out.
-    """
-    norms = weight.detach().float().norm(dim=1)
-    channel = int(norms.argmax())
-    others = torch.cat([norms[:channel], norms[channel + 1 :]])
-    target = others.mean() if rule == "mean" else others.median()
-    return channel, float(norms[channel] / target)
+from .gclip_auto import CS_WEIGHT, abnormal_channel, auto_settings, default_emerging_blocks
 
 
 def suppress_channel(weight: torch.Tensor, rule: str = "mean") -> tuple[torch.Tensor, int, float]:
@@ -68,7 +43,7 @@ class Gclip(Method):
 
     Attributes:
         emerging_blocks: block indices whose attention is fused, ``"auto"`` (measured on the backbone, see
-            :func:`gclip.autoconfig.auto_settings`), or ``None`` for the default ({6, 7} on 12 blocks).
+            :func:`gclip.methods.gclip_auto.auto_settings`), or ``None`` for the default ({6, 7} on 12 blocks).
         fusion_weights: weights of [last block's q-q map, each emerging block's map]; ``None``: equal.
         fusion: ``"mean"`` fuses head-averaged maps (one map for all heads); ``"per_head"`` fuses head by head.
         channel_suppression: apply Channel Suppression.
@@ -96,8 +71,6 @@ class Gclip(Method):
         if self.emerging_blocks is None:
             return default_emerging_blocks(vit.depth)
         if self.emerging_blocks == "auto":
-            from ..autoconfig import auto_settings
-
             return list(auto_settings(vit).emerging_blocks)
         blocks = sorted({int(b) for b in self.emerging_blocks})
         bad = [b for b in blocks if not 0 <= b <= vit.depth - 2]
@@ -113,8 +86,6 @@ class Gclip(Method):
         if not self.channel_suppression:
             return []
         if self.cs_blocks == "auto" or (self.cs_blocks is None and self.emerging_blocks == "auto"):
-            from ..autoconfig import auto_settings
-
             return list(auto_settings(vit).cs_blocks)
         if self.cs_blocks is None:
             return list(range(max(self.blocks_for(vit)), vit.depth - 1))

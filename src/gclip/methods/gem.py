@@ -18,8 +18,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from ..backbones.openclip import DenseViT
 from ..errors import ConfigError
-from ..vit import DenseViT
 from .base import Method, Trace, register
 
 

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..backbones.openclip import DenseViT
 from ..errors import ConfigError
-from ..vit import DenseViT
 from ._purify import scaled_index
 from .base import Method, Trace, WindowContext, attend, cosine_logits, register
 

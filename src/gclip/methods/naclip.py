@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..vit import DenseViT
+from ..backbones.openclip import DenseViT
 from .base import Method, Trace, attend, register
 
 

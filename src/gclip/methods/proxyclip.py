@@ -1,6 +1,7 @@
 """ProxyCLIP (ECCV 2024, mc-lan/ProxyCLIP): a vision foundation model's patch similarity as the last block's attention.
 
-The crop also goes through a second backbone (``proxy``, e.g. DINO ViT-B/8, see :mod:`gclip.proxy`), renormalised
+The crop also goes through a second backbone (``proxy``, e.g. DINO ViT-B/8, see
+:mod:`gclip.backbones.second_models`), renormalised
 for it. Its last block's normalised patch tokens give a cosine similarity ``S`` over ITS patch grid; the attention
 is ``softmax(γ (S - β mean(S)))`` with the negative entries masked out, the same for every head. It is applied to
 the last CLIP block's values, bilinearly resized from CLIP's patch grid to the proxy's, then ``out_proj``, with no
@@ -15,9 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..backbones.openclip import DenseViT
+from ..backbones.second_models import ProxyViT, proxy_for
 from ..errors import ConfigError
-from ..proxy import ProxyViT, proxy_for
-from ..vit import DenseViT
 from .base import Method, Trace, register
 
 
@@ -49,7 +50,8 @@ class ProxyClip(Method):
     """ProxyCLIP's options.
 
     Attributes:
-        proxy: the second backbone (:func:`gclip.proxy.list_proxies`; the authors' default ``dino_vitb8``).
+        proxy: the second backbone (:func:`gclip.backbones.second_models.list_proxies`; the authors' default
+            ``dino_vitb8``).
         proxy_checkpoint: its weights file (``None``: timm's cached pretrained weights).
         beta, gamma: the shift (times the mean similarity) and the scale of the proxy attention.
     """

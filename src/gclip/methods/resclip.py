@@ -16,9 +16,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from ..backbones.openclip import DenseViT
 from ..errors import ConfigError
-from ..postprocess import pamr
-from ..vit import DenseViT
+from ..inference.postprocess import pamr
 from ._purify import scaled_index
 from .base import Method, Trace, cosine_logits, register
 from .naclip import cached_prior

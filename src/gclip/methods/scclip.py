@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..vit import DenseViT
+from ..backbones.openclip import DenseViT
 from ._purify import (
     AffinityBlocks,
     aggregate,

@@ -12,8 +12,8 @@ from typing import Literal
 
 import torch
 
+from ..backbones.openclip import DenseViT
 from ..errors import ConfigError
-from ..vit import DenseViT
 from ._purify import (
     AffinityBlocks,
     aggregate,

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..backbones.openclip import DenseViT
+from ..backbones.second_models import ProxyViT, proxy_for
 from ..errors import ConfigError, WeightsError
-from ..proxy import ProxyViT, proxy_for
-from ..vit import DenseViT
-from ..windows import window_boxes
+from ..inference.windows import window_boxes
 from .base import Method, Trace, register
 from .proxyclip import values_attention
 
@@ -162,7 +162,7 @@ class Trident(Method):
     ) -> tuple[torch.Tensor, tuple[int, int]]:
         """``(B, 3, c, c)`` windows -> ProxyCLIP's last-block output ``(B, D, h, w)`` on DINO's grid, the DINO
         similarity shifted by its mean over all ``B`` windows."""
-        from ..forward import encode
+        from ..inference.forward import encode
 
         with stage("second_model"):
             dino = self.dino(vit)

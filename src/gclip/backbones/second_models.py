@@ -1,0 +1,324 @@
+"""Second backbones: the vision foundation models some methods pair with CLIP (DINO, DINOv2, SAM's encoder).
+
+A proxy is loaded by name (:data:`PROXIES`) through timm, from a local checkpoint file or from timm's cached
+pretrained weights, with the same one-line errors as CLIP's loader, and cached per process: the Segmenter,
+``gclip eval``, bulk runs and the demo share one copy. Its forward is gclip's own walk over timm's modules, with
+the position embedding resampled as the authors' torch.hub models do it (DINO: bicubic by scale factor;
+DINOv2 with registers: bicubic to the size with antialias).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ConfigError, WeightsError
+from .models import _hub_reachable, read_checkpoint, resolve_device
+from .openclip import resample_pos_embed
+
+__all__ = ["PROXIES", "ProxySpec", "ProxyViT", "load_proxy", "proxy_for", "register_proxy", "list_proxies"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ProxySpec:
+    """A named second backbone.
+
+    Attributes:
+        arch: the timm architecture (built without weights, ``num_classes=0``).
+        tag: timm's pretrained tag for cached weights (``None``: a local checkpoint is required).
+        mean, std: the model's input normalisation (0..1 scale, RGB).
+        build: builds the bare model instead of ``timm.create_model(arch)`` (tiny test configs).
+        checkpoint: a weights file used when the caller gives none (before timm's cache).
+        pos_rule: how the position embedding is resampled (:func:`gclip.backbones.openclip.resample_pos_embed`).
+        input_size: a fixed input side the crops are resized to, bilinearly (SAM's image encoder: 1024; MAE: 336,
+            ProxyCLIP's crop); 0: the crop's size.
+        family: ``"timm"`` (a timm ViT), ``"mae"`` (a timm ViT from an MAE checkpoint: its decoder is dropped) or
+            ``"sam"`` (``arch`` names a ``segment_anything.sam_model_registry`` entry; its image encoder, from the
+            ``segment-anything`` package).
+    """
+
+    arch: str
+    tag: str | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    build: Callable[[], nn.Module] | None = None
+    checkpoint: str | None = None
+    pos_rule: str = "sclip"
+    input_size: int = 0
+    family: str = "timm"
+
+
+PROXIES: dict[str, ProxySpec] = {
+    "dino_vitb8": ProxySpec("vit_base_patch8_224", "dino"),
+    "dino_vitb16": ProxySpec("vit_base_patch16_224", "dino"),
+    "dino_vits8": ProxySpec("vit_small_patch8_224", "dino"),
+    "dino_vits16": ProxySpec("vit_small_patch16_224", "dino"),
+    "dinov2_vitb14_reg": ProxySpec("vit_base_patch14_reg4_dinov2", "lvd142m", pos_rule="antialias"),
+    "dinov2_vits14_reg": ProxySpec("vit_small_patch14_reg4_dinov2", "lvd142m", pos_rule="antialias"),
+    "mae_vitb16": ProxySpec("vit_base_patch16_224", "mae", pos_rule="size", input_size=336, family="mae"),
+    "sam_vitb": ProxySpec("vit_b", None, input_size=1024, family="sam"),
+}
+
+
+_FOR_VIT: dict[tuple, ProxyViT] = {}  # proxy_for's models (a plain dict: see there)
+
+
+def register_proxy(name: str, spec: ProxySpec) -> None:
+    """Make a second backbone available by name (e.g. a tiny config in tests)."""
+    PROXIES[name] = spec
+    load_proxy.cache_clear()
+    _FOR_VIT.clear()
+
+
+def list_proxies() -> list[str]:
+    return sorted(PROXIES)
+
+
+class ProxyViT:
+    """A timm ``VisionTransformer`` (DINO's layout) that yields its last block's normalised patch tokens.
+
+    Attributes:
+        name, spec: what was loaded; ``patch_size``, ``width``: read from the model.
+    """
+
+    def __init__(self, name: str, spec: ProxySpec, model: nn.Module) -> None:
+        self.name, self.spec, self.model = name, spec, model
+        self.patch_size = int(model.patch_embed.proj.kernel_size[0])
+        self.width = int(model.patch_embed.proj.out_channels)
+        self._pos: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.patch_embed.proj.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.patch_embed.proj.weight.dtype
+
+    def renormalise(self, images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+        """Images normalised with ``mean``/``std`` (CLIP's) -> normalised with this model's."""
+        src_m, src_s = (torch.tensor(v, device=images.device, dtype=images.dtype).view(1, 3, 1, 1) for v in (mean, std))
+        dst_m, dst_s = (
+            torch.tensor(v, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+            for v in (self.spec.mean, self.spec.std)
+        )
+        return (images * src_s + src_m - dst_m) / dst_s
+
+    def pos_embed(self, size: tuple[int, int]) -> torch.Tensor:
+        """The position embedding for ``(H, W)`` pixel inputs (the spec's resampling), computed once per size.
+
+        Models whose embedding covers the patches only (timm's ``no_embed_class``, DINOv2 with registers) get
+        ``(N, C)``, the others ``(1 + N, C)`` with the CLS position first."""
+        grid = (int(size[0]) // self.patch_size, int(size[1]) // self.patch_size)
+        if grid not in self._pos:
+            pos = self.model.pos_embed.detach()[0]
+            patches_only = bool(getattr(self.model, "no_embed_class", False))
+            if patches_only:  # resample_pos_embed expects a CLS row first
+                pos = torch.cat([pos.new_zeros((1, pos.shape[-1])), pos])
+            out = resample_pos_embed(pos, grid, self.spec.pos_rule)
+            self._pos[grid] = (out[1:] if patches_only else out).to(self.dtype)
+        return self._pos[grid]
+
+    def warm(self, size: tuple[int, int]) -> None:
+        """Fill the position-embedding cache for ``(H, W)`` crops (before a compiled forward traces it)."""
+        if self.spec.family == "sam":
+            return
+        side = self.spec.input_size
+        self.pos_embed((side, side) if side else size)
+
+    @property
+    def window_patch(self) -> int:
+        """What a crop's sides must be a multiple of (1 for a model that resizes its input)."""
+        return 1 if self.spec.input_size else self.patch_size
+
+    def grid(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The feature grid for an ``(H, W)`` crop."""
+        if self.spec.input_size:
+            side = self.spec.input_size // self.patch_size
+            return side, side
+        return int(size[0]) // self.patch_size, int(size[1]) // self.patch_size
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` images normalised for this model -> ``(B, C, h, w)``: the patch tokens of the last block
+        after the final norm (DINO's ``get_intermediate_layers(x, 1)``, MAE's ``forward_features``); for SAM the
+        image encoder's output (neck included). A model with a fixed input gets the crop resized bilinearly to it,
+        as ProxyCLIP feeds it."""
+        m = self.model
+        if self.spec.input_size:
+            side = self.spec.input_size
+            images = F.interpolate(images.to(self.dtype), size=(side, side), mode="bilinear", align_corners=False)
+            if self.spec.family == "sam":
+                return m(images)  # SAM's ImageEncoderViT: blocks and neck
+        x, grid = self._walk(images, len(m.blocks))
+        x = m.norm(x)[:, m.num_prefix_tokens :]
+        return x.transpose(1, 2).reshape(x.shape[0], -1, grid[0], grid[1])
+
+    def last_qkv(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """``(B, 3, H, W)`` images normalised for this model -> the last block's patch queries, keys and values,
+        each ``(B, heads, N, d)`` (``norm1`` then ``qkv``, prefix tokens dropped), and the patch grid."""
+        m = self.model
+        if self.spec.input_size:
+            raise ConfigError(f"proxy {self.name} resizes its input to a fixed size: choose a DINO or DINOv2 proxy")
+        x, grid = self._walk(images, len(m.blocks) - 1)
+        blk = m.blocks[-1]
+        attn = blk.attn
+        b, n, c = x.shape
+        qkv = attn.qkv(blk.norm1(x)).reshape(b, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)
+        q = attn.q_norm(qkv[0]) if hasattr(attn, "q_norm") else qkv[0]
+        k = attn.k_norm(qkv[1]) if hasattr(attn, "k_norm") else qkv[1]
+        keep = slice(m.num_prefix_tokens, None)
+        return q[:, :, keep], k[:, :, keep], qkv[2][:, :, keep], grid
+
+    def last_keys(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The last block's patch keys ``(B, heads, N, d)`` (CASS's ``qkv[1]``) and the patch grid
+        (:meth:`last_qkv`)."""
+        _, k, _, grid = self.last_qkv(images)
+        return k, grid
+
+    def _walk(self, images: torch.Tensor, blocks: int) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Tokens after the first ``blocks`` blocks (prefix tokens first) and the patch grid."""
+        m = self.model
+        if images.shape[-2] % self.patch_size or images.shape[-1] % self.patch_size:
+            raise ConfigError(
+                f"proxy {self.name} needs crops whose sides are multiples of its patch {self.patch_size}, got "
+                f"{images.shape[-2]}x{images.shape[-1]}: choose a crop such as {self.patch_size * 16} (and stride)"
+            )
+        x = m.patch_embed.proj(images.to(self.dtype))
+        grid = (int(x.shape[-2]), int(x.shape[-1]))
+        x = x.flatten(2).transpose(1, 2)
+        b = x.shape[0]
+        prefix = [m.cls_token.expand(b, -1, -1).to(x.dtype)]
+        if getattr(m, "reg_token", None) is not None:
+            prefix.append(m.reg_token.expand(b, -1, -1).to(x.dtype))
+        pos = self.pos_embed((images.shape[-2], images.shape[-1]))
+        if getattr(m, "no_embed_class", False):  # DINOv2 with registers: CLS and registers carry no position
+            x = torch.cat([*prefix, x + pos], dim=1)
+        else:
+            x = torch.cat([*prefix, x], dim=1) + pos
+        x = m.norm_pre(m.pos_drop(x))
+        for blk in m.blocks[:blocks]:
+            x = blk(x)
+        return x, grid
+
+
+def _bare_model(name: str, spec: ProxySpec) -> nn.Module:
+    if spec.build is not None:
+        return spec.build()
+    if spec.family == "sam":
+        try:
+            from segment_anything import sam_model_registry
+        except ImportError:
+            raise ConfigError(f"proxy {name} needs SAM's package: pip install 'gclip[sam]'") from None
+        return sam_model_registry[spec.arch](checkpoint=None).image_encoder
+    import timm
+
+    return timm.create_model(spec.arch, pretrained=False, num_classes=0)
+
+
+def _cached_weights(spec: ProxySpec) -> str | None:
+    if spec.tag is None:
+        return None
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(f"{spec.arch}.{spec.tag}")
+    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    for fname in ("model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(repo, fname) if repo else None
+        if isinstance(found, str) and Path(found).is_file():
+            return found
+    return None
+
+
+def _weights_file(name: str, spec: ProxySpec, checkpoint: str | None, option: str) -> str:
+    if checkpoint or spec.checkpoint:
+        return str(checkpoint or spec.checkpoint)
+    flag = f"--{option.replace('_', '-')} PATH on the command line"
+    hint = f"download them on a connected machine and pass {option}=/path/to/{name}.pth ({flag})"
+    cached = _cached_weights(spec)
+    if cached:
+        return cached
+    if spec.tag is None:
+        raise WeightsError(
+            f"proxy {name}: no weights given: pass {option}=/path/to/checkpoint, e.g. SAM's sam_vit_b_01ec64.pth "
+            f"({flag})"
+            if spec.family == "sam"
+            else f"proxy {name} has no published weights: pass {option}=/path/to/checkpoint ({flag})"
+        )
+    if not _hub_reachable():
+        raise WeightsError(
+            f"proxy {name} weights ({spec.arch}.{spec.tag}) are not cached and the network is unreachable: {hint}"
+        )
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(f"timm/{spec.arch}.{spec.tag}", "model.safetensors")
+    except Exception as e:  # noqa: BLE001
+        raise WeightsError(f"download of proxy {name} failed ({type(e).__name__}): {hint}") from e
+
+
+@functools.lru_cache(maxsize=4)
+def load_proxy(
+    name: str,
+    checkpoint: str | None = None,
+    device: str | torch.device | None = "cpu",
+    dtype: torch.dtype = torch.float32,
+    option: str = "proxy_checkpoint",
+) -> ProxyViT:
+    """The second backbone ``name`` with weights from ``checkpoint`` (a DINO ``.pth``, a timm ``.safetensors``
+    ...) or timm's cache; built once per process and arguments. ``option``: the method option (and, with dashes,
+    the command-line flag) that a missing-weights error tells the user to set.
+
+    Raises:
+        ConfigError: unknown name. WeightsError: missing, unreadable or mismatched weights (one line).
+    """
+    if name not in PROXIES:
+        raise ConfigError(f"unknown proxy model {name!r}: choose one of {', '.join(list_proxies())}")
+    spec = PROXIES[name]
+    path = _weights_file(name, spec, checkpoint, option)
+    state, _ = read_checkpoint(path)
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    model = _bare_model(name, spec)
+    if spec.family == "mae":  # MAE's pre-training checkpoint also holds its decoder and mask token
+        state = {k: v for k, v in state.items() if not k.startswith("decoder") and k != "mask_token"}
+    elif "register_tokens" in state or "mask_token" in state:  # DINOv2's own checkpoint names -> timm's
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        state = checkpoint_filter_fn(state, model)
+    elif spec.family == "sam":  # a whole SAM checkpoint (or timm's samvit names): the image encoder's own names
+        if any(k.startswith("image_encoder.") for k in state):
+            state = {k[len("image_encoder.") :]: v for k, v in state.items() if k.startswith("image_encoder.")}
+        state = {k.replace("mlp.fc", "mlp.lin"): v for k, v in state.items()}
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1].strip()[:160]
+        raise WeightsError(f"checkpoint {path} does not fit proxy {name} ({spec.arch}): {first}") from e
+    if result.missing_keys or result.unexpected_keys:
+        example = (result.missing_keys or result.unexpected_keys)[0]
+        raise WeightsError(
+            f"checkpoint {path} does not fit proxy {name} ({spec.arch}): {len(result.missing_keys)} missing and "
+            f"{len(result.unexpected_keys)} unexpected keys (e.g. {example!r})"
+        )
+    model = model.to(device=resolve_device(device), dtype=dtype).eval().requires_grad_(False)
+    return ProxyViT(name, spec, model)
+
+
+def proxy_for(vit: Any, name: str, checkpoint: str | None, option: str = "proxy_checkpoint") -> ProxyViT:
+    """:func:`load_proxy` on a :class:`~gclip.backbones.openclip.DenseViT`'s device and dtype, for the methods'
+    forwards: kept in
+    a plain dict (not ``lru_cache``), which a ``torch.compile``'d forward traces as a hit."""
+    key = (name, checkpoint, str(vit.device), vit.dtype)
+    if key not in _FOR_VIT:
+        _FOR_VIT[key] = load_proxy(name, checkpoint, vit.device, vit.dtype, option)
+    return _FOR_VIT[key]

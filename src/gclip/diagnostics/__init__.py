@@ -1,0 +1,1 @@
+"""Diagnostics: ``gclip inspect`` (:mod:`.inspect`, :mod:`.plots`) and ``gclip bench`` (:mod:`.bench`)."""

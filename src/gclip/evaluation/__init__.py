@@ -1,0 +1,49 @@
+"""The benchmarks: dataset layouts, protocol presets (TOML data files), the mmseg-identical IoU metric, and
+the evaluation loop (DataLoader workers, several images per step, multi-process sharding)."""
+
+from .coco_object import build_coco_object, stuff_to_object
+from .distributed import DistContext, init_distributed, shard
+from .evaluate import EvalResult, evaluate
+from .layouts import (
+    DATASETS,
+    PAPER_ORDER,
+    DatasetError,
+    DatasetMissing,
+    DatasetSpec,
+    Sample,
+    get_dataset,
+    list_samples,
+    read_label,
+    reduce_zero_label,
+)
+from .loader import BenchmarkDataset
+from .metric import Areas, image_areas, summarize
+from .protocols import Preset, list_protocols, protocol_for, resolve_preset
+
+__all__ = [
+    "Areas",
+    "BenchmarkDataset",
+    "DATASETS",
+    "DatasetError",
+    "DatasetMissing",
+    "DatasetSpec",
+    "DistContext",
+    "EvalResult",
+    "PAPER_ORDER",
+    "Preset",
+    "Sample",
+    "build_coco_object",
+    "evaluate",
+    "get_dataset",
+    "image_areas",
+    "init_distributed",
+    "list_protocols",
+    "list_samples",
+    "protocol_for",
+    "read_label",
+    "reduce_zero_label",
+    "resolve_preset",
+    "shard",
+    "stuff_to_object",
+    "summarize",
+]

@@ -1,0 +1,183 @@
+"""Per-method, per-dataset protocol settings, read from the TOML files in ``gclip/evaluation/presets/``.
+
+A preset resolves, in order of increasing priority: the protocol's ``[defaults]``, its
+``[datasets.<name>]`` table, the method's ``[method.<m>.defaults]`` and ``[method.<m>.datasets.<name>]``
+tables, then the caller's overrides (command-line options). Any of these tables may hold a
+``method_options`` table: the method's options (e.g. ResCLIP's per-dataset thresholds), resolved the same way,
+and the evaluation-only keys (:data:`EVAL_KEYS`: ``centre_crop``, the side of the square the image and its ground
+truth are cut to), which are not segmentation settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..inference.segmenter import Settings
+from .layouts import DatasetSpec, get_dataset
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+__all__ = ["EVAL_KEYS", "Preset", "list_protocols", "resolve_preset", "protocol_for"]
+
+_SETTING_NAMES = {f.name for f in dataclasses.fields(Settings)}
+EVAL_KEYS = {"centre_crop": 0}
+"""Preset keys that change how the benchmark is scored, not how images are segmented, with their defaults."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The settings one method uses on one dataset.
+
+    Attributes:
+        protocol: the protocol file's name (``clearclip`` or ``sclip``).
+        method: the method name.
+        dataset: the dataset name.
+        settings: keyword arguments for :class:`gclip.Segmenter` (fields of :class:`gclip.Settings`).
+        classes_file: the class-name file (the protocol's, or one from the caller's ``classes_dir``).
+        overridden: names of the settings the caller changed.
+        method_options: the method's options on this dataset (the caller's options win over them).
+        scoring: the evaluation-only keys (:data:`EVAL_KEYS`), every one of them, for :func:`gclip.evaluation.evaluate`.
+        classes_dir: the caller's class-name folder, if the class file came from one.
+    """
+
+    protocol: str
+    method: str
+    dataset: str
+    settings: dict[str, Any]
+    classes_file: Path
+    overridden: list[str] = field(default_factory=list)
+    method_options: dict[str, Any] = field(default_factory=dict)
+    scoring: dict[str, Any] = field(default_factory=lambda: dict(EVAL_KEYS))
+    classes_dir: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """Plain data for printing and JSON."""
+        shipped = f"{self.protocol_classes}/{self.classes_file.name}"
+        return {
+            "protocol": self.protocol,
+            "classes_file": str(self.classes_file) if self.classes_dir else shipped,
+            "overridden": self.overridden,
+            **self.settings,
+            **{k: v for k, v in self.scoring.items() if v != EVAL_KEYS[k]},
+            **({"method_options": self.method_options} if self.method_options else {}),
+        }
+
+    @property
+    def protocol_classes(self) -> str:
+        return self.classes_file.parent.name
+
+
+def _preset_dir():
+    return resources.files("gclip.evaluation") / "presets"
+
+
+@cache
+def _load(name: str) -> dict[str, Any]:
+    text = (_preset_dir() / f"{name}.toml").read_text(encoding="utf-8")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:  # pragma: no cover - shipped files are tested
+        raise ConfigError(f"preset file {name}.toml is not valid TOML: {e}") from e
+    return data
+
+
+def list_protocols() -> list[str]:
+    """Names of the shipped protocol files."""
+    return sorted(p.name[: -len(".toml")] for p in _preset_dir().iterdir() if p.name.endswith(".toml"))
+
+
+def protocol_for(method: str) -> str:
+    """The protocol a method is evaluated with."""
+    for name in list_protocols():
+        if method in _load(name).get("used_by", []):
+            return name
+    raise ConfigError(f"no evaluation preset lists method {method!r}: pass --protocol clearclip or sclip")
+
+
+def _check_keys(table: dict[str, Any], where: str) -> dict[str, Any]:
+    unknown = sorted(set(table) - _SETTING_NAMES - set(EVAL_KEYS))
+    if unknown:
+        raise ConfigError(f"preset {where}: unknown setting {unknown[0]!r}")
+    return table
+
+
+def resolve_preset(
+    method: str,
+    dataset: str | DatasetSpec,
+    overrides: dict[str, Any] | None = None,
+    protocol: str | None = None,
+    classes_dir: str | Path | None = None,
+) -> Preset:
+    """The settings and class file for ``method`` on ``dataset``.
+
+    Args:
+        method: a method name (``gclip``, ``sclip``, ...).
+        dataset: a dataset name or spec.
+        overrides: settings (and :data:`EVAL_KEYS`) that win over the preset (e.g. from the command line).
+        protocol: force a protocol file (default: the one listing ``method``).
+        classes_dir: take the class-name file from this folder instead of the protocol's, e.g. a method
+            repository's ``configs/`` (its own class names): the protocol's file name (``cls_voc21.txt``,
+            ``cls_city_scapes.txt``, ...), else ``cls_<dataset name>.txt`` (``cls_cityscapes.txt``).
+
+    Raises:
+        ConfigError: an unknown protocol or setting, a bad value, or no class file for the set in ``classes_dir``.
+
+    >>> resolve_preset("sclip", "voc21").settings["logit_scale"]
+    65.0
+    >>> resolve_preset("naclip", "voc20", {"pamr_steps": 0}).settings["pamr_steps"]
+    0
+    """
+    spec = dataset if isinstance(dataset, DatasetSpec) else get_dataset(dataset)
+    protocol = protocol or protocol_for(method)
+    if protocol not in list_protocols():
+        raise ConfigError(f"unknown protocol {protocol!r}: choose among {', '.join(list_protocols())}")
+    data = _load(protocol)
+    method_table = data.get("method", {}).get(method, {})
+    settings: dict[str, Any] = {}
+    method_options: dict[str, Any] = {}
+    layers = [
+        (data.get("defaults", {}), "defaults"),
+        (data.get("datasets", {}).get(spec.name, {}), f"datasets.{spec.name}"),
+        (method_table.get("defaults", {}), f"method.{method}.defaults"),
+        (method_table.get("datasets", {}).get(spec.name, {}), f"method.{method}.datasets.{spec.name}"),
+    ]
+    for table, where in layers:
+        table = dict(table)
+        method_options.update(table.pop("method_options", {}))
+        settings.update(_check_keys(table, f"{protocol}.toml [{where}]"))
+    if method not in data.get("used_by", []):  # another method's protocol: its geometry, not its method's knobs
+        from ..methods import get_method
+
+        accepted = get_method(method).options()
+        method_options = {k: v for k, v in method_options.items() if k in accepted}
+    overrides = dict(overrides or {})
+    _check_keys(overrides, "override")
+    changed = sorted(k for k, v in overrides.items() if settings.get(k) != v)
+    settings.update(overrides)
+    scoring = {k: settings.pop(k, default) for k, default in EVAL_KEYS.items()}
+    crop = scoring["centre_crop"]
+    if isinstance(crop, bool) or not isinstance(crop, int) or crop < 0:
+        raise ConfigError(f"centre_crop must be a whole number >= 0, got {scoring['centre_crop']!r}")
+    if "pamr_dilations" in settings:
+        settings["pamr_dilations"] = tuple(int(d) for d in settings["pamr_dilations"])
+    Settings(**settings).validate()
+    if classes_dir is None:
+        classes = Path(str(resources.files("gclip") / "data" / "classes" / data["classes"] / spec.classes_file))
+    else:
+        names = list(dict.fromkeys([spec.classes_file, f"cls_{spec.name}.txt"]))  # cls_city_scapes / cls_cityscapes
+        found = [Path(classes_dir) / n for n in names if (Path(classes_dir) / n).is_file()]
+        if not found:
+            raise ConfigError(f"classes folder {classes_dir}: no {' or '.join(names)} for {spec.name}")
+        classes = found[0]
+    own = None if classes_dir is None else str(classes_dir)
+    return Preset(protocol, method, spec.name, settings, classes, changed, method_options, scoring, own)
