@@ -14,7 +14,7 @@ from gclip.backbones.models import load_model
 from gclip.backbones.openclip import DenseViT
 from gclip.cli import main
 from gclip.diagnostics.inspect import inspect_backbone
-from gclip.methods import gclip_auto as autoconfig
+from gclip.methods import _gclip_auto as autoconfig
 from gclip.methods import get_method
 from gclip.methods.gclip import CS_WEIGHT
 
@@ -59,7 +59,7 @@ def test_inspect_finds_planted_structure(plant, emerging, cs, tmp_path):
     assert gclip.blocks_for(vit) == emerging
     assert gclip.suppressed_blocks(vit) == cs
     for i, override in gclip.overrides(vit).items():
-        before = vit.blocks[i].get_parameter(CS_WEIGHT).norm(dim=1)
+        before = vit.ffn_out_weight(i).norm(dim=1)
         after = override[CS_WEIGHT].norm(dim=1)
         assert int(before.argmax()) == plant["channel"]
         assert after[plant["channel"]] < 1.5 * after.mean()

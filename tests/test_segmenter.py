@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,9 @@ from PIL import Image
 from conftest import crop_methods
 from gclip.errors import ClassesError, ConfigError
 from gclip.inference.segmenter import Segmenter
+from gclip.inference.windows import tile
 from gclip.methods import list_methods
+from gclip.methods.corrclip import PAD_VALUE
 
 SMALL = {"short_side": 48, "crop": 32, "stride": 16}
 
@@ -35,7 +39,7 @@ def test_labels_at_original_size(make, rgb_image, method):
     assert result.probs is None
 
 
-@pytest.mark.parametrize("method", list_methods())
+@pytest.mark.parametrize("method", crop_methods())
 def test_batched_windows_equal_one_window_at_a_time(make, rgb_image, method):
     other = np.ascontiguousarray(rgb_image[:50, :70])
     batched = make(method, batch_size=64)
@@ -47,6 +51,24 @@ def test_batched_windows_equal_one_window_at_a_time(make, rgb_image, method):
     together = batched.predict_batch([rgb_image, other])
     alone = [single.predict(rgb_image), single.predict(other)]
     assert all(np.array_equal(t.labels, s.labels) for t, s in zip(together, alone))
+
+
+def test_corrclip_windows_of_an_image_together_equal_one_at_a_time(make, rgb_image):
+    """CorrCLIP's windows share one pass (their region tokens padded to the largest count): each window's logits
+    must not depend on the others'. (Whole-image methods ignore ``batch_size``; Trident's windows do depend on each
+    other, through DINO's mean similarity over the image, as in its authors' code.)"""
+    seg = make("corrclip", crop=24, stride=12)
+    item = seg.prepare(rgb_image)
+    windows = tile(item.image[None], 24, 12, seg.method.window_multiple(seg.vit))
+    instance = seg.method.instance_mask(seg.vit, item.original, item.key, tuple(item.size))
+    resized = torch.nn.functional.interpolate(instance[None, None].float(), windows.size).to(instance.dtype)
+    masks = windows.cut(resized[0, 0], PAD_VALUE)
+    assert len(windows.boxes) > 2
+    stage = lambda _: contextlib.nullcontext()  # noqa: E731
+    text = seg._require_classes()
+    together = seg.method._window_logits(seg.vit, windows.crops, masks, text, stage)
+    alone = [seg.method._window_logits(seg.vit, c[None], m[None], text, stage)[0] for c, m in zip(windows.crops, masks)]
+    torch.testing.assert_close(together, torch.stack(alone), rtol=0, atol=1e-5)
 
 
 def test_same_result_from_path_pil_and_array(make, rgb_image, tmp_path):

@@ -11,16 +11,15 @@ from gclip import Segmenter
 from gclip.errors import ConfigError
 from gclip.inference.preprocess import Prepared
 from gclip.inference.reference import reference_labels
-from gclip.methods.trident import patch_aligned, sam_guidance, sam_input, sam_last_attention, sam_pixels
+from gclip.methods.trident import aligned_shape, sam_guidance, sam_input, sam_last_attention, sam_pixels
 
 pytest.importorskip("segment_anything")
 
 
-def test_patch_aligned_is_the_authors_resize():
-    x = torch.zeros(1, 3, 448, 597)
-    assert patch_aligned(x, 16, 336).shape[-2:] == (464, 608)  # long side to 608, short side 456 -> 464
-    assert patch_aligned(torch.zeros(1, 3, 448, 592), 16, 336).shape[-2:] == (448, 592)  # aligned: unchanged
-    assert patch_aligned(torch.zeros(1, 3, 300, 301), 16, 336).shape[-2:] == (336, 336)  # at least the crop
+def test_aligned_shape_is_the_authors_resize():
+    assert aligned_shape(448, 597, 16, 336) == (464, 608)  # long side to 608, short side 456 -> 464
+    assert aligned_shape(448, 592, 16, 336) == (448, 592)  # aligned: unchanged
+    assert aligned_shape(300, 301, 16, 336) == (336, 336)  # at least the crop
 
 
 def test_sam_input_is_the_predictors_input():

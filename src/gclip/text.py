@@ -9,7 +9,6 @@ turns the disk cache off. Files are written to a temporary name and renamed, so 
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from .backbones.models import LoadedModel
+from .cache import cache_dir as shared_cache_dir
 from .errors import ClassesError, ConfigError
 from .io.outputs import atomic_path
 
@@ -151,11 +151,8 @@ def load_templates(name: str | Path | Sequence[str] = "openai_imagenet_80") -> l
 
 
 def cache_dir() -> Path | None:
-    """The text-embedding disk cache folder, or ``None`` when ``GCLIP_NO_CACHE`` is set."""
-    if os.environ.get("GCLIP_NO_CACHE", "") not in ("", "0"):
-        return None
-    root = os.environ.get("GCLIP_CACHE_DIR")
-    return (Path(root) if root else Path.home() / ".cache" / "gclip") / "text"
+    """The text-embedding disk cache folder (:func:`gclip.cache.cache_dir` ``"text"``), ``None`` when off."""
+    return shared_cache_dir("text")
 
 
 def _causal_prefix(clip: torch.nn.Module, tokens: torch.Tensor) -> int | None:

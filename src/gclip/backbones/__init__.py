@@ -1,6 +1,23 @@
-"""Backbones: the CLIP towers' dense walk (:mod:`.openclip`), loading them (:mod:`.models`), the second models that
-some methods pair with CLIP (:mod:`.second_models`), and the per-tag presets (:mod:`.presets`)."""
+"""Backbones: the adapter every method walks a tower through (:mod:`.base`), open_clip's ViT (:mod:`.openclip`),
+loading CLIP models (:mod:`.models`), the second models some methods pair with CLIP (:mod:`.second_models`), and
+the per-tag presets (:mod:`.presets`)."""
 
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import WeightsError
+from .base import Backbone, fingerprint
+from .openclip import DenseViT
 from .presets import Preset, get_preset, list_presets
 
-__all__ = ["Preset", "get_preset", "list_presets"]
+__all__ = ["Backbone", "DenseViT", "Preset", "backbone_for", "fingerprint", "get_preset", "list_presets"]
+
+
+def backbone_for(visual: nn.Module, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):
+    """The :class:`Backbone` adapter of an image tower (``clip.visual``), with the normalisation of its inputs
+    (OpenAI's by default)."""
+    norm = {k: tuple(v) for k, v in (("mean", mean), ("std", std)) if v is not None}
+    if all(hasattr(visual, a) for a in ("conv1", "class_embedding", "positional_embedding", "transformer")):
+        return DenseViT(visual, **norm)
+    raise WeightsError(f"{type(visual).__name__}: no dense-walk adapter for this image tower (open_clip ViTs only)")

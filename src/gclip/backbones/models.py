@@ -7,7 +7,6 @@ instead of a download retry loop.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import threading
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import WeightsError
+from .base import fingerprint
 
 __all__ = ["LoadedModel", "load_model", "read_checkpoint", "resolve_device", "trim_heap", "PRECISIONS"]
 
@@ -215,14 +215,6 @@ def _resolve_tag(name: str, tag: str, cache_dir: str | None) -> tuple[str, bool]
         raise WeightsError(f"download of {name}/{tag} failed ({type(e).__name__}): {hint}") from e
 
 
-def _fingerprint(model: torch.nn.Module) -> str:
-    digest = hashlib.sha1()
-    visual = model.visual
-    for tensor in (visual.proj, visual.class_embedding, visual.conv1.weight.flatten()[:4096]):
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def _check_vit(model: torch.nn.Module, name: str) -> None:
     visual = getattr(model, "visual", None)
     needed = ("conv1", "class_embedding", "positional_embedding", "transformer", "ln_post", "proj")
@@ -348,5 +340,5 @@ def load_model(
         std=std,  # type: ignore[arg-type]
         device=dev,
         dtype=dtype,
-        fingerprint=_fingerprint(model),
+        fingerprint=fingerprint(model),
     )

@@ -1,30 +1,28 @@
-"""The dense walk through an open_clip ViT: patch embedding, position-embedding resampling, one block at a time.
+"""The :class:`~gclip.backbones.base.Backbone` of open_clip's ``VisionTransformer``: patch embedding,
+position-embedding resampling, one block at a time.
 
-Methods build on it (see ``gclip.methods``): :meth:`DenseViT.block` runs any block with its attention replaced,
-its residual or FFN dropped, or FFN parameters overridden, and every attention output goes through one
-projection helper (:meth:`DenseViT.out_proj`: per-head scale, inner norm, output projection). q/k/v are
-computed from ``in_proj_weight``/``in_proj_bias`` so that the walk works with both of open_clip's attention
-blocks (``nn.MultiheadAttention`` and its own ``Attention``).
+q/k/v are computed from ``in_proj_weight``/``in_proj_bias`` so that the walk works with both of open_clip's
+attention blocks (``nn.MultiheadAttention`` and its own ``Attention``), and every attention output goes through
+one projection helper (:meth:`DenseViT.out_proj`: per-head scale, inner norm, output projection).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..inference.preprocess import OPENAI_MEAN, OPENAI_STD
+from .base import FFN_OUT_WEIGHT, Attention, Backbone
 
 __all__ = ["DenseViT", "Attention", "resample_pos_embed"]
 
-Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-"""``(q, k, v) -> heads``: q/k/v ``(B, H, N, d)`` of a block -> ``(B, H, N, d)`` (or merged ``(B, N, H*d)``)."""
-
-CS_OVERRIDE = "mlp.c_proj.weight"
-"""The parameter Channel Suppression replaces, computed by :meth:`DenseViT.run_block` itself."""
+CS_OVERRIDE = FFN_OUT_WEIGHT
+"""The override key of the FFN output weight that Channel Suppression replaces (open_clip's ``mlp.c_proj.weight``)."""
+_MODULE_CS_NAME = "mlp.c_proj.weight"
 
 
 def _manual_ok(block: nn.Module) -> bool:
@@ -72,8 +70,9 @@ def resample_pos_embed(pos: torch.Tensor, grid: tuple[int, int], rule: str = "sc
     return torch.cat([cls_pos, resized.permute(0, 2, 3, 1).reshape(gh * gw, -1)], dim=0)
 
 
-class DenseViT:
-    """A view on an open_clip ``VisionTransformer`` that yields dense (per-patch) tokens.
+class DenseViT(Backbone):
+    """The :class:`~gclip.backbones.base.Backbone` of an open_clip ``VisionTransformer`` (one CLS token, absolute
+    position embeddings resampled to any grid, ``ln_post`` and ``proj``).
 
     Args:
         visual: ``clip_model.visual`` of an open_clip CLIP ViT. It is only read, never modified.
@@ -90,8 +89,9 @@ class DenseViT:
         mean: tuple[float, ...] = OPENAI_MEAN,
         std: tuple[float, ...] = OPENAI_STD,
     ) -> None:
-        self.visual = visual
+        self.visual = self.module = visual
         self.mean, self.std = tuple(mean), tuple(std)
+        self.prefix_tokens, self.has_cls = 1, True
         self.patch_size = int(visual.conv1.kernel_size[0])
         self.width = int(visual.conv1.out_channels)
         self.blocks: nn.ModuleList = visual.transformer.resblocks
@@ -107,6 +107,11 @@ class DenseViT:
     @property
     def device(self) -> torch.device:
         return self.visual.conv1.weight.device
+
+    @property
+    def native_grid(self) -> tuple[int, int]:
+        side = int(round(math.sqrt(self.visual.positional_embedding.shape[0] - 1)))
+        return side, side
 
     def pos_embed(self, grid: tuple[int, int], rule: str = "sclip") -> torch.Tensor:
         """The position embedding for a grid (:func:`resample_pos_embed` ``rule``), resampled once and cached."""
@@ -136,17 +141,11 @@ class DenseViT:
         ffn: bool = True,
         overrides: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Block ``index`` on NLD tokens ``x``, optionally changed.
+        """:meth:`Backbone.block <gclip.backbones.base.Backbone.block>`; ``overrides`` may also name any other
+        parameter of the open_clip block (``"mlp.c_proj.weight"`` is the FFN output weight), used functionally
+        through the module itself.
 
-        Args:
-            attention: ``(q, k, v) -> heads`` replacing the block's ``softmax(q kᵀ s) v`` (``None``: the block's own).
-            residual: add the attention output to ``x`` (with the block's layer scale); ``False`` returns the
-                projected attention output alone (the ClearCLIP form), then the FFN on that if ``ffn``.
-            ffn: run the FFN branch (``ls_2(mlp(ln_2(.)))``, added to its input).
-            overrides: parameters used instead of the model's (functionally). ``"mlp.c_proj.weight"`` (Channel
-                Suppression) is computed here; any other override goes through the module itself.
-
-        The standard block is computed here (``ln_1`` -> q/k/v -> ``scaled_dot_product_attention`` ->
+        The standard block is computed by the walk (``ln_1`` -> q/k/v -> ``scaled_dot_product_attention`` ->
         :meth:`out_proj` -> layer scale; ``ln_2`` -> MLP -> layer scale) rather than by calling the module: on a
         CPU ``nn.MultiheadAttention``'s inference fast path materialises the N x N attention map of every head,
         while ``scaled_dot_product_attention`` works in blocks. Attention options this walk does not reproduce
@@ -155,29 +154,16 @@ class DenseViT:
         """
         blk = self.blocks[index]
         overrides = dict(overrides or {})
-        c_proj_weight = overrides.pop(CS_OVERRIDE, None)
+        out_weight = overrides.pop(CS_OVERRIDE, overrides.pop(_MODULE_CS_NAME, None))
         standard = attention is None and residual and ffn
         if standard and (overrides or not _manual_ok(blk)):
-            if c_proj_weight is not None:
-                overrides[CS_OVERRIDE] = c_proj_weight
+            if out_weight is not None:
+                overrides[_MODULE_CS_NAME] = out_weight
             return self._module_block(blk, x, overrides)
         if overrides:
             raise ValueError(f"block {index}: only {CS_OVERRIDE!r} can be overridden in a changed block")
-        q, k, v = self.qkv(index, x)
-        heads = F.scaled_dot_product_attention(q, k, v) if attention is None else attention(q, k, v)
-        del q, k, v
-        attn_out = self.out_proj(index, heads)
-        del heads
-        out = x + self.attn_residual(index, attn_out) if residual else attn_out
-        if not ffn:
-            return out
-        return out + self.ffn(index, out, c_proj_weight)
-
-    def run_block(
-        self, index: int, x: torch.Tensor, overrides: Mapping[str, torch.Tensor] | None = None
-    ) -> torch.Tensor:
-        """The unchanged block ``index`` (with optional parameter ``overrides``): :meth:`block` with defaults."""
-        return self.block(index, x, overrides=overrides)
+        cs = None if out_weight is None else {CS_OVERRIDE: out_weight}
+        return super().block(index, x, attention, residual, ffn, cs)
 
     def _module_block(self, block: nn.Module, x: torch.Tensor, overrides: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if not self.batch_first:
@@ -188,7 +174,7 @@ class DenseViT:
     def qkv(self, index: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v of block ``index`` for NLD tokens ``x`` (its input), each ``(B, heads, N, head_dim)``."""
         block = self.blocks[index]
-        y = block.ln_1(x)
+        y = self.pre_norm(index, x)
         attn = block.attn
         qkv = F.linear(y, attn.in_proj_weight, attn.in_proj_bias)
         b, n, _ = qkv.shape
@@ -221,17 +207,26 @@ class DenseViT:
             merged = ln_inner(merged)
         return attn.out_proj(merged)
 
-    def ffn(self, index: int, x: torch.Tensor, c_proj_weight: torch.Tensor | None = None) -> torch.Tensor:
+    def ffn(self, index: int, x: torch.Tensor, out_weight: torch.Tensor | None = None) -> torch.Tensor:
         """Block ``index``'s FFN branch with its layer scale: ``ls_2(mlp(ln_2(x)))``, optionally with the MLP's
         output weight replaced (Channel Suppression)."""
         blk = self.blocks[index]
         y = blk.ln_2(x)
-        if c_proj_weight is None:
+        if out_weight is None:
             y = blk.mlp(y)
         else:
             for name, module in blk.mlp.named_children():
-                y = F.linear(y, c_proj_weight, module.bias) if name == "c_proj" else module(y)
+                y = F.linear(y, out_weight, module.bias) if name == "c_proj" else module(y)
         return blk.ls_2(y)
+
+    def ffn_out_weight(self, index: int) -> torch.Tensor:
+        return self.blocks[index].mlp.c_proj.weight
+
+    def ffn_module(self, index: int) -> nn.Module:
+        return self.blocks[index].mlp
+
+    def pre_norm(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks[index].ln_1(x)
 
     def attn_residual(self, index: int, attn_out: torch.Tensor) -> torch.Tensor:
         """What the block adds to the residual stream from an attention output (layer scale, optional norm)."""
@@ -241,6 +236,8 @@ class DenseViT:
             attn_out = ln_attn(attn_out)
         return block.ls_1(attn_out)
 
-    def project(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Patch tokens ``(B, N, D)`` -> CLIP embedding space ``(B, N, E)`` through ln_post and proj."""
-        return self.visual.ln_post(tokens) @ self.visual.proj
+    def final_norm(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.visual.ln_post(tokens)
+
+    def projection(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens @ self.visual.proj

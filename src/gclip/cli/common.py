@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from ..errors import ConfigError
-from ..methods import list_methods
+from ..methods import SECOND_MODEL_OPTIONS, list_methods, methods_with_option, paired_methods
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -42,23 +42,11 @@ def add_method_args(parser: argparse.ArgumentParser, multiple: bool = False) -> 
         metavar="JSON",
         help='method options as JSON, e.g. \'{"emerging_blocks": [6, 7], "fusion": "per_head"}\'',
     )
-    g.add_argument(
-        "--proxy",
-        default=None,
-        metavar="NAME",
-        help="second model of the methods that pair CLIP with one (proxyclip, cass, trident): dino_vitb8, ...",
-    )
-    g.add_argument("--proxy-checkpoint", default=None, metavar="PATH", help="local weights file of --proxy")
-    g.add_argument("--sam-checkpoint", default=None, metavar="PATH", help="SAM's weights file (trident, corrclip)")
-    g.add_argument(
-        "--masks", default=None, metavar="FOLDER", help="pre-generated instance masks, <image stem>.npz (corrclip)"
-    )
-    g.add_argument(
-        "--mask-generator",
-        default=None,
-        metavar="NAME",
-        help="SAM model making instance masks (corrclip)",
-    )
+    for option, (metavar, text) in SECOND_MODEL_OPTIONS.items():  # for the methods that have the option
+        users = methods_with_option(option)
+        if users:
+            flag = "--" + option.replace("_", "-")
+            g.add_argument(flag, default=None, metavar=metavar, help=f"{text} ({', '.join(users)})")
 
 
 def add_class_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -117,8 +105,6 @@ def method_options_from(args: argparse.Namespace, method: str | None = None) -> 
             raise ConfigError('--method-options must be a JSON object, e.g. \'{"fusion": "per_head"}\'')
     proxy = proxy_options_from(args)
     if proxy:
-        from ..methods import paired_methods
-
         mine = second_model_options(method or args.method, proxy)
         options.update(mine)
         if method is None and len(mine) < len(proxy):
@@ -131,20 +117,14 @@ def method_options_from(args: argparse.Namespace, method: str | None = None) -> 
 def proxy_options_from(args: argparse.Namespace) -> dict[str, Any]:
     """``--proxy`` / ``--proxy-checkpoint`` / ``--sam-checkpoint`` / ``--masks`` / ``--mask-generator`` as method
     options (only those given)."""
-    names = ("proxy", "proxy_checkpoint", "sam_checkpoint", "masks", "mask_generator")
-    return {k: getattr(args, k, None) for k in names if getattr(args, k, None) is not None}
+    return {k: getattr(args, k, None) for k in SECOND_MODEL_OPTIONS if getattr(args, k, None) is not None}
 
 
 def second_model_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
     """The entries of ``options`` (second-model flags) that ``method`` has as options."""
-    import dataclasses
-
-    from ..methods import get_method, list_methods
-
     if method not in list_methods():
         return {}
-    fields = {f.name for f in dataclasses.fields(type(get_method(method)))}
-    return {k: v for k, v in options.items() if k in fields}
+    return {k: v for k, v in options.items() if method in methods_with_option(k)}
 
 
 def load_model_from(args: argparse.Namespace):

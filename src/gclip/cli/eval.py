@@ -68,6 +68,15 @@ def _parse_datasets(text: str) -> tuple[list[Any], bool]:
     return [get_dataset(d) for d in text.split(",") if d.strip()], False
 
 
+def expand_methods(text: str) -> list[str]:
+    """``--method``: comma-separated names, or ``all``: every registered method."""
+    from ..methods import list_methods
+
+    if text.strip().lower() == "all":
+        return list_methods()
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
 def _settings_text(settings: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in settings.items() if k not in ("method_options",))
 
@@ -117,12 +126,8 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ConfigError("--limit must be >= 1")
     specs, every = _parse_datasets(args.dataset)
-    from ..methods import list_methods
-
-    methods = [m.strip() for m in args.method.split(",") if m.strip()]
-    every_method = methods == ["all"]
-    if every_method:
-        methods = list_methods()
+    methods = expand_methods(args.method)
+    every_method = args.method.strip().lower() == "all"
     if not methods or not specs:
         raise ConfigError("give at least one --method and one --dataset")
     options = {m: method_options_from(args, m) for m in methods}

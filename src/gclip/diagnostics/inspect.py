@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
+from ..backbones import backbone_for, fingerprint
+from ..backbones.base import Backbone
 from ..backbones.models import LoadedModel, load_model
-from ..backbones.openclip import DenseViT
 from ..io.images import ImageInput
-from ..methods import gclip_auto as diag
+from ..methods import _gclip_auto as diag
 
 __all__ = ["BlockReport", "BackboneReport", "inspect_backbone", "fused_attention"]
 
@@ -63,7 +64,7 @@ class BackboneReport:
     """The result of :func:`inspect_backbone` (plain data; :meth:`to_dict` for JSON).
 
     Attributes:
-        model, pretrained, fingerprint: what was inspected (``fingerprint``: see ``autoconfig.weights_fingerprint``).
+        model, pretrained, fingerprint: what was inspected (``fingerprint``: see ``gclip.backbones.fingerprint``).
         depth, width, heads, patch_size: the image tower.
         image_size, n_images, calibration: calibration inputs (side in pixels, count, ``"bundled"`` or ``"given"``).
         high_norm_ratio, channel_ratio: the thresholds used.
@@ -158,7 +159,7 @@ def inspect_backbone(
         A :class:`BackboneReport`.
     """
     loaded = model if isinstance(model, LoadedModel) else load_model(model, pretrained)
-    vit = DenseViT(loaded.visual)
+    vit = backbone_for(loaded.visual)
     size = size or diag.native_size(vit)
     rgb = diag.calibration_rgb(images, size)
     inputs = diag.calibration_images(vit, images, size, loaded.mean, loaded.std)
@@ -198,7 +199,7 @@ def inspect_backbone(
     return BackboneReport(
         model=loaded.name,
         pretrained=loaded.pretrained,
-        fingerprint=diag.weights_fingerprint(loaded.visual),
+        fingerprint=fingerprint(loaded.visual),
         depth=vit.depth,
         width=vit.width,
         heads=vit.heads,
@@ -220,7 +221,7 @@ def inspect_backbone(
 
 
 @torch.no_grad()
-def fused_attention(vit: DenseViT, method: Any, image: torch.Tensor) -> torch.Tensor:
+def fused_attention(vit: Backbone, method: Any, image: torch.Tensor) -> torch.Tensor:
     """GCLIP's fused, head-averaged last-block attention for one normalised image ``(3, H, W)`` -> ``(1+N, 1+N)``."""
     from ..inference.forward import encode
     from ..methods.base import attention_map

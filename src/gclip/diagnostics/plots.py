@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..backbones import backbone_for
 from ..backbones.models import LoadedModel
-from ..backbones.openclip import DenseViT
 from ..errors import ConfigError
 from ..io.outputs import atomic_path
 from .inspect import BackboneReport, fused_attention
@@ -108,10 +108,10 @@ def plot_attention(
     model: LoadedModel, report: BackboneReport, path: Path, patch: tuple[int, int] | None = None, ax: Any = None
 ) -> Path | None:
     """GCLIP's fused attention of one patch (``(row, col)``; default: the centre) on the first calibration image."""
-    from ..methods.gclip_auto import calibration_images
+    from ..methods._gclip_auto import calibration_images
 
     plt = _pyplot()
-    vit = DenseViT(model.visual)
+    vit = backbone_for(model.visual)
     grid = report.image_size // report.patch_size
     row, col = patch if patch is not None else (grid // 2, grid // 2)
     if not (0 <= row < grid and 0 <= col < grid):

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..inference.segmenter import Settings
+from ..methods import get_method, method_class
 from .layouts import DatasetSpec, get_dataset
 
 if sys.version_info >= (3, 11):
@@ -97,11 +98,8 @@ def list_protocols() -> list[str]:
 
 
 def protocol_for(method: str) -> str:
-    """The protocol a method is evaluated with."""
-    for name in list_protocols():
-        if method in _load(name).get("used_by", []):
-            return name
-    raise ConfigError(f"no evaluation preset lists method {method!r}: pass --protocol clearclip or sclip")
+    """The protocol a method is evaluated with (its class's :attr:`~gclip.methods.Method.protocol`)."""
+    return method_class(method).protocol
 
 
 def _check_keys(table: dict[str, Any], where: str) -> dict[str, Any]:
@@ -155,9 +153,7 @@ def resolve_preset(
         table = dict(table)
         method_options.update(table.pop("method_options", {}))
         settings.update(_check_keys(table, f"{protocol}.toml [{where}]"))
-    if method not in data.get("used_by", []):  # another method's protocol: its geometry, not its method's knobs
-        from ..methods import get_method
-
+    if protocol != protocol_for(method):  # another method's protocol: its geometry, not its method's knobs
         accepted = get_method(method).options()
         method_options = {k: v for k, v in method_options.items() if k in accepted}
     overrides = dict(overrides or {})

@@ -13,7 +13,7 @@ import contextlib
 
 import torch
 
-from ..backbones.openclip import DenseViT
+from ..backbones.base import Backbone
 from ..methods import Method, Trace
 
 __all__ = ["dense_features", "dense_logits", "encode", "second_model", "head", "image_context", "autocast_for"]
@@ -22,7 +22,7 @@ Encoded = tuple[torch.Tensor, Trace]
 """The tokens entering the last block, and the pass's :class:`~gclip.methods.Trace`."""
 
 
-def autocast_for(vit: DenseViT) -> contextlib.AbstractContextManager:
+def autocast_for(vit: Backbone) -> contextlib.AbstractContextManager:
     """``torch.autocast`` in the model's dtype on CUDA for fp16/bf16 models; a no-op otherwise."""
     if vit.device.type == "cuda" and vit.dtype in (torch.float16, torch.bfloat16):
         return torch.autocast(device_type="cuda", dtype=vit.dtype)
@@ -30,7 +30,7 @@ def autocast_for(vit: DenseViT) -> contextlib.AbstractContextManager:
 
 
 @torch.no_grad()
-def encode(vit: DenseViT, method: Method, crops: torch.Tensor, context: torch.Tensor | None = None) -> Encoded:
+def encode(vit: Backbone, method: Method, crops: torch.Tensor, context: torch.Tensor | None = None) -> Encoded:
     """The image encoder: ``(B, 3, H, W)`` normalised crops -> (tokens entering the last block, trace).
 
     ``context``: the crops' images' :func:`image_context`, stacked (``trace.extras["image_context"]``)."""
@@ -44,14 +44,14 @@ def encode(vit: DenseViT, method: Method, crops: torch.Tensor, context: torch.Te
 
 
 @torch.no_grad()
-def image_context(vit: DenseViT, method: Method, image: torch.Tensor) -> torch.Tensor | None:
+def image_context(vit: Backbone, method: Method, image: torch.Tensor) -> torch.Tensor | None:
     """The method's :meth:`~gclip.methods.Method.image_context` of one ``(1, 3, H, W)`` whole model input."""
     with autocast_for(vit):
         return method.image_context(vit, image)
 
 
 @torch.no_grad()
-def head(vit: DenseViT, method: Method, encoded: Encoded, text: torch.Tensor | None = None) -> torch.Tensor:
+def head(vit: Backbone, method: Method, encoded: Encoded, text: torch.Tensor | None = None) -> torch.Tensor:
     """The method's last stage; with ``text`` ``(Q, E)`` unit vectors, the cosine logits (after its refinement).
 
     Returns:
@@ -63,7 +63,7 @@ def head(vit: DenseViT, method: Method, encoded: Encoded, text: torch.Tensor | N
 
 
 @torch.no_grad()
-def second_model(vit: DenseViT, method: Method, encoded: Encoded) -> Encoded:
+def second_model(vit: Backbone, method: Method, encoded: Encoded) -> Encoded:
     """The method's :meth:`~gclip.methods.Method.second_pass` (e.g. ProxyCLIP's DINO), once per pass."""
     _, trace = encoded
     if not trace.extras.get("_second_pass_done"):
@@ -74,7 +74,7 @@ def second_model(vit: DenseViT, method: Method, encoded: Encoded) -> Encoded:
 
 
 @torch.no_grad()
-def dense_features(vit: DenseViT, method: Method, crops: torch.Tensor) -> torch.Tensor:
+def dense_features(vit: Backbone, method: Method, crops: torch.Tensor) -> torch.Tensor:
     """Projected patch features.
 
     Args:
@@ -89,7 +89,7 @@ def dense_features(vit: DenseViT, method: Method, crops: torch.Tensor) -> torch.
 
 
 @torch.no_grad()
-def dense_logits(vit: DenseViT, method: Method, crops: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+def dense_logits(vit: Backbone, method: Method, crops: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of every patch with every query embedding.
 
     Args:

@@ -9,6 +9,7 @@ and in less memory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import numpy as np
@@ -20,7 +21,7 @@ from ..methods import Method, WindowContext
 from .forward import encode, head, image_context
 from .postprocess import pamr
 from .segmenter import Prepared, Segmenter
-from .windows import plan_windows
+from .windows import ImageWindows, plan_windows
 
 __all__ = ["reference_method", "reference_merged_logits", "reference_labels"]
 
@@ -38,10 +39,50 @@ def reference_merged_logits(segmenter: Segmenter, prepared: Prepared) -> torch.T
     return _reference_pass(segmenter, prepared)[0]
 
 
+class PlainWindows(ImageWindows):
+    """The windows of one image cut, padded and merged the plain way, one window at a time (mmseg's
+    ``slide_inference`` loop; the merge pads every window's output to the whole canvas and adds it): the yardstick
+    of :func:`gclip.inference.windows.tile` for the methods that see all windows of an image together."""
+
+    def __init__(self, image: torch.Tensor, crop: int, stride: int, multiple: int) -> None:
+        h, w = int(image.shape[-2]), int(image.shape[-1])
+        boxes = []
+        if crop <= 0:
+            boxes.append((0, h, 0, w))
+        else:
+            for row in range(max(h - crop + stride - 1, 0) // stride + 1):
+                for col in range(max(w - crop + stride - 1, 0) // stride + 1):
+                    y2, x2 = min(row * stride + crop, h), min(col * stride + crop, w)
+                    boxes.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
+        pads = []
+        for y1, y2, x1, x2 in boxes:
+            ph, pw = -(y2 - y1) % multiple, -(x2 - x1) % multiple
+            pads.append((pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        crops = torch.cat([F.pad(image[:, :, y1:y2, x1:x2], pad) for (y1, y2, x1, x2), pad in zip(boxes, pads)])
+        super().__init__(image, crop, stride, boxes, pads, crops)
+
+    def cut(self, data: torch.Tensor, value: float = 0.0) -> torch.Tensor:
+        return torch.stack(
+            [F.pad(data[..., y1:y2, x1:x2], pad, value=value) for (y1, y2, x1, x2), pad in zip(self.boxes, self.pads)]
+        )
+
+    def merge(self, outputs: torch.Tensor) -> torch.Tensor:
+        scale = outputs.shape[-1] / self.crops.shape[-1]
+        h, w = int(self.size[0] * scale), int(self.size[1] * scale)
+        total = outputs.new_zeros((1, outputs.shape[1], h, w))
+        count = outputs.new_zeros((1, 1, h, w))
+        for (y1, y2, x1, x2), (left, _, top, _), window in zip(self.boxes, self.pads, outputs):
+            y1, y2, x1, x2, left, top = (int(v * scale) for v in (y1, y2, x1, x2, left, top))
+            kept = window[None, :, top : top + y2 - y1, left : left + x2 - x1]
+            total += F.pad(kept, (x1, w - x2, y1, h - y2))
+            count += F.pad(torch.ones_like(kept[:, :1]), (x1, w - x2, y1, h - y2))
+        return (total / count)[0]
+
+
 def _reference_pass(segmenter: Segmenter, prepared: Prepared) -> tuple[torch.Tensor, list[WindowContext]]:
     s = segmenter.settings
-    if segmenter.method.whole_image:  # the method runs the whole image itself: it is its own reference
-        return segmenter.image_logits(prepared)
+    if segmenter.method.whole_image:
+        return _reference_image_pass(segmenter, prepared)
     vit, method = segmenter.vit, reference_method(segmenter.method)
     queries = segmenter._require_classes()
     image = prepared.image[None].to(segmenter.device)
@@ -65,6 +106,21 @@ def _reference_pass(segmenter: Segmenter, prepared: Prepared) -> tuple[torch.Ten
         preds += F.pad(logits, (x1, w - x2, y1, h - y2))
         count[:, :, y1:y2, x1:x2] += 1
     return (preds / count)[0], contexts
+
+
+def _reference_image_pass(segmenter: Segmenter, prepared: Prepared) -> tuple[torch.Tensor, list[WindowContext]]:
+    """A whole-image method's logits on :class:`PlainWindows` (the engine cuts its windows with
+    :func:`~gclip.inference.windows.tile`)."""
+    s, vit, method = segmenter.settings, segmenter.vit, segmenter.method
+    image = prepared.image[None].to(segmenter.device)
+    shape = method.input_shape(tuple(image.shape[-2:]), vit.patch_size, s.crop)
+    if shape != tuple(image.shape[-2:]):
+        image = F.interpolate(image, shape, mode="bilinear", align_corners=False)
+    windows = PlainWindows(image, s.crop, s.stride, method.window_multiple(vit))
+    out = method.image_logits(vit, windows, prepared, segmenter._require_classes(), lambda _: contextlib.nullcontext())
+    if not isinstance(out, tuple):
+        return out, []
+    return out[0], [WindowContext(None, tuple(prepared.size), out[1])]
 
 
 @torch.no_grad()

@@ -28,8 +28,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from ..backbones import backbone_for
 from ..backbones.models import LoadedModel, load_model
-from ..backbones.openclip import DenseViT
 from ..backbones.presets import preset_settings
 from ..errors import ClassesError, ConfigError
 from ..io.images import DEFAULT_MAX_PIXELS, ImageInput
@@ -40,7 +40,7 @@ from .forward import encode, head, image_context, second_model
 from .postprocess import TILE_ELEMENTS, StreamingReduction, pamr, reduce_logits
 from .preprocess import Prepared, Preprocessor
 from .result import SegmentationResult
-from .windows import Window, plan_windows
+from .windows import Window, plan_windows, tile
 
 __all__ = ["Settings", "Prepared", "Segmenter", "PresetNotice"]  # Prepared lives in gclip.inference.preprocess
 
@@ -140,7 +140,7 @@ class Segmenter:
         **settings: Any,
     ) -> None:
         self.model = model if isinstance(model, LoadedModel) else load_model(model, pretrained, precision, device)
-        self.vit = DenseViT(self.model.visual, self.model.mean, self.model.std)
+        self.vit = backbone_for(self.model.visual, self.model.mean, self.model.std)
         self.method = get_method(method, **(method_options or {}))
         self.text = TextEncoder(self.model, templates)
         unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(Settings)})
@@ -411,9 +411,13 @@ class Segmenter:
         method keeps for :meth:`~gclip.methods.Method.refine_labels` (one whole-image context, or none)."""
         if self.method.needs_original and item.original is None:
             raise ConfigError(f"{self.method.name} needs the decoded pixels: prepare the image with this Segmenter")
-        image = item.image[None].to(self.device)
         s = self.settings
-        out = self.method.image_logits(self.vit, image, item, self._require_classes(), s.crop, s.stride, self._stage)
+        image = item.image[None].to(self.device)
+        shape = self.method.input_shape(tuple(image.shape[-2:]), self.vit.patch_size, s.crop)
+        if shape != tuple(image.shape[-2:]):
+            image = F.interpolate(image, shape, mode="bilinear", align_corners=False)
+        windows = tile(image, s.crop, s.stride, self.method.window_multiple(self.vit))
+        out = self.method.image_logits(self.vit, windows, item, self._require_classes(), self._stage)
         if not isinstance(out, tuple):
             return out, []
         logits, context = out

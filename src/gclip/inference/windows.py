@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 __all__ = [
     "rescale_size",
@@ -15,6 +17,8 @@ __all__ = [
     "pad_sizes",
     "Window",
     "plan_windows",
+    "ImageWindows",
+    "tile",
 ]
 
 
@@ -142,3 +146,77 @@ def plan_windows(
         left, right, top, bottom = pads
         windows.append(Window(box, pads, (ch + top + bottom, cw + left + right), (top, ch, left, cw), box))
     return (h, w), windows
+
+
+@dataclass
+class ImageWindows:
+    """All windows of one image, cut, padded and stacked: what a method that sees the windows of an image
+    together (:attr:`gclip.methods.Method.whole_image`) works on. Built by :func:`tile`.
+
+    Attributes:
+        image: the ``(1, C, H, W)`` model input the windows are cut from.
+        crop, stride: the sliding-window settings they were cut with.
+        boxes: per window ``(y1, y2, x1, x2)`` on ``image`` (:func:`window_boxes`).
+        pads: per window its zero padding ``(left, right, top, bottom)`` to a multiple.
+        crops: ``(B, C, h, w)`` the padded windows (one shape: :func:`window_boxes` cuts every window of an image
+            to ``min(crop, side)``, and so they all pad alike).
+    """
+
+    image: torch.Tensor
+    crop: int
+    stride: int
+    boxes: list[Box]
+    pads: list[tuple[int, int, int, int]]
+    crops: torch.Tensor
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(H, W)`` of the image."""
+        return int(self.image.shape[-2]), int(self.image.shape[-1])
+
+    def cut(self, data: torch.Tensor, value: float = 0.0) -> torch.Tensor:
+        """The same windows of a per-image ``(..., H, W)`` map (e.g. an instance mask), padded with ``value``
+        -> ``(B, ..., h, w)``."""
+        return torch.stack(
+            [F.pad(data[..., y1:y2, x1:x2], pad, value=value) for (y1, y2, x1, x2), pad in zip(self.boxes, self.pads)]
+        )
+
+    def merge(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Average per-window ``(B, C, h', w')`` outputs over the image -> ``(C, H * s, W * s)``.
+
+        ``s = w' / w`` is the outputs' scale against the padded windows (1 for pixel-level logits, ``r / patch``
+        for patch features at ``r`` cells a patch); each window's padding is cut at that scale and the rest is
+        added where its box lies, then every cell is divided by the number of windows that cover it.
+        """
+        scale = outputs.shape[-1] / self.crops.shape[-1]
+        if outputs.shape[-2] / self.crops.shape[-2] != scale:
+            shapes = f"{tuple(outputs.shape[-2:])} and {tuple(self.crops.shape[-2:])}"
+            raise ValueError(f"window outputs and windows differ in aspect: {shapes}")
+
+        def at(v: int) -> int:
+            scaled = v * scale
+            if scaled != int(scaled):
+                raise ValueError(f"window edge {v} does not fall on the outputs' grid (scale {scale})")
+            return int(scaled)
+
+        h, w = self.size
+        canvas = outputs.new_zeros((outputs.shape[1], at(h), at(w)))
+        count = outputs.new_zeros((1, at(h), at(w)))
+        for (y1, y2, x1, x2), (left, _, top, _), window in zip(self.boxes, self.pads, outputs):
+            rows, cols = slice(at(y1), at(y2)), slice(at(x1), at(x2))
+            canvas[:, rows, cols] += window[:, at(top) : at(top) + at(y2 - y1), at(left) : at(left) + at(x2 - x1)]
+            count[:, rows, cols] += 1
+        return canvas / count
+
+
+def tile(image: torch.Tensor, crop: int, stride: int, multiple: int = 1, padding: str = "symmetric") -> ImageWindows:
+    """The sliding windows of a ``(1, C, H, W)`` model input (:func:`window_boxes`), each zero-padded
+    symmetrically to a multiple of ``multiple`` (``padding="symmetric"``) or cut as they are (``"none"``; the
+    caller makes the sizes multiples)."""
+    h, w = int(image.shape[-2]), int(image.shape[-1])
+    boxes = window_boxes(h, w, crop, stride)
+    pads = [
+        pad_sizes(y2 - y1, x2 - x1, multiple) if padding == "symmetric" else (0, 0, 0, 0) for y1, y2, x1, x2 in boxes
+    ]
+    crops = torch.cat([F.pad(image[..., y1:y2, x1:x2], pad) for (y1, y2, x1, x2), pad in zip(boxes, pads)])
+    return ImageWindows(image, crop, stride, boxes, pads, crops)

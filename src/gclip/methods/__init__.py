@@ -7,6 +7,7 @@ import importlib
 import pkgutil
 
 from .base import (
+    SECOND_MODEL_OPTIONS,
     Method,
     Trace,
     WindowContext,
@@ -15,24 +16,40 @@ from .base import (
     cosine_logits,
     get_method,
     list_methods,
+    method_class,
+    methods_with_option,
     paired_methods,
     register,
 )
 
 _ORDER = ["clip", "maskclip", "sclip", "clearclip", "naclip", "gclip"]  # the baselines first, then the rest by name
-for _name in _ORDER + sorted({m.name for m in pkgutil.iter_modules(__path__)} - set(_ORDER) - {"base"}):
-    if not _name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_name}")
+
+
+def discover() -> list[str]:
+    """Import the method modules of this package (each registers its method; modules named ``_*`` are helpers),
+    as ``import gclip.methods`` does; again later, only the files added since. Returns the newly registered names."""
+    before = set(list_methods())
+    for name in _ORDER + sorted({m.name for m in pkgutil.iter_modules(__path__)} - set(_ORDER) - {"base"}):
+        if not name.startswith("_"):
+            importlib.import_module(f"{__name__}.{name}")
+    return [m for m in list_methods() if m not in before]
+
+
+discover()
 
 __all__ = [
+    "SECOND_MODEL_OPTIONS",
     "Method",
     "Trace",
     "WindowContext",
     "attend",
     "attention_map",
     "cosine_logits",
+    "discover",
     "get_method",
     "list_methods",
+    "method_class",
+    "methods_with_option",
     "paired_methods",
     "register",
 ]

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import types
+import typing
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from ..backbones.openclip import DenseViT
+from ..backbones.base import Backbone
 from ..errors import ConfigError
+from ..inference.windows import ImageWindows
 
 __all__ = [
     "Method",
@@ -21,12 +26,26 @@ __all__ = [
     "get_method",
     "list_methods",
     "paired_methods",
+    "SECOND_MODEL_OPTIONS",
+    "method_class",
+    "methods_with_option",
     "attend",
     "attention_map",
     "cosine_logits",
 ]
 
 _REGISTRY: dict[str, type[Method]] = {}
+
+SECOND_MODEL_OPTIONS = {
+    "proxy": ("NAME", "second model paired with CLIP (gclip models lists them)"),
+    "proxy_checkpoint": ("PATH", "local weights file of --proxy"),
+    "sam_checkpoint": ("PATH", "SAM's weights file"),
+    "masks": ("FOLDER", "pre-generated instance masks, <image stem>.npz"),
+    "mask_generator": ("NAME", "SAM model making instance masks"),
+}
+"""The options through which a method declares what it needs besides CLIP, with a metavar and a help text: a
+method that has one as a field gets it from the command line (``--proxy``, ...), checked by
+:meth:`Method.check_resources`."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +92,7 @@ class Method:
 
     - :meth:`last_block` (required): the last block's tokens;
     - :meth:`block`: any intermediate block (replace its attention, drop its residual or FFN with
-      :meth:`DenseViT.block`, edit tokens before or after it, collect into ``trace.extras``);
+      :meth:`Backbone.block`, edit tokens before or after it, collect into ``trace.extras``);
     - :meth:`keep_blocks` / :meth:`overrides`: keep blocks' inputs; replace FFN parameters functionally;
     - :meth:`head`: the whole last stage (several passes through the last block, multi-level features);
     - :meth:`refine`: a step on a window's patch logits (it sees the features and the text);
@@ -86,10 +105,21 @@ class Method:
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    protocol: ClassVar[str] = ""
+    """The evaluation protocol its authors use: a TOML file of ``gclip/evaluation/presets/`` (``gclip eval``)."""
     whole_image: ClassVar[bool] = False
-    """The method runs whole images itself (:meth:`image_logits`) instead of the engine's window passes."""
+    """The method sees all windows of an image together (:meth:`image_logits`) instead of the engine's batches of
+    windows from any image."""
     needs_original: ClassVar[bool] = False
     """The method also reads the decoded pixels (``Prepared.original``), e.g. for a second model's own resize."""
+
+    def __post_init__(self) -> None:
+        """Options are checked when the method is built: a ``Literal`` option must be one of its values."""
+        for option, choices in _literal_options(type(self)).items():
+            value = getattr(self, option)
+            if isinstance(value, (str, int, float, bool)) and value not in choices:
+                shown = ", ".join(repr(c) for c in choices)
+                raise ConfigError(f"{self.name} {option} must be one of {shown}, got {value!r}")
 
     @property
     def pos_rule(self) -> str:
@@ -97,21 +127,21 @@ class Method:
         (:func:`gclip.backbones.openclip.resample_pos_embed`)."""
         return "sclip"
 
-    def keep_blocks(self, vit: DenseViT) -> set[int]:
+    def keep_blocks(self, vit: Backbone) -> set[int]:
         """Blocks whose input tokens the head needs (``trace.inputs``)."""
         return set()
 
-    def overrides(self, vit: DenseViT) -> dict[int, dict[str, torch.Tensor]]:
+    def overrides(self, vit: Backbone) -> dict[int, dict[str, torch.Tensor]]:
         """Per block, parameters to use instead of the model's during the walk (never written to the model)."""
         return {}
 
-    def warm(self, vit: DenseViT, grid: tuple[int, int]) -> None:
+    def warm(self, vit: Backbone, grid: tuple[int, int]) -> None:
         """Compute eagerly what the method caches per backbone and per patch grid, so that ``torch.compile``
         traces cache hits only (a traced cache miss breaks the graph or forces a recompilation)."""
         self.keep_blocks(vit)
         self.overrides(vit)
 
-    def encode(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+    def encode(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         """Blocks ``0..L-2`` on the embedded tokens ``x`` -> the tokens entering the last block."""
         keep = self.keep_blocks(vit)
         trace.overrides = self.overrides(vit)
@@ -121,21 +151,21 @@ class Method:
             x = self.block(vit, i, x, trace)
         return x
 
-    def block(self, vit: DenseViT, index: int, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+    def block(self, vit: Backbone, index: int, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         """Intermediate block ``index`` (``0..L-2``); by default unchanged but for :meth:`overrides`."""
         return vit.block(index, x, overrides=trace.overrides.get(index))
 
-    def last_block(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+    def last_block(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         """``(B, 1+N, D)`` tokens entering the last block -> ``(B, 1+N, D)`` tokens."""
         raise NotImplementedError
 
-    def features(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+    def features(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         """The tokens entering the last block -> ``(B, gh, gw, E)`` projected patch features (not normalised)."""
         tokens = self.last_block(vit, x, trace)
-        feats = vit.project(tokens[:, 1:])
+        feats = vit.project(vit.patches(tokens))
         return feats.reshape(feats.shape[0], trace.grid[0], trace.grid[1], -1)
 
-    def head(self, vit: DenseViT, x: torch.Tensor, trace: Trace, text: torch.Tensor | None) -> torch.Tensor:
+    def head(self, vit: Backbone, x: torch.Tensor, trace: Trace, text: torch.Tensor | None) -> torch.Tensor:
         """The last stage: :meth:`features`, then with ``text`` ``(Q, E)`` unit vectors the cosine logits,
         then :meth:`refine`.
 
@@ -149,7 +179,7 @@ class Method:
         return self.refine(vit, logits, feats, text, trace)
 
     def refine(
-        self, vit: DenseViT, logits: torch.Tensor, feats: torch.Tensor, text: torch.Tensor, trace: Trace
+        self, vit: Backbone, logits: torch.Tensor, feats: torch.Tensor, text: torch.Tensor, trace: Trace
     ) -> torch.Tensor:
         """A step on a window's ``(B, Q, gh, gw)`` cosine logits (``feats``: the ``(B, gh, gw, E)`` features)."""
         return logits
@@ -159,11 +189,11 @@ class Method:
         :class:`~gclip.text.TextEncoder`; a method may change them (e.g. mix in descriptions)."""
         return encoder.embed(classes.queries)
 
-    def second_pass(self, vit: DenseViT, trace: Trace) -> None:
+    def second_pass(self, vit: Backbone, trace: Trace) -> None:
         """The method's second model on the pass's crops (``trace.images``), its results kept in ``trace.extras``;
         run once, before :meth:`head` (the engine times it as its own stage). Nothing for CLIP-only methods."""
 
-    def image_context(self, vit: DenseViT, image: torch.Tensor) -> torch.Tensor | None:
+    def image_context(self, vit: Backbone, image: torch.Tensor) -> torch.Tensor | None:
         """Something computed once per image from its whole normalised model input ``(1, 3, H, W)`` (e.g. CASS's
         global CLS embedding), stacked for the windows of a pass as ``trace.extras["image_context"]``; ``None``
         (the default): nothing, and the engine does not call it again for the image."""
@@ -171,20 +201,29 @@ class Method:
 
     def image_logits(
         self,
-        vit: DenseViT,
-        image: torch.Tensor,
+        vit: Backbone,
+        windows: ImageWindows,
         item: Any,
         text: torch.Tensor,
-        crop: int,
-        stride: int,
         stage: Callable[[str], contextlib.AbstractContextManager],
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        """For :attr:`whole_image` methods: one ``(1, 3, H, W)`` normalised model input of the
-        :class:`~gclip.inference.preprocess.Prepared` ``item`` (its decoded ``original`` pixels when
-        :attr:`needs_original`, its ``key`` and ``size``) -> ``(Q, h, w)`` cosine logits at a resolution of the
-        method's choosing (the engine resizes them to the image), or ``(logits, context)``: ``context`` reaches
-        :meth:`refine_labels` as the one :class:`WindowContext` of the image (its ``window`` ``None``).
-        ``crop``/``stride``: the settings' windows; ``stage(name)`` times a part as a bench stage."""
+        """For :attr:`whole_image` methods: all windows of one image at once -> ``(Q, h, w)`` cosine logits.
+
+        Args:
+            windows: the image's windows from the engine's window service
+                (:class:`~gclip.inference.windows.ImageWindows`: ``crops``, ``cut`` for per-image maps, ``merge``
+                to average per-window outputs over the image), cut from the model input resized to
+                :meth:`input_shape` and padded to :meth:`window_multiple`.
+            item: the :class:`~gclip.inference.preprocess.Prepared` image (its ``key``, ``size``, and its decoded
+                ``original`` pixels when :attr:`needs_original`).
+            text: ``(Q, E)`` unit query embeddings.
+            stage: ``stage(name)`` times a part as a bench stage.
+
+        Returns:
+            The logits at a resolution of the method's choosing (the engine resizes them to the image), or
+            ``(logits, context)``: ``context`` reaches :meth:`refine_labels` as the image's one
+            :class:`WindowContext` (its ``window`` ``None``).
+        """
         raise NotImplementedError(f"{self.name} runs through the engine's windows")
 
     def input_shape(self, shape: tuple[int, int], patch: int, crop: int) -> tuple[int, int]:
@@ -192,12 +231,12 @@ class Method:
         resize it first; the bench counts windows and FLOPs on it)."""
         return shape
 
-    def window_multiple(self, vit: DenseViT) -> int:
+    def window_multiple(self, vit: Backbone) -> int:
         """Windows are padded to a multiple of this (``padding="symmetric"``): the patch, or what every model of
         the method divides."""
         return vit.patch_size
 
-    def output_grid(self, vit: DenseViT, size: tuple[int, int]) -> tuple[int, int]:
+    def output_grid(self, vit: Backbone, size: tuple[int, int]) -> tuple[int, int]:
         """The patch grid of the features of an ``(H, W)`` crop (CLIP's; a method with a second model: its own)."""
         return int(size[0]) // vit.patch_size, int(size[1]) // vit.patch_size
 
@@ -236,8 +275,40 @@ def cosine_logits(feats: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bhwe,qe->bqhw", feats, text.to(feats.device, torch.float32))
 
 
+@functools.cache
+def _literal_options(cls: type) -> dict[str, tuple[Any, ...]]:
+    """``{option: its allowed values}`` for the options of a method class typed with ``Literal`` (alone, or in a
+    union whose other members are not of the literals' types, e.g. ``list[int] | Literal["auto"] | None``)."""
+    if not dataclasses.is_dataclass(cls):
+        return {}
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        members = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) in _UNIONS else (hints[f.name],)
+        literals = [a for m in members if typing.get_origin(m) is typing.Literal for a in typing.get_args(m)]
+        kinds = {type(a) for a in literals}
+        if literals and not any(m in kinds for m in members):
+            out[f.name] = tuple(literals)
+    return out
+
+
+_UNIONS = (typing.Union, types.UnionType)
+
+
 def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: make a method available by its ``name``."""
+    """Class decorator: make a method available by its ``name``.
+
+    Raises:
+        ConfigError: the class has no name, or another class holds the name (the same class registered again,
+            e.g. its module reloaded, replaces it with a warning).
+    """
+    if not cls.name or not cls.protocol:
+        raise ConfigError(f"method class {cls.__qualname__} needs a name and a protocol")
+    old = _REGISTRY.get(cls.name)
+    if old is not None and old is not cls:
+        if (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ConfigError(f"method name {cls.name!r} is taken by {old.__module__}.{old.__qualname__}")
+        warnings.warn(f"method {cls.name!r} registered again ({cls.__module__} reloaded)", stacklevel=2)
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -247,9 +318,21 @@ def list_methods() -> list[str]:
     return list(_REGISTRY)
 
 
+def method_class(name: str) -> type[Method]:
+    """The registered class of a method name."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown method {name!r}: choose one of {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def methods_with_option(option: str) -> list[str]:
+    """The methods that have an option of this name (e.g. ``"proxy"``: those pairing CLIP with a second model)."""
+    return [n for n, cls in _REGISTRY.items() if option in {f.name for f in dataclasses.fields(cls)}]
+
+
 def paired_methods() -> list[str]:
     """The methods that pair CLIP with a second model (they have a ``proxy`` option)."""
-    return [n for n, cls in _REGISTRY.items() if "proxy" in {f.name for f in dataclasses.fields(cls)}]
+    return methods_with_option("proxy")
 
 
 def get_method(name: str | Method, **options: Any) -> Method:
@@ -258,9 +341,7 @@ def get_method(name: str | Method, **options: Any) -> Method:
         if options:
             return dataclasses.replace(name, **options)  # type: ignore[type-var]
         return name
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown method {name!r}: choose one of {', '.join(_REGISTRY)}")
-    cls = _REGISTRY[name]
+    cls = method_class(name)
     fields = {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
     unknown = sorted(set(options) - fields)
     if unknown:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..backbones.openclip import DenseViT
+from ..backbones.base import Backbone
 from ..backbones.second_models import IMAGENET_MEAN, IMAGENET_STD, ProxyViT, proxy_for
 from ..errors import ConfigError
 from ..io.pilresize import pil_bicubic_resize
@@ -150,6 +150,7 @@ class Cass(Method):
     """
 
     name = "cass"
+    protocol = "cass"
     summary = "DINO key-key maps matched to CLIP heads by their spectra (low rank) + object-level text prompts"
     proxy: str = "dino_vitb8"
     proxy_checkpoint: str | None = None
@@ -168,6 +169,7 @@ class Cass(Method):
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.attention not in _STRATEGIES:
             raise ConfigError(f"cass attention must be one of {', '.join(_STRATEGIES)}, got {self.attention!r}")
         if self.global_source not in ("image", "crop"):
@@ -175,7 +177,7 @@ class Cass(Method):
         if self.rank < 1 or self.k_eigen < 1:
             raise ConfigError(f"cass rank and k_eigen must be >= 1, got {self.rank} and {self.k_eigen}")
 
-    def _proxy(self, vit: DenseViT) -> ProxyViT:
+    def _proxy(self, vit: Backbone) -> ProxyViT:
         proxy = proxy_for(vit, self.proxy, self.proxy_checkpoint)
         if proxy.spec.input_size or proxy.width != vit.width or proxy.model.blocks[-1].attn.num_heads != vit.heads:
             raise ConfigError(
@@ -184,16 +186,16 @@ class Cass(Method):
             )
         return proxy
 
-    def window_multiple(self, vit: DenseViT) -> int:
+    def window_multiple(self, vit: Backbone) -> int:
         return vit.patch_size  # DINO sees the crop resized to a square and cut to its patch
 
-    def warm(self, vit: DenseViT, grid: tuple[int, int]) -> None:
+    def warm(self, vit: Backbone, grid: tuple[int, int]) -> None:
         proxy = self._proxy(vit)
         side = min(grid) * vit.patch_size // proxy.patch_size * proxy.patch_size  # DINO's square input
         proxy.warm((side, side))
         cached_prior(self._cache, grid, self.gaussian_std, vit.device)
 
-    def second_pass(self, vit: DenseViT, trace: Trace) -> None:
+    def second_pass(self, vit: Backbone, trace: Trace) -> None:
         if self.attention == "vanilla":
             return
         if trace.images is None:
@@ -252,7 +254,7 @@ class Cass(Method):
         assign = _scipy()[3]
         return torch.from_numpy(np.stack([assign(c)[1] for c in cost.cpu().numpy()]))
 
-    def last_block(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+    def last_block(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         """Patch tokens only: ``(B, N, D)`` after ``out_proj``."""
         index = vit.depth - 1
         q, k, v = vit.qkv(index, x)
@@ -267,11 +269,11 @@ class Cass(Method):
         heads = (torch.softmax(logits, dim=-1) @ v.float()).to(x.dtype)
         return vit.out_proj(index, heads)
 
-    def features(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+    def features(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         feats = vit.project(self.last_block(vit, x, trace))
         return feats.reshape(feats.shape[0], trace.grid[0], trace.grid[1], -1)
 
-    def image_context(self, vit: DenseViT, image: torch.Tensor) -> torch.Tensor | None:
+    def image_context(self, vit: Backbone, image: torch.Tensor) -> torch.Tensor | None:
         """With ``global_source="image"``: the whole image's CLS embedding, ``(1, E)``."""
         if self.global_source != "image":
             return None
@@ -281,17 +283,17 @@ class Cass(Method):
         return self._cls(vit, x)
 
     @staticmethod
-    def _cls(vit: DenseViT, x: torch.Tensor) -> torch.Tensor:
+    def _cls(vit: Backbone, x: torch.Tensor) -> torch.Tensor:
         """Tokens entering the last block -> ``(B, E)`` CLS embeddings through the unchanged last block."""
-        return vit.project(vit.block(vit.depth - 1, x)[:, :1])[:, 0].float()
+        return vit.project(vit.cls(vit.block(vit.depth - 1, x))[:, None])[:, 0].float()
 
-    def global_embedding(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+    def global_embedding(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         """``(B, E)`` unit global embeddings: the windows' images' (:meth:`image_context`) when the engine passed
         them, else each crop's own CLS."""
         given = trace.extras.get("image_context")
         return F.normalize(given.float() if given is not None else self._cls(vit, x), dim=-1)
 
-    def head(self, vit: DenseViT, x: torch.Tensor, trace: Trace, text: torch.Tensor | None) -> torch.Tensor:
+    def head(self, vit: Backbone, x: torch.Tensor, trace: Trace, text: torch.Tensor | None) -> torch.Tensor:
         feats = self.features(vit, x, trace).float()
         if text is None:
             return feats

@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 
-from ..backbones.openclip import DenseViT
+from ..backbones.base import Backbone
 from ..errors import ConfigError
 from .base import Method, Trace, attend, register
 
@@ -23,10 +23,11 @@ class ClearClip(Method):
     """
 
     name = "clearclip"
+    protocol = "clearclip"
     summary = "softmax(q qᵀ s); residual and FFN dropped"
     attention: Literal["qq", "qk"] = "qq"
 
-    def last_block(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+    def last_block(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         if self.attention == "qq":
             attention = lambda q, k, v: attend(q, q, v)  # noqa: E731
         elif self.attention == "qk":

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backbones.openclip import DenseViT
+from ..backbones.base import Backbone
 from .base import Method, Trace, register
 
 
@@ -14,7 +14,8 @@ from .base import Method, Trace, register
 @dataclass
 class Clip(Method):
     name = "clip"
+    protocol = "clearclip"
     summary = "softmax(q kᵀ s) attention; residual and FFN kept (the unmodified last block)"
 
-    def last_block(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+    def last_block(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         return vit.block(vit.depth - 1, x)

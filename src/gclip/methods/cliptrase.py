@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..backbones.openclip import DenseViT
+from ..backbones.base import Backbone
 from ..errors import ConfigError
 from .base import Method, Trace, WindowContext, attend, register
 
@@ -86,27 +86,28 @@ class ClipTrase(Method):
     """
 
     name = "cliptrase"
+    protocol = "cliptrase"
     summary = "softmax(q qᵀ s) + softmax(k kᵀ s) + softmax(v vᵀ s); residual and FFN kept"
     cls_multiply: bool = False
     dbscan_eps: float | None = None
     dbscan_min_samples: int = 3
     cluster_ratio: int = 4
 
-    def block(self, vit: DenseViT, index: int, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+    def block(self, vit: Backbone, index: int, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         if self.dbscan_eps is not None and index == vit.depth - 2:
             trace.extras["affinity"] = patch_affinity(*vit.qkv(index, x))
         return super().block(vit, index, x, trace)
 
-    def last_block(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+    def last_block(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         return vit.block(vit.depth - 1, x, attention=self_correlation)
 
-    def features(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+    def features(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         tokens = vit.project(self.last_block(vit, x, trace))
-        trace.extras["cls"] = tokens[:, 0]
-        return tokens[:, 1:].reshape(tokens.shape[0], trace.grid[0], trace.grid[1], -1)
+        trace.extras["cls"] = vit.cls(tokens)
+        return vit.patches(tokens).reshape(tokens.shape[0], trace.grid[0], trace.grid[1], -1)
 
     def refine(
-        self, vit: DenseViT, logits: torch.Tensor, feats: torch.Tensor, text: torch.Tensor, trace: Trace
+        self, vit: Backbone, logits: torch.Tensor, feats: torch.Tensor, text: torch.Tensor, trace: Trace
     ) -> torch.Tensor:
         if not self.cls_multiply:
             return logits

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..backbones.openclip import DenseViT
+from ..backbones.base import Backbone
 from ..backbones.second_models import ProxyViT, proxy_for
 from ..errors import ConfigError
-from ..inference.windows import pad_sizes, window_boxes
+from ..inference.windows import ImageWindows
 from ..io.masks import generate_instance_mask, load_sam, mask_folder, read_instance_mask
 from .base import Method, Trace, WindowContext, cosine_logits, register
 from .proxyclip import values_attention
@@ -128,6 +128,7 @@ class CorrClip(Method):
     """
 
     name = "corrclip"
+    protocol = "corrclip"
     summary = "instance masks and DINO correlations restrict the last block's attention, plus region tokens"
     whole_image = True
     proxy: str = "dino_vitb8"
@@ -147,7 +148,7 @@ class CorrClip(Method):
     window_pad: int = 56
     map_correction: bool = True
 
-    def dino(self, vit: DenseViT) -> ProxyViT:
+    def dino(self, vit: Backbone) -> ProxyViT:
         return proxy_for(vit, self.proxy, self.proxy_checkpoint)
 
     @property
@@ -155,7 +156,7 @@ class CorrClip(Method):
         """The decoded pixels are kept only for the mask generator (a masks folder needs the file name only)."""
         return self.mask_generator is not None
 
-    def _spatial(self, vit: DenseViT) -> range:
+    def _spatial(self, vit: Backbone) -> range:
         count = self.spatial_blocks
         if count is None:  # the authors' rule; at least one block for shallow (test) models
             count = SPATIAL_BLOCKS.get(vit.depth, max(1, vit.depth - 4))
@@ -164,7 +165,7 @@ class CorrClip(Method):
         return range(vit.depth - 1 - count, vit.depth - 1)  # the inputs of these blocks: outputs of the ones before
 
     def instance_mask(
-        self, vit: DenseViT, original: np.ndarray | None, key: Any, size: tuple[int, int]
+        self, vit: Backbone, original: np.ndarray | None, key: Any, size: tuple[int, int]
     ) -> torch.Tensor:
         """The image's ``(H, W)`` instance mask, from :attr:`masks` or :attr:`mask_generator`."""
         if self.masks is not None:
@@ -182,7 +183,7 @@ class CorrClip(Method):
             raise ConfigError(NO_MASKS)
         return torch.from_numpy(mask).to(vit.device)
 
-    def _regions(self, vit: DenseViT, crops: torch.Tensor, masks: torch.Tensor, grid: tuple[int, int]) -> _Regions:
+    def _regions(self, vit: Backbone, crops: torch.Tensor, masks: torch.Tensor, grid: tuple[int, int]) -> _Regions:
         """DINO on the ``(B, 3, h, w)`` windows; with their ``(B, h, w)`` masks, the merged regions, the scope
         attention and the region tokens' attention bias on CLIP's patch ``grid``."""
         dino = self.dino(vit)
@@ -214,10 +215,10 @@ class CorrClip(Method):
         else:
             raise ConfigError(NO_MASKS)
 
-    def keep_blocks(self, vit: DenseViT) -> set[int]:
+    def keep_blocks(self, vit: Backbone) -> set[int]:
         return set(self._spatial(vit))
 
-    def block(self, vit: DenseViT, index: int, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+    def block(self, vit: Backbone, index: int, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         regions: _Regions = trace.extras["regions"]
         if regions.tokens is None:
             regions.tokens = x[:, :1].expand(-1, regions.bias.shape[2], -1)  # CLS copies, after ln_pre
@@ -232,7 +233,7 @@ class CorrClip(Method):
         return out
 
     @staticmethod
-    def _region_step(vit: DenseViT, index: int, regions: _Regions, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _region_step(vit: Backbone, index: int, regions: _Regions, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Block ``index`` on the region tokens, which attend to the patch tokens' keys ``k`` and values ``v``."""
         t = regions.tokens
         q, _, _ = vit.qkv(index, t)
@@ -240,7 +241,7 @@ class CorrClip(Method):
         t = t + vit.attn_residual(index, vit.out_proj(index, heads))
         return t + vit.ffn(index, t)
 
-    def _features(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+    def _features(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         """The tokens entering the last block -> ``(B, M, E)`` features on DINO's grid."""
         regions: _Regions = trace.extras["regions"]
         index = vit.depth - 1
@@ -251,12 +252,12 @@ class CorrClip(Method):
         main = values_attention(vit, index, v, trace.grid, regions.attention, regions.size)
         spatial = values_attention(vit, index, v_spatial, trace.grid, regions.attention, regions.size)
         semantic = torch.gather(semantic, 1, regions.semantic[..., None].expand(-1, -1, semantic.shape[-1]))
-        ln = vit.visual.ln_post
+        ln = vit.final_norm
         mixed = ln(main) + ln(spatial) * self.spatial_weight + ln(semantic) * self.semantic_weight
-        return mixed @ vit.visual.proj
+        return vit.projection(mixed)
 
     def _window_logits(
-        self, vit: DenseViT, crops: torch.Tensor, masks: torch.Tensor, text: torch.Tensor, stage: Callable
+        self, vit: Backbone, crops: torch.Tensor, masks: torch.Tensor, text: torch.Tensor, stage: Callable
     ) -> torch.Tensor:
         """``(B, 3, h, w)`` padded windows and their masks -> ``(B, Q, h, w)`` cosine logits."""
         from ..inference.forward import autocast_for
@@ -274,38 +275,29 @@ class CorrClip(Method):
             logits = cosine_logits(feats.reshape(feats.shape[0], *regions.size, -1), text)
             return F.interpolate(logits, size=crops.shape[-2:], mode="bilinear")
 
+    def window_multiple(self, vit: Backbone) -> int:
+        return self.window_pad
+
     def image_logits(
         self,
-        vit: DenseViT,
-        image: torch.Tensor,
+        vit: Backbone,
+        windows: ImageWindows,
         item: Any,
         text: torch.Tensor,
-        crop: int,
-        stride: int,
         stage: Callable[[str], contextlib.AbstractContextManager],
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        # the windows of an image share one size, so one pass takes them all
         with stage("masks"):
             instance = self.instance_mask(vit, item.original, item.key, tuple(item.size))
-        h, w = image.shape[-2:]
-        resized = F.interpolate(instance[None, None].float(), size=(h, w), mode="nearest").to(instance.dtype)[0, 0]
-        boxes = window_boxes(h, w, crop, stride)  # all of one size: min(crop, side), so one pass for all
-        y1, y2, x1, x2 = boxes[0]
-        pad = pad_sizes(y2 - y1, x2 - x1, self.window_pad)
-        crops = torch.cat([F.pad(image[..., y1:y2, x1:x2], pad) for y1, y2, x1, x2 in boxes])
-        masks = torch.stack([F.pad(resized[y1:y2, x1:x2], pad, value=PAD_VALUE) for y1, y2, x1, x2 in boxes])
-        logits = self._window_logits(vit, crops, masks, text, stage)
-        canvas = torch.zeros((text.shape[0], h, w), device=image.device)
-        count = torch.zeros((1, h, w), device=image.device)
-        left, top = pad[0], pad[2]
-        for (y1, y2, x1, x2), window in zip(boxes, logits):
-            canvas[:, y1:y2, x1:x2] += window[:, top : top + y2 - y1, left : left + x2 - x1]
-            count[:, y1:y2, x1:x2] += 1
-        return canvas / count, instance
+        resized = F.interpolate(instance[None, None].float(), size=windows.size, mode="nearest").to(instance.dtype)
+        masks = windows.cut(resized[0, 0], value=PAD_VALUE)
+        logits = self._window_logits(vit, windows.crops, masks, text, stage)
+        return windows.merge(logits.float()), instance
 
     def refine_labels(self, labels: torch.Tensor, windows: Sequence[WindowContext] = ()) -> torch.Tensor:
         if not self.map_correction or not windows:
             return labels
         return map_correction(labels, windows[0].context.to(labels.device))
 
-    def last_block(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+    def last_block(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         raise ConfigError("corrclip runs whole images (Segmenter); it has no per-crop forward")

@@ -14,10 +14,10 @@ from typing import Literal
 
 import torch
 
-from ..backbones.openclip import DenseViT
+from ..backbones.base import Backbone
 from ..errors import ConfigError
+from ._gclip_auto import CS_WEIGHT, abnormal_channel, auto_settings, default_emerging_blocks
 from .base import Method, Trace, attend, attention_map, register
-from .gclip_auto import CS_WEIGHT, abnormal_channel, auto_settings, default_emerging_blocks
 
 
 def suppress_channel(weight: torch.Tensor, rule: str = "mean") -> tuple[torch.Tensor, int, float]:
@@ -43,7 +43,7 @@ class Gclip(Method):
 
     Attributes:
         emerging_blocks: block indices whose attention is fused, ``"auto"`` (measured on the backbone, see
-            :func:`gclip.methods.gclip_auto.auto_settings`), or ``None`` for the default ({6, 7} on 12 blocks).
+            :func:`gclip.diagnostics.auto_settings`), or ``None`` for the default ({6, 7} on 12 blocks).
         fusion_weights: weights of [last block's q-q map, each emerging block's map]; ``None``: equal.
         fusion: ``"mean"`` fuses head-averaged maps (one map for all heads); ``"per_head"`` fuses head by head.
         channel_suppression: apply Channel Suppression.
@@ -54,6 +54,7 @@ class Gclip(Method):
     """
 
     name = "gclip"
+    protocol = "clearclip"
     summary = "fused q-q + emerging-block attention, channel suppression; residual and FFN dropped"
     emerging_blocks: list[int] | Literal["auto"] | None = None
     fusion_weights: list[float] | None = None
@@ -66,7 +67,7 @@ class Gclip(Method):
     # maps on CPU for "mean"), "sdpa", "looped", or "maps" (every map materialised: the plain reference).
     _impl: Literal["auto", "sdpa", "looped", "maps"] = field(default="auto", repr=False, compare=False)
 
-    def blocks_for(self, vit: DenseViT) -> list[int]:
+    def blocks_for(self, vit: Backbone) -> list[int]:
         """The emerging blocks used for this backbone (resolving ``None`` and ``"auto"``)."""
         if self.emerging_blocks is None:
             return default_emerging_blocks(vit.depth)
@@ -81,7 +82,7 @@ class Gclip(Method):
             )
         return blocks
 
-    def suppressed_blocks(self, vit: DenseViT) -> list[int]:
+    def suppressed_blocks(self, vit: Backbone) -> list[int]:
         """The blocks whose abnormal FFN channel is suppressed (resolving ``None`` and ``"auto"``)."""
         if not self.channel_suppression:
             return []
@@ -94,16 +95,16 @@ class Gclip(Method):
             raise ConfigError(f"gclip cs_blocks {self.cs_blocks} must be within 0..{vit.depth - 2}")
         return sorted(set(self.cs_blocks))
 
-    def keep_blocks(self, vit: DenseViT) -> set[int]:
+    def keep_blocks(self, vit: Backbone) -> set[int]:
         return set(self.blocks_for(vit))
 
-    def overrides(self, vit: DenseViT) -> dict[int, dict[str, torch.Tensor]]:
-        key = (id(vit.visual), vit.dtype, vit.device, self.cs_rule, tuple(self.suppressed_blocks(vit)))
+    def overrides(self, vit: Backbone) -> dict[int, dict[str, torch.Tensor]]:
+        key = (id(vit.module), vit.dtype, vit.device, self.cs_rule, tuple(self.suppressed_blocks(vit)))
         if key not in self._cache:
             self._cache.clear()
             out = {}
             for i in self.suppressed_blocks(vit):
-                weight = vit.blocks[i].get_parameter(CS_WEIGHT).detach()
+                weight = vit.ffn_out_weight(i).detach()
                 out[i] = {CS_WEIGHT: suppress_channel(weight, self.cs_rule)[0]}
             self._cache[key] = out
         return self._cache[key]
@@ -119,7 +120,7 @@ class Gclip(Method):
         total = float(sum(self.fusion_weights))
         return [float(w) / total for w in self.fusion_weights]
 
-    def last_block(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+    def last_block(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         if self.fusion not in ("mean", "per_head"):
             raise ConfigError(f"gclip fusion must be 'mean' or 'per_head', got {self.fusion!r}")
         last = vit.depth - 1
@@ -141,7 +142,7 @@ class Gclip(Method):
         return vit.out_proj(last, looped_mean_attention(pairs, weights, v))
 
     def _explicit(
-        self, vit: DenseViT, pairs: list[tuple[torch.Tensor, torch.Tensor]], weights: list[float], v: torch.Tensor
+        self, vit: Backbone, pairs: list[tuple[torch.Tensor, torch.Tensor]], weights: list[float], v: torch.Tensor
     ) -> torch.Tensor:
         """The plain formulation: every ``(B, H, N, N)`` map materialised in fp32 (reference and fallback)."""
         last = vit.depth - 1

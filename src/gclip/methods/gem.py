@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ..backbones.openclip import DenseViT
+from ..backbones.base import Backbone
 from ..errors import ConfigError
 from .base import Method, Trace, register
 
@@ -56,6 +56,7 @@ class Gem(Method):
     """
 
     name = "gem"
+    protocol = "clearclip"
     summary = "parallel path of iterated q-q/k-k/v-v self-self attention through the last blocks"
     depth: int = 7
     ss_attn_iter: int = 1
@@ -68,22 +69,22 @@ class Gem(Method):
             raise ConfigError(f"gem pos_embed must be 'antialias' or 'sclip', got {self.pos_embed!r}")
         return self.pos_embed
 
-    def _first_block(self, vit: DenseViT) -> int:
+    def _first_block(self, vit: Backbone) -> int:
         if self.depth < 2 or self.ss_attn_iter < 0:
             raise ConfigError(f"gem depth must be >= 2 and ss_attn_iter >= 0, got {self.depth} and {self.ss_attn_iter}")
         return max(0, vit.depth - (self.depth - 1))
 
-    def _gem_step(self, vit: DenseViT, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor):
+    def _gem_step(self, vit: Backbone, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor):
         """What block ``index`` adds to the GEM path, from the original path's tokens ``x`` and their q, k, v."""
         if self.ss_attn_temp is None:
-            norms = vit.blocks[index].ln_1(x).float().norm(dim=-1).mean(dim=-1)  # (B,)
+            norms = vit.pre_norm(index, x).float().norm(dim=-1).mean(dim=-1)  # (B,)
             inv_temp: torch.Tensor | float = (norms * q.shape[-1] ** -0.5).to(q.dtype)[:, None, None, None]
         else:
             inv_temp = float(self.ss_attn_temp)
         heads = self_self_attention(q, k, v, inv_temp, self.ss_attn_iter)
         return vit.attn_residual(index, vit.out_proj(index, heads))
 
-    def encode(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+    def encode(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         first = self._first_block(vit)
         gem = x
         for i in range(vit.depth - 1):
@@ -98,7 +99,7 @@ class Gem(Method):
         trace.extras["gem_path"] = gem
         return x
 
-    def last_block(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+    def last_block(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         index = vit.depth - 1
         q, k, v = vit.qkv(index, x)
         return trace.extras["gem_path"] + self._gem_step(vit, index, q, k, v, x)

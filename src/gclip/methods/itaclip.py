@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..backbones.openclip import DenseViT
+from ..backbones.base import Backbone
 from ..errors import ConfigError
 from ._purify import scaled_index
 from .base import Method, Trace, WindowContext, attend, cosine_logits, register
@@ -96,6 +96,7 @@ class ItaClip(Method):
     """
 
     name = "itaclip"
+    protocol = "itaclip"
     summary = "q-q + k-k maps of mid and last blocks, residual kept, FFN dropped; grey/blur/flip views; closing"
     img_engineering: bool = True
     img_eng_coefficient: float = 0.75
@@ -105,16 +106,16 @@ class ItaClip(Method):
     def_coefficient: float = 0.2
     closing: bool = True
 
-    def _mid(self, vit: DenseViT) -> list[int]:
+    def _mid(self, vit: Backbone) -> list[int]:
         blocks = list(self.mid_blocks) if vit.depth == 12 else [scaled_index(b, vit.depth) for b in self.mid_blocks]
         if not blocks or any(not 0 <= b <= vit.depth - 2 for b in blocks):
             raise ConfigError(f"itaclip mid_blocks {self.mid_blocks} must be non-empty and within 0..{vit.depth - 2}")
         return blocks
 
-    def keep_blocks(self, vit: DenseViT) -> set[int]:
+    def keep_blocks(self, vit: Backbone) -> set[int]:
         return set(self._mid(vit))
 
-    def encode(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+    def encode(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         if self.img_engineering:
             if trace.images is None:
                 raise ConfigError("itaclip's image engineering needs the crops (trace.images)")
@@ -127,7 +128,7 @@ class ItaClip(Method):
         """``A v`` for one block's ``A`` (q-q + k-k maps, or q-k), applied to the last block's ``v``."""
         return attend(q, q, v) + attend(k, k, v) if self.attn_self else attend(q, k, v)
 
-    def last_block(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+    def last_block(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         mids = [vit.qkv(b, trace.inputs[b])[:2] for b in self._mid(vit)]
 
         def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -136,7 +137,7 @@ class ItaClip(Method):
 
         return vit.block(vit.depth - 1, x, attention=attention, residual=True, ffn=False)
 
-    def head(self, vit: DenseViT, x: torch.Tensor, trace: Trace, text: torch.Tensor | None) -> torch.Tensor:
+    def head(self, vit: Backbone, x: torch.Tensor, trace: Trace, text: torch.Tensor | None) -> torch.Tensor:
         feats = self.features(vit, x, trace).float()
         n = trace.images.shape[0] if self.img_engineering and trace.images is not None else feats.shape[0]
         if text is None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backbones.openclip import DenseViT
+from ..backbones.base import Backbone
 from .base import Method, Trace, register
 
 
@@ -14,7 +14,8 @@ from .base import Method, Trace, register
 @dataclass
 class MaskClip(Method):
     name = "maskclip"
+    protocol = "clearclip"
     summary = "identity attention: out_proj(v); residual and FFN dropped"
 
-    def last_block(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+    def last_block(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         return vit.block(vit.depth - 1, x, attention=lambda q, k, v: v, residual=False, ffn=False)

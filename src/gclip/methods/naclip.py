@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..backbones.openclip import DenseViT
+from ..backbones.base import Backbone
 from .base import Method, Trace, attend, register
 
 
@@ -36,6 +36,7 @@ def cached_prior(cache: dict, grid: tuple[int, int], std: float, device: torch.d
 @dataclass
 class NaClip(Method):
     name = "naclip"
+    protocol = "sclip"
     summary = "softmax(k kᵀ s + Gaussian prior, std in patches); residual and FFN dropped"
     gaussian_std: float = 5.0
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
@@ -43,11 +44,11 @@ class NaClip(Method):
     def prior(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
         return cached_prior(self._cache, grid, self.gaussian_std, device)
 
-    def warm(self, vit: DenseViT, grid: tuple[int, int]) -> None:
+    def warm(self, vit: Backbone, grid: tuple[int, int]) -> None:
         super().warm(vit, grid)
         self.prior(grid, vit.device)
 
-    def last_block(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+    def last_block(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         prior = self.prior(trace.grid, x.device)
         last = vit.depth - 1
         return vit.block(last, x, attention=lambda q, k, v: attend(k, k, v, bias=prior), residual=False, ffn=False)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..backbones.openclip import DenseViT
+from ..backbones.base import Backbone
 from ..backbones.second_models import ProxyViT, proxy_for
 from ..errors import ConfigError
 from .base import Method, Trace, register
@@ -32,7 +32,7 @@ def proxy_attention(feats: torch.Tensor, beta: float, gamma: float) -> torch.Ten
 
 
 def values_attention(
-    vit: DenseViT, index: int, v: torch.Tensor, grid: tuple[int, int], attn: torch.Tensor, size: tuple[int, int]
+    vit: Backbone, index: int, v: torch.Tensor, grid: tuple[int, int], attn: torch.Tensor, size: tuple[int, int]
 ) -> torch.Tensor:
     """A second model's attention over CLIP's values: block ``index``'s values ``v`` ``(B, H, 1+N, d)`` on CLIP's
     patch ``grid``, bilinearly resized to the second model's grid ``size``, mixed by ``attn`` ``(B, M, M)`` (the
@@ -57,27 +57,28 @@ class ProxyClip(Method):
     """
 
     name = "proxyclip"
+    protocol = "proxyclip"
     summary = "a second model's patch similarity as the last block's attention on CLIP's values"
     proxy: str = "dino_vitb8"
     proxy_checkpoint: str | None = None
     beta: float = 1.2
     gamma: float = 3.0
 
-    def _proxy(self, vit: DenseViT) -> ProxyViT:
+    def _proxy(self, vit: Backbone) -> ProxyViT:
         if self.gamma <= 0:
             raise ConfigError(f"proxyclip gamma must be > 0, got {self.gamma}")
         return proxy_for(vit, self.proxy, self.proxy_checkpoint)
 
-    def window_multiple(self, vit: DenseViT) -> int:
+    def window_multiple(self, vit: Backbone) -> int:
         return math.lcm(vit.patch_size, self._proxy(vit).window_patch)  # both models see whole patches
 
-    def output_grid(self, vit: DenseViT, size: tuple[int, int]) -> tuple[int, int]:
+    def output_grid(self, vit: Backbone, size: tuple[int, int]) -> tuple[int, int]:
         return self._proxy(vit).grid(size)
 
-    def warm(self, vit: DenseViT, grid: tuple[int, int]) -> None:
+    def warm(self, vit: Backbone, grid: tuple[int, int]) -> None:
         self._proxy(vit).warm((grid[0] * vit.patch_size, grid[1] * vit.patch_size))
 
-    def second_pass(self, vit: DenseViT, trace: Trace) -> None:
+    def second_pass(self, vit: Backbone, trace: Trace) -> None:
         if trace.images is None:
             raise ConfigError("proxyclip needs the crops' pixels (trace.images) for its second model")
         proxy = self._proxy(vit)
@@ -89,7 +90,7 @@ class ProxyClip(Method):
         trace.extras["proxy_attention"] = proxy_attention(feats, self.beta, self.gamma)  # (B, M, M)
         trace.extras["proxy_grid"] = tuple(feats.shape[-2:])
 
-    def last_block(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+    def last_block(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         if "proxy_attention" not in trace.extras:
             self.second_pass(vit, trace)
         attn, size = trace.extras["proxy_attention"], trace.extras["proxy_grid"]
@@ -97,7 +98,7 @@ class ProxyClip(Method):
         _, _, v = vit.qkv(index, x)  # (B, H, 1+N, d)
         return values_attention(vit, index, v, trace.grid, attn, size)
 
-    def features(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+    def features(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         tokens = vit.project(self.last_block(vit, x, trace))  # patch tokens only, on the proxy's grid
         gh, gw = trace.extras["proxy_grid"]
         return tokens.reshape(tokens.shape[0], gh, gw, -1)

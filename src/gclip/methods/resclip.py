@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ..backbones.openclip import DenseViT
+from ..backbones.base import Backbone
 from ..errors import ConfigError
 from ..inference.postprocess import pamr
 from ._purify import scaled_index
@@ -104,6 +104,7 @@ class ResClip(Method):
     """
 
     name = "resclip"
+    protocol = "resclip"
     summary = "RCS (mid-block attention mixed in) + SFR (first-pass semantic attention) on naclip/clearclip/sclip/clip"
     base: Literal["naclip", "clearclip", "sclip", "clip"] = "naclip"
     rcs: bool = True
@@ -119,7 +120,7 @@ class ResClip(Method):
     first_pamr_dilations: tuple[int, ...] = (8, 16)
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def _rcs_blocks(self, vit: DenseViT) -> list[int]:
+    def _rcs_blocks(self, vit: Backbone) -> list[int]:
         if self.base not in _BASES:
             raise ConfigError(f"resclip base must be one of {', '.join(_BASES)}, got {self.base!r}")
         blocks = list(self.rcs_blocks) if vit.depth == 12 else [scaled_index(b, vit.depth) for b in self.rcs_blocks]
@@ -127,14 +128,14 @@ class ResClip(Method):
             raise ConfigError(f"resclip rcs_blocks {self.rcs_blocks} must be non-empty and within 0..{vit.depth - 2}")
         return blocks
 
-    def keep_blocks(self, vit: DenseViT) -> set[int]:
+    def keep_blocks(self, vit: Backbone) -> set[int]:
         return set(self._rcs_blocks(vit)) if self.rcs else set()
 
-    def warm(self, vit: DenseViT, grid: tuple[int, int]) -> None:
+    def warm(self, vit: Backbone, grid: tuple[int, int]) -> None:
         super().warm(vit, grid)
         cached_prior(self._cache, grid, self.gaussian_std, vit.device)
 
-    def _rcs(self, vit: DenseViT, trace: Trace) -> torch.Tensor | None:
+    def _rcs(self, vit: Backbone, trace: Trace) -> torch.Tensor | None:
         if not self.rcs:
             return None
         maps = []
@@ -144,7 +145,7 @@ class ResClip(Method):
         return torch.stack(maps).mean(dim=0)
 
     def _last(
-        self, vit: DenseViT, x: torch.Tensor, trace: Trace, rcs: torch.Tensor | None, sfr: torch.Tensor | None
+        self, vit: Backbone, x: torch.Tensor, trace: Trace, rcs: torch.Tensor | None, sfr: torch.Tensor | None
     ) -> torch.Tensor:
         """The last block with the base attention, SFR mixed into its scores and RCS into its weights."""
         last = vit.depth - 1
@@ -179,15 +180,15 @@ class ResClip(Method):
         out = x + vit.attn_residual(last, out)
         return out + vit.ffn(last, out)
 
-    def _patch_features(self, vit: DenseViT, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        feats = vit.project(tokens[:, 1:]).float()
+    def _patch_features(self, vit: Backbone, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        feats = vit.project(vit.patches(tokens)).float()
         return feats.reshape(feats.shape[0], grid[0], grid[1], -1)
 
-    def features(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+    def features(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         """Without text there is no first prediction: RCS only."""
         return self._patch_features(vit, self._last(vit, x, trace, self._rcs(vit, trace), None), trace.grid)
 
-    def head(self, vit: DenseViT, x: torch.Tensor, trace: Trace, text: torch.Tensor | None) -> torch.Tensor:
+    def head(self, vit: Backbone, x: torch.Tensor, trace: Trace, text: torch.Tensor | None) -> torch.Tensor:
         if text is None or not self.sfr:
             return super().head(vit, x, trace, text)
         if trace.images is None:
@@ -204,5 +205,5 @@ class ResClip(Method):
         feats = self._patch_features(vit, self._last(vit, x, trace, rcs, sfr), trace.grid)
         return self.refine(vit, cosine_logits(feats, text), feats, text, trace)
 
-    def last_block(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+    def last_block(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         return self._last(vit, x, trace, self._rcs(vit, trace), None)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backbones.openclip import DenseViT
+from ..backbones.base import Backbone
 from ._purify import (
     AffinityBlocks,
     aggregate,
@@ -45,6 +45,7 @@ class ScClip(Method):
     """
 
     name = "scclip"
+    protocol = "scclip"
     summary = "LOF anomaly repair + affinity prior ½(sim + k-k) attention, two passes (repaired, multi-level)"
     pre_adjust_idx: int = 8
     post_adjust_idx: int = 3
@@ -56,15 +57,15 @@ class ScClip(Method):
     lof_contamination: float = 0.05
     prior_scale: float = 3.0
 
-    def _blocks(self, vit: DenseViT) -> AffinityBlocks:
+    def _blocks(self, vit: Backbone) -> AffinityBlocks:
         return AffinityBlocks.resolve(
             "scclip", vit.depth, self.pre_adjust_idx, self.post_adjust_idx, self.multi_start_idx, self.multi_end_idx
         )
 
-    def keep_blocks(self, vit: DenseViT) -> set[int]:
+    def keep_blocks(self, vit: Backbone) -> set[int]:
         return self._blocks(vit).keep(vit.depth)
 
-    def features(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+    def features(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         blocks, last = self._blocks(vit), vit.depth - 1
         pre = blocks.output(blocks.pre, vit.depth, x, trace.inputs)
         post = blocks.output(blocks.post, vit.depth, x, trace.inputs)
@@ -84,11 +85,11 @@ class ScClip(Method):
         return patch_grid_features(vit, rows, trace.grid)
 
     @staticmethod
-    def _attend(vit: DenseViT, index: int, tokens: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    def _attend(vit: Backbone, index: int, tokens: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
         """Block ``index``'s projections on ``(P, D)`` tokens with attention ``½(prior + softmax(k kᵀ s))``."""
         _, k, v = vit.qkv(index, tokens[None])
         heads = 0.5 * (prior.to(v.dtype) @ v + attend(k, k, v))
         return vit.out_proj(index, heads)[0]
 
-    def last_block(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+    def last_block(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         raise NotImplementedError("scclip's last stage outputs patch tokens only: see ScClip.features")

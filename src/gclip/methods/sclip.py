@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backbones.openclip import DenseViT
+from ..backbones.base import Backbone
 from .base import Method, Trace, attend, register
 
 
@@ -19,7 +19,8 @@ def correlative(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tens
 @dataclass
 class Sclip(Method):
     name = "sclip"
+    protocol = "sclip"
     summary = "softmax(q qᵀ s) + softmax(k kᵀ s); residual and FFN kept"
 
-    def last_block(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+    def last_block(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         return vit.block(vit.depth - 1, x, attention=correlative)

@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from ..backbones.openclip import DenseViT
+from ..backbones.base import Backbone
 from ..errors import ConfigError
 from ._purify import (
     AffinityBlocks,
@@ -46,6 +46,7 @@ class Sfp(Method):
     """
 
     name = "sfp"
+    protocol = "sfp"
     summary = "outlier purification (SOM/L2/LOF) + (k-k + q-q + prior)/3 attention and a multi-level prior branch"
     pm: Literal["SOM", "L2", "LOF"] = "SOM"
     res_cls: float = 0.3
@@ -57,30 +58,35 @@ class Sfp(Method):
     beta: float = 0.4
     prior_scale: float = 3.0
 
-    def _blocks(self, vit: DenseViT) -> AffinityBlocks:
+    def _blocks(self, vit: Backbone) -> AffinityBlocks:
         if self.pm not in ("SOM", "L2", "LOF"):
             raise ConfigError(f"sfp pm must be 'SOM', 'L2' or 'LOF', got {self.pm!r}")
         return AffinityBlocks.resolve(
             "sfp", vit.depth, self.pre_block, self.post_block, self.multi_start, self.multi_end
         )
 
-    def keep_blocks(self, vit: DenseViT) -> set[int]:
+    def keep_blocks(self, vit: Backbone) -> set[int]:
         return self._blocks(vit).keep(vit.depth) | {vit.depth - 2}  # SOM reads block L-2's attention from its input
 
-    def _outliers(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> list[torch.Tensor]:
+    def _outliers(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> list[torch.Tensor]:
         """Per window, the ``(P,)`` boolean mask of the outlier patches."""
         if self.pm == "L2":
-            return [top_mask(patches.norm(dim=-1), self.top_k) for patches in x[:, 1:]]
+            return [top_mask(patches.norm(dim=-1), self.top_k) for patches in vit.patches(x)]
         if self.pm == "LOF":
-            return [lof_outliers(patches) for patches in x[:, 1:]]
+            return [lof_outliers(patches) for patches in vit.patches(x)]
+        if not vit.has_cls:
+            raise ConfigError(
+                "sfp pm='SOM' reads the CLS token's attention and this tower has none: use pm='L2' or 'LOF'"
+            )
+        p = vit.prefix_tokens
         q, k, _ = vit.qkv(vit.depth - 2, trace.inputs[vit.depth - 2])
         probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1).mean(dim=1)
-        cls_to_patch = probs[:, 0, 1:] * (self.res_cls * 5.0)
-        to_itself = probs.diagonal(dim1=-2, dim2=-1)[:, 1:]
+        cls_to_patch = probs[:, 0, p:] * (self.res_cls * 5.0)
+        to_itself = probs.diagonal(dim1=-2, dim2=-1)[:, p:]
         salient = torch.where(cls_to_patch > to_itself, cls_to_patch, torch.full_like(cls_to_patch, float("-inf")))
         return [top_mask(scores, self.top_k) for scores in salient]
 
-    def features(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+    def features(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         blocks, last = self._blocks(vit), vit.depth - 1
         pre = blocks.output(blocks.pre, vit.depth, x, trace.inputs)
         post = blocks.output(blocks.post, vit.depth, x, trace.inputs)
@@ -99,5 +105,5 @@ class Sfp(Method):
             rows.append(aggregate(smooth, main) + aggregate(smooth, deep))
         return patch_grid_features(vit, rows, trace.grid)
 
-    def last_block(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+    def last_block(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         raise NotImplementedError("sfp's last stage outputs patch tokens only: see Sfp.features")

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..backbones.openclip import DenseViT
+from ..backbones.base import Backbone
 from ..backbones.second_models import ProxyViT, proxy_for
 from ..errors import ConfigError, WeightsError
-from ..inference.windows import window_boxes
+from ..inference.windows import ImageWindows
 from .base import Method, Trace, register
 from .proxyclip import values_attention
 
@@ -40,14 +40,6 @@ def aligned_shape(h: int, w: int, patch: int, crop: int) -> tuple[int, int]:
     new_h, new_w = int(h * target / longer), int(w * target / longer)
     new_h, new_w = math.ceil(new_h / patch) * patch, math.ceil(new_w / patch) * patch
     return max(new_h, crop), max(new_w, crop)
-
-
-def patch_aligned(image: torch.Tensor, patch: int, crop: int) -> torch.Tensor:
-    """A ``(1, 3, H, W)`` input resized (bilinear) to :func:`aligned_shape` (unchanged if it is already)."""
-    size = aligned_shape(int(image.shape[-2]), int(image.shape[-1]), patch, crop)
-    if size == tuple(image.shape[-2:]):
-        return image
-    return F.interpolate(image, size, mode="bilinear", align_corners=False)
 
 
 def sam_pixels(original: np.ndarray, patch: int) -> np.ndarray:
@@ -132,6 +124,7 @@ class Trident(Method):
     """
 
     name = "trident"
+    protocol = "trident"
     summary = "ProxyCLIP's DINO attention per window, then SAM's last-block attention over the spliced image"
     whole_image = True
     needs_original = True
@@ -145,10 +138,10 @@ class Trident(Method):
     refine_neg_cos: bool = True
     split_halves: bool = False
 
-    def dino(self, vit: DenseViT) -> ProxyViT:
+    def dino(self, vit: Backbone) -> ProxyViT:
         return proxy_for(vit, self.proxy, self.proxy_checkpoint)
 
-    def sam_encoder(self, vit: DenseViT) -> ProxyViT:
+    def sam_encoder(self, vit: Backbone) -> ProxyViT:
         try:
             sam = proxy_for(vit, self.sam, self.sam_checkpoint, option="sam_checkpoint")
         except WeightsError as e:
@@ -158,7 +151,7 @@ class Trident(Method):
         return sam
 
     def _window_tokens(
-        self, vit: DenseViT, crops: torch.Tensor, stage: Callable[[str], contextlib.AbstractContextManager]
+        self, vit: Backbone, crops: torch.Tensor, stage: Callable[[str], contextlib.AbstractContextManager]
     ) -> tuple[torch.Tensor, tuple[int, int]]:
         """``(B, 3, c, c)`` windows -> ProxyCLIP's last-block output ``(B, D, h, w)`` on DINO's grid, the DINO
         similarity shifted by its mean over all ``B`` windows."""
@@ -182,15 +175,13 @@ class Trident(Method):
 
     def image_logits(
         self,
-        vit: DenseViT,
-        image: torch.Tensor,
+        vit: Backbone,
+        windows: ImageWindows,
         item: Any,
         text: torch.Tensor,
-        crop: int,
-        stride: int,
         stage: Callable[[str], contextlib.AbstractContextManager],
     ) -> torch.Tensor:
-        p = vit.patch_size
+        p, crop, stride = vit.patch_size, windows.crop, windows.stride
         if crop > 0 and (crop % p or stride % p):
             raise ConfigError(f"trident needs crop and stride multiples of the patch {p}, got {crop} and {stride}")
         sam = self.sam_encoder(vit)
@@ -207,24 +198,13 @@ class Trident(Method):
                     (sam_guidance(attn.float(), values.float(), grid, self.cos_fac, self.refine_neg_cos), grid)
                 )
                 del attn, values
-        image = patch_aligned(image, p, crop)
-        gh, gw = image.shape[-2] // p, image.shape[-1] // p
-        boxes = window_boxes(image.shape[-2], image.shape[-1], crop, stride)
-        crops = torch.cat([image[..., y1:y2, x1:x2] for y1, y2, x1, x2 in boxes])
-        tokens, clip_grid = self._window_tokens(vit, crops, stage)
+        tokens, clip_grid = self._window_tokens(vit, windows.crops, stage)
         with stage("head"):
             ratio = tokens.shape[-1] // clip_grid[1]
             if tokens.shape[-1] % clip_grid[1]:  # DINO's grid is not a multiple of CLIP's: resize to one
                 ratio = int(round(tokens.shape[-2] / clip_grid[0]))
                 tokens = F.interpolate(tokens, size=(clip_grid[0] * ratio, clip_grid[1] * ratio), mode="bilinear")
-            canvas = tokens.new_zeros((tokens.shape[1], gh * ratio, gw * ratio))
-            count = tokens.new_zeros((1, gh * ratio, gw * ratio))
-            for (y1, y2, x1, x2), window in zip(boxes, tokens):
-                rows = slice(y1 // p * ratio, y2 // p * ratio)
-                cols = slice(x1 // p * ratio, x2 // p * ratio)
-                canvas[:, rows, cols] += window
-                count[:, rows, cols] += 1
-            spliced = (canvas / count)[None].float()
+            spliced = windows.merge(tokens)[None].float()
             cut = spliced.shape[-1] // 2
             pieces = [spliced[..., :cut], spliced[..., cut:]] if self.split_halves else [spliced]
             mixed = []
@@ -240,5 +220,5 @@ class Trident(Method):
     def input_shape(self, shape: tuple[int, int], patch: int, crop: int) -> tuple[int, int]:
         return aligned_shape(int(shape[0]), int(shape[1]), patch, crop)
 
-    def last_block(self, vit: DenseViT, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+    def last_block(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         raise ConfigError("trident runs whole images (Segmenter); it has no per-crop forward")

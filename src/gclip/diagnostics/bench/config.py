@@ -19,7 +19,8 @@ def random_model(
     name: str, precision: str = "fp32", device: str | None = None, seed: int = 0, quick_gelu: bool = True
 ) -> LoadedModel:
     """``name`` with the deterministic random weights of :func:`gclip.testing.random_state_dict` (no file)."""
-    from ...backbones.models import PRECISIONS, _fingerprint, resolve_device, trim_heap, warn_slow_precision
+    from ...backbones.base import fingerprint
+    from ...backbones.models import PRECISIONS, resolve_device, trim_heap, warn_slow_precision
     from ...testing import random_state_dict
 
     if precision not in PRECISIONS:
@@ -35,7 +36,7 @@ def random_model(
         pretrained=f"random:{seed}",
         device=dev,
         dtype=PRECISIONS[precision],
-        fingerprint=_fingerprint(model.clip),
+        fingerprint=fingerprint(model.clip),
     )
 
 

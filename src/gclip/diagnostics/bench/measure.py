@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...backbones.openclip import DenseViT
+from ...backbones.base import Backbone
 from ...inference.windows import pad_sizes, window_boxes
 
 STAGES = ("decode", "preprocess", "masks", "encoder", "second_model", "head", "text")
@@ -50,7 +50,7 @@ class StageTimer:
             self._depth -= 1
 
 
-def encoder_flops(vit: DenseViT, grid: tuple[int, int]) -> int:
+def encoder_flops(vit: Backbone, grid: tuple[int, int]) -> int:
     """FLOPs of the image encoder (patch embedding + blocks ``0..L-2``) on one window (see the module doc)."""
     gh, gw = grid
     d = vit.width

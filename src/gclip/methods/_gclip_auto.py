@@ -17,7 +17,7 @@ The rules (also in the README, "Backbones and auto-configuration"):
   largest mean absolute FFN output on the calibration images (activation rule).
 
 The auto choice is cached per set of weights (a hash of the architecture and of a few weight tensors,
-:func:`weights_fingerprint`) in memory and on disk (``$GCLIP_CACHE_DIR/auto`` or ``~/.cache/gclip/auto``).
+:func:`gclip.backbones.fingerprint`) in memory and on disk (``$GCLIP_CACHE_DIR/auto`` or ``~/.cache/gclip/auto``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -37,7 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..backbones.openclip import CS_OVERRIDE, DenseViT
+from ..backbones.base import FFN_OUT_WEIGHT, Backbone, fingerprint
+from ..cache import cache_dir as shared_cache_dir
 from ..inference.preprocess import OPENAI_MEAN, OPENAI_STD, pixel_constants
 from ..inference.windows import resize_image
 from ..io.images import ImageInput, load_image
@@ -54,7 +54,6 @@ __all__ = [
     "first_emerging_block",
     "choose",
     "auto_settings",
-    "weights_fingerprint",
     "cache_dir",
     "clear_auto_cache",
 ]
@@ -66,7 +65,7 @@ RULE_VERSION = 1
 _MEMORY: weakref.WeakKeyDictionary[nn.Module, dict[str, AutoSettings]] = weakref.WeakKeyDictionary()
 
 
-CS_WEIGHT = CS_OVERRIDE
+CS_WEIGHT = FFN_OUT_WEIGHT
 """The FFN output weight whose abnormal row Channel Suppression removes."""
 
 
@@ -132,13 +131,13 @@ class AutoSettings:
         return self.first_emerging is not None
 
 
-def native_size(vit: DenseViT) -> int:
+def native_size(vit: Backbone) -> int:
     """The image side the model was trained at (its position-embedding grid times the patch size)."""
     n = vit.visual.positional_embedding.shape[0] - 1
     return int(round(math.sqrt(n))) * vit.patch_size
 
 
-def _norm_constants(vit: DenseViT) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _norm_constants(vit: Backbone) -> tuple[tuple[float, ...], tuple[float, ...]]:
     cfg = getattr(vit.visual, "preprocess_cfg", None) or {}
     return tuple(cfg.get("mean", OPENAI_MEAN)), tuple(cfg.get("std", OPENAI_STD))
 
@@ -167,7 +166,7 @@ def calibration_rgb(images: Sequence[ImageInput] | None, size: int) -> torch.Ten
 
 
 def calibration_images(
-    vit: DenseViT,
+    vit: Backbone,
     images: Sequence[ImageInput] | None = None,
     size: int | None = None,
     mean: Sequence[float] | None = None,
@@ -190,7 +189,7 @@ def calibration_images(
 
 
 @torch.no_grad()
-def measure(vit: DenseViT, images: torch.Tensor) -> Measurement:
+def measure(vit: Backbone, images: torch.Tensor) -> Measurement:
     """Patch-token norms at the output of blocks ``0..L-2`` and the mean |FFN output| per channel."""
     x, grid = vit.embed(images)
     ffn_abs: list[torch.Tensor] = []
@@ -200,12 +199,12 @@ def measure(vit: DenseViT, images: torch.Tensor) -> Measurement:
 
     norms = []
     for i in range(vit.depth - 1):
-        handle = vit.blocks[i].mlp.register_forward_hook(record)
+        handle = vit.ffn_module(i).register_forward_hook(record)
         try:
             x = vit.run_block(i, x)
         finally:
             handle.remove()
-        norms.append(x[:, 1:].float().norm(dim=-1))
+        norms.append(vit.patches(x).float().norm(dim=-1))
     return Measurement(torch.stack(norms), torch.stack(ffn_abs), grid)
 
 
@@ -227,14 +226,14 @@ def first_emerging_block(
     return None
 
 
-def weight_channels(vit: DenseViT) -> list[tuple[int, float]]:
+def weight_channels(vit: Backbone) -> list[tuple[int, float]]:
     """``(channel, ratio)`` of the weight rule for blocks ``0..L-2``."""
 
-    return [abnormal_channel(vit.blocks[i].get_parameter(CS_WEIGHT)) for i in range(vit.depth - 1)]
+    return [abnormal_channel(vit.ffn_out_weight(i)) for i in range(vit.depth - 1)]
 
 
 def choose(
-    vit: DenseViT, measurement: Measurement, ratio: float = HIGH_NORM_RATIO, channel_ratio: float = CHANNEL_RATIO
+    vit: Backbone, measurement: Measurement, ratio: float = HIGH_NORM_RATIO, channel_ratio: float = CHANNEL_RATIO
 ) -> AutoSettings:
     """GCLIP's settings from a measurement: emerging blocks, suppressed blocks and their channels."""
 
@@ -251,22 +250,9 @@ def choose(
     return AutoSettings(blocks, cs, {i: channels[i][0] for i in cs}, first)
 
 
-def weights_fingerprint(visual: nn.Module) -> str:
-    """A short hash of the image tower: its shape and a few weight tensors (all FFN output row norms included)."""
-    vit = DenseViT(visual)
-    digest = hashlib.sha1(f"{vit.depth}x{vit.width}/p{vit.patch_size}h{vit.heads}".encode())
-    tensors = [visual.proj, visual.class_embedding, visual.conv1.weight.flatten()[:4096]]
-    tensors += [b.mlp.c_proj.weight.detach().float().norm(dim=1) for b in vit.blocks]
-    tensors += [b.attn.in_proj_weight.flatten()[:1024] for b in vit.blocks]
-    for tensor in tensors:
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def cache_dir() -> Path:
-    """Where auto choices are stored: ``$GCLIP_CACHE_DIR/auto``, else ``~/.cache/gclip/auto``."""
-    root = os.environ.get("GCLIP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "gclip")
-    return Path(root) / "auto"
+def cache_dir() -> Path | None:
+    """Where auto choices are stored on disk (:func:`gclip.cache.cache_dir` ``"auto"``)."""
+    return shared_cache_dir("auto")
 
 
 def clear_auto_cache() -> None:
@@ -298,7 +284,7 @@ def _write_disk(path: Path, settings: AutoSettings, info: dict[str, Any]) -> Non
         pass  # a read-only cache only costs a re-measurement
 
 
-def auto_settings(vit: DenseViT, images: Sequence[ImageInput] | None = None) -> AutoSettings:
+def auto_settings(vit: Backbone, images: Sequence[ImageInput] | None = None) -> AutoSettings:
     """GCLIP's ``"auto"`` configuration of a backbone, measured on calibration images and cached.
 
     Args:
@@ -310,21 +296,23 @@ def auto_settings(vit: DenseViT, images: Sequence[ImageInput] | None = None) -> 
     """
     inputs = None if images is None else calibration_images(vit, images)
     calib = "bundled" if inputs is None else hashlib.sha1(inputs.float().cpu().numpy().tobytes()).hexdigest()[:12]
-    memo = _MEMORY.setdefault(vit.visual, {})
+    memo = _MEMORY.setdefault(vit.module, {})
     mkey = f"{calib}/{vit.dtype}"
     if mkey in memo:
         return memo[mkey]
     if inputs is None:
         inputs = calibration_images(vit)
-    fingerprint = weights_fingerprint(vit.visual)
+    weights = fingerprint(vit.module)
     params = f"v{RULE_VERSION}-r{HIGH_NORM_RATIO}-f{MIN_IMAGE_FRACTION}-c{CHANNEL_RATIO}-{vit.dtype}-{calib}"
-    name = hashlib.sha1(f"{fingerprint}/{params}".encode()).hexdigest()[:20]
-    path = cache_dir() / f"{name}.json"
-    found = _read_disk(path)
-    if found is None or found.fingerprint != fingerprint:
+    name = hashlib.sha1(f"{weights}/{params}".encode()).hexdigest()[:20]
+    folder = cache_dir()
+    path = None if folder is None else folder / f"{name}.json"
+    found = None if path is None else _read_disk(path)
+    if found is None or found.fingerprint != weights:
         found = choose(vit, measure(vit, inputs))
-        found.fingerprint = fingerprint
+        found.fingerprint = weights
         arch = f"{vit.depth} blocks, width {vit.width}, patch {vit.patch_size}"
-        _write_disk(path, found, {"architecture": arch, "rule": params})
+        if path is not None:
+            _write_disk(path, found, {"architecture": arch, "rule": params})
     memo[mkey] = found
     return found
