@@ -200,10 +200,11 @@ class CorrClip(Method):
             up = F.interpolate(ids.view(1, 1, *grid).float(), size=size, mode="nearest")
             semantic.append(up.reshape(-1).long())
         count = max(int(ids.max()) + 1 for ids in tokens)
-        bias = torch.full((len(tokens), 1, count, 1 + grid[0] * grid[1]), float("-inf"), device=crops.device)
-        bias[..., 0] = 0.0  # CLS, for every region token (padding ones too)
+        p = vit.prefix_tokens
+        bias = torch.full((len(tokens), 1, count, p + grid[0] * grid[1]), float("-inf"), device=crops.device)
+        bias[..., :p] = 0.0  # CLS (and registers), for every region token (padding ones too)
         for b, ids in enumerate(tokens):
-            bias[b, 0, :, 1:].masked_fill_(ids[None] == torch.arange(count, device=ids.device)[:, None], 0.0)
+            bias[b, 0, :, p:].masked_fill_(ids[None] == torch.arange(count, device=ids.device)[:, None], 0.0)
         return _Regions(torch.stack(attention), size, bias, torch.stack(semantic))
 
     def check_resources(self, device: Any, dtype: torch.dtype) -> None:
@@ -221,7 +222,7 @@ class CorrClip(Method):
     def block(self, vit: Backbone, index: int, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         regions: _Regions = trace.extras["regions"]
         if regions.tokens is None:
-            regions.tokens = x[:, :1].expand(-1, regions.bias.shape[2], -1)  # CLS copies, after ln_pre
+            regions.tokens = vit.cls(x)[:, None].expand(-1, regions.bias.shape[2], -1)  # CLS copies, after ln_pre
         kept = {}
 
         def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

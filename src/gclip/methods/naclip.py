@@ -10,8 +10,9 @@ from ..backbones.base import Backbone
 from .base import Method, Trace, attend, register
 
 
-def neighbourhood_prior(grid: tuple[int, int], std: float) -> torch.Tensor:
-    """``(1+N, 1+N)`` additive attention prior: ``exp(-|p_i - p_j|² / (2 std²))`` between patches, 0 for CLS.
+def neighbourhood_prior(grid: tuple[int, int], std: float, prefix: int = 1) -> torch.Tensor:
+    """``(P+N, P+N)`` additive attention prior: ``exp(-|p_i - p_j|² / (2 std²))`` between patches, 0 for the
+    ``P = prefix`` tokens before the grid (CLS, registers).
 
     Patch positions are ``(row, col)`` in patch units; N = gh * gw.
     """
@@ -19,16 +20,16 @@ def neighbourhood_prior(grid: tuple[int, int], std: float) -> torch.Tensor:
     rows = torch.arange(gh, dtype=torch.float64).repeat_interleave(gw)
     cols = torch.arange(gw, dtype=torch.float64).repeat(gh)
     dist2 = (rows[:, None] - rows[None, :]) ** 2 + (cols[:, None] - cols[None, :]) ** 2
-    prior = torch.zeros(gh * gw + 1, gh * gw + 1, dtype=torch.float64)
-    prior[1:, 1:] = torch.exp(-dist2 / (2.0 * std**2))
+    prior = torch.zeros(gh * gw + prefix, gh * gw + prefix, dtype=torch.float64)
+    prior[prefix:, prefix:] = torch.exp(-dist2 / (2.0 * std**2))
     return prior.float()
 
 
-def cached_prior(cache: dict, grid: tuple[int, int], std: float, device: torch.device) -> torch.Tensor:
-    """:func:`neighbourhood_prior` on ``device``, kept in ``cache`` per grid, std and device."""
-    key = (grid, std, device)
+def cached_prior(cache: dict, grid: tuple[int, int], std: float, device: torch.device, prefix: int = 1) -> torch.Tensor:
+    """:func:`neighbourhood_prior` on ``device``, kept in ``cache`` per grid, std, device and prefix."""
+    key = (grid, std, device, prefix)
     if key not in cache:
-        cache[key] = neighbourhood_prior(grid, std).to(device)
+        cache[key] = neighbourhood_prior(grid, std, prefix).to(device)
     return cache[key]
 
 
@@ -41,14 +42,14 @@ class NaClip(Method):
     gaussian_std: float = 5.0
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def prior(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
-        return cached_prior(self._cache, grid, self.gaussian_std, device)
+    def prior(self, vit: Backbone, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
+        return cached_prior(self._cache, grid, self.gaussian_std, device, vit.prefix_tokens)
 
     def warm(self, vit: Backbone, grid: tuple[int, int]) -> None:
         super().warm(vit, grid)
-        self.prior(grid, vit.device)
+        self.prior(vit, grid, vit.device)
 
     def last_block(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
-        prior = self.prior(trace.grid, x.device)
+        prior = self.prior(vit, trace.grid, x.device)
         last = vit.depth - 1
         return vit.block(last, x, attention=lambda q, k, v: attend(k, k, v, bias=prior), residual=False, ffn=False)

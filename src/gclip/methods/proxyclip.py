@@ -34,11 +34,11 @@ def proxy_attention(feats: torch.Tensor, beta: float, gamma: float) -> torch.Ten
 def values_attention(
     vit: Backbone, index: int, v: torch.Tensor, grid: tuple[int, int], attn: torch.Tensor, size: tuple[int, int]
 ) -> torch.Tensor:
-    """A second model's attention over CLIP's values: block ``index``'s values ``v`` ``(B, H, 1+N, d)`` on CLIP's
+    """A second model's attention over CLIP's values: block ``index``'s values ``v`` ``(B, H, P+N, d)`` on CLIP's
     patch ``grid``, bilinearly resized to the second model's grid ``size``, mixed by ``attn`` ``(B, M, M)`` (the
     same for every head), then ``out_proj`` -> ``(B, M, D)`` (no residual, no FFN)."""
     b, h, _, d = v.shape
-    values = v[:, :, 1:].reshape(b * h, grid[0], grid[1], d).permute(0, 3, 1, 2)
+    values = v[:, :, vit.prefix_tokens :].reshape(b * h, grid[0], grid[1], d).permute(0, 3, 1, 2)
     values = F.interpolate(values.float(), size=size, mode="bilinear", align_corners=False)
     heads = (attn[:, None] @ values.permute(0, 2, 3, 1).reshape(b, h, -1, d)).to(v.dtype)  # (B, H, M, d)
     return vit.out_proj(index, heads)

@@ -133,7 +133,7 @@ class ResClip(Method):
 
     def warm(self, vit: Backbone, grid: tuple[int, int]) -> None:
         super().warm(vit, grid)
-        cached_prior(self._cache, grid, self.gaussian_std, vit.device)
+        cached_prior(self._cache, grid, self.gaussian_std, vit.device, vit.prefix_tokens)
 
     def _rcs(self, vit: Backbone, trace: Trace) -> torch.Tensor | None:
         if not self.rcs:
@@ -161,7 +161,7 @@ class ResClip(Method):
             return tau * ((1 - lam) * scores + lam * m16)
 
         if self.base == "naclip":
-            prior = cached_prior(self._cache, trace.grid, self.gaussian_std, x.device)
+            prior = cached_prior(self._cache, trace.grid, self.gaussian_std, x.device, vit.prefix_tokens)
             weights = torch.softmax(mix(k @ k.transpose(-1, -2) * scale) + prior, dim=-1)
         elif self.base == "clearclip":
             weights = torch.softmax(mix(q @ q.transpose(-1, -2) * scale), dim=-1)
