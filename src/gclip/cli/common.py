@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import re
+import types
+import typing
 from typing import Any
 
 from ..errors import ConfigError
+from ..inference.segmenter import Settings
 from ..methods import SECOND_MODEL_OPTIONS, list_methods, methods_with_option, paired_methods
 
 
@@ -58,33 +63,48 @@ def add_class_args(parser: argparse.ArgumentParser, required: bool = True) -> No
     g.add_argument("--classes-file", help="file with one class per line (comma-separated synonyms on a line)")
 
 
+SETTING_ALIASES = {"pamr_steps": ["--pamr"]}
+"""Older flag names a setting keeps."""
+
+
+def _setting_docs() -> dict[str, str]:
+    """Each :class:`~gclip.Settings` field's line(s) in its docstring, as plain text."""
+    docs: dict[str, str] = {}
+    name = None
+    for line in (Settings.__doc__ or "").split("Attributes:")[-1].splitlines():
+        found = re.match(r"^ {8}(\w+): (.*)$", line)
+        if found:
+            name, docs[found.group(1)] = found.group(1), found.group(2)
+        elif name and line.startswith(" " * 12):
+            docs[name] += " " + line.strip()
+    return {k: v.replace("``", "") for k, v in docs.items()}
+
+
 def add_settings_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`~gclip.Settings` field (``--short-side`` for ``short_side``), typed and documented
+    from the dataclass; unset flags leave the setting to the defaults or a preset."""
     g = parser.add_argument_group("inference settings (default: the ClearCLIP protocol)")
-    g.add_argument("--short-side", type=int, help="resize the short side to this (0: keep size; default 448)")
-    g.add_argument("--max-long-side", type=int, help="cap on the long side after resize (default 2048)")
-    g.add_argument("--crop", type=int, help="sliding-window size (0: whole image; default 448)")
-    g.add_argument("--stride", type=int, help="sliding-window stride (default 224)")
-    g.add_argument("--padding", choices=["symmetric", "none"], help="window padding to the patch multiple")
-    g.add_argument("--logit-scale", type=float, help="logit scale before the softmax (default 50)")
-    g.add_argument("--prob-thd", type=float, help="top probability below this -> class 0 (default 0)")
-    g.add_argument("--area-thd", type=float, help="drop classes below this fraction of foreground (default off)")
-    g.add_argument("--pamr", dest="pamr_steps", type=int, metavar="STEPS", help="PAMR steps (default 0: off)")
-    g.add_argument("--batch-size", type=int, help="windows per forward pass (default: 16 on a GPU, 1 on a CPU)")
+    docs, defaults, hints = _setting_docs(), Settings(), typing.get_type_hints(Settings)
+    for f in dataclasses.fields(Settings):
+        hint = hints[f.name]
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        kind = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
+        default = getattr(defaults, f.name)
+        options: dict[str, Any] = {"dest": f.name, "default": None}
+        if typing.get_origin(kind[0]) is typing.Literal:
+            options["choices"] = list(typing.get_args(kind[0]))
+        elif typing.get_origin(kind[0]) is tuple:
+            options.update(nargs="+", type=int, metavar="N")
+            default = " ".join(str(v) for v in default)
+        else:
+            options["type"] = kind[0]
+        shown = "" if default is None else f" (default {default})"
+        flags = ["--" + f.name.replace("_", "-"), *SETTING_ALIASES.get(f.name, [])]
+        g.add_argument(*flags, help=docs.get(f.name, "").rstrip(".") + shown, **options)
     g.add_argument("--templates", default="openai_imagenet_80", help="bundled template set or a file")
 
 
-SETTING_FIELDS = (
-    "short_side",
-    "max_long_side",
-    "crop",
-    "stride",
-    "padding",
-    "logit_scale",
-    "prob_thd",
-    "area_thd",
-    "pamr_steps",
-    "batch_size",
-)
+SETTING_FIELDS = tuple(f.name for f in dataclasses.fields(Settings))
 
 
 def settings_from(args: argparse.Namespace) -> dict[str, Any]:

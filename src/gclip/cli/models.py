@@ -8,6 +8,7 @@ import argparse
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list methods and supported backbones")
     p.add_argument("--all", action="store_true", help="also list every other open_clip ViT with pretrained tags")
+    p.add_argument("--markdown", action="store_true", help="print the methods as the docs' markdown table")
     p.set_defaults(func=run)
 
 
@@ -15,7 +16,31 @@ def _fmt(values: tuple[float, ...]) -> str:
     return "(" + ", ".join(f"{v:.3g}" for v in values) + ")"
 
 
+def methods_markdown() -> str:
+    """The methods table of the README and the docs, from the registry."""
+    from ..methods import SECOND_MODEL_OPTIONS, list_methods, method_class, methods_with_option
+
+    names = list_methods()
+    lines = [
+        f"{len(names)} methods run through the one engine; each is one file in `gclip/methods/`. Notation: `x` is",
+        "the input of the last block, `q, k, v` come from its `ln_1(x)`, and `s = head_dim ** -0.5`.",
+        "",
+        "| method | what it changes | last block: attention per head | residual + FFN of the last block "
+        "| protocol | needs besides CLIP |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        cls = method_class(name)
+        needs = [f"`--{o.replace('_', '-')}`" for o in SECOND_MODEL_OPTIONS if name in methods_with_option(o)]
+        row = [f"`{name}`", *cls.table_row, f"`{cls.protocol}`", ", ".join(needs) or "-"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "markdown", False):
+        print(methods_markdown())
+        return 0
     import open_clip
 
     from ..backbones.presets import list_presets

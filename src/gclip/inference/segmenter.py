@@ -51,18 +51,19 @@ class Settings:
 
     Attributes:
         short_side: resize so the short side has this length (0: keep the image size).
-        max_long_side: ... unless the long side would pass this.
+        max_long_side: the long side's cap after that resize.
         crop: sliding-window size in pixels (0: the whole image in one window).
         stride: sliding-window stride.
         padding: ``"symmetric"`` zero-pads a window to a patch multiple and cuts the pad from its logits
             (ClearCLIP); ``"none"`` drops the remainder pixels and stretches the logits (SCLIP, NACLIP).
         logit_scale: multiplies cosine logits before the softmax over queries.
         prob_thd: pixels whose top probability is below this become class 0.
-        area_thd: classes 1.. covering less than this fraction of foreground pixels are dropped.
-        pamr_steps: PAMR refinement steps (0: off); ``pamr_dilations``: its dilations.
+        area_thd: classes 1.. covering less than this fraction of foreground pixels are dropped (``None``: off).
+        pamr_steps: PAMR refinement steps (0: off).
+        pamr_dilations: PAMR's dilations.
         batch_size: windows per forward pass; ``None`` (the default): 16 on a GPU, 1 on a CPU, where the forward
             pass is compute-bound and one window at a time measured fastest (see benchmarks/RESULTS.md).
-        max_pixels: larger images are refused.
+        max_pixels: images of more pixels than this are refused.
     """
 
     short_side: int = 448

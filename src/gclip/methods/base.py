@@ -106,6 +106,9 @@ class Method:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     protocol: ClassVar[str] = ""
+    table_row: ClassVar[tuple[str, str, str]] = ("", "", "")
+    """The method in the docs' table (markdown): what it changes, its attention per head, the last block's residual
+    and FFN (``gclip models --markdown``)."""
     """The evaluation protocol its authors use: a TOML file of ``gclip/evaluation/presets/`` (``gclip eval``)."""
     whole_image: ClassVar[bool] = False
     """The method sees all windows of an image together (:meth:`image_logits`) instead of the engine's batches of
@@ -281,7 +284,10 @@ def _literal_options(cls: type) -> dict[str, tuple[Any, ...]]:
     union whose other members are not of the literals' types, e.g. ``list[int] | Literal["auto"] | None``)."""
     if not dataclasses.is_dataclass(cls):
         return {}
-    hints = typing.get_type_hints(cls)
+    try:
+        hints = typing.get_type_hints(cls)
+    except (NameError, AttributeError, TypeError):  # annotations that do not resolve: nothing to check
+        return {}
     out = {}
     for f in dataclasses.fields(cls):
         members = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) in _UNIONS else (hints[f.name],)

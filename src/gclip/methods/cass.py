@@ -152,6 +152,14 @@ class Cass(Method):
     name = "cass"
     protocol = "cass"
     summary = "DINO key-key maps matched to CLIP heads by their spectra (low rank) + object-level text prompts"
+    table_row = (
+        "last block; DINO's last-block keys of the same crop; text per crop",
+        (
+            "per head `softmax(M + Ω)`, `M` CLIP's `k kᵀ s` averaged with a spectrally matched, low-rank DINO `k "
+            "kᵀ s`; Ω NACLIP's prior; patches only"
+        ),
+        "dropped",
+    )
     proxy: str = "dino_vitb8"
     proxy_checkpoint: str | None = None
     attention: str = "spectral"

@@ -25,6 +25,11 @@ class ClearClip(Method):
     name = "clearclip"
     protocol = "clearclip"
     summary = "softmax(q qᵀ s); residual and FFN dropped"
+    table_row = (
+        "last block",
+        '`softmax(q qᵀ s)`, or `softmax(q kᵀ s)` with `attention="qk"`',
+        "dropped",
+    )
     attention: Literal["qq", "qk"] = "qq"
 
     def last_block(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:

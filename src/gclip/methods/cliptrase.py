@@ -88,6 +88,11 @@ class ClipTrase(Method):
     name = "cliptrase"
     protocol = "cliptrase"
     summary = "softmax(q qᵀ s) + softmax(k kᵀ s) + softmax(v vᵀ s); residual and FFN kept"
+    table_row = (
+        "last block",
+        "`softmax(q qᵀ s) + softmax(k kᵀ s) + softmax(v vᵀ s)`",
+        "kept",
+    )
     cls_multiply: bool = False
     dbscan_eps: float | None = None
     dbscan_min_samples: int = 3

@@ -130,6 +130,15 @@ class CorrClip(Method):
     name = "corrclip"
     protocol = "corrclip"
     summary = "instance masks and DINO correlations restrict the last block's attention, plus region tokens"
+    table_row = (
+        "every block (region tokens); the last block per window, with DINO ViT-B/8 and the image's instance masks",
+        (
+            "`softmax(τ S)` over the pairs in one (DBSCAN-merged) mask region, or with an unsegmented patch where "
+            "`S` > its mean; `S` DINO's `q+k` cosine similarity; applied to CLIP's values and to a mean of "
+            "earlier blocks' values; plus one CLS copy per region through all blocks"
+        ),
+        "dropped (the region tokens keep both)",
+    )
     whole_image = True
     proxy: str = "dino_vitb8"
     proxy_checkpoint: str | None = None

@@ -56,6 +56,11 @@ class Gclip(Method):
     name = "gclip"
     protocol = "clearclip"
     summary = "fused q-q + emerging-block attention, channel suppression; residual and FFN dropped"
+    table_row = (
+        "last block; FFN weights of blocks 7..10",
+        "fused `softmax(q qᵀ s)` and the emerging blocks' `softmax(qᵢ kᵢᵀ s)`, plus Channel Suppression",
+        "dropped",
+    )
     emerging_blocks: list[int] | Literal["auto"] | None = None
     fusion_weights: list[float] | None = None
     fusion: Literal["mean", "per_head"] = "mean"

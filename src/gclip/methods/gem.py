@@ -58,6 +58,14 @@ class Gem(Method):
     name = "gem"
     protocol = "clearclip"
     summary = "parallel path of iterated q-q/k-k/v-v self-self attention through the last blocks"
+    table_row = (
+        "a second token path through the last 6 blocks; position-embedding resampling",
+        (
+            "on that path, the mean of iterated self-self attention of `v`, `k` and `q` (normalised, inverse "
+            "temperature `t`)"
+        ),
+        "residual kept, FFN dropped (on the GEM path)",
+    )
     depth: int = 7
     ss_attn_iter: int = 1
     ss_attn_temp: float | None = None

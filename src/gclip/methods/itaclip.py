@@ -98,6 +98,11 @@ class ItaClip(Method):
     name = "itaclip"
     protocol = "itaclip"
     summary = "q-q + k-k maps of mid and last blocks, residual kept, FFN dropped; grey/blur/flip views; closing"
+    table_row = (
+        "last block; extra image views; text",
+        "`½(A_last + mean(A_6, A_7, A_9))` with `A = softmax(q qᵀ s) + softmax(k kᵀ s)`",
+        "residual kept, FFN dropped",
+    )
     img_engineering: bool = True
     img_eng_coefficient: float = 0.75
     attn_self: bool = True

@@ -39,6 +39,11 @@ class NaClip(Method):
     name = "naclip"
     protocol = "sclip"
     summary = "softmax(k kᵀ s + Gaussian prior, std in patches); residual and FFN dropped"
+    table_row = (
+        "last block",
+        "`softmax(k kᵀ s + Ω)`, where Ω is a Gaussian over the patch grid (std 5 patches)",
+        "dropped",
+    )
     gaussian_std: float = 5.0
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 

@@ -59,6 +59,14 @@ class ProxyClip(Method):
     name = "proxyclip"
     protocol = "proxyclip"
     summary = "a second model's patch similarity as the last block's attention on CLIP's values"
+    table_row = (
+        "last block; a second model (DINO) on the same crop",
+        (
+            "`softmax(γ (S - β mean S))` over the non-negative entries, `S` the DINO patch cosine similarity, "
+            "applied to CLIP's values resized to DINO's grid"
+        ),
+        "dropped",
+    )
     proxy: str = "dino_vitb8"
     proxy_checkpoint: str | None = None
     beta: float = 1.2

@@ -106,6 +106,11 @@ class ResClip(Method):
     name = "resclip"
     protocol = "resclip"
     summary = "RCS (mid-block attention mixed in) + SFR (first-pass semantic attention) on naclip/clearclip/sclip/clip"
+    table_row = (
+        "last block; a first prediction feeds a second pass",
+        "a base (`naclip`, `clearclip`, `sclip`, `clip`) mixed with blocks 5..8's attention and a semantic matrix",
+        "as the base",
+    )
     base: Literal["naclip", "clearclip", "sclip", "clip"] = "naclip"
     rcs: bool = True
     sfr: bool = True

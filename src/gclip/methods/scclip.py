@@ -47,6 +47,11 @@ class ScClip(Method):
     name = "scclip"
     protocol = "scclip"
     summary = "LOF anomaly repair + affinity prior ½(sim + k-k) attention, two passes (repaired, multi-level)"
+    table_row = (
+        "tokens after block L-2; last block run twice",
+        "`½(P + softmax(k kᵀ s))`, with `P` a similarity prior from block 8",
+        "dropped",
+    )
     pre_adjust_idx: int = 8
     post_adjust_idx: int = 3
     multi_start_idx: int = 3

@@ -21,6 +21,11 @@ class Sclip(Method):
     name = "sclip"
     protocol = "sclip"
     summary = "softmax(q qᵀ s) + softmax(k kᵀ s); residual and FFN kept"
+    table_row = (
+        "last block",
+        "`softmax(q qᵀ s) + softmax(k kᵀ s)`",
+        "kept",
+    )
 
     def last_block(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         return vit.block(vit.depth - 1, x, attention=correlative)

@@ -48,6 +48,11 @@ class Sfp(Method):
     name = "sfp"
     protocol = "sfp"
     summary = "outlier purification (SOM/L2/LOF) + (k-k + q-q + prior)/3 attention and a multi-level prior branch"
+    table_row = (
+        "tokens after block L-2; last block run as two branches",
+        "`(softmax(k kᵀ s) + softmax(q qᵀ s) + P) / 3`, and `P` alone",
+        "dropped",
+    )
     pm: Literal["SOM", "L2", "LOF"] = "SOM"
     res_cls: float = 0.3
     top_k: int = 10

@@ -126,6 +126,14 @@ class Trident(Method):
     name = "trident"
     protocol = "trident"
     summary = "ProxyCLIP's DINO attention per window, then SAM's last-block attention over the spliced image"
+    table_row = (
+        (
+            "last block per window (ProxyCLIP's, DINO ViT-B/16); then the windows spliced and mixed by SAM's "
+            "attention over the whole image"
+        ),
+        "per window as `proxyclip`; then SAM's last-block attention, kept where SAM's values agree, on the spliced map",
+        "dropped",
+    )
     whole_image = True
     needs_original = True
     proxy: str = "dino_vitb16"
