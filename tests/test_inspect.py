@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 
 from _planted import PLANT_MODEL, planted_model
+from gclip.backbones import auto as autoconfig
 from gclip.backbones.models import load_model
 from gclip.backbones.openclip import DenseViT
 from gclip.cli import main
 from gclip.diagnostics.inspect import inspect_backbone
-from gclip.methods import _gclip_auto as autoconfig
 from gclip.methods import get_method
 from gclip.methods.gclip import CS_WEIGHT
 

@@ -65,7 +65,7 @@ def test_corrclip_windows_of_an_image_together_equal_one_at_a_time(make, rgb_ima
     masks = windows.cut(resized[0, 0], PAD_VALUE)
     assert len(windows.boxes) > 2
     stage = lambda _: contextlib.nullcontext()  # noqa: E731
-    text = seg._require_classes()
+    text = seg.query_embeddings()
     together = seg.method._window_logits(seg.vit, windows.crops, masks, text, stage)
     alone = [seg.method._window_logits(seg.vit, c[None], m[None], text, stage)[0] for c, m in zip(windows.crops, masks)]
     torch.testing.assert_close(together, torch.stack(alone), rtol=0, atol=1e-5)

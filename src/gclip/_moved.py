@@ -28,7 +28,7 @@ MOVED = {
     "gclip.postprocess": "gclip.inference.postprocess",
     "gclip.reference": "gclip.inference.reference",
     "gclip.result": "gclip.inference.result",
-    "gclip.autoconfig": "gclip.methods._gclip_auto",
+    "gclip.autoconfig": "gclip.backbones.auto",
     "gclip.datasets.presets": "gclip.evaluation.protocols",
     "gclip.datasets": "gclip.evaluation",
     "gclip.inspect": "gclip.diagnostics.inspect",

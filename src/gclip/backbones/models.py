@@ -154,7 +154,7 @@ def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Pa
         )
 
 
-def _hub_reachable(host: str = _HUB_HOST, timeout: float = 3.0) -> bool:
+def hub_reachable(host: str = _HUB_HOST, timeout: float = 3.0) -> bool:
     """Whether ``host:443`` answers within ``timeout`` seconds (DNS included)."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or os.environ.get("GCLIP_OFFLINE"):
         return False
@@ -207,7 +207,7 @@ def _resolve_tag(name: str, tag: str, cache_dir: str | None) -> tuple[str, bool]
     if cached:
         return cached, quick_gelu
     hint = f"download the weights on a connected machine and pass --pretrained /path/to/checkpoint (for {name}/{tag})"
-    if not _hub_reachable():
+    if not hub_reachable():
         raise WeightsError(f"weights {name}/{tag} are not in the local cache and the network is unreachable: {hint}")
     try:
         return open_clip.download_pretrained(cfg, cache_dir=cache_dir), quick_gelu

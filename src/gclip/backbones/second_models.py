@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError, WeightsError
-from .models import _hub_reachable, read_checkpoint, resolve_device
+from .models import hub_reachable, read_checkpoint, resolve_device
 from .openclip import resample_pos_embed
 
 __all__ = ["PROXIES", "ProxySpec", "ProxyViT", "load_proxy", "proxy_for", "register_proxy", "list_proxies"]
@@ -255,7 +255,7 @@ def _weights_file(name: str, spec: ProxySpec, checkpoint: str | None, option: st
             if spec.family == "sam"
             else f"proxy {name} has no published weights: pass {option}=/path/to/checkpoint ({flag})"
         )
-    if not _hub_reachable():
+    if not hub_reachable():
         raise WeightsError(
             f"proxy {name} weights ({spec.arch}.{spec.tag}) are not cached and the network is unreachable: {hint}"
         )

@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
+from ..backbones import auto as diag
 from ..backbones import backbone_for, fingerprint
 from ..backbones.base import Backbone
 from ..backbones.models import LoadedModel, load_model
 from ..io.images import ImageInput
-from ..methods import _gclip_auto as diag
 
 __all__ = ["BlockReport", "BackboneReport", "inspect_backbone", "fused_attention"]
 

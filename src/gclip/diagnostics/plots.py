@@ -108,7 +108,7 @@ def plot_attention(
     model: LoadedModel, report: BackboneReport, path: Path, patch: tuple[int, int] | None = None, ax: Any = None
 ) -> Path | None:
     """GCLIP's fused attention of one patch (``(row, col)``; default: the centre) on the first calibration image."""
-    from ..methods._gclip_auto import calibration_images
+    from ..backbones.auto import calibration_images
 
     plt = _pyplot()
     vit = backbone_for(model.visual)

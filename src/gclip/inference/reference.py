@@ -84,7 +84,7 @@ def _reference_pass(segmenter: Segmenter, prepared: Prepared) -> tuple[torch.Ten
     if segmenter.method.whole_image:
         return _reference_image_pass(segmenter, prepared)
     vit, method = segmenter.vit, reference_method(segmenter.method)
-    queries = segmenter._require_classes()
+    queries = segmenter.query_embeddings()
     image = prepared.image[None].to(segmenter.device)
     multiple = method.window_multiple(vit)
     size, windows = plan_windows(tuple(image.shape[-2:]), prepared.size, s.crop, s.stride, s.padding, multiple)
@@ -117,7 +117,7 @@ def _reference_image_pass(segmenter: Segmenter, prepared: Prepared) -> tuple[tor
     if shape != tuple(image.shape[-2:]):
         image = F.interpolate(image, shape, mode="bilinear", align_corners=False)
     windows = PlainWindows(image, s.crop, s.stride, method.window_multiple(vit))
-    out = method.image_logits(vit, windows, prepared, segmenter._require_classes(), lambda _: contextlib.nullcontext())
+    out = method.image_logits(vit, windows, prepared, segmenter.query_embeddings(), lambda _: contextlib.nullcontext())
     if not isinstance(out, tuple):
         return out, []
     return out[0], [WindowContext(None, tuple(prepared.size), out[1])]

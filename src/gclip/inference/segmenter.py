@@ -227,7 +227,9 @@ class Segmenter:
         """Segment several images; the windows of all of them share forward passes."""
         return self.infer([self.prepare(img) for img in images], return_probs)
 
-    def _require_classes(self) -> torch.Tensor:
+    def query_embeddings(self) -> torch.Tensor:
+        """The ``(Q, E)`` unit text embeddings of the current classes (one per synonym); a one-line
+        :class:`~gclip.errors.ClassesError` before :meth:`set_classes`."""
         if self._queries is None or self.classes is None:
             raise ClassesError("no classes set: call set_classes([...]) first")
         return self._queries
@@ -301,7 +303,7 @@ class Segmenter:
     def _windows(self, prepared: Sequence[Prepared], plans: list[list[Window]], groups: dict) -> Iterator[tuple]:
         """``(image index, window, lazily upsampled logits, label context or None)`` for every window, batch by
         batch."""
-        queries = self._require_classes()
+        queries = self.query_embeddings()
         bs = self.batch_size
         images: dict[int, torch.Tensor] = {}  # each whole image crosses to the device once; windows are cut there
         contexts: dict[int, torch.Tensor | None] = {}
@@ -337,7 +339,7 @@ class Segmenter:
         size for the whole-image mode, ``crop=0``)."""
         if self.method.whole_image:
             return [self.image_logits(item)[0] for item in prepared]
-        n_queries = self._require_classes().shape[0]
+        n_queries = self.query_embeddings().shape[0]
         sizes, plans, groups = self._plan(prepared)
         canvases = [Canvas(n_queries, size, self.device) for size in sizes]
         for i, win, up, _ in self._windows(prepared, plans, groups):
@@ -361,7 +363,7 @@ class Segmenter:
     @torch.no_grad()
     def infer(self, prepared: Sequence[Prepared], return_probs: bool = False) -> list[SegmentationResult]:
         """The model half of inference on already :meth:`prepare`-d images."""
-        queries = self._require_classes()
+        queries = self.query_embeddings()
         if self.method.whole_image:
             results = []
             for item in prepared:
@@ -418,7 +420,7 @@ class Segmenter:
         if shape != tuple(image.shape[-2:]):
             image = F.interpolate(image, shape, mode="bilinear", align_corners=False)
         windows = tile(image, s.crop, s.stride, self.method.window_multiple(self.vit))
-        out = self.method.image_logits(self.vit, windows, item, self._require_classes(), self._stage)
+        out = self.method.image_logits(self.vit, windows, item, self.query_embeddings(), self._stage)
         if not isinstance(out, tuple):
             return out, []
         logits, context = out

@@ -14,9 +14,9 @@ from typing import Literal
 
 import torch
 
+from ..backbones.auto import CS_WEIGHT, abnormal_channel, auto_settings, default_emerging_blocks
 from ..backbones.base import Backbone
 from ..errors import ConfigError
-from ._gclip_auto import CS_WEIGHT, abnormal_channel, auto_settings, default_emerging_blocks
 from .base import Method, Trace, attend, attention_map, register
 
 

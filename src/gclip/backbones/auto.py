@@ -36,11 +36,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..backbones.base import FFN_OUT_WEIGHT, Backbone, fingerprint
 from ..cache import cache_dir as shared_cache_dir
 from ..inference.preprocess import OPENAI_MEAN, OPENAI_STD, pixel_constants
 from ..inference.windows import resize_image
 from ..io.images import ImageInput, load_image
+from .base import FFN_OUT_WEIGHT, Backbone, fingerprint
 
 __all__ = [
     "HIGH_NORM_RATIO",
