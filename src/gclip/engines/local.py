@@ -141,7 +141,7 @@ def iter_items(
     Yields:
         One :class:`ItemResult` per item, failures included.
     """
-    segmenter._require_classes()
+    segmenter.query_embeddings()
     workers = default_workers() if workers is None else workers
     single_threaded_opencv()  # before the workers are forked
     loader = torch.utils.data.DataLoader(
