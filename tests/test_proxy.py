@@ -91,7 +91,7 @@ def test_proxyclip_logits_are_on_the_proxys_grid(tiny_model, rgb_image):
     assert result.labels.shape == rgb_image.shape[:2]
     from gclip.inference.forward import dense_logits
 
-    logits = dense_logits(seg.vit, seg.method, torch.randn(1, 3, 32, 48), seg._require_classes())
+    logits = dense_logits(seg.vit, seg.method, torch.randn(1, 3, 32, 48), seg.query_embeddings())
     assert logits.shape == (1, 3, 8, 12)  # proxy patch 4 (CLIP-tiny's is 8)
 
 
