@@ -174,10 +174,10 @@ def test_corrclip_with_sams_mask_generator(tiny_model, rgb_image, tmp_path, tiny
 
 
 def test_corrclip_check_resources_before_any_image(tiny_model, photo, tmp_path):
-    from gclip.cli.eval import _with_second_models
+    from gclip.evaluation.run import runnable_methods
 
     notices = []
-    kept = _with_second_models(
+    kept = runnable_methods(
         ["corrclip", "clearclip"],
         {"corrclip": {}, "clearclip": {}},
         ["voc21"],
@@ -187,14 +187,14 @@ def test_corrclip_check_resources_before_any_image(tiny_model, photo, tmp_path):
     )
     assert kept == ["clearclip"] and notices[0].startswith("gclip: skipped corrclip: corrclip needs instance masks")
     with pytest.raises(ConfigError, match="masks folder"):
-        _with_second_models(["corrclip"], {"corrclip": {"masks": "/no/such"}}, ["voc21"], tiny_model, False, print)
+        runnable_methods(["corrclip"], {"corrclip": {"masks": "/no/such"}}, ["voc21"], tiny_model, False, print)
     masks = {"corrclip": {"masks": str(photo.parent)}}
-    assert _with_second_models(["corrclip"], masks, ["voc21"], tiny_model, False, print)
+    assert runnable_methods(["corrclip"], masks, ["voc21"], tiny_model, False, print)
     per_set = {"corrclip": {"masks": str(tmp_path / "{dataset}")}}  # each set's own folder, checked
     (tmp_path / "voc21").mkdir()
-    assert _with_second_models(["corrclip"], per_set, ["voc21"], tiny_model, False, print)
+    assert runnable_methods(["corrclip"], per_set, ["voc21"], tiny_model, False, print)
     with pytest.raises(ConfigError, match=f"masks folder {tmp_path / 'ade20k'}"):
-        _with_second_models(["corrclip"], per_set, ["voc21", "ade20k"], tiny_model, False, print)
+        runnable_methods(["corrclip"], per_set, ["voc21", "ade20k"], tiny_model, False, print)
 
 
 def test_segment_cli_with_masks_goes_on_past_an_image_without_one(tmp_path, tiny_checkpoint, photo, capsys):

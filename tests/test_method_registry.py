@@ -56,7 +56,7 @@ def test_a_new_method_file_is_picked_up_with_no_other_edit(dropped_method, tiny_
     theirs = re.search(r"clearclip on voc20: mIoU (\S+)", printed)
     assert ours and theirs and ours.group(1) == theirs.group(1)  # the same computation under another name
 
-    from gclip.cli.eval import expand_methods
+    from gclip.evaluation import expand_methods
 
     assert NAME in expand_methods("all")
 

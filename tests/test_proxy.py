@@ -159,14 +159,14 @@ def test_sam_without_weights_names_the_file_to_pass():
 
 
 def test_trident_without_sam_weights_names_its_flag(tiny_model):
-    from gclip.cli.eval import _with_second_models
+    from gclip.evaluation.run import runnable_methods
 
     proxy.register_proxy("sam_noweights", REAL_PROXIES["sam_vitb"])
     options = {"trident": {"sam": "sam_noweights"}}
     with pytest.raises(WeightsError, match="trident: .*--sam-checkpoint PATH") as e:
-        _with_second_models(["trident"], options, ["voc21"], tiny_model, False, print)
+        runnable_methods(["trident"], options, ["voc21"], tiny_model, False, print)
     assert "\n" not in str(e.value)
     notices = []
     say = lambda *a, **k: notices.append(a[0])  # noqa: E731
-    assert _with_second_models(["trident"], options, ["voc21"], tiny_model, True, say) == []
+    assert runnable_methods(["trident"], options, ["voc21"], tiny_model, True, say) == []
     assert notices and notices[0].startswith("gclip: skipped trident:")

@@ -11,6 +11,7 @@ from .backbones.models import LoadedModel, load_model
 from .diagnostics.inspect import BackboneReport, inspect_backbone
 from .engines import SegmenterSpec, iter_segment, segment_folder
 from .errors import ClassesError, ConfigError, GclipError, ImageError, WeightsError
+from .evaluation import evaluate
 from .inference.result import SegmentationResult
 from .inference.segmenter import Segmenter, Settings
 from .methods import Method, get_method, list_methods, register
@@ -34,6 +35,7 @@ __all__ = [
     "SegmenterSpec",
     "Settings",
     "WeightsError",
+    "evaluate",
     "get_method",
     "inspect_backbone",
     "iter_segment",

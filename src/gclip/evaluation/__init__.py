@@ -1,9 +1,10 @@
 """The benchmarks: dataset layouts, protocol presets (TOML data files), the mmseg-identical IoU metric, and
-the evaluation loop (DataLoader workers, several images per step, multi-process sharding)."""
+the scoring loop (DataLoader workers, several images per step, multi-process sharding), and
+:func:`evaluate`: methods x datasets under their protocols (the library call behind ``gclip eval``)."""
 
 from .coco_object import build_coco_object, stuff_to_object
 from .distributed import DistContext, init_distributed, shard
-from .evaluate import EvalResult, evaluate
+from .evaluate import EvalResult, score
 from .layouts import (
     DATASETS,
     PAPER_ORDER,
@@ -19,6 +20,7 @@ from .layouts import (
 from .loader import BenchmarkDataset
 from .metric import Areas, image_areas, summarize
 from .protocols import Preset, list_protocols, protocol_for, resolve_preset
+from .run import evaluate, expand_datasets, expand_methods
 
 __all__ = [
     "Areas",
@@ -34,6 +36,8 @@ __all__ = [
     "Sample",
     "build_coco_object",
     "evaluate",
+    "expand_datasets",
+    "expand_methods",
     "get_dataset",
     "image_areas",
     "init_distributed",
@@ -43,6 +47,7 @@ __all__ = [
     "read_label",
     "reduce_zero_label",
     "resolve_preset",
+    "score",
     "shard",
     "stuff_to_object",
     "summarize",

@@ -20,7 +20,7 @@ from .layouts import DatasetError, DatasetSpec, Sample
 from .loader import BenchmarkDataset, make_loader
 from .metric import Areas, image_areas, summarize
 
-__all__ = ["EvalResult", "evaluate"]
+__all__ = ["EvalResult", "score"]
 
 
 @dataclass
@@ -92,7 +92,7 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True, file=sys.stderr)
 
 
-def evaluate(
+def score(
     segmenter: Segmenter,
     spec: DatasetSpec,
     samples: list[Sample],
