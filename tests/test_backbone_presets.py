@@ -16,11 +16,13 @@ import torch
 from open_clip.model import _build_vision_tower
 
 from conftest import SECOND_MODELS_DIR, crop_methods, tiny_second_models
+from gclip import Segmenter
 from gclip.backbones.openclip import DenseViT
 from gclip.backbones.presets import get_preset, list_presets, tag_family
 from gclip.cli import main
 from gclip.errors import ConfigError
 from gclip.inference.forward import dense_features
+from gclip.inference.segmenter import PresetNotice
 from gclip.methods import get_method, list_methods
 
 PRESETS = {p.name: p for p in list_presets()}
@@ -133,3 +135,14 @@ def test_cli_models_lists_presets(capsys):
 
     assert len(list_methods()) >= 12 and all(f"  {m} " in out for m in list_methods())
     assert "second models" in out and "dino_vits8" in out
+
+
+def test_backbone_preset_is_applied_when_no_geometry_is_given(tiny_model, monkeypatch):
+    import gclip.inference.segmenter as segmenter
+
+    monkeypatch.setattr(segmenter, "preset_settings", lambda name: {"short_side": 336, "crop": 336, "stride": 168})
+    with pytest.warns(PresetNotice, match="short_side=336, crop=336, stride=168"):
+        seg = Segmenter(tiny_model, method="clip")
+    assert (seg.settings.short_side, seg.settings.crop, seg.settings.stride) == (336, 336, 168)
+    chosen = Segmenter(tiny_model, method="clip", crop=224)  # any geometry given: the preset stays out
+    assert (chosen.settings.short_side, chosen.settings.crop) == (448, 224)
