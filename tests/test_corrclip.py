@@ -218,6 +218,7 @@ def test_segment_cli_with_masks_goes_on_past_an_image_without_one(tmp_path, tiny
     assert (tmp_path / "out" / "photo.png").is_file() and not (tmp_path / "out" / "nomask.png").exists()
 
 
+@pytest.mark.golden
 def test_crop_logits_match_the_authors_forward_feature(vitb16_checkpoint, golden_dino, sample_data):
     """The first 336 x 336 window of the first VOC photo (its golden instance mask resized as the authors do)
     through CorrCLIP's forward_feature: logits upsampled to the window, stored [::4, ::4]; tolerance 1e-4."""
