@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import open_clip
@@ -20,7 +21,13 @@ open_clip.add_model_config(HERE / "configs")
 logging.getLogger().setLevel(logging.ERROR)
 
 
-def make_tiny_proxy():
+TINY_DINO = "gclip-tiny-dino"  # second-model registry: a tiny DINO-layout timm ViT (random_state_dict seed 7)
+TINY_SAM = "gclip-tiny-sam"  # second-model registry: a tiny SAM image encoder (seed 8)
+TINY_SAM_MASKS = "gclip-tiny-sam-masks"  # mask-generator registry: a whole tiny SAM (seed 3)
+TINY_BY_FAMILY = {"timm": TINY_DINO, "sam": TINY_SAM}  # ProxySpec.family -> the test model standing for it
+
+
+def make_tiny_dino():
     """A tiny DINO-layout ViT (timm): patch 4, width 64 and 4 heads (CLIP-tiny's, as CASS needs), 2 blocks, so its grid
     is twice CLIP-tiny's."""
     from timm.models.vision_transformer import VisionTransformer
@@ -48,33 +55,87 @@ def make_tiny_sam():
     ).eval()
 
 
-def _register_tiny_proxy() -> None:
-    """The suite has no DINO or SAM weights: the default proxy names (``dino_vitb8``, Trident's ``dino_vitb16``
-    and ``sam_vitb``) are pointed at tiny random models saved to temporary files, as the tiny open_clip config
-    stands in for CLIP. The real entries are kept in ``REAL_PROXIES`` (test_proxy checks them)."""
+def make_tiny_full_sam():
+    """A whole tiny SAM (segment-anything: :func:`make_tiny_sam`'s encoder, a prompt encoder, a mask decoder) for
+    SAM's automatic mask generator."""
+    from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    return Sam(
+        make_tiny_sam(),
+        PromptEncoder(embed_dim=16, image_embedding_size=(8, 8), input_image_size=(64, 64), mask_in_chans=4),
+        MaskDecoder(
+            transformer_dim=16, transformer=TwoWayTransformer(depth=1, embedding_dim=16, mlp_dim=32, num_heads=2)
+        ),
+    ).eval()
+
+
+def _register_tiny_second_models() -> Path:
+    """The suite has no DINO or SAM weights: tiny random models are registered under their own names
+    (:data:`TINY_DINO`, :data:`TINY_SAM` as second models, :data:`TINY_SAM_MASKS` as a mask generator), their
+    checkpoints saved to a temporary folder (removed at exit), as the tiny open_clip config stands in for CLIP. The
+    real entries (``dino_vitb8``, ``sam_vitb``, ...) are left as they are: a test asks for a tiny model by name
+    (:func:`tiny_second_models`). Returns the folder."""
+    import atexit
+    import shutil
     import tempfile
 
     import torch
 
-    from gclip.backbones import second_models as proxy
+    from gclip.backbones import second_models
 
-    REAL_PROXIES.update(proxy.PROXIES)
-    path = Path(tempfile.mkdtemp(prefix="gclip-proxy-")) / "tiny-dino.pth"
-    torch.save(random_state_dict(make_tiny_proxy(), seed=7), path)
-    proxy.register_proxy("dino_vitb8", proxy.ProxySpec("gclip-tiny-proxy", build=make_tiny_proxy, checkpoint=str(path)))
-    proxy.register_proxy("dino_vitb16", proxy.PROXIES["dino_vitb8"])  # Trident's default DINO
+    folder = Path(tempfile.mkdtemp(prefix="gclip-second-models-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    dino = folder / "tiny-dino.pth"
+    torch.save(random_state_dict(make_tiny_dino(), seed=7), dino)
+    second_models.register_proxy(
+        TINY_DINO, second_models.ProxySpec(TINY_DINO, build=make_tiny_dino, checkpoint=str(dino))
+    )
     try:
         sam = make_tiny_sam()
-    except ImportError:  # segment-anything absent: the SAM tests skip
-        return
-    sam_path = path.with_name("tiny-sam.pth")
-    torch.save(random_state_dict(sam, seed=8), sam_path)
-    spec = proxy.ProxySpec("gclip-tiny-sam", build=make_tiny_sam, checkpoint=str(sam_path), input_size=64, family="sam")
-    proxy.register_proxy("sam_vitb", spec)
+    except ImportError:  # segment-anything absent: the tests that need a SAM skip (tiny_second_models)
+        return folder
+    torch.save(random_state_dict(sam, seed=8), folder / "tiny-sam.pth")
+    spec = second_models.ProxySpec(
+        TINY_SAM, build=make_tiny_sam, checkpoint=str(folder / "tiny-sam.pth"), input_size=64, family="sam"
+    )
+    second_models.register_proxy(TINY_SAM, spec)
+    from gclip.io.masks import register_mask_model
+
+    register_mask_model(TINY_SAM_MASKS, make_tiny_full_sam)
+    torch.save(random_state_dict(make_tiny_full_sam(), seed=3), folder / "tiny-full-sam.pth")
+    return folder
 
 
-REAL_PROXIES: dict = {}
-_register_tiny_proxy()
+SECOND_MODELS_DIR = _register_tiny_second_models()
+
+
+def tiny_second_models(method: str) -> dict[str, Any]:
+    """Options that give every second model of ``method`` a tiny test model, derived from its option fields.
+
+    An option whose default names an entry of the second-model registry (``proxy="dino_vitb8"``,
+    ``sam="sam_vitb"``) gets the test model of that entry's family (:data:`TINY_BY_FAMILY`); a ``mask_generator``
+    option gets the tiny SAM of :data:`TINY_SAM_MASKS` with its weights and thresholds 0, so that its random masks
+    pass. A method without second models gets ``{}``. Skips the test when a SAM is needed and segment-anything is
+    absent."""
+    from gclip.backbones.second_models import PROXIES
+    from gclip.methods import get_method
+
+    options: dict[str, Any] = {}
+    for field in dataclasses.fields(type(get_method(method))):
+        if isinstance(field.default, str) and field.default in PROXIES:
+            family = PROXIES[field.default].family
+            if family == "sam":
+                pytest.importorskip("segment_anything")
+            options[field.name] = TINY_BY_FAMILY[family]
+        elif field.name == "mask_generator":
+            pytest.importorskip("segment_anything")
+            options.update(
+                mask_generator=TINY_SAM_MASKS,
+                sam_checkpoint=str(SECOND_MODELS_DIR / "tiny-full-sam.pth"),
+                pred_iou_thresh=0.0,
+                stability_score_thresh=0.0,
+            )
+    return options
 
 
 def crop_methods() -> list[str]:
@@ -217,7 +278,7 @@ def golden_mae(tmp_path_factory) -> str:
     state["decoder_embed.weight"] = torch.zeros(512, 768)
     path = tmp_path_factory.mktemp("mae") / "mae-vitb16-random.pth"
     torch.save({"model": state}, path)
-    spec = REAL_PROXIES.get("mae_vitb16", proxy.PROXIES["mae_vitb16"])
+    spec = proxy.PROXIES["mae_vitb16"]
     proxy.register_proxy("golden_mae", dataclasses.replace(spec, checkpoint=str(path)))
     return "golden_mae"
 
@@ -235,37 +296,3 @@ def golden_dino16(tmp_path_factory) -> str:
     torch.save(random_state_dict(timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0), 23), path)
     proxy.register_proxy("golden_dino16", proxy.ProxySpec("vit_base_patch16_224", "dino", checkpoint=str(path)))
     return "golden_dino16"
-
-
-def make_tiny_full_sam():
-    """A whole tiny SAM (segment-anything: :func:`make_tiny_sam`'s encoder, a prompt encoder, a mask decoder) for
-    SAM's automatic mask generator."""
-    from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-
-    return Sam(
-        make_tiny_sam(),
-        PromptEncoder(embed_dim=16, image_embedding_size=(8, 8), input_image_size=(64, 64), mask_in_chans=4),
-        MaskDecoder(
-            transformer_dim=16, transformer=TwoWayTransformer(depth=1, embedding_dim=16, mlp_dim=32, num_heads=2)
-        ),
-    ).eval()
-
-
-@pytest.fixture(scope="session")
-def tiny_mask_generator(tmp_path_factory) -> dict:
-    """CorrCLIP options for a tiny random SAM (registered as the mask generator ``tiny_sam``) as its mask
-    generator, its thresholds 0 so that random masks pass."""
-    pytest.importorskip("segment_anything")
-    import torch
-
-    from gclip.io.masks import register_mask_model
-
-    register_mask_model("tiny_sam", make_tiny_full_sam)
-    path = tmp_path_factory.mktemp("sam") / "tiny-full-sam.pth"
-    torch.save(random_state_dict(make_tiny_full_sam(), seed=3), path)
-    return {
-        "mask_generator": "tiny_sam",
-        "sam_checkpoint": str(path),
-        "pred_iou_thresh": 0.0,
-        "stability_score_thresh": 0.0,
-    }

@@ -15,12 +15,14 @@ import pytest
 import torch
 from open_clip.model import _build_vision_tower
 
-from conftest import crop_methods
+from conftest import SECOND_MODELS_DIR, crop_methods, tiny_second_models
+from gclip import Segmenter
 from gclip.backbones.openclip import DenseViT
 from gclip.backbones.presets import get_preset, list_presets, tag_family
 from gclip.cli import main
 from gclip.errors import ConfigError
 from gclip.inference.forward import dense_features
+from gclip.inference.segmenter import PresetNotice
 from gclip.methods import get_method, list_methods
 
 PRESETS = {p.name: p for p in list_presets()}
@@ -69,9 +71,31 @@ def test_preset_architecture_on_meta(name):
     assert model.visual.positional_embedding.shape[0] == 1 + (preset.image_size // preset.patch_size) ** 2
 
 
-def _forward_all_methods(name, dino=None):
-    """Every method's features on the preset's architecture (random weights). CASS needs a DINO of CLIP's width
-    and heads: the random ViT-B/8 ``dino`` for the ViT-B presets; on the others it is left out (no DINO fits)."""
+def dino_like(vit: DenseViT) -> str:
+    """A one-block random DINO-layout ViT (patch 8) of ``vit``'s width and heads, as CASS pairs them, registered
+    under its own name (``gclip-tiny-dino-<width>x<heads>``)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from gclip.backbones import second_models
+    from gclip.testing import random_state_dict
+
+    name = f"gclip-tiny-dino-{vit.width}x{vit.heads}"
+    if name not in second_models.PROXIES:
+
+        def build():
+            return VisionTransformer(
+                img_size=32, patch_size=8, embed_dim=vit.width, depth=1, num_heads=vit.heads, num_classes=0
+            ).eval()
+
+        path = SECOND_MODELS_DIR / f"{name}.pth"
+        torch.save(random_state_dict(build(), seed=7), path)
+        second_models.register_proxy(name, second_models.ProxySpec(name, build=build, checkpoint=str(path)))
+    return name
+
+
+def _forward_all_methods(name):
+    """Every method's features on the preset's architecture (random weights); the second models are tiny ones,
+    CASS's a DINO of CLIP's width and heads (:func:`dino_like`)."""
     preset = PRESETS[name]
     cfg = open_clip.get_model_config(preset.model)
     torch.manual_seed(0)
@@ -80,24 +104,25 @@ def _forward_all_methods(name, dino=None):
     side = 4 * preset.patch_size  # a small crop: 4x4 patches, position embeddings resampled as for any crop
     crops = torch.randn(1, 3, side, side)
     for method in crop_methods():  # Trident runs whole images (its own tests)
-        if method == "cass" and (dino is None or vit.width != 768):
-            continue
-        m = get_method(method, proxy=dino) if method == "cass" else get_method(method)
+        options = tiny_second_models(method)
+        if method == "cass":
+            options["proxy"] = dino_like(vit)
+        m = get_method(method, **options)
         feats = dense_features(vit, m, crops)
         grid = m.output_grid(vit, (side, side))  # 4 x 4, or a second model's own grid
         assert feats.shape == (1, *grid, cfg["embed_dim"]) and torch.isfinite(feats).all(), method
 
 
 @pytest.mark.parametrize("name", sorted(FAST))
-def test_fast_preset_forward_every_method(name, golden_dino):
-    _forward_all_methods(name, golden_dino)
+def test_fast_preset_forward_every_method(name):
+    _forward_all_methods(name)
 
 
 @pytest.mark.slow
 @SLOW
 @pytest.mark.parametrize("name", [n for n in PRESETS if n not in FAST])
-def test_large_preset_forward_every_method(name, golden_dino):
-    _forward_all_methods(name, golden_dino)
+def test_large_preset_forward_every_method(name):
+    _forward_all_methods(name)
 
 
 def test_cli_models_lists_presets(capsys):
@@ -110,3 +135,14 @@ def test_cli_models_lists_presets(capsys):
 
     assert len(list_methods()) >= 12 and all(f"  {m} " in out for m in list_methods())
     assert "second models" in out and "dino_vits8" in out
+
+
+def test_backbone_preset_is_applied_when_no_geometry_is_given(tiny_model, monkeypatch):
+    import gclip.inference.segmenter as segmenter
+
+    monkeypatch.setattr(segmenter, "preset_settings", lambda name: {"short_side": 336, "crop": 336, "stride": 168})
+    with pytest.warns(PresetNotice, match="short_side=336, crop=336, stride=168"):
+        seg = Segmenter(tiny_model, method="clip")
+    assert (seg.settings.short_side, seg.settings.crop, seg.settings.stride) == (336, 336, 168)
+    chosen = Segmenter(tiny_model, method="clip", crop=224)  # any geometry given: the preset stays out
+    assert (chosen.settings.short_side, chosen.settings.crop) == (448, 224)

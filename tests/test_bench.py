@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import HERE, TINY
+from conftest import HERE, TINY, tiny_second_models
 from gclip.cli import main
 from gclip.diagnostics.bench import BenchConfig, encoder_flops, memory_check_subprocess, window_grids
 
@@ -95,13 +95,11 @@ def test_memory_check_runs_in_a_fresh_process():
 
 
 @pytest.mark.parametrize("method", ["proxyclip", "trident", "corrclip"])
-def test_bench_times_the_second_model_as_its_own_stage(tmp_path, method, request):
-    extra = []
-    if method in ("trident", "corrclip"):
-        pytest.importorskip("segment_anything")
-    if method == "corrclip":  # synthetic images have no mask files: SAM's generator makes them (its own stage)
-        options = {**request.getfixturevalue("tiny_mask_generator"), "window_pad": 8}
-        extra = ["--method-options", json.dumps(options)]
+def test_bench_times_the_second_model_as_its_own_stage(tmp_path, method):
+    options = tiny_second_models(method)  # corrclip: synthetic images have no mask files, SAM's generator makes
+    if method == "corrclip":  # them (its own stage)
+        options["window_pad"] = 8
+    extra = ["--method-options", json.dumps(options)]
     out = tmp_path / "bench.json"
     argv = [
         "bench",

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import TINY_DINO
 from gclip import Segmenter
 from gclip.errors import ConfigError
 from gclip.inference.reference import reference_labels
@@ -99,7 +100,12 @@ def test_cass_is_a_paired_method_and_checks_its_options():
 @pytest.mark.parametrize("source", ["image", "crop"])
 def test_cass_engine_equals_the_reference_loop(tiny_model, rgb_image, source):
     seg = Segmenter(
-        tiny_model, method="cass", method_options={"global_source": source}, short_side=40, crop=32, stride=16
+        tiny_model,
+        method="cass",
+        method_options={"proxy": TINY_DINO, "global_source": source},
+        short_side=40,
+        crop=32,
+        stride=16,
     )
     seg.set_classes(["cat", "dog", "grass"])
     got = seg.predict(rgb_image)
@@ -108,7 +114,9 @@ def test_cass_engine_equals_the_reference_loop(tiny_model, rgb_image, source):
 
 
 def test_cass_global_source_image_takes_the_whole_image(tiny_model, rgb_image, monkeypatch):
-    seg = Segmenter(tiny_model, method="cass", short_side=40, crop=32, stride=16, batch_size=4)
+    seg = Segmenter(
+        tiny_model, method="cass", method_options={"proxy": TINY_DINO}, short_side=40, crop=32, stride=16, batch_size=4
+    )
     seg.set_classes(["cat", "dog", "grass"])
     calls = []
     original = type(seg.method).image_context

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY
+from conftest import TINY, TINY_DINO, TINY_SAM_MASKS, tiny_second_models
 from gclip import Segmenter
 from gclip.cli import main
 from gclip.errors import ConfigError, ImageError, WeightsError
@@ -41,7 +41,12 @@ def photo(tmp_path, rgb_image):
 
 def _segmenter(model, **options) -> Segmenter:
     seg = Segmenter(
-        model, method="corrclip", method_options={"window_pad": 8, **options}, short_side=40, crop=32, stride=16
+        model,
+        method="corrclip",
+        method_options={"proxy": TINY_DINO, "window_pad": 8, **options},
+        short_side=40,
+        crop=32,
+        stride=16,
     )
     seg.set_classes(["cat", "dog", "grass"])
     return seg
@@ -159,8 +164,8 @@ def test_corrclip_errors_are_one_line(tiny_model, photo, rgb_image):
     assert "--masks FOLDER" in NO_MASKS and "--mask-generator" in NO_MASKS
 
 
-def test_corrclip_with_sams_mask_generator(tiny_model, rgb_image, tmp_path, tiny_mask_generator):
-    seg = _segmenter(tiny_model, **tiny_mask_generator)
+def test_corrclip_with_sams_mask_generator(tiny_model, rgb_image, tmp_path):
+    seg = _segmenter(tiny_model, **tiny_second_models("corrclip"))
     mask = seg.method.instance_mask(seg.vit, rgb_image, None, rgb_image.shape[:2]).numpy()
     assert mask.shape == rgb_image.shape[:2] and mask.max() >= 1  # the generator found regions
     got = seg.predict(rgb_image)  # an in-memory image: the generator needs no file name
@@ -168,8 +173,9 @@ def test_corrclip_with_sams_mask_generator(tiny_model, rgb_image, tmp_path, tiny
     for v in np.unique(mask)[1:]:
         assert len(np.unique(got.labels[mask == v])) == 1
     (tmp_path / "bad.pth").write_bytes(b"")
+    bad = _segmenter(tiny_model, mask_generator=TINY_SAM_MASKS, sam_checkpoint=str(tmp_path / "bad.pth"))
     with pytest.raises(WeightsError) as e:
-        _segmenter(tiny_model, mask_generator="tiny_sam", sam_checkpoint=str(tmp_path / "bad.pth")).predict(rgb_image)
+        bad.predict(rgb_image)
     assert "\n" not in str(e.value)
 
 
@@ -179,7 +185,7 @@ def test_corrclip_check_resources_before_any_image(tiny_model, photo, tmp_path):
     notices = []
     kept = runnable_methods(
         ["corrclip", "clearclip"],
-        {"corrclip": {}, "clearclip": {}},
+        {"corrclip": {"proxy": TINY_DINO}, "clearclip": {}},
         ["voc21"],
         tiny_model,
         True,
@@ -187,10 +193,12 @@ def test_corrclip_check_resources_before_any_image(tiny_model, photo, tmp_path):
     )
     assert kept == ["clearclip"] and notices[0].startswith("gclip: skipped corrclip: corrclip needs instance masks")
     with pytest.raises(ConfigError, match="masks folder"):
-        runnable_methods(["corrclip"], {"corrclip": {"masks": "/no/such"}}, ["voc21"], tiny_model, False, print)
-    masks = {"corrclip": {"masks": str(photo.parent)}}
+        runnable_methods(
+            ["corrclip"], {"corrclip": {"proxy": TINY_DINO, "masks": "/no/such"}}, ["voc21"], tiny_model, False, print
+        )
+    masks = {"corrclip": {"proxy": TINY_DINO, "masks": str(photo.parent)}}
     assert runnable_methods(["corrclip"], masks, ["voc21"], tiny_model, False, print)
-    per_set = {"corrclip": {"masks": str(tmp_path / "{dataset}")}}  # each set's own folder, checked
+    per_set = {"corrclip": {"proxy": TINY_DINO, "masks": str(tmp_path / "{dataset}")}}  # each set's own folder, checked
     (tmp_path / "voc21").mkdir()
     assert runnable_methods(["corrclip"], per_set, ["voc21"], tiny_model, False, print)
     with pytest.raises(ConfigError, match=f"masks folder {tmp_path / 'ade20k'}"):
@@ -201,7 +209,8 @@ def test_segment_cli_with_masks_goes_on_past_an_image_without_one(tmp_path, tiny
     Image.open(photo).save(tmp_path / "nomask.png")
     argv = ["segment", str(photo), str(tmp_path / "nomask.png"), "--classes", "cat,dog", "--model", TINY]
     argv += ["--pretrained", str(tiny_checkpoint), "--out", str(tmp_path / "out"), "--method", "corrclip"]
-    argv += ["--masks", str(tmp_path / "masks"), "--crop", "32", "--stride", "16", "--short-side", "40"]
+    argv += ["--masks", str(tmp_path / "masks"), "--proxy", TINY_DINO]
+    argv += ["--crop", "32", "--stride", "16", "--short-side", "40"]
     argv += ["--method-options", json.dumps({"window_pad": 8})]
     code = main(argv)
     err = capsys.readouterr().err
@@ -209,6 +218,7 @@ def test_segment_cli_with_masks_goes_on_past_an_image_without_one(tmp_path, tiny
     assert (tmp_path / "out" / "photo.png").is_file() and not (tmp_path / "out" / "nomask.png").exists()
 
 
+@pytest.mark.golden
 def test_crop_logits_match_the_authors_forward_feature(vitb16_checkpoint, golden_dino, sample_data):
     """The first 336 x 336 window of the first VOC photo (its golden instance mask resized as the authors do)
     through CorrCLIP's forward_feature: logits upsampled to the window, stored [::4, ::4]; tolerance 1e-4."""
@@ -236,6 +246,6 @@ def test_crop_logits_match_the_authors_forward_feature(vitb16_checkpoint, golden
     assert np.abs(got[0, :, ::4, ::4].numpy() - expected).max() <= 1e-4
 
 
-def test_corrclip_keeps_the_decoded_pixels_only_for_its_generator(tiny_model, photo, tiny_mask_generator):
+def test_corrclip_keeps_the_decoded_pixels_only_for_its_generator(tiny_model, photo):
     assert _segmenter(tiny_model, masks=str(photo.parent / "masks")).prepare(photo).original is None
-    assert _segmenter(tiny_model, **tiny_mask_generator).prepare(photo).original is not None
+    assert _segmenter(tiny_model, **tiny_second_models("corrclip")).prepare(photo).original is not None

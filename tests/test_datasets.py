@@ -208,6 +208,17 @@ def test_preparer_equals_segmenter_prepare(tiny_model, rgb_image):
 # ----- presets -------------------------------------------------------------------------------------------
 
 
+def test_presets_carry_per_dataset_method_options():
+    voc = resolve_preset("resclip", "voc21")
+    assert voc.method_options == {"temp_thd": 0.5, "rcs_weights": [2.0, 0.3], "sfr_weights": [2.2, 0.7]}
+    assert (voc.settings["crop"], voc.settings["prob_thd"]) == (2048, 0.1)
+    assert resolve_preset("resclip", "ade20k").method_options["temp_thd"] == 0.25
+    assert resolve_preset("itaclip", "cityscapes").method_options["img_eng_coefficient"] == 0.7
+    assert resolve_preset("scclip", "coco_object").settings["logit_scale"] == 55.0
+    assert resolve_preset("sfp", "ade20k").settings["short_side"] == 384
+    get_method("resclip", **voc.method_options)  # the preset's options are the method's
+
+
 PROTOCOL_OF = {"sclip": "sclip", "naclip": "sclip", "gclip": "clearclip", "gem": "clearclip"}
 
 

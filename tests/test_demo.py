@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import tiny_second_models
 from gclip.demo import DemoService, DemoSettings, Limits, parse_vocabulary
 from gclip.demo.service import EXAMPLES_DIR, overlay
 from gclip.errors import ClassesError
@@ -187,16 +188,20 @@ def test_cli_demo_rejects_bad_limits(capsys):
 
 
 @pytest.mark.parametrize("method", ["cass", "trident"])
-def test_the_demo_runs_the_methods_with_second_models(service, method):
-    pytest.importorskip("segment_anything")
+def test_the_demo_runs_the_methods_with_second_models(tiny_model, tmp_path, monkeypatch, method):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    options = {method: tiny_second_models(method)}
+    service = DemoService(
+        tiny_model, Limits(work_side=512), workdir=tmp_path / "work", defaults=FAST, method_options=options
+    )
     outcome = service.segment(HORSE, "horse, person, wall", method, FAST)
     h, w = np.asarray(Image.open(HORSE)).shape[:2]
     assert outcome.result.labels.shape == (h, w)
 
 
-def test_the_demo_runs_corrclip_with_sams_mask_generator(tiny_model, tmp_path, monkeypatch, tiny_mask_generator):
+def test_the_demo_runs_corrclip_with_sams_mask_generator(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
-    options = {"corrclip": {**tiny_mask_generator, "window_pad": 8}}
+    options = {"corrclip": {**tiny_second_models("corrclip"), "window_pad": 8}}
     service = DemoService(
         tiny_model, Limits(work_side=512), workdir=tmp_path / "work", defaults=FAST, method_options=options
     )

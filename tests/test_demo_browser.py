@@ -23,6 +23,8 @@ pytest.importorskip("gradio")
 httpx = pytest.importorskip("httpx")
 ui = pytest.importorskip("gclip.demo.ui")
 
+pytestmark = pytest.mark.browser
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless",

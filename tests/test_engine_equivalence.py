@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import gclip
+from conftest import tiny_second_models
 from gclip.inference.canvas import BandCanvas
 from gclip.inference.postprocess import StreamingReduction, reduce_logits
 from gclip.inference.reference import reference_labels, reference_merged_logits
@@ -30,8 +31,8 @@ def images() -> list[np.ndarray]:
 
 @pytest.mark.parametrize("settings", SETTINGS, ids=["sliding", "thresholds-nopad", "whole-pamr"])
 @pytest.mark.parametrize("method", gclip.list_methods())
-def test_engine_equals_reference_loop(tiny_model, images, method, settings, request):
-    options = request.getfixturevalue("tiny_mask_generator") if method == "corrclip" else {}  # arrays: no mask files
+def test_engine_equals_reference_loop(tiny_model, images, method, settings):
+    options = tiny_second_models(method)  # corrclip: SAM's generator makes its masks (arrays: no mask files)
     seg = gclip.Segmenter(tiny_model, method=method, classes=CLASSES, method_options=options, **settings)
     results = seg.predict_batch(images)
     prepared = [seg.prepare(img) for img in images]

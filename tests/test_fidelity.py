@@ -19,6 +19,8 @@ from gclip.backbones.openclip import DenseViT
 from gclip.inference.forward import dense_logits
 from gclip.methods import get_method, list_methods
 
+pytestmark = pytest.mark.golden
+
 GOLDEN = Path(__file__).parent / "data" / "fidelity"
 TABLE = tomllib.loads((GOLDEN / "goldens.toml").read_text(encoding="utf-8"))
 UNMATCHED = {

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from conftest import crop_methods, make_tiny
+from conftest import crop_methods, make_tiny, tiny_second_models
 from gclip.backbones.openclip import DenseViT
 from gclip.errors import ConfigError
 from gclip.inference.forward import dense_features
@@ -26,7 +26,8 @@ def deep_model():
 
 
 def test_registry_finds_every_method_module():
-    """Registration is automatic: every module of gclip/methods (but the private ones) registers one method."""
+    """Registration is automatic: every module of gclip/methods (but the private ones, the base and GCLIP's
+    auto-configuration beside GCLIP) registers one method."""
     from pathlib import Path
 
     import gclip.methods
@@ -39,7 +40,7 @@ def test_registry_finds_every_method_module():
 
 @pytest.mark.parametrize("method", CROP_METHODS)
 def test_dense_features_shape_and_finite(deep_model, method):
-    m, vit = get_method(method), DenseViT(deep_model.visual)
+    m, vit = get_method(method, **tiny_second_models(method)), DenseViT(deep_model.visual)
     feats = dense_features(vit, m, torch.randn(2, 3, 40, 24))
     expected = (5, 3) if m.name != "proxyclip" else (10, 6)  # a second model's features are on its grid (patch 4)
     assert m.output_grid(vit, (40, 24)) == expected
@@ -49,7 +50,7 @@ def test_dense_features_shape_and_finite(deep_model, method):
 
 @pytest.mark.parametrize("method", CROP_METHODS)
 def test_batch_equals_one_at_a_time(deep_model, method):
-    vit, m = DenseViT(deep_model.visual), get_method(method)
+    vit, m = DenseViT(deep_model.visual), get_method(method, **tiny_second_models(method))
     images = torch.randn(3, 3, 32, 32)
     together = dense_features(vit, m, images)
     alone = torch.cat([dense_features(vit, m, images[i : i + 1]) for i in range(3)])
@@ -59,14 +60,15 @@ def test_batch_equals_one_at_a_time(deep_model, method):
 @pytest.mark.parametrize("method", CROP_METHODS)
 def test_methods_never_modify_the_model(deep_model, method):
     before = {k: v.clone() for k, v in deep_model.state_dict().items()}
-    dense_features(DenseViT(deep_model.visual), get_method(method), torch.randn(1, 3, 32, 32))
+    m = get_method(method, **tiny_second_models(method))
+    dense_features(DenseViT(deep_model.visual), m, torch.randn(1, 3, 32, 32))
     after = deep_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_methods_differ_from_each_other(deep_model):
     vit, images = DenseViT(deep_model.visual), torch.randn(1, 3, 32, 32)
-    feats = {m: dense_features(vit, get_method(m), images) for m in CROP_METHODS}
+    feats = {m: dense_features(vit, get_method(m, **tiny_second_models(m)), images) for m in CROP_METHODS}
     for a in feats:
         for b in feats:
             if a < b and feats[a].shape == feats[b].shape:  # (a second model's grid differs)

@@ -20,6 +20,8 @@ from gclip import Segmenter
 from gclip.backbones.models import load_model
 from gclip.text import parse_classes
 
+pytestmark = pytest.mark.pipeline
+
 GOLDEN = Path(__file__).parent / "data" / "fidelity"
 TABLE = tomllib.loads((GOLDEN / "pipelines.toml").read_text(encoding="utf-8"))
 PHOTOS = ["2007_001288", "2007_001321", "2007_001458"]
@@ -49,10 +51,11 @@ def text():
     return torch.from_numpy(t / np.linalg.norm(t, axis=1, keepdims=True))
 
 
-@pytest.mark.parametrize("name", sorted(TABLE))
+SLOW_MARKS = [pytest.mark.slow, pytest.mark.skipif(not SLOW, reason="a slow pipeline golden (GCLIP_SLOW=1 runs it)")]
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=SLOW_MARKS) if n in SLOW_ONLY else n for n in sorted(TABLE)])
 def test_pipeline_matches_the_authors_segmentor(model, text, sample_data, name, request, tmp_path):
-    if name in SLOW_ONLY and not SLOW:
-        pytest.skip(f"{name}: a slow pipeline golden (GCLIP_SLOW=1 runs it)")
     entry = TABLE[name]
     options = dict(entry.get("options", {}))
     if "masks" in entry:  # CorrCLIP: the golden's instance masks, as <stem>.npz files
@@ -69,6 +72,7 @@ def test_pipeline_matches_the_authors_segmentor(model, text, sample_data, name, 
     golden = np.load(GOLDEN / "pipeline" / f"{name}.npz")
     photos = PHOTOS[:1] if name in FIRST_PHOTO and not SLOW else PHOTOS
     photos = [p for p in photos if f"{p}_labels" in golden]  # a file may hold fewer photos (SAM: the first)
+    assert photos, f"{name}: its golden holds none of the photos this tier checks"  # else nothing is compared
     for stem in photos:
         if f"{stem}_pairing" in golden:  # CASS: the authors' head pairing, set by rounding on random weights
             seg.method = dataclasses.replace(seg.method, _pairing=tuple(int(c) for c in golden[f"{stem}_pairing"]))

@@ -12,6 +12,7 @@ from collection_helpers import CLASSES, SETTINGS, write_images
 from gclip.io.outputs import read_label_png
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import crop_methods
+from conftest import crop_methods, tiny_second_models
 from gclip.errors import ClassesError, ConfigError
 from gclip.inference.segmenter import Segmenter
 from gclip.inference.windows import tile
@@ -20,9 +20,9 @@ SMALL = {"short_side": 48, "crop": 32, "stride": 16}
 
 
 @pytest.fixture
-def make(tiny_model, request):
+def make(tiny_model):
     def build(method="gclip", classes=("cat", "dog", "sky"), **settings):
-        options = request.getfixturevalue("tiny_mask_generator") if method == "corrclip" else {}  # arrays: no files
+        options = tiny_second_models(method)  # corrclip: SAM's generator makes its masks (arrays: no mask files)
         return Segmenter(
             tiny_model, method=method, classes=list(classes), method_options=options, **{**SMALL, **settings}
         )

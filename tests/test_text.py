@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gclip.errors import ClassesError, ConfigError
-from gclip.text import TextEncoder, load_templates, parse_classes, read_class_file
+from gclip.text import TextEncoder, cache_dir, load_templates, parse_classes, read_class_file
 
 
 @pytest.mark.parametrize(
@@ -106,3 +106,30 @@ def test_encode_text_falls_back_without_a_causal_mask(tiny_model):
     assert _causal_prefix(clip, tokens) is None
     with torch.no_grad():
         assert torch.equal(encode_text(clip, tokens), clip.encode_text(tokens))
+
+
+CACHE_TEMPLATES = ["a photo of a {c}.", "a {c}."]
+
+
+def test_disk_cache_is_reused_and_keyed(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("GCLIP_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("GCLIP_NO_CACHE", raising=False)
+    first = TextEncoder(tiny_model, CACHE_TEMPLATES)
+    fresh = first.embed(["cat", "dog"])
+    files = sorted((tmp_path / "text").rglob("*.npy"))
+    assert len(files) == 2 and not list((tmp_path / "text").rglob("*.tmp"))
+    second = TextEncoder(tiny_model, CACHE_TEMPLATES)
+    assert torch.equal(second.embed(["dog", "cat"]), fresh.flip(0)) and second.disk_hits == 2
+    other = TextEncoder(tiny_model, CACHE_TEMPLATES[:1])  # other templates: another key, computed again
+    assert not torch.equal(other.embed(["cat"])[0], fresh[0]) and other.disk_hits == 0
+    files[0].write_bytes(b"broken")  # an unreadable entry is recomputed and rewritten
+    third = TextEncoder(tiny_model, CACHE_TEMPLATES)
+    assert torch.allclose(third.embed(["cat", "dog"]), fresh)
+
+
+def test_disk_cache_can_be_turned_off(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("GCLIP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("GCLIP_NO_CACHE", "1")
+    assert cache_dir() is None
+    TextEncoder(tiny_model, CACHE_TEMPLATES).embed(["cat"])
+    assert not (tmp_path / "text").exists()

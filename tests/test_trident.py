@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_second_models
 from gclip import Segmenter
 from gclip.errors import ConfigError
 from gclip.inference.preprocess import Prepared
@@ -23,18 +24,11 @@ def test_aligned_shape_is_the_authors_resize():
 
 
 def test_sam_input_is_the_predictors_input():
-    from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
     from segment_anything.predictor import SamPredictor
 
-    from conftest import make_tiny_sam
+    from conftest import make_tiny_full_sam
 
-    sam = Sam(
-        make_tiny_sam(),
-        PromptEncoder(embed_dim=16, image_embedding_size=(8, 8), input_image_size=(64, 64), mask_in_chans=4),
-        MaskDecoder(
-            transformer_dim=16, transformer=TwoWayTransformer(depth=1, embedding_dim=16, mlp_dim=32, num_heads=2)
-        ),
-    ).eval()
+    sam = make_tiny_full_sam()
     original = np.random.default_rng(0).integers(0, 256, (45, 70, 3), dtype=np.uint8)
     x, size = sam_input(sam_pixels(original, 8), 64)
     import cv2
@@ -85,7 +79,12 @@ def test_sam_guidance_keeps_similar_values_and_renormalises():
 @pytest.mark.parametrize("halves", [False, True])
 def test_trident_engine_equals_its_reference(tiny_model, rgb_image, halves):
     seg = Segmenter(
-        tiny_model, method="trident", method_options={"split_halves": halves}, short_side=40, crop=32, stride=16
+        tiny_model,
+        method="trident",
+        method_options={**tiny_second_models("trident"), "split_halves": halves},
+        short_side=40,
+        crop=32,
+        stride=16,
     )
     seg.set_classes(["cat", "dog", "grass"])
     got = seg.predict(rgb_image, return_probs=True)
@@ -96,11 +95,12 @@ def test_trident_engine_equals_its_reference(tiny_model, rgb_image, halves):
 
 
 def test_trident_errors_are_one_line(tiny_model, rgb_image):
-    seg = Segmenter(tiny_model, method="trident", short_side=40, crop=30, stride=16)
+    options = tiny_second_models("trident")
+    seg = Segmenter(tiny_model, method="trident", method_options=options, short_side=40, crop=30, stride=16)
     seg.set_classes(["a", "b"])
     with pytest.raises(ConfigError, match="multiples of the patch"):
         seg.predict(rgb_image)
-    seg = Segmenter(tiny_model, method="trident", short_side=40, crop=32, stride=16)
+    seg = Segmenter(tiny_model, method="trident", method_options=options, short_side=40, crop=32, stride=16)
     seg.set_classes(["a", "b"])
     bare = Prepared(seg.prepare(rgb_image).image, rgb_image.shape[:2])
     with pytest.raises(ConfigError, match="decoded pixels"):
@@ -114,7 +114,8 @@ def test_only_trident_keeps_the_decoded_pixels(tiny_model, rgb_image):
 
 def test_trident_images_are_independent_and_leave_the_model_alone(tiny_model, rgb_image):
     before = {k: v.clone() for k, v in tiny_model.clip.state_dict().items()}
-    seg = Segmenter(tiny_model, method="trident", short_side=40, crop=32, stride=16)
+    options = tiny_second_models("trident")
+    seg = Segmenter(tiny_model, method="trident", method_options=options, short_side=40, crop=32, stride=16)
     seg.set_classes(["cat", "dog", "grass"])
     other = np.ascontiguousarray(rgb_image[:, ::-1])
     both = seg.predict_batch([rgb_image, other], return_probs=True)

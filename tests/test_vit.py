@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import crop_methods, make_tiny
+from conftest import crop_methods, make_tiny, tiny_second_models
 from gclip.backbones.openclip import DenseViT, resample_pos_embed
 from gclip.methods import Trace, get_method
 
@@ -63,8 +63,9 @@ def test_custom_attention_block_gives_the_same_features(method):
     from gclip.inference.forward import dense_features
 
     images = torch.randn(1, 3, 40, 32)
-    a = dense_features(DenseViT(mha.visual), get_method(method), images)
-    b = dense_features(DenseViT(custom.visual), get_method(method), images)
+    m = get_method(method, **tiny_second_models(method))
+    a = dense_features(DenseViT(mha.visual), m, images)
+    b = dense_features(DenseViT(custom.visual), m, images)
     assert torch.allclose(a, b, atol=1e-5)
 
 

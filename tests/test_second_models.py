@@ -7,27 +7,29 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REAL_PROXIES, make_tiny_proxy
-from gclip import Segmenter, proxy
+from conftest import TINY_DINO, make_tiny_dino
+from gclip import Segmenter
+from gclip.backbones import second_models as proxy
 from gclip.errors import ConfigError, WeightsError
 from gclip.testing import random_state_dict
 
 
 def test_named_proxies_are_dino_vits():
-    assert REAL_PROXIES["dino_vitb8"] == proxy.ProxySpec("vit_base_patch8_224", "dino")
-    assert {"dino_vitb8", "dino_vitb16", "dino_vits8", "dino_vits16"} <= set(REAL_PROXIES)
-    dinov2 = REAL_PROXIES["dinov2_vitb14_reg"]
+    """The real entries, as the suite sees them: its tiny models are registered beside them, never over them."""
+    assert proxy.PROXIES["dino_vitb8"] == proxy.ProxySpec("vit_base_patch8_224", "dino")
+    assert proxy.PROXIES["dino_vitb16"] == proxy.ProxySpec("vit_base_patch16_224", "dino")
+    assert {"dino_vitb8", "dino_vitb16", "dino_vits8", "dino_vits16"} <= set(proxy.PROXIES)
+    dinov2 = proxy.PROXIES["dinov2_vitb14_reg"]
     assert (dinov2.arch, dinov2.tag, dinov2.pos_rule) == ("vit_base_patch14_reg4_dinov2", "lvd142m", "antialias")
-    sam = REAL_PROXIES["sam_vitb"]
+    sam = proxy.PROXIES["sam_vitb"]
     assert (sam.family, sam.arch, sam.input_size) == ("sam", "vit_b", 1024)
 
 
 def test_missing_weights_offline_give_one_line_error(monkeypatch):
     monkeypatch.setenv("GCLIP_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-cache")
-    proxy.register_proxy("offline_dino", REAL_PROXIES["dino_vits16"])
     with pytest.raises(WeightsError) as e:
-        proxy.load_proxy("offline_dino")
+        proxy.load_proxy("dino_vits16")
     message = str(e.value)
     assert "\n" not in message and "proxy_checkpoint=" in message and "unreachable" in message
 
@@ -36,11 +38,11 @@ def test_unknown_proxy_and_mismatched_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="unknown proxy model 'nope'"):
         proxy.load_proxy("nope")
     wrong = tmp_path / "wrong.pth"
-    tiny = make_tiny_proxy()
+    tiny = make_tiny_dino()
     state = random_state_dict(tiny, seed=1)
     state["pos_embed"] = torch.zeros(1, 5, 32)  # another grid
     torch.save(state, wrong)
-    proxy.register_proxy("wrong_tiny", proxy.ProxySpec("tiny", build=make_tiny_proxy))
+    proxy.register_proxy("wrong_tiny", proxy.ProxySpec("tiny", build=make_tiny_dino))
     with pytest.raises(WeightsError, match="does not fit proxy wrong_tiny"):
         proxy.load_proxy("wrong_tiny", str(wrong))
     with pytest.raises(WeightsError, match="does not exist"):
@@ -48,8 +50,8 @@ def test_unknown_proxy_and_mismatched_checkpoint(tmp_path):
 
 
 def test_features_are_the_last_blocks_normalised_tokens():
-    loaded = proxy.load_proxy("dino_vitb8")  # the tiny stand-in (conftest)
-    assert loaded is proxy.load_proxy("dino_vitb8")  # one copy per process
+    loaded = proxy.load_proxy(TINY_DINO)  # the tiny DINO of the tests (conftest)
+    assert loaded is proxy.load_proxy(TINY_DINO)  # one copy per process
     x = torch.randn(2, 3, 32, 32)
     feats = loaded.features(x)
     expected = loaded.model.forward_features(x)[:, 1:]  # timm's own forward at the native size
@@ -59,7 +61,7 @@ def test_features_are_the_last_blocks_normalised_tokens():
 
 
 def test_last_keys_are_the_last_blocks_patch_keys():
-    loaded = proxy.load_proxy("dino_vitb8")
+    loaded = proxy.load_proxy(TINY_DINO)
     x = torch.randn(2, 3, 32, 32)
     seen = {}
     last = loaded.model.blocks[-1].attn
@@ -74,7 +76,7 @@ def test_last_keys_are_the_last_blocks_patch_keys():
 
 
 def test_renormalise_maps_clip_inputs_to_imagenet_inputs():
-    loaded = proxy.load_proxy("dino_vitb8")
+    loaded = proxy.load_proxy(TINY_DINO)
     pixels = torch.rand(1, 3, 4, 4)
     clip_mean, clip_std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
     clip_in = (pixels - torch.tensor(clip_mean).view(1, 3, 1, 1)) / torch.tensor(clip_std).view(1, 3, 1, 1)
@@ -85,7 +87,9 @@ def test_renormalise_maps_clip_inputs_to_imagenet_inputs():
 
 
 def test_proxyclip_logits_are_on_the_proxys_grid(tiny_model, rgb_image):
-    seg = Segmenter(tiny_model, method="proxyclip", short_side=32, crop=32, stride=16)
+    seg = Segmenter(
+        tiny_model, method="proxyclip", method_options={"proxy": TINY_DINO}, short_side=32, crop=32, stride=16
+    )
     seg.set_classes(["a", "b", "c"])
     result = seg.predict(rgb_image)
     assert result.labels.shape == rgb_image.shape[:2]
@@ -144,7 +148,15 @@ def test_dinov2_checkpoint_in_its_own_layout_loads_into_timm(golden_dinov2):
 def test_proxyclip_windows_fit_both_patches(tiny_model, padding):
     """Padded windows are padded to a multiple of both models' patches; unpadded ones lose their last partial
     proxy patch, as CLIP loses its own."""
-    seg = Segmenter(tiny_model, method="proxyclip", short_side=44, crop=36, stride=20, padding=padding)
+    seg = Segmenter(
+        tiny_model,
+        method="proxyclip",
+        method_options={"proxy": TINY_DINO},
+        short_side=44,
+        crop=36,
+        stride=20,
+        padding=padding,
+    )
     assert seg.method.window_multiple(seg.vit) == 8  # lcm(CLIP-tiny 8, proxy 4)
     seg.set_classes(["a", "b"])
     image = np.random.default_rng(0).integers(0, 256, size=(44, 61, 3), dtype=np.uint8)
@@ -152,17 +164,15 @@ def test_proxyclip_windows_fit_both_patches(tiny_model, padding):
 
 
 def test_sam_without_weights_names_the_file_to_pass():
-    proxy.register_proxy("sam_noweights", REAL_PROXIES["sam_vitb"])
     with pytest.raises(WeightsError, match="proxy_checkpoint=.*sam_vit_b_01ec64.pth") as e:
-        proxy.load_proxy("sam_noweights")
+        proxy.load_proxy("sam_vitb")
     assert "\n" not in str(e.value)
 
 
 def test_trident_without_sam_weights_names_its_flag(tiny_model):
     from gclip.evaluation.run import runnable_methods
 
-    proxy.register_proxy("sam_noweights", REAL_PROXIES["sam_vitb"])
-    options = {"trident": {"sam": "sam_noweights"}}
+    options = {"trident": {"proxy": TINY_DINO}}  # its DINO loads; its SAM is the real sam_vitb, without weights
     with pytest.raises(WeightsError, match="trident: .*--sam-checkpoint PATH") as e:
         runnable_methods(["trident"], options, ["voc21"], tiny_model, False, print)
     assert "\n" not in str(e.value)
