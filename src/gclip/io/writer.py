@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,12 +14,20 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, OutputError
 from ..inference.result import SegmentationResult
 from .inputs import InputItem
 from .outputs import result_record, write_json, write_label_png, write_overlay, write_rle_json
 
-__all__ = ["FORMATS", "FILE_SUFFIXES", "parse_formats", "settings_hash", "OutputWriter", "clean_stale_tmp"]
+__all__ = [
+    "FORMATS",
+    "FILE_SUFFIXES",
+    "parse_formats",
+    "settings_hash",
+    "OutputWriter",
+    "clean_stale_tmp",
+    "check_output_folder",
+]
 
 #: Output file of each per-image format, as a suffix of the item's key.
 FILE_SUFFIXES = {"png": ".png", "overlay": ".overlay.png", "rle": ".rle.json", "json": ".json"}
@@ -118,6 +127,25 @@ class OutputWriter:
     def failure(self, item: InputItem, message: str) -> dict[str, Any]:
         """The manifest line of an image that could not be segmented."""
         return {"path": item.name, "key": item.key, "error": message, "settings_hash": self.hash}
+
+
+def check_output_folder(out: str | Path) -> Path:
+    """Create the output folder when missing and make sure files can be created in it, before any work is done.
+
+    Raises:
+        OutputError: ``out`` is a file, or cannot be created or written in (read-only, no permission, full).
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"the output folder {out} is a file: give a folder (a missing one is created)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".gclip-write-test.", suffix=".tmp", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"cannot write in the output folder {out} ({e.strerror or e})") from e
+    return out
 
 
 def clean_stale_tmp(out: Path, targets: Iterable[Path]) -> int:
