@@ -57,7 +57,8 @@ def die_with_parent(parent: int, use_prctl: bool = True, interval: float = 0.5) 
 
     On Linux the kernel sends SIGKILL at the parent's death (``prctl(PR_SET_PDEATHSIG)``); elsewhere, or when
     that call fails, a daemon thread checks every ``interval`` seconds whether the parent is still ours. A
-    worker whose parent is already gone when this runs ends at once.
+    worker whose parent is already gone when this runs ends at once. Linux sends the signal when the *thread*
+    that started the worker ends: iterate :func:`map_in_workers` from one thread that outlives the iteration.
 
     Args:
         parent: the pid of the process that started this one.

@@ -162,6 +162,9 @@ def clean_stale_tmp(out: Path, targets: Iterable[Path]) -> int:
         for f in files:
             match = _TMP.match(f)
             if match and os.path.abspath(os.path.join(parent, match["name"])) in wanted:
-                Path(parent, f).unlink(missing_ok=True)
+                try:
+                    Path(parent, f).unlink(missing_ok=True)
+                except OSError as e:
+                    raise OutputError(f"cannot remove the stale temporary {Path(parent, f)} ({e.strerror or e})") from e
                 removed += 1
     return removed
