@@ -149,3 +149,26 @@ def test_map_in_workers_keeps_order_and_reports_failures(workers):
 
     batches = list(map_in_workers(_negate, list(range(7)), _failed, batch_size=3, workers=workers))
     assert batches == [[0, -1, -2], ["3: three", -4, -5], [-6]]
+
+
+START_METHOD = """
+import multiprocessing, sys
+from gclip.engines.workers import map_in_workers
+from test_worker_lifetime import _failed, _negate
+if __name__ == "__main__":
+    multiprocessing.set_start_method(sys.argv[1])
+    print(list(map_in_workers(_negate, [1, 2, 4], _failed, batch_size=2, workers=2)))
+"""
+
+
+def test_workers_started_by_a_fork_server_run(tmp_path):
+    """A fork server, not the caller, is then the workers' parent: they bind their life to it (it ends with the
+    caller) instead of taking it for a dead caller."""
+    script = tmp_path / "run.py"
+    script.write_text(START_METHOD)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run(
+        [sys.executable, str(script), "forkserver"], capture_output=True, text=True, timeout=240, env=env
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split("\n")[0] == "[[-1, -2], [-4]]"

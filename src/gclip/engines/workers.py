@@ -71,7 +71,15 @@ def die_with_parent(parent: int, use_prctl: bool = True, interval: float = 0.5) 
         _kill_self()
 
 
-def _init_worker(parent: int, worker_id: int) -> None:  # noqa: ARG001 - DataLoader's worker_init_fn signature
+def _init_worker(main: int, worker_id: int) -> None:  # noqa: ARG001 - DataLoader's worker_init_fn signature
+    """Bind a worker's life to its parent: the caller's process, or the fork server that started it (which
+    ends with the caller)."""
+    parent = os.getppid()
+    if parent != main:
+        try:
+            os.kill(main, 0)
+        except ProcessLookupError:  # the caller is gone already
+            _kill_self()
     die_with_parent(parent)
 
 
