@@ -250,3 +250,29 @@ def test_vitb16_on_real_voc(sample_data, vitb16_checkpoint, tmp_path):
     run = json.loads(out.read_text())["runs"][0]
     assert run["summary"]["images"] == 2 and run["summary"]["mIoU"] is not None
     assert run["settings"]["model"] == "ViT-B-16" and run["settings"]["crop"] == 224
+
+
+def test_an_image_the_model_fails_on_stops_or_is_skipped(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """Evaluation goes through the shared batch loop: the batch is retried image by image, and the image the
+    model fails on is a one-line error (or skipped with --skip-bad) like a bad sample."""
+    from gclip.inference.segmenter import Segmenter
+
+    write_layout(tmp_path, "ade", n=3)
+    real = Segmenter.infer
+
+    def infer(self, prepared, return_probs=False):
+        if any(p.key == "ADE_val_00000002" for p in prepared):
+            raise RuntimeError("out of memory\nsecond line")
+        return real(self, prepared, return_probs)
+
+    monkeypatch.setattr(Segmenter, "infer", infer)
+    assert run_eval(tiny_checkpoint, tmp_path, "--dataset", "ade20k", "--images-per-step", "3") == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gclip: error: ")
+    assert "ADE_val_00000002.jpg: RuntimeError: out of memory (pass --skip-bad" in lines[0]
+    out = tmp_path / "r.json"
+    args = ["--dataset", "ade20k", "--images-per-step", "3", "--skip-bad", "--out", str(out)]
+    assert run_eval(tiny_checkpoint, tmp_path, *args) == 1
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["summary"]["images"] == 2 and run["summary"]["skipped"] == 1
+    assert run["skipped"][0]["sample"] == "ADE_val_00000002" and "RuntimeError" in run["skipped"][0]["reason"]

@@ -21,3 +21,10 @@ class ClassesError(GclipError):
 
 class ConfigError(GclipError):
     """An option has a value that cannot work (unknown method, bad window size, ...)."""
+
+
+class OutputError(GclipError, OSError):
+    """An output cannot be written (the folder is a file or read-only, the disk is full, ...).
+
+    Also an :class:`OSError` (with the original ``errno``), so code that tolerates failed writes keeps doing so.
+    """

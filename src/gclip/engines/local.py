@@ -1,4 +1,5 @@
-"""The local engine: decoding in DataLoader workers, overlapped with the model; many images per model call."""
+"""The local engine: decoding in worker processes (:mod:`.workers`), overlapped with the model; many images per
+model call (:func:`~gclip.engines.batch.infer_batch`)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,15 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from ..errors import ImageError
 from ..inference.preprocess import Prepared, Preprocessor
 from ..inference.result import SegmentationResult
 from ..inference.segmenter import Segmenter
-from ..inference.windows import single_threaded_opencv
 from ..io.inputs import InputItem, read_input
+from .batch import infer_batch, one_line_error
+from .workers import map_in_workers
 
-__all__ = ["ItemResult", "iter_items", "default_workers"]
+__all__ = ["ItemResult", "iter_items", "default_workers", "item_error"]
 
 
 @dataclass
@@ -52,11 +52,13 @@ class _Loaded:
     seconds: float
 
 
-def _one_line(item: InputItem, e: BaseException) -> str:
-    text = str(e).splitlines()[0] if str(e) else type(e).__name__
-    if isinstance(e, ImageError):
-        return text if item.path in text else f"{item.name}: {text}"
-    return f"{item.name}: {type(e).__name__}: {text}"
+def item_error(item: InputItem, e: BaseException) -> str:
+    """The one-line report of an input that failed (see :func:`~gclip.engines.batch.one_line_error`)."""
+    return one_line_error(e, item.name, item.path)
+
+
+def _unread(item: InputItem, e: Exception) -> _Loaded:
+    return _Loaded(item, None, None, item_error(item, e), 0.0)
 
 
 @dataclass(frozen=True)
@@ -75,23 +77,8 @@ class _Reader:
             image = read_input(item, self.preprocessor.max_pixels)
             prepared = self.preprocessor(image, key=item.key)
         except Exception as e:  # noqa: BLE001 - every failure becomes a one-line report
-            return _Loaded(item, None, None, _one_line(item, e), time.perf_counter() - start)
+            return _Loaded(item, None, None, item_error(item, e), time.perf_counter() - start)
         return _Loaded(item, prepared, image if self.keep_image else None, None, time.perf_counter() - start)
-
-
-class _Items(torch.utils.data.Dataset):
-    def __init__(self, items: Sequence[InputItem], preparer: _Reader) -> None:
-        self.items, self.preparer = list(items), preparer
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> _Loaded:
-        return self.preparer(self.items[index])
-
-
-def _as_list(batch: list[_Loaded]) -> list[_Loaded]:
-    return batch
 
 
 def default_workers() -> int:
@@ -101,22 +88,6 @@ def default_workers() -> int:
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
     return max(1, min(8, cores - 1))
-
-
-def _infer(segmenter: Segmenter, loaded: list[_Loaded], return_probs: bool) -> list[SegmentationResult | str]:
-    """Results of a batch; when the batch fails as a whole, each image is retried alone."""
-    try:
-        return list(segmenter.infer([x.prepared for x in loaded], return_probs))  # type: ignore[misc]
-    except Exception as e:  # noqa: BLE001 - isolate the image that breaks the batch
-        if len(loaded) == 1:
-            return [_one_line(loaded[0].item, e)]
-    out: list[SegmentationResult | str] = []
-    for x in loaded:
-        try:
-            out.extend(segmenter.infer([x.prepared], return_probs))  # type: ignore[list-item]
-        except Exception as e:  # noqa: BLE001
-            out.append(_one_line(x.item, e))
-    return out
 
 
 def iter_items(
@@ -143,19 +114,13 @@ def iter_items(
     """
     segmenter.query_embeddings()
     workers = default_workers() if workers is None else workers
-    single_threaded_opencv()  # before the workers are forked
-    loader = torch.utils.data.DataLoader(
-        _Items(items, _Reader(segmenter.preprocessor, keep_images)),
-        batch_size=max(1, images_per_batch),
-        shuffle=False,
-        num_workers=workers if len(items) > 1 else 0,
-        collate_fn=_as_list,
-        prefetch_factor=2 if workers and len(items) > 1 else None,
-    )
-    for batch in loader:
+    reader = _Reader(segmenter.preprocessor, keep_images)
+    batches = map_in_workers(reader, items, _unread, images_per_batch, workers if len(items) > 1 else 0)
+    for batch in batches:
         good = [x for x in batch if x.error is None]
+        prepared = [x.prepared for x in good]
         start = time.perf_counter()
-        outcomes = _infer(segmenter, good, return_probs) if good else []
+        outcomes = infer_batch(segmenter, prepared, [x.item.name for x in good], return_probs)  # type: ignore[arg-type]
         share = (time.perf_counter() - start) / max(1, len(good))
         by_key = {x.item.key: o for x, o in zip(good, outcomes)}
         for x in batch:

@@ -15,10 +15,12 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
+from ..inference.preprocess import Prepared
 from ..io.images import DEFAULT_MAX_PIXELS
 from ..io.inputs import InputItem, read_input
 from ..io.writer import OutputWriter
-from .local import _infer, _Loaded, _one_line
+from .batch import infer_batch
+from .local import item_error
 from .spec import SegmenterSpec
 
 __all__ = ["run_ray"]
@@ -39,7 +41,7 @@ def _decode(row: dict[str, Any], max_pixels: int) -> dict[str, Any]:
     try:
         image = read_input(item, max_pixels)
     except Exception as e:  # noqa: BLE001 - a bad image is reported, never raised
-        return {**row, "pixels": b"", "height": 0, "width": 0, "error": _one_line(item, e)}
+        return {**row, "pixels": b"", "height": 0, "width": 0, "error": item_error(item, e)}
     return {**row, "pixels": image.tobytes(), "height": image.shape[0], "width": image.shape[1], "error": ""}
 
 
@@ -54,7 +56,7 @@ class SegmentActor:
         self.writer = writer
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        loaded: list[_Loaded] = []
+        loaded: list[tuple[InputItem, Prepared, np.ndarray]] = []
         records: dict[str, dict[str, Any]] = {}
         rows = [{k: batch[k][i] for k in batch} for i in range(len(batch["key"]))]
         for row in rows:
@@ -66,18 +68,19 @@ class SegmentActor:
             try:
                 prepared = self.segmenter.prepare(image, key=item.key)
             except Exception as e:  # noqa: BLE001
-                records[item.key] = self.writer.failure(item, _one_line(item, e))
+                records[item.key] = self.writer.failure(item, item_error(item, e))
                 continue
-            loaded.append(_Loaded(item, prepared, image, None, 0.0))
+            loaded.append((item, prepared, image))
         if loaded:
             start = time.perf_counter()
-            outcomes = _infer(self.segmenter, loaded, self.writer.needs_probs)
+            names = [item.name for item, _, _ in loaded]
+            outcomes = infer_batch(self.segmenter, [p for _, p, _ in loaded], names, self.writer.needs_probs)
             share = (time.perf_counter() - start) / len(loaded)
-            for x, outcome in zip(loaded, outcomes):
+            for (item, _, image), outcome in zip(loaded, outcomes):
                 if isinstance(outcome, str):
-                    records[x.item.key] = self.writer.failure(x.item, outcome)
+                    records[item.key] = self.writer.failure(item, outcome)
                 else:
-                    records[x.item.key] = self.writer.write(x.item, outcome, x.image, share)
+                    records[item.key] = self.writer.write(item, outcome, image, share)
         ordered = [json.dumps(records[_item(r).key]) for r in rows]
         return {"record": np.array(ordered, dtype=object)}
 

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..errors import ConfigError
+from ..errors import ConfigError, OutputError
 from ..inference.segmenter import Segmenter
 from ..io.inputs import InputItem, collect_inputs, shard_items
 from ..io.manifest import Manifest, manifest_name
-from ..io.writer import OutputWriter, clean_stale_tmp, parse_formats
+from ..io.writer import OutputWriter, check_output_folder, clean_stale_tmp, parse_formats
 from .local import ItemResult, iter_items
 from .spec import SegmenterSpec
 
@@ -155,6 +155,7 @@ def segment_folder(
     if engine not in ("local", "ray"):
         raise ConfigError(f"unknown engine {engine!r}: use 'local' or 'ray'")
     start = time.perf_counter()
+    check_output_folder(out)  # before the model loads
     items = _items(inputs, shard)
     if isinstance(segmenter, SegmenterSpec):
         spec = segmenter
@@ -182,11 +183,26 @@ def segment_folder(
                 summary.failed.append((record["path"], record["error"]))
             else:
                 summary.done += 1
-    finally:
-        if manifest is not None:
-            manifest.compact()
+    except OutputError as e:
+        _compact(manifest, quiet=True)
+        raise OutputError(f"{e}: the images finished are kept, the same command resumes the run") from e
+    except BaseException:
+        _compact(manifest, quiet=True)
+        raise
+    _compact(manifest)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _compact(manifest: Manifest | None, quiet: bool = False) -> None:
+    """Compact the manifest at the end of a run; ``quiet``: on the way out of a failed run, whatever happens."""
+    if manifest is None:
+        return
+    try:
+        manifest.compact()
+    except OSError:
+        if not quiet:
+            raise
 
 
 def _run_local(

@@ -12,12 +12,13 @@ from typing import Any
 
 import numpy as np
 
+from ..engines.batch import infer_batch
 from ..errors import ConfigError
 from ..inference.segmenter import Segmenter
 from ..io.outputs import write_label_png
 from .distributed import DistContext, shard
 from .layouts import DatasetError, DatasetSpec, Sample
-from .loader import BenchmarkDataset, make_loader
+from .loader import BenchmarkDataset, load_batches
 from .metric import Areas, image_areas, summarize
 
 __all__ = ["EvalResult", "score"]
@@ -142,7 +143,7 @@ def score(
     offset = 1 if spec.reduce_zero_label else 0
     start = time.perf_counter()
     with _progress(len(samples), f"{segmenter.method.name} {spec.name}", progress and ctx.is_main) as bar:
-        for batch in make_loader(dataset, images_per_step, workers):
+        for batch in load_batches(dataset, images_per_step, workers):
             good = []
             for item in batch:
                 if item.error is None:
@@ -152,12 +153,18 @@ def score(
                     skipped.append((item.sample.name, item.error))
                 else:
                     raise DatasetError(f"{item.error} (pass --skip-bad to skip bad samples)")
-            results = segmenter.infer([item.prepared for item in good]) if good else []
-            for item, result in zip(good, results):
+            names = [str(item.sample.image) for item in good]
+            for item, result in zip(good, infer_batch(segmenter, [item.prepared for item in good], names)):
+                if isinstance(result, str):  # the model failed on this image
+                    if not skip_bad:
+                        raise DatasetError(f"{result} (pass --skip-bad to skip bad samples)")
+                    warn(f"skipped {item.sample.name}: {result}")
+                    skipped.append((item.sample.name, result))
+                    continue
                 areas += image_areas(result.labels, item.label, spec.num_classes, spec.ignore_index)
                 if save_dir is not None:
                     write_label_png(result.labels + offset, Path(save_dir) / f"{item.sample.name}.png")
-            scored += len(good)
+                scored += 1
             bar.update(min(len(batch) * ctx.world_size, len(samples) - bar.n))
     seconds = time.perf_counter() - start
     total = Areas.from_stack(ctx.sum(areas.stack()))

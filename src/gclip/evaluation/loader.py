@@ -1,20 +1,22 @@
-"""The benchmark ``Dataset``: samples decoded and resized in DataLoader workers by the Segmenter's preprocessor."""
+"""The benchmark's samples, decoded and resized by the Segmenter's preprocessor in the bulk runs' workers
+(:func:`gclip.engines.workers.map_in_workers`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from ..engines.batch import one_line_error
+from ..engines.workers import map_in_workers
 from ..errors import GclipError
 from ..inference.preprocess import Prepared, Preprocessor
-from ..inference.windows import single_threaded_opencv
 from .centre_crop import centre_crop_image, centre_crop_label
 from .layouts import DatasetError, DatasetSpec, Sample, read_label
 
-__all__ = ["Item", "BenchmarkDataset", "make_loader"]
+__all__ = ["Item", "BenchmarkDataset", "load_batches"]
 
 
 @dataclass
@@ -73,20 +75,13 @@ class BenchmarkDataset(torch.utils.data.Dataset):
             item.prepared, item.label, item.error = None, None, str(e)
         return item
 
+    def failure(self, i: int, e: Exception) -> Item:
+        """The record of sample ``i`` when reading it raised something other than a :class:`GclipError`."""
+        index = self.indices[i]
+        sample = self.samples[index]
+        return Item(index, sample, error=one_line_error(e, str(sample.image)))
 
-def _as_list(batch: list[Item]) -> list[Item]:
-    return batch
 
-
-def make_loader(dataset: BenchmarkDataset, images_per_step: int, workers: int) -> torch.utils.data.DataLoader:
-    """A loader yielding lists of :class:`Item` (``images_per_step`` at a time), in dataset order."""
-    single_threaded_opencv()  # before the workers are forked
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=images_per_step,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=_as_list,
-        prefetch_factor=2 if workers > 0 else None,
-        persistent_workers=False,
-    )
+def load_batches(dataset: BenchmarkDataset, images_per_step: int, workers: int) -> Iterator[list[Item]]:
+    """Lists of :class:`Item` (``images_per_step`` at a time), in dataset order, read ahead by ``workers``."""
+    return map_in_workers(dataset.__getitem__, range(len(dataset)), dataset.failure, images_per_step, workers)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import os
 import tarfile
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -55,11 +56,50 @@ def _is_image(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _visible(names: list[str]) -> list[str]:
+    return sorted(n for n in names if not n.startswith("."))
+
+
 def _folder_images(folder: str) -> list[str]:
+    """The images below ``folder``, following folder links but reading each real folder once.
+
+    A link to a folder that is already read (a loop, or a second way into the tree) is skipped and named in one
+    warning; the real folders of the tree are read through their own paths, never through a link.
+    """
+    real: set[tuple[int, int] | None] = set()
+    for parent, dirs, _ in os.walk(folder):
+        dirs[:] = _visible(dirs)
+        real.add(_identity(parent))
+    seen = {_identity(folder)}
+    skipped: list[str] = []
     found = []
     for parent, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        kept = []
+        for d in _visible(dirs):
+            path = os.path.join(parent, d)
+            identity = _identity(path)
+            link = os.path.islink(path)
+            if identity in seen or (link and identity in real):
+                skipped.append(path)
+                continue
+            seen.add(identity)
+            kept.append(d)
+        dirs[:] = kept
         found.extend(os.path.join(parent, f) for f in sorted(files) if _is_image(f) and not f.startswith("."))
+    if skipped:
+        names = ", ".join(f"{p} -> {os.path.realpath(p)}" for p in skipped)
+        warnings.warn(
+            f"skipped {len(skipped)} folder links to folders read already (a loop or a second way in): {names}",
+            stacklevel=4,
+        )
     return found
 
 

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import IO, Any
 
-from .outputs import atomic_path
+from .outputs import atomic_path, output_error
 
 __all__ = ["Manifest", "manifest_name"]
 
@@ -64,13 +64,20 @@ class Manifest:
         return records
 
     def append(self, record: dict[str, Any]) -> None:
-        """Append one record durably (flush + fsync)."""
-        if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open across appends
-        self._file.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        """Append one record durably (flush + fsync).
+
+        Raises:
+            OutputError: the line cannot be written (a cut line is dropped when the file is read back).
+        """
+        try:
+            if self._file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open across appends
+            self._file.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as e:
+            raise output_error(self.path, e) from e
 
     def close(self) -> None:
         if self._file is not None:

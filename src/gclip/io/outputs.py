@@ -13,11 +13,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..errors import OutputError
 from ..inference.result import SegmentationResult
 
 __all__ = [
     "palette",
     "atomic_path",
+    "output_error",
     "write_label_png",
     "write_json",
     "read_label_png",
@@ -45,19 +47,39 @@ def palette(n: int = 256) -> np.ndarray:
     return colours
 
 
+def output_error(path: str | Path, e: OSError) -> OutputError:
+    """``e``, met while writing ``path``, as a one-line :class:`~gclip.errors.OutputError` (same ``errno``)."""
+    if isinstance(e, OutputError):
+        return e
+    error = OutputError(f"cannot write {path} ({e.strerror or e})")
+    error.errno = e.errno
+    return error
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    Raises:
+        OutputError: the folder cannot be created or written, or the block raised an :class:`OSError` (a full
+            disk, ...); the temporary file is removed and ``path`` is left as it was.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise output_error(path, e) from e
+    try:
+        os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise output_error(path, e) from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

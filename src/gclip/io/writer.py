@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,12 +14,20 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, OutputError
 from ..inference.result import SegmentationResult
 from .inputs import InputItem
 from .outputs import result_record, write_json, write_label_png, write_overlay, write_rle_json
 
-__all__ = ["FORMATS", "FILE_SUFFIXES", "parse_formats", "settings_hash", "OutputWriter", "clean_stale_tmp"]
+__all__ = [
+    "FORMATS",
+    "FILE_SUFFIXES",
+    "parse_formats",
+    "settings_hash",
+    "OutputWriter",
+    "clean_stale_tmp",
+    "check_output_folder",
+]
 
 #: Output file of each per-image format, as a suffix of the item's key.
 FILE_SUFFIXES = {"png": ".png", "overlay": ".overlay.png", "rle": ".rle.json", "json": ".json"}
@@ -120,6 +129,25 @@ class OutputWriter:
         return {"path": item.name, "key": item.key, "error": message, "settings_hash": self.hash}
 
 
+def check_output_folder(out: str | Path) -> Path:
+    """Create the output folder when missing and make sure files can be created in it, before any work is done.
+
+    Raises:
+        OutputError: ``out`` is a file, or cannot be created or written in (read-only, no permission, full).
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"the output folder {out} is a file: give a folder (a missing one is created)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".gclip-write-test.", suffix=".tmp", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"cannot write in the output folder {out} ({e.strerror or e})") from e
+    return out
+
+
 def clean_stale_tmp(out: Path, targets: Iterable[Path]) -> int:
     """Delete temporary files left by killed runs (``.<name>.XXXX.tmp``) whose target is in ``targets``.
 
@@ -134,6 +162,9 @@ def clean_stale_tmp(out: Path, targets: Iterable[Path]) -> int:
         for f in files:
             match = _TMP.match(f)
             if match and os.path.abspath(os.path.join(parent, match["name"])) in wanted:
-                Path(parent, f).unlink(missing_ok=True)
+                try:
+                    Path(parent, f).unlink(missing_ok=True)
+                except OSError as e:
+                    raise OutputError(f"cannot remove the stale temporary {Path(parent, f)} ({e.strerror or e})") from e
                 removed += 1
     return removed
