@@ -291,7 +291,7 @@ def test_unknown_setting_or_method_is_a_config_error():
 
     with pytest.raises(ConfigError, match="unknown setting"):
         resolve_preset("gclip", "voc20", {"crop_size": 3})
-    with pytest.raises(ConfigError, match="no evaluation preset"):
+    with pytest.raises(ConfigError, match="unknown method .nosuch.: choose one of"):
         resolve_preset("nosuch", "voc20")
 
 
