@@ -88,7 +88,7 @@ def test_default_emerging_blocks(depth, expected):
         ({"emerging_blocks": [9]}, "within 0..3"),
         ({"emerging_blocks": []}, "non-empty"),
         ({"fusion_weights": [1.0]}, "needs 3 positive weights"),
-        ({"fusion": "max"}, "'mean' or 'per_head'"),
+        ({"fusion": "max"}, "fusion must be one of 'mean', 'per_head', got 'max'"),  # checked when built
         ({"cs_blocks": [4]}, "cs_blocks"),
     ],
 )
