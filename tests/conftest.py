@@ -24,7 +24,7 @@ logging.getLogger().setLevel(logging.ERROR)
 TINY_DINO = "gclip-tiny-dino"  # second-model registry: a tiny DINO-layout timm ViT (random_state_dict seed 7)
 TINY_SAM = "gclip-tiny-sam"  # second-model registry: a tiny SAM image encoder (seed 8)
 TINY_SAM_MASKS = "gclip-tiny-sam-masks"  # mask-generator registry: a whole tiny SAM (seed 3)
-TINY_BY_FAMILY = {"timm": TINY_DINO, "sam": TINY_SAM}  # ProxySpec.family -> the test model standing for it
+TINY_BY_FAMILY = {"timm": TINY_DINO, "sam": TINY_SAM}  # SecondModelSpec.family -> the test model standing for it
 
 
 def make_tiny_dino():
@@ -87,18 +87,18 @@ def _register_tiny_second_models() -> Path:
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     dino = folder / "tiny-dino.pth"
     torch.save(random_state_dict(make_tiny_dino(), seed=7), dino)
-    second_models.register_proxy(
-        TINY_DINO, second_models.ProxySpec(TINY_DINO, build=make_tiny_dino, checkpoint=str(dino))
+    second_models.register_second_model(
+        TINY_DINO, second_models.SecondModelSpec(TINY_DINO, build=make_tiny_dino, checkpoint=str(dino))
     )
     try:
         sam = make_tiny_sam()
     except ImportError:  # segment-anything absent: the tests that need a SAM skip (tiny_second_models)
         return folder
     torch.save(random_state_dict(sam, seed=8), folder / "tiny-sam.pth")
-    spec = second_models.ProxySpec(
+    spec = second_models.SecondModelSpec(
         TINY_SAM, build=make_tiny_sam, checkpoint=str(folder / "tiny-sam.pth"), input_size=64, family="sam"
     )
-    second_models.register_proxy(TINY_SAM, spec)
+    second_models.register_second_model(TINY_SAM, spec)
     from gclip.io.masks import register_mask_model
 
     register_mask_model(TINY_SAM_MASKS, make_tiny_full_sam)
@@ -117,13 +117,13 @@ def tiny_second_models(method: str) -> dict[str, Any]:
     option gets the tiny SAM of :data:`TINY_SAM_MASKS` with its weights and thresholds 0, so that its random masks
     pass. A method without second models gets ``{}``. Skips the test when a SAM is needed and segment-anything is
     absent."""
-    from gclip.backbones.second_models import PROXIES
+    from gclip.backbones.second_models import SECOND_MODELS
     from gclip.methods import get_method
 
     options: dict[str, Any] = {}
     for field in dataclasses.fields(type(get_method(method))):
-        if isinstance(field.default, str) and field.default in PROXIES:
-            family = PROXIES[field.default].family
+        if isinstance(field.default, str) and field.default in SECOND_MODELS:
+            family = SECOND_MODELS[field.default].family
             if family == "sam":
                 pytest.importorskip("segment_anything")
             options[field.name] = TINY_BY_FAMILY[family]
@@ -220,7 +220,9 @@ def golden_dino(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("dino") / "dino-vitb8-random.pth"
     dino = timm.create_model("vit_base_patch8_224", pretrained=False, num_classes=0)
     torch.save(random_state_dict(dino, seed=11), path)
-    proxy.register_proxy("golden_dino_vitb8", proxy.ProxySpec("vit_base_patch8_224", "dino", checkpoint=str(path)))
+    proxy.register_second_model(
+        "golden_dino_vitb8", proxy.SecondModelSpec("vit_base_patch8_224", "dino", checkpoint=str(path))
+    )
     return "golden_dino_vitb8"
 
 
@@ -241,8 +243,8 @@ def golden_dinov2(tmp_path_factory) -> str:
     official["mask_token"] = torch.zeros(1, state["pos_embed"].shape[-1])
     path = tmp_path_factory.mktemp("dinov2") / "dinov2-vitb14-reg-random.pth"
     torch.save(official, path)
-    spec = proxy.ProxySpec("vit_base_patch14_reg4_dinov2", "lvd142m", checkpoint=str(path), pos_rule="antialias")
-    proxy.register_proxy("golden_dinov2", spec)
+    spec = proxy.SecondModelSpec("vit_base_patch14_reg4_dinov2", "lvd142m", checkpoint=str(path), pos_rule="antialias")
+    proxy.register_second_model("golden_dinov2", spec)
     return "golden_dinov2"
 
 
@@ -258,8 +260,8 @@ def golden_sam(tmp_path_factory) -> str:
     state = random_state_dict(timm.create_model("samvit_base_patch16", pretrained=False, num_classes=0), seed=17)
     path = tmp_path_factory.mktemp("sam") / "sam-vitb-random.pth"
     torch.save({"image_encoder." + k.replace("mlp.fc", "mlp.lin"): v for k, v in state.items()}, path)
-    spec = proxy.ProxySpec("vit_b", None, checkpoint=str(path), input_size=1024, family="sam")
-    proxy.register_proxy("golden_sam", spec)
+    spec = proxy.SecondModelSpec("vit_b", None, checkpoint=str(path), input_size=1024, family="sam")
+    proxy.register_second_model("golden_sam", spec)
     return "golden_sam"
 
 
@@ -278,8 +280,8 @@ def golden_mae(tmp_path_factory) -> str:
     state["decoder_embed.weight"] = torch.zeros(512, 768)
     path = tmp_path_factory.mktemp("mae") / "mae-vitb16-random.pth"
     torch.save({"model": state}, path)
-    spec = proxy.PROXIES["mae_vitb16"]
-    proxy.register_proxy("golden_mae", dataclasses.replace(spec, checkpoint=str(path)))
+    spec = proxy.SECOND_MODELS["mae_vitb16"]
+    proxy.register_second_model("golden_mae", dataclasses.replace(spec, checkpoint=str(path)))
     return "golden_mae"
 
 
@@ -294,5 +296,7 @@ def golden_dino16(tmp_path_factory) -> str:
 
     path = tmp_path_factory.mktemp("dino16") / "dino-vitb16-random.pth"
     torch.save(random_state_dict(timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0), 23), path)
-    proxy.register_proxy("golden_dino16", proxy.ProxySpec("vit_base_patch16_224", "dino", checkpoint=str(path)))
+    proxy.register_second_model(
+        "golden_dino16", proxy.SecondModelSpec("vit_base_patch16_224", "dino", checkpoint=str(path))
+    )
     return "golden_dino16"

@@ -80,7 +80,7 @@ def dino_like(vit: DenseViT) -> str:
     from gclip.testing import random_state_dict
 
     name = f"gclip-tiny-dino-{vit.width}x{vit.heads}"
-    if name not in second_models.PROXIES:
+    if name not in second_models.SECOND_MODELS:
 
         def build():
             return VisionTransformer(
@@ -89,7 +89,9 @@ def dino_like(vit: DenseViT) -> str:
 
         path = SECOND_MODELS_DIR / f"{name}.pth"
         torch.save(random_state_dict(build(), seed=7), path)
-        second_models.register_proxy(name, second_models.ProxySpec(name, build=build, checkpoint=str(path)))
+        second_models.register_second_model(
+            name, second_models.SecondModelSpec(name, build=build, checkpoint=str(path))
+        )
     return name
 
 

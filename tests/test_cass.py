@@ -15,7 +15,7 @@ from gclip import Segmenter
 from gclip.errors import ConfigError
 from gclip.inference.reference import reference_labels
 from gclip.io.pilresize import pil_bicubic_resize
-from gclip.methods import get_method, paired_methods
+from gclip.methods import get_method, methods_with_second_models
 from gclip.methods.cass import dino_input, low_rank, text_clusters
 
 pytest.importorskip("scipy")
@@ -91,7 +91,7 @@ def test_object_queries_move_the_first_best_class_of_each_cluster():
 
 
 def test_cass_is_a_paired_method_and_checks_its_options():
-    assert "cass" in paired_methods()
+    assert "cass" in methods_with_second_models()
     for bad in ({"attention": "qq"}, {"global_source": "both"}, {"rank": 0}):
         with pytest.raises(ConfigError, match="cass"):
             get_method("cass", **bad)
@@ -146,8 +146,8 @@ def test_cass_needs_a_dino_as_wide_as_clip(tiny_model, rgb_image, tmp_path):
         return VisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=0).eval()
 
     torch.save(random_state_dict(narrow(), seed=1), tmp_path / "narrow.pth")
-    proxy.register_proxy(
-        "narrow_dino", proxy.ProxySpec("narrow", build=narrow, checkpoint=str(tmp_path / "narrow.pth"))
+    proxy.register_second_model(
+        "narrow_dino", proxy.SecondModelSpec("narrow", build=narrow, checkpoint=str(tmp_path / "narrow.pth"))
     )
     seg = Segmenter(
         tiny_model, method="cass", method_options={"proxy": "narrow_dino"}, short_side=32, crop=32, stride=16

@@ -16,12 +16,12 @@ from gclip.testing import random_state_dict
 
 def test_named_proxies_are_dino_vits():
     """The real entries, as the suite sees them: its tiny models are registered beside them, never over them."""
-    assert proxy.PROXIES["dino_vitb8"] == proxy.ProxySpec("vit_base_patch8_224", "dino")
-    assert proxy.PROXIES["dino_vitb16"] == proxy.ProxySpec("vit_base_patch16_224", "dino")
-    assert {"dino_vitb8", "dino_vitb16", "dino_vits8", "dino_vits16"} <= set(proxy.PROXIES)
-    dinov2 = proxy.PROXIES["dinov2_vitb14_reg"]
+    assert proxy.SECOND_MODELS["dino_vitb8"] == proxy.SecondModelSpec("vit_base_patch8_224", "dino")
+    assert proxy.SECOND_MODELS["dino_vitb16"] == proxy.SecondModelSpec("vit_base_patch16_224", "dino")
+    assert {"dino_vitb8", "dino_vitb16", "dino_vits8", "dino_vits16"} <= set(proxy.SECOND_MODELS)
+    dinov2 = proxy.SECOND_MODELS["dinov2_vitb14_reg"]
     assert (dinov2.arch, dinov2.tag, dinov2.pos_rule) == ("vit_base_patch14_reg4_dinov2", "lvd142m", "antialias")
-    sam = proxy.PROXIES["sam_vitb"]
+    sam = proxy.SECOND_MODELS["sam_vitb"]
     assert (sam.family, sam.arch, sam.input_size) == ("sam", "vit_b", 1024)
 
 
@@ -29,29 +29,29 @@ def test_missing_weights_offline_give_one_line_error(monkeypatch):
     monkeypatch.setenv("GCLIP_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-cache")
     with pytest.raises(WeightsError) as e:
-        proxy.load_proxy("dino_vits16")
+        proxy.load_second_model("dino_vits16")
     message = str(e.value)
     assert "\n" not in message and "proxy_checkpoint=" in message and "unreachable" in message
 
 
 def test_unknown_proxy_and_mismatched_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="unknown proxy model 'nope'"):
-        proxy.load_proxy("nope")
+        proxy.load_second_model("nope")
     wrong = tmp_path / "wrong.pth"
     tiny = make_tiny_dino()
     state = random_state_dict(tiny, seed=1)
     state["pos_embed"] = torch.zeros(1, 5, 32)  # another grid
     torch.save(state, wrong)
-    proxy.register_proxy("wrong_tiny", proxy.ProxySpec("tiny", build=make_tiny_dino))
+    proxy.register_second_model("wrong_tiny", proxy.SecondModelSpec("tiny", build=make_tiny_dino))
     with pytest.raises(WeightsError, match="does not fit proxy wrong_tiny"):
-        proxy.load_proxy("wrong_tiny", str(wrong))
+        proxy.load_second_model("wrong_tiny", str(wrong))
     with pytest.raises(WeightsError, match="does not exist"):
-        proxy.load_proxy("wrong_tiny", str(tmp_path / "absent.pth"))
+        proxy.load_second_model("wrong_tiny", str(tmp_path / "absent.pth"))
 
 
 def test_features_are_the_last_blocks_normalised_tokens():
-    loaded = proxy.load_proxy(TINY_DINO)  # the tiny DINO of the tests (conftest)
-    assert loaded is proxy.load_proxy(TINY_DINO)  # one copy per process
+    loaded = proxy.load_second_model(TINY_DINO)  # the tiny DINO of the tests (conftest)
+    assert loaded is proxy.load_second_model(TINY_DINO)  # one copy per process
     x = torch.randn(2, 3, 32, 32)
     feats = loaded.features(x)
     expected = loaded.model.forward_features(x)[:, 1:]  # timm's own forward at the native size
@@ -61,7 +61,7 @@ def test_features_are_the_last_blocks_normalised_tokens():
 
 
 def test_last_keys_are_the_last_blocks_patch_keys():
-    loaded = proxy.load_proxy(TINY_DINO)
+    loaded = proxy.load_second_model(TINY_DINO)
     x = torch.randn(2, 3, 32, 32)
     seen = {}
     last = loaded.model.blocks[-1].attn
@@ -76,7 +76,7 @@ def test_last_keys_are_the_last_blocks_patch_keys():
 
 
 def test_renormalise_maps_clip_inputs_to_imagenet_inputs():
-    loaded = proxy.load_proxy(TINY_DINO)
+    loaded = proxy.load_second_model(TINY_DINO)
     pixels = torch.rand(1, 3, 4, 4)
     clip_mean, clip_std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
     clip_in = (pixels - torch.tensor(clip_mean).view(1, 3, 1, 1)) / torch.tensor(clip_std).view(1, 3, 1, 1)
@@ -133,7 +133,7 @@ def test_demo_passes_method_options_to_its_segmenters(tiny_model, tmp_path):
 def test_dinov2_checkpoint_in_its_own_layout_loads_into_timm(golden_dinov2):
     """DINOv2's checkpoint names (register_tokens, mask_token, CLS position in pos_embed) are converted to timm's;
     the walk equals timm's own forward at the native size, and refuses crops that are not patch multiples."""
-    loaded = proxy.load_proxy(golden_dinov2)
+    loaded = proxy.load_second_model(golden_dinov2)
     assert loaded.patch_size == 14 and loaded.model.num_prefix_tokens == 5
     x = torch.randn(1, 3, 518, 518)
     feats = loaded.features(x)
@@ -165,7 +165,7 @@ def test_proxyclip_windows_fit_both_patches(tiny_model, padding):
 
 def test_sam_without_weights_names_the_file_to_pass():
     with pytest.raises(WeightsError, match="proxy_checkpoint=.*sam_vit_b_01ec64.pth") as e:
-        proxy.load_proxy("sam_vitb")
+        proxy.load_second_model("sam_vitb")
     assert "\n" not in str(e.value)
 
 

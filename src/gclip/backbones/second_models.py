@@ -1,6 +1,6 @@
 """Second backbones: the vision foundation models some methods pair with CLIP (DINO, DINOv2, SAM's encoder).
 
-A proxy is loaded by name (:data:`PROXIES`) through timm, from a local checkpoint file or from timm's cached
+A proxy is loaded by name (:data:`SECOND_MODELS`) through timm, from a local checkpoint file or from timm's cached
 pretrained weights, with the same one-line errors as CLIP's loader, and cached per process: the Segmenter,
 ``gclip eval``, bulk runs and the demo share one copy. Its forward is gclip's own walk over timm's modules, with
 the position embedding resampled as the authors' torch.hub models do it (DINO: bicubic by scale factor;
@@ -23,14 +23,22 @@ from ..errors import ConfigError, WeightsError
 from .models import hub_reachable, read_checkpoint, resolve_device
 from .openclip import resample_pos_embed
 
-__all__ = ["PROXIES", "ProxySpec", "ProxyViT", "load_proxy", "proxy_for", "register_proxy", "list_proxies"]
+__all__ = [
+    "SECOND_MODELS",
+    "SecondModelSpec",
+    "SecondModel",
+    "load_second_model",
+    "second_model_for",
+    "register_second_model",
+    "list_second_models",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
-class ProxySpec:
+class SecondModelSpec:
     """A named second backbone.
 
     Attributes:
@@ -58,40 +66,40 @@ class ProxySpec:
     family: str = "timm"
 
 
-PROXIES: dict[str, ProxySpec] = {
-    "dino_vitb8": ProxySpec("vit_base_patch8_224", "dino"),
-    "dino_vitb16": ProxySpec("vit_base_patch16_224", "dino"),
-    "dino_vits8": ProxySpec("vit_small_patch8_224", "dino"),
-    "dino_vits16": ProxySpec("vit_small_patch16_224", "dino"),
-    "dinov2_vitb14_reg": ProxySpec("vit_base_patch14_reg4_dinov2", "lvd142m", pos_rule="antialias"),
-    "dinov2_vits14_reg": ProxySpec("vit_small_patch14_reg4_dinov2", "lvd142m", pos_rule="antialias"),
-    "mae_vitb16": ProxySpec("vit_base_patch16_224", "mae", pos_rule="size", input_size=336, family="mae"),
-    "sam_vitb": ProxySpec("vit_b", None, input_size=1024, family="sam"),
+SECOND_MODELS: dict[str, SecondModelSpec] = {
+    "dino_vitb8": SecondModelSpec("vit_base_patch8_224", "dino"),
+    "dino_vitb16": SecondModelSpec("vit_base_patch16_224", "dino"),
+    "dino_vits8": SecondModelSpec("vit_small_patch8_224", "dino"),
+    "dino_vits16": SecondModelSpec("vit_small_patch16_224", "dino"),
+    "dinov2_vitb14_reg": SecondModelSpec("vit_base_patch14_reg4_dinov2", "lvd142m", pos_rule="antialias"),
+    "dinov2_vits14_reg": SecondModelSpec("vit_small_patch14_reg4_dinov2", "lvd142m", pos_rule="antialias"),
+    "mae_vitb16": SecondModelSpec("vit_base_patch16_224", "mae", pos_rule="size", input_size=336, family="mae"),
+    "sam_vitb": SecondModelSpec("vit_b", None, input_size=1024, family="sam"),
 }
 
 
-_FOR_VIT: dict[tuple, ProxyViT] = {}  # proxy_for's models (a plain dict: see there)
+_FOR_VIT: dict[tuple, SecondModel] = {}  # second_model_for's models (a plain dict: see there)
 
 
-def register_proxy(name: str, spec: ProxySpec) -> None:
+def register_second_model(name: str, spec: SecondModelSpec) -> None:
     """Make a second backbone available by name (e.g. a tiny config in tests)."""
-    PROXIES[name] = spec
-    load_proxy.cache_clear()
+    SECOND_MODELS[name] = spec
+    load_second_model.cache_clear()
     _FOR_VIT.clear()
 
 
-def list_proxies() -> list[str]:
-    return sorted(PROXIES)
+def list_second_models() -> list[str]:
+    return sorted(SECOND_MODELS)
 
 
-class ProxyViT:
+class SecondModel:
     """A timm ``VisionTransformer`` (DINO's layout) that yields its last block's normalised patch tokens.
 
     Attributes:
         name, spec: what was loaded; ``patch_size``, ``width``: read from the model.
     """
 
-    def __init__(self, name: str, spec: ProxySpec, model: nn.Module) -> None:
+    def __init__(self, name: str, spec: SecondModelSpec, model: nn.Module) -> None:
         self.name, self.spec, self.model = name, spec, model
         self.patch_size = int(model.patch_embed.proj.kernel_size[0])
         self.width = int(model.patch_embed.proj.out_channels)
@@ -211,7 +219,7 @@ class ProxyViT:
         return x, grid
 
 
-def _bare_model(name: str, spec: ProxySpec) -> nn.Module:
+def _bare_model(name: str, spec: SecondModelSpec) -> nn.Module:
     if spec.build is not None:
         return spec.build()
     if spec.family == "sam":
@@ -225,7 +233,7 @@ def _bare_model(name: str, spec: ProxySpec) -> nn.Module:
     return timm.create_model(spec.arch, pretrained=False, num_classes=0)
 
 
-def _cached_weights(spec: ProxySpec) -> str | None:
+def _cached_weights(spec: SecondModelSpec) -> str | None:
     if spec.tag is None:
         return None
     import timm
@@ -240,7 +248,7 @@ def _cached_weights(spec: ProxySpec) -> str | None:
     return None
 
 
-def _weights_file(name: str, spec: ProxySpec, checkpoint: str | None, option: str) -> str:
+def _weights_file(name: str, spec: SecondModelSpec, checkpoint: str | None, option: str) -> str:
     if checkpoint or spec.checkpoint:
         return str(checkpoint or spec.checkpoint)
     flag = f"--{option.replace('_', '-')} PATH on the command line"
@@ -268,13 +276,13 @@ def _weights_file(name: str, spec: ProxySpec, checkpoint: str | None, option: st
 
 
 @functools.lru_cache(maxsize=4)
-def load_proxy(
+def load_second_model(
     name: str,
     checkpoint: str | None = None,
     device: str | torch.device | None = "cpu",
     dtype: torch.dtype = torch.float32,
     option: str = "proxy_checkpoint",
-) -> ProxyViT:
+) -> SecondModel:
     """The second backbone ``name`` with weights from ``checkpoint`` (a DINO ``.pth``, a timm ``.safetensors``
     ...) or timm's cache; built once per process and arguments. ``option``: the method option (and, with dashes,
     the command-line flag) that a missing-weights error tells the user to set.
@@ -282,9 +290,9 @@ def load_proxy(
     Raises:
         ConfigError: unknown name. WeightsError: missing, unreadable or mismatched weights (one line).
     """
-    if name not in PROXIES:
-        raise ConfigError(f"unknown proxy model {name!r}: choose one of {', '.join(list_proxies())}")
-    spec = PROXIES[name]
+    if name not in SECOND_MODELS:
+        raise ConfigError(f"unknown proxy model {name!r}: choose one of {', '.join(list_second_models())}")
+    spec = SECOND_MODELS[name]
     path = _weights_file(name, spec, checkpoint, option)
     state, _ = read_checkpoint(path)
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
@@ -311,14 +319,24 @@ def load_proxy(
             f"{len(result.unexpected_keys)} unexpected keys (e.g. {example!r})"
         )
     model = model.to(device=resolve_device(device), dtype=dtype).eval().requires_grad_(False)
-    return ProxyViT(name, spec, model)
+    return SecondModel(name, spec, model)
 
 
-def proxy_for(vit: Any, name: str, checkpoint: str | None, option: str = "proxy_checkpoint") -> ProxyViT:
-    """:func:`load_proxy` on a :class:`~gclip.backbones.openclip.DenseViT`'s device and dtype, for the methods'
+def second_model_for(vit: Any, name: str, checkpoint: str | None, option: str = "proxy_checkpoint") -> SecondModel:
+    """:func:`load_second_model` on a :class:`~gclip.backbones.openclip.DenseViT`'s device and dtype, for the methods'
     forwards: kept in
     a plain dict (not ``lru_cache``), which a ``torch.compile``'d forward traces as a hit."""
     key = (name, checkpoint, str(vit.device), vit.dtype)
     if key not in _FOR_VIT:
-        _FOR_VIT[key] = load_proxy(name, checkpoint, vit.device, vit.dtype, option)
+        _FOR_VIT[key] = load_second_model(name, checkpoint, vit.device, vit.dtype, option)
     return _FOR_VIT[key]
+
+
+# The names of these before Engine v3 ("proxy" was ProxyCLIP's word for what every method here calls a second model).
+ProxySpec, ProxyViT, PROXIES = SecondModelSpec, SecondModel, SECOND_MODELS
+register_proxy, list_proxies, load_proxy, proxy_for = (
+    register_second_model,
+    list_second_models,
+    load_second_model,
+    second_model_for,
+)

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..inference.segmenter import Settings
-from ..methods import SECOND_MODEL_OPTIONS, list_methods, methods_with_option, paired_methods
+from ..methods import SECOND_MODEL_OPTIONS, list_methods, methods_with_option, methods_with_second_models
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -129,7 +129,7 @@ def method_options_from(args: argparse.Namespace, method: str | None = None) -> 
         options.update(mine)
         if method is None and len(mine) < len(proxy):
             flag = "--" + sorted(set(proxy) - set(mine))[0].replace("_", "-")
-            paired = ", ".join(paired_methods())
+            paired = ", ".join(methods_with_second_models())
             raise ConfigError(f"{flag}: method {args.method!r} has no such second model (see {paired})")
     return options
 

@@ -50,9 +50,9 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise ConfigError("the demo needs Gradio: pip install 'gclip[demo]'") from e
     proxy = proxy_options_from(args)
-    from ..methods import paired_methods
+    from ..methods import methods_with_second_models
 
-    options = {name: second_model_options(name, proxy) for name in paired_methods()} if proxy else None
+    options = {name: second_model_options(name, proxy) for name in methods_with_second_models()} if proxy else None
     service = DemoService(load_model_from(args), limits, method_options=options)
     launch(service, host=args.host, port=args.port, concurrency=args.concurrency)
     return 0

@@ -49,11 +49,11 @@ def run(args: argparse.Namespace) -> int:
     print("methods:")
     for name in list_methods():
         print(f"  {name:10s} {get_method(name).summary}")
-    from ..backbones.second_models import PROXIES
-    from ..methods import paired_methods
+    from ..backbones.second_models import SECOND_MODELS
+    from ..methods import methods_with_second_models
 
-    print(f"\nsecond models (--proxy NAME --proxy-checkpoint PATH, for {', '.join(paired_methods())}):")
-    for name, spec in sorted(PROXIES.items()):
+    print(f"\nsecond models (--proxy NAME --proxy-checkpoint PATH, for {', '.join(methods_with_second_models())}):")
+    for name, spec in sorted(SECOND_MODELS.items()):
         source = "segment-anything sam_model_registry" if spec.family == "sam" else "timm"
         print(f"  {name:18s} {source} {spec.arch}" + (f" ({spec.tag} weights)" if spec.tag else ""))
     print("\nbackbone presets (--model NAME --pretrained TAG):")

@@ -19,7 +19,7 @@ from .layouts import (
 )
 from .loader import BenchmarkDataset
 from .metric import Areas, image_areas, summarize
-from .protocols import Preset, list_protocols, protocol_for, resolve_preset
+from .protocols import ProtocolSettings, list_protocols, protocol_for, resolve_preset
 from .run import evaluate, expand_datasets, expand_methods
 
 __all__ = [
@@ -32,7 +32,7 @@ __all__ = [
     "DistContext",
     "EvalResult",
     "PAPER_ORDER",
-    "Preset",
+    "ProtocolSettings",
     "Sample",
     "build_coco_object",
     "evaluate",

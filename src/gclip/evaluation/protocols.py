@@ -28,7 +28,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-__all__ = ["EVAL_KEYS", "Preset", "list_protocols", "resolve_preset", "protocol_for"]
+__all__ = ["EVAL_KEYS", "ProtocolSettings", "list_protocols", "resolve_preset", "protocol_for"]
 
 _SETTING_NAMES = {f.name for f in dataclasses.fields(Settings)}
 EVAL_KEYS = {"centre_crop": 0}
@@ -36,7 +36,7 @@ EVAL_KEYS = {"centre_crop": 0}
 
 
 @dataclass(frozen=True)
-class Preset:
+class ProtocolSettings:
     """The settings one method uses on one dataset.
 
     Attributes:
@@ -115,7 +115,7 @@ def resolve_preset(
     overrides: dict[str, Any] | None = None,
     protocol: str | None = None,
     classes_dir: str | Path | None = None,
-) -> Preset:
+) -> ProtocolSettings:
     """The settings and class file for ``method`` on ``dataset``.
 
     Args:
@@ -176,4 +176,7 @@ def resolve_preset(
             raise ConfigError(f"classes folder {classes_dir}: no {' or '.join(names)} for {spec.name}")
         classes = found[0]
     own = None if classes_dir is None else str(classes_dir)
-    return Preset(protocol, method, spec.name, settings, classes, changed, method_options, scoring, own)
+    return ProtocolSettings(protocol, method, spec.name, settings, classes, changed, method_options, scoring, own)
+
+
+Preset = ProtocolSettings  # its name before Engine v3 (a backbone preset is gclip.backbones.Preset)

@@ -18,7 +18,7 @@ from .base import (
     list_methods,
     method_class,
     methods_with_option,
-    paired_methods,
+    methods_with_second_models,
     register,
 )
 
@@ -50,6 +50,6 @@ __all__ = [
     "list_methods",
     "method_class",
     "methods_with_option",
-    "paired_methods",
+    "methods_with_second_models",
     "register",
 ]

@@ -25,7 +25,7 @@ __all__ = [
     "register",
     "get_method",
     "list_methods",
-    "paired_methods",
+    "methods_with_second_models",
     "SECOND_MODEL_OPTIONS",
     "method_class",
     "methods_with_option",
@@ -258,12 +258,12 @@ class Method:
         """Load (into the per-process cache) or check what the method needs besides CLIP, before any image: its
         second models (options ``proxy``/``sam`` with their ``*_checkpoint``). Raises a one-line
         :class:`~gclip.errors.WeightsError` or :class:`~gclip.errors.ConfigError`."""
-        from ..backbones.second_models import load_proxy
+        from ..backbones.second_models import load_second_model
 
         for name in ("proxy", "sam"):
             if getattr(self, name, None) is not None:
                 option = f"{name}_checkpoint"
-                load_proxy(getattr(self, name), getattr(self, option), device, dtype, option)
+                load_second_model(getattr(self, name), getattr(self, option), device, dtype, option)
 
     def options(self) -> dict[str, Any]:
         """The method's settings as plain data (printed with and stored in results)."""
@@ -336,9 +336,12 @@ def methods_with_option(option: str) -> list[str]:
     return [n for n, cls in _REGISTRY.items() if option in {f.name for f in dataclasses.fields(cls)}]
 
 
-def paired_methods() -> list[str]:
+def methods_with_second_models() -> list[str]:
     """The methods that pair CLIP with a second model (they have a ``proxy`` option)."""
     return methods_with_option("proxy")
+
+
+paired_methods = methods_with_second_models  # its name before Engine v3
 
 
 def get_method(name: str | Method, **options: Any) -> Method:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones.base import Backbone
-from ..backbones.second_models import IMAGENET_MEAN, IMAGENET_STD, ProxyViT, proxy_for
+from ..backbones.second_models import IMAGENET_MEAN, IMAGENET_STD, SecondModel, second_model_for
 from ..errors import ConfigError
 from ..io.pilresize import pil_bicubic_resize
 from .base import Method, Trace, register
@@ -135,8 +135,8 @@ class Cass(Method):
     """CASS's options (the authors' names; defaults: their VOC21 config with DINO ViT-B/8).
 
     Attributes:
-        proxy, proxy_checkpoint: the DINO model (:func:`gclip.backbones.second_models.list_proxies`) and its weights
-        file.
+        proxy, proxy_checkpoint: the DINO model (:func:`gclip.backbones.second_models.list_second_models`) and its
+            weights file.
         attention: ``"spectral"`` (matched heads), ``"sequential"`` (head i with head i, no stretching) or
             ``"vanilla"`` (CLIP's own q-k attention of the patches).
         global_source: whose CLS embedding is the global one: ``"image"`` (the whole model input's, the authors'
@@ -185,8 +185,8 @@ class Cass(Method):
         if self.rank < 1 or self.k_eigen < 1:
             raise ConfigError(f"cass rank and k_eigen must be >= 1, got {self.rank} and {self.k_eigen}")
 
-    def _proxy(self, vit: Backbone) -> ProxyViT:
-        proxy = proxy_for(vit, self.proxy, self.proxy_checkpoint)
+    def _proxy(self, vit: Backbone) -> SecondModel:
+        proxy = second_model_for(vit, self.proxy, self.proxy_checkpoint)
         if proxy.spec.input_size or proxy.width != vit.width or proxy.model.blocks[-1].attn.num_heads != vit.heads:
             raise ConfigError(
                 f"cass pairs CLIP with a DINO of the same width and heads: {self.proxy} does not fit this CLIP "

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones.base import Backbone
-from ..backbones.second_models import ProxyViT, proxy_for
+from ..backbones.second_models import SecondModel, second_model_for
 from ..errors import ConfigError
 from ..inference.windows import ImageWindows
 from ..io.masks import generate_instance_mask, load_sam, mask_folder, read_instance_mask
@@ -157,8 +157,8 @@ class CorrClip(Method):
     window_pad: int = 56
     map_correction: bool = True
 
-    def dino(self, vit: Backbone) -> ProxyViT:
-        return proxy_for(vit, self.proxy, self.proxy_checkpoint)
+    def dino(self, vit: Backbone) -> SecondModel:
+        return second_model_for(vit, self.proxy, self.proxy_checkpoint)
 
     @property
     def needs_original(self) -> bool:  # type: ignore[override]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones.base import Backbone
-from ..backbones.second_models import ProxyViT, proxy_for
+from ..backbones.second_models import SecondModel, second_model_for
 from ..errors import ConfigError
 from .base import Method, Trace, register
 
@@ -50,7 +50,7 @@ class ProxyClip(Method):
     """ProxyCLIP's options.
 
     Attributes:
-        proxy: the second backbone (:func:`gclip.backbones.second_models.list_proxies`; the authors' default
+        proxy: the second backbone (:func:`gclip.backbones.second_models.list_second_models`; the authors' default
             ``dino_vitb8``).
         proxy_checkpoint: its weights file (``None``: timm's cached pretrained weights).
         beta, gamma: the shift (times the mean similarity) and the scale of the proxy attention.
@@ -72,10 +72,10 @@ class ProxyClip(Method):
     beta: float = 1.2
     gamma: float = 3.0
 
-    def _proxy(self, vit: Backbone) -> ProxyViT:
+    def _proxy(self, vit: Backbone) -> SecondModel:
         if self.gamma <= 0:
             raise ConfigError(f"proxyclip gamma must be > 0, got {self.gamma}")
-        return proxy_for(vit, self.proxy, self.proxy_checkpoint)
+        return second_model_for(vit, self.proxy, self.proxy_checkpoint)
 
     def window_multiple(self, vit: Backbone) -> int:
         return math.lcm(vit.patch_size, self._proxy(vit).window_patch)  # both models see whole patches

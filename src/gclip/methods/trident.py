@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones.base import Backbone
-from ..backbones.second_models import ProxyViT, proxy_for
+from ..backbones.second_models import SecondModel, second_model_for
 from ..errors import ConfigError, WeightsError
 from ..inference.windows import ImageWindows
 from .base import Method, Trace, register
@@ -146,12 +146,12 @@ class Trident(Method):
     refine_neg_cos: bool = True
     split_halves: bool = False
 
-    def dino(self, vit: Backbone) -> ProxyViT:
-        return proxy_for(vit, self.proxy, self.proxy_checkpoint)
+    def dino(self, vit: Backbone) -> SecondModel:
+        return second_model_for(vit, self.proxy, self.proxy_checkpoint)
 
-    def sam_encoder(self, vit: Backbone) -> ProxyViT:
+    def sam_encoder(self, vit: Backbone) -> SecondModel:
         try:
-            sam = proxy_for(vit, self.sam, self.sam_checkpoint, option="sam_checkpoint")
+            sam = second_model_for(vit, self.sam, self.sam_checkpoint, option="sam_checkpoint")
         except WeightsError as e:
             raise WeightsError(f"trident's SAM: {e}") from e
         if sam.spec.family != "sam":
