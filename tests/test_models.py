@@ -133,3 +133,16 @@ def test_device_errors():
             load_model(TINY, None, device="cuda")
     with pytest.raises(WeightsError, match="unknown precision"):
         load_model(TINY, None, precision="fp8")
+
+
+def test_loading_a_checkpoint_drops_open_clips_random_init_notice(tiny_checkpoint, caplog):
+    """open_clip warns "No pretrained weights loaded ... initialized randomly" on the model gclip builds before it
+    loads the checkpoint itself: that notice is false and is dropped (issue 24, trap 7); without weights it stays."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        load_model(TINY, str(tiny_checkpoint), device="cpu")
+    assert not [r for r in caplog.records if "initialized randomly" in r.getMessage()]
+    with caplog.at_level(logging.WARNING):
+        load_model(TINY, None, device="cpu")
+    assert [r for r in caplog.records if "initialized randomly" in r.getMessage()]

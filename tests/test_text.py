@@ -133,3 +133,37 @@ def test_disk_cache_can_be_turned_off(tiny_model, tmp_path, monkeypatch):
     assert cache_dir() is None
     TextEncoder(tiny_model, CACHE_TEMPLATES).embed(["cat"])
     assert not (tmp_path / "text").exists()
+
+
+def test_many_new_classes_show_progress_with_the_cached_count(tiny_model, tmp_path, monkeypatch):
+    """Issue 24 fault 4: embedding many names is no longer silent; the bar says how many the disk cache holds."""
+    import tqdm
+
+    monkeypatch.setenv("GCLIP_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("GCLIP_NO_CACHE", raising=False)
+    names = [f"thing {i}" for i in range(5)]
+    TextEncoder(tiny_model, CACHE_TEMPLATES).embed(names[:2])  # two of them on disk already
+    bars = []
+
+    class Recorder:
+        def __init__(self, total, desc, **kwargs):
+            self.total, self.desc, self.updates = total, desc, 0
+            bars.append(self)
+
+        def update(self, n=1):
+            self.updates += n
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm, "tqdm", Recorder)
+    encoder = TextEncoder(tiny_model, CACHE_TEMPLATES)
+    encoder.progress_min = 3
+    embedded = encoder.embed(names + names[:1])
+    assert [(b.total, b.desc, b.updates) for b in bars] == [
+        (5, f"text: 5 classes x {len(CACHE_TEMPLATES)} templates (2 cached)", 5)
+    ]
+    assert encoder.disk_hits == 2 and embedded.shape[0] == 6
+    torch.testing.assert_close(embedded[:5], TextEncoder(tiny_model, CACHE_TEMPLATES).embed(names))
+    encoder.embed(names[:4])  # nothing new: no bar
+    assert len(bars) == 1

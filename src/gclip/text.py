@@ -244,9 +244,25 @@ class TextEncoder:
                 pass  # a read-only or full cache only costs the recomputation next time
         return embedding
 
+    progress_min: int = 16
+    """With at least this many names to embed, :meth:`embed` shows a progress bar (on a terminal)."""
+
     def embed(self, names: Sequence[str]) -> torch.Tensor:
-        """``(len(names), E)`` float32 unit vectors on the CPU."""
-        for name in names:
-            if name not in self._cache:
-                self._cache[name] = self._load_or_encode(name)
+        """``(len(names), E)`` float32 unit vectors on the CPU. Many new names (``progress_min``) show a progress
+        bar on a terminal, which says how many of them the disk cache holds (a name costs one text-tower pass per
+        template: about 0.8 s with 80 templates on 2 CPU cores; ``--templates`` with fewer is faster)."""
+        todo = list(dict.fromkeys(n for n in names if n not in self._cache))
+        bar = None
+        if len(todo) >= self.progress_min:
+            from tqdm import tqdm
+
+            cached = sum(1 for n in todo if (path := self._path(n)) is not None and path.is_file())
+            desc = f"text: {len(todo)} classes x {len(self.templates)} templates ({cached} cached)"
+            bar = tqdm(total=len(todo), desc=desc, unit="class", leave=False, disable=None)
+        for name in todo:
+            self._cache[name] = self._load_or_encode(name)
+            if bar is not None:
+                bar.update()
+        if bar is not None:
+            bar.close()
         return torch.stack([self._cache[n] for n in names])

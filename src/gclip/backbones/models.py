@@ -7,6 +7,8 @@ instead of a download retry loop.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import socket
 import threading
@@ -215,6 +217,24 @@ def _resolve_tag(name: str, tag: str, cache_dir: str | None) -> tuple[str, bool]
         raise WeightsError(f"download of {name}/{tag} failed ({type(e).__name__}): {hint}") from e
 
 
+class _RandomInitNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def _without_random_init_notice(active: bool = True):
+    """Drop open_clip's "No pretrained weights loaded ... initialized randomly" warning (it logs on the root
+    logger) while gclip builds a model whose weights it loads itself."""
+    notice, root = _RandomInitNotice(), logging.getLogger()
+    if active:
+        root.addFilter(notice)
+    try:
+        yield
+    finally:
+        root.removeFilter(notice)
+
+
 def _check_vit(model: torch.nn.Module, name: str) -> None:
     visual = getattr(model, "visual", None)
     needed = ("conv1", "class_embedding", "positional_embedding", "transformer", "ln_post", "proj")
@@ -315,7 +335,8 @@ def load_model(
         state, is_jit = read_checkpoint(path)
         tag_quick_gelu = tag_quick_gelu or is_jit
     use_quick_gelu = tag_quick_gelu if quick_gelu is None else quick_gelu
-    model = open_clip.create_model(name, pretrained=None, force_quick_gelu=use_quick_gelu, device="cpu")
+    with _without_random_init_notice(state is not None):  # the weights are loaded right after
+        model = open_clip.create_model(name, pretrained=None, force_quick_gelu=use_quick_gelu, device="cpu")
     _check_vit(model, name)
     if state is not None and path is not None:
         _load_state(model, state, path, name)

@@ -85,7 +85,7 @@ def sample_images(root: str | None = None) -> list[Path]:
         if folder is not None and folder.is_dir():
             return sorted(folder.glob("*.jpg"))
     raise ConfigError(
-        "the real sample (../shared/data or $GCLIP_SAMPLE_DATA) is not here: use --images DIR or --synthetic HxW"
+        "the real sample (../shared/data or $GCLIP_SAMPLE_DATA) is not here: use --images DIR or --synthetic WxH"
     )
 
 
