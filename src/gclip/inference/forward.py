@@ -30,15 +30,25 @@ def autocast_for(vit: Backbone) -> contextlib.AbstractContextManager:
 
 
 @torch.no_grad()
-def encode(vit: Backbone, method: Method, crops: torch.Tensor, context: torch.Tensor | None = None) -> Encoded:
+def encode(
+    vit: Backbone,
+    method: Method,
+    crops: torch.Tensor,
+    context: torch.Tensor | None = None,
+    windows: list | None = None,
+) -> Encoded:
     """The image encoder: ``(B, 3, H, W)`` normalised crops -> (tokens entering the last block, trace).
 
-    ``context``: the crops' images' :func:`image_context`, stacked (``trace.extras["image_context"]``)."""
+    ``context``: the crops' images' :func:`image_context`, stacked (``trace.extras["image_context"]``);
+    ``windows``: for a :attr:`~gclip.methods.Method.cross_window` method, the crops' windows, all of one image
+    (:class:`~gclip.inference.windows.Window`, ``trace.extras["windows"]``)."""
     with autocast_for(vit):
         x, grid = vit.embed(crops, method.pos_rule)
         trace = Trace(grid, images=crops)
         if context is not None:
             trace.extras["image_context"] = context
+        if windows is not None:
+            trace.extras["windows"] = windows
         x = method.encode(vit, x, trace)
     return x, trace
 

@@ -93,13 +93,24 @@ def _reference_pass(segmenter: Segmenter, prepared: Prepared) -> tuple[torch.Ten
     count = torch.zeros((1, 1, h, w), device=segmenter.device)
     contexts: list[WindowContext] = []
     whole = image_context(vit, method, image)
-    for win in windows:
-        y1, y2, x1, x2 = win.box
-        encoded = encode(vit, method, F.pad(image[:, :, y1:y2, x1:x2], win.pads), whole)
-        logits = head(vit, method, encoded, queries)
-        context = method.label_context(encoded[1])
+
+    def passes():  # (window, its logits, its label context): one pass a window, or one for all (cross-window)
+        crops = [F.pad(image[:, :, win.box[0] : win.box[1], win.box[2] : win.box[3]], win.pads) for win in windows]
+        if not method.cross_window:
+            for win, crop in zip(windows, crops):
+                encoded = encode(vit, method, crop, whole)
+                context = method.label_context(encoded[1])
+                yield win, head(vit, method, encoded, queries), None if context is None else context[0]
+            return
+        stacked = None if whole is None else torch.cat([whole] * len(windows))
+        encoded = encode(vit, method, torch.cat(crops), stacked, list(windows))
+        logits, context = head(vit, method, encoded, queries), method.label_context(encoded[1])
+        for k, win in enumerate(windows):
+            yield win, logits[k : k + 1], None if context is None else context[k]
+
+    for win, logits, context in passes():
         if context is not None:
-            contexts.append(WindowContext(win, size, context[0]))
+            contexts.append(WindowContext(win, size, context))
         top, ch, left, cw = win.keep
         logits = F.interpolate(logits, size=win.out_size, mode="bilinear")[:, :, top : top + ch, left : left + cw]
         y1, y2, x1, x2 = win.target

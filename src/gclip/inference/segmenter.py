@@ -254,11 +254,17 @@ class Segmenter:
         return head(self.vit, self.method, encoded, queries), self.method.label_context(encoded[1])
 
     def _window_logits(
-        self, crops: torch.Tensor, queries: torch.Tensor, context: torch.Tensor | None = None
+        self,
+        crops: torch.Tensor,
+        queries: torch.Tensor,
+        context: torch.Tensor | None = None,
+        windows: list[Window] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(B, Q, gh, gw)`` cosine logits of a batch of crops (timed as encoder and head), and the method's
-        :meth:`~gclip.methods.Method.label_context` of the pass (``context``: the crops' image contexts)."""
-        if self._compiled is not None:
+        :meth:`~gclip.methods.Method.label_context` of the pass (``context``: the crops' image contexts;
+        ``windows``: for a cross-window method, the crops' windows, all of one image, which it runs eagerly: a
+        compiled batch is padded with blank windows that it would see)."""
+        if self._compiled is not None and windows is None:
             n, bs, p = crops.shape[0], self.batch_size, self.vit.patch_size
             padded = crops  # one batch shape per window shape: a partial batch would trigger a recompilation
             if n < bs:
@@ -277,7 +283,7 @@ class Segmenter:
                 warnings.warn(f"torch.compile failed ({type(e).__name__}); running without it", stacklevel=2)
                 self._compiled = None
         with self._stage("encoder"):
-            encoded = encode(self.vit, self.method, crops, context)
+            encoded = encode(self.vit, self.method, crops, context, windows)
         with self._stage("second_model"):
             second_model(self.vit, self.method, encoded)
         with self._stage("head"):
@@ -285,8 +291,7 @@ class Segmenter:
 
     def _plan(self, prepared: Sequence[Prepared]) -> tuple[list[tuple[int, int]], list[list[Window]], dict]:
         """Per image its canvas size and windows (:func:`~gclip.inference.windows.plan_windows`), and the (image,
-        window)
-        pairs grouped by window shape, in window order."""
+        window) pairs grouped by window shape (for a cross-window method: by image), in window order."""
         s = self.settings
         sizes, plans, groups = [], [], defaultdict(list)
         multiple = self.method.window_multiple(self.vit)
@@ -297,7 +302,7 @@ class Segmenter:
             sizes.append(size)
             plans.append(windows)
             for j, win in enumerate(windows):
-                groups[win.shape].append((i, j))
+                groups[i if self.method.cross_window else win.shape].append((i, j))
         return sizes, plans, groups
 
     def _windows(self, prepared: Sequence[Prepared], plans: list[list[Window]], groups: dict) -> Iterator[tuple]:
@@ -315,9 +320,10 @@ class Segmenter:
             part = images[i][:, y1:y2, x1:x2]
             return F.pad(part, win.pads) if any(win.pads) else part
 
+        cross = self.method.cross_window  # all windows of an image in one pass, whatever the batch size
         for members in groups.values():
-            for start in range(0, len(members), bs):
-                chunk = members[start : start + bs]
+            for start in range(0, len(members), len(members) if cross else bs):
+                chunk = members[start : start + (len(members) if cross else bs)]
                 with self._stage("preprocess"):
                     batch = torch.stack([crop(i, plans[i][j]) for i, j in chunk])
                 with self._stage("encoder"):  # the method's per-image pass (e.g. CASS's whole-image CLS), once each
@@ -326,7 +332,8 @@ class Segmenter:
                             contexts[i] = image_context(self.vit, self.method, images[i][None])
                 given = [contexts[i] for i, _ in chunk]
                 stacked = None if any(c is None for c in given) else torch.cat(given)  # type: ignore[arg-type]
-                logits, context = self._window_logits(batch, queries, stacked)
+                windows = [plans[i][j] for i, j in chunk] if cross else None
+                logits, context = self._window_logits(batch, queries, stacked, windows)
                 with self._stage("head"):
                     for k, ((i, j), window_logits) in enumerate(zip(chunk, logits)):
                         win = plans[i][j]

@@ -113,6 +113,10 @@ class Method:
     whole_image: ClassVar[bool] = False
     """The method sees all windows of an image together (:meth:`image_logits`) instead of the engine's batches of
     windows from any image."""
+    cross_window: ClassVar[bool] = False
+    """The method's window passes need every window of an image at once (e.g. keys and values extended by the other
+    windows', labels propagated across windows): the engine gives it one pass per image, all its windows in it,
+    whatever the batch size, with the windows in ``trace.extras["windows"]``."""
     needs_original: ClassVar[bool] = False
     """The method also reads the decoded pixels (``Prepared.original``), e.g. for a second model's own resize."""
 
