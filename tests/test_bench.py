@@ -68,6 +68,17 @@ def test_bench_pipelined_pass_runs_the_local_engine_with_workers(tmp_path, capsy
     assert main(argv + ["--json", str(out), "--workers", "-1"]) == 2
 
 
+def test_bench_writes_a_markdown_log_only_when_asked(tmp_path, monkeypatch, capsys):
+    """Issue 24 (10): `gclip bench` run from any folder leaves no benchmarks/RESULTS.md there unless --results."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["bench", "--model", TINY, "--random-weights", "--synthetic", "40x40", "--count", "1", "--no-reference"]
+    argv += ["--crop", "32", "--stride", "16", "--short-side", "32", "--json", str(tmp_path / "b.json")]
+    assert main(argv) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json"] and "appended" not in capsys.readouterr().out
+    assert main(argv + ["--results", "log.md"]) == 0
+    assert (tmp_path / "log.md").read_text().startswith("# Benchmark results")
+
+
 def test_bench_rejects_bad_arguments(tmp_path, capsys):
     assert main(["bench", "--model", TINY, "--random-weights", "--images", str(tmp_path / "none")]) == 2
     assert "not a folder" in capsys.readouterr().err

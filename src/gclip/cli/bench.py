@@ -56,8 +56,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--memory-check", action="store_true", help="peak RSS of one full-resolution photo instead")
     r.add_argument("--memory-size", type=_size, default=(3000, 4000), metavar="WxH", help="(default 4000x3000)")
     r.add_argument("--json", default="bench.json", help="where to write the JSON record (default bench.json)")
-    r.add_argument("--results", default="benchmarks/RESULTS.md", help="Markdown log to append to")
-    r.add_argument("--no-record", action="store_true", help="do not append to the Markdown log")
+    r.add_argument(
+        "--results", default=None, metavar="PATH", help="append to this Markdown log (benchmarks/RESULTS.md)"
+    )
+    r.add_argument("--no-record", action="store_true", help="(the default now) append to no Markdown log")
     p.set_defaults(func=run, _parser=p)
 
 
@@ -132,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     print(summary(record))
     write_json(record, args.json)
     print(f"JSON -> {args.json}")
-    if not args.no_record:
+    if args.results and not args.no_record:
         append_results(record, Path(args.results))
         print(f"appended to {args.results}")
     return 0
