@@ -30,6 +30,7 @@ MOVED = {
     "gclip.result": "gclip.inference.result",
     "gclip.autoconfig": "gclip.backbones.auto",
     "gclip.datasets.presets": "gclip.evaluation.protocols",
+    "gclip.datasets.evaluate": "gclip.evaluation.scoring",
     "gclip.datasets": "gclip.evaluation",
     "gclip.inspect": "gclip.diagnostics.inspect",
     "gclip.plots": "gclip.diagnostics.plots",

@@ -4,7 +4,6 @@ the scoring loop (DataLoader workers, several images per step, multi-process sha
 
 from .coco_object import build_coco_object, stuff_to_object
 from .distributed import DistContext, init_distributed, shard
-from .evaluate import EvalResult, score
 from .layouts import (
     DATASETS,
     PAPER_ORDER,
@@ -21,6 +20,7 @@ from .loader import BenchmarkDataset
 from .metric import Areas, image_areas, summarize
 from .protocols import ProtocolSettings, list_protocols, protocol_for, resolve_preset
 from .run import evaluate, expand_datasets, expand_methods
+from .scoring import EvalResult, score
 
 __all__ = [
     "Areas",

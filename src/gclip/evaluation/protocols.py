@@ -47,7 +47,7 @@ class ProtocolSettings:
         classes_file: the class-name file (the protocol's, or one from the caller's ``classes_dir``).
         overridden: names of the settings the caller changed.
         method_options: the method's options on this dataset (the caller's options win over them).
-        scoring: the evaluation-only keys (:data:`EVAL_KEYS`), every one of them, for :func:`gclip.evaluation.evaluate`.
+        scoring: the evaluation-only keys (:data:`EVAL_KEYS`), every one of them, for :func:`gclip.evaluation.score`.
         classes_dir: the caller's class-name folder, if the class file came from one.
     """
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from .evaluate import EvalResult
 from .layouts import DATASETS, PAPER_ORDER
+from .scoring import EvalResult
 
 __all__ = ["per_class_table", "summary_line", "markdown_table", "software_versions"]
 

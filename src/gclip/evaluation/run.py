@@ -18,9 +18,9 @@ from ..inference.segmenter import Segmenter
 from ..methods import get_method, list_methods
 from ..text import TextEncoder, read_class_file
 from .distributed import DistContext
-from .evaluate import EvalResult, score
 from .layouts import PAPER_ORDER, DatasetMissing, DatasetSpec, get_dataset, list_samples
 from .protocols import resolve_preset
+from .scoring import EvalResult, score
 
 __all__ = ["evaluate", "expand_datasets", "expand_methods", "for_dataset", "runnable_methods"]
 
