@@ -56,6 +56,14 @@ def _alive(pids: dict[int, int]) -> list[int]:
     return alive
 
 
+def _gone_within(pids: dict[int, int], seconds: float) -> list[int]:
+    """Wait up to ``seconds`` for the processes to end; the ones still alive then."""
+    deadline = time.monotonic() + seconds
+    while _alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return _alive(pids)
+
+
 def test_kill_9_of_a_run_leaves_no_decode_worker(tmp_path, tiny_checkpoint):
     # Images big enough that a decoded one does not fit a pipe's buffer, and a model slow enough (many small
     # windows) that the workers have decoded ahead when the run is killed: they are then blocked writing to it.
@@ -82,10 +90,7 @@ def test_kill_9_of_a_run_leaves_no_decode_worker(tmp_path, tiny_checkpoint):
         time.sleep(1.0)  # the workers decode ahead of the model
         os.kill(run.pid, signal.SIGKILL)
         run.wait(timeout=30)
-        deadline = time.monotonic() + 20
-        while _alive(workers) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert _alive(workers) == [], "decode workers outlived the killed run"
+        assert _gone_within(workers, 20) == [], "decode workers outlived the killed run"
     finally:
         for pid in _alive(workers):
             os.kill(pid, signal.SIGKILL)
@@ -121,10 +126,7 @@ def test_the_fallback_without_prctl_also_ends_the_worker():
         assert _alive(worker) == [pid]  # alive while its parent lives
         os.kill(run.pid, signal.SIGKILL)
         run.wait(timeout=30)
-        deadline = time.monotonic() + 20
-        while _alive(worker) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert _alive(worker) == []
+        assert _gone_within(worker, 20) == []
     finally:
         for pid in _alive(worker):
             os.kill(pid, signal.SIGKILL)

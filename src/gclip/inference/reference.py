@@ -42,7 +42,8 @@ def reference_merged_logits(segmenter: Segmenter, prepared: Prepared) -> torch.T
 class PlainWindows(ImageWindows):
     """The windows of one image cut, padded and merged the plain way, one window at a time (mmseg's
     ``slide_inference`` loop; the merge pads every window's output to the whole canvas and adds it): the yardstick
-    of :func:`gclip.inference.windows.tile` for the methods that see all windows of an image together."""
+    of :func:`gclip.inference.windows.tile` for the methods that see all windows of an image together (cutting a
+    per-image map, ``cut``, is the windows' own)."""
 
     def __init__(self, image: torch.Tensor, crop: int, stride: int, multiple: int) -> None:
         h, w = int(image.shape[-2]), int(image.shape[-1])
@@ -60,11 +61,6 @@ class PlainWindows(ImageWindows):
             pads.append((pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
         crops = torch.cat([F.pad(image[:, :, y1:y2, x1:x2], pad) for (y1, y2, x1, x2), pad in zip(boxes, pads)])
         super().__init__(image, crop, stride, boxes, pads, crops)
-
-    def cut(self, data: torch.Tensor, value: float = 0.0) -> torch.Tensor:
-        return torch.stack(
-            [F.pad(data[..., y1:y2, x1:x2], pad, value=value) for (y1, y2, x1, x2), pad in zip(self.boxes, self.pads)]
-        )
 
     def merge(self, outputs: torch.Tensor) -> torch.Tensor:
         scale = outputs.shape[-1] / self.crops.shape[-1]
