@@ -58,7 +58,7 @@ def test_inspect_finds_planted_structure(plant, emerging, cs, tmp_path):
     vit = DenseViT(model.visual)
     assert gclip.blocks_for(vit) == emerging
     assert gclip.suppressed_blocks(vit) == cs
-    for i, override in gclip.overrides(vit).items():
+    for i, override in gclip.suppressed_weights(vit).items():
         before = vit.ffn_out_weight(i).norm(dim=1)
         after = override[CS_WEIGHT].norm(dim=1)
         assert int(before.argmax()) == plant["channel"]
