@@ -23,6 +23,8 @@ from .pieces import (
     LabelRefinement,
     SecondModelPass,
     TextSide,
+    Trace,
+    WindowContext,
     run_block,
     window_multiple,
 )
@@ -57,43 +59,6 @@ SECOND_MODEL_OPTIONS = {
 """The options through which a method declares what it needs besides CLIP, with a metavar and a help text: a
 method that has one as a field gets it from the command line (``--proxy``, ...), checked by
 :meth:`Method.check_resources`."""
-
-
-@dataclasses.dataclass(frozen=True)
-class WindowContext:
-    """One window of an image with what :meth:`Method.label_context` kept of its pass.
-
-    Attributes:
-        window: the :class:`~gclip.inference.windows.Window` (its box, padding, upsampled size, kept part, canvas
-        target).
-        canvas: ``(H, W)`` of the canvas the windows are merged on (the label map's size in the whole-image mode).
-        context: the window's own slice of the context tensor.
-    """
-
-    window: Any
-    canvas: tuple[int, int]
-    context: torch.Tensor
-
-
-@dataclasses.dataclass
-class Trace:
-    """What one forward pass of a batch of crops carries from the encoder to the features.
-
-    Attributes:
-        grid: ``(rows, cols)`` of patches.
-        inputs: ``{block index: its input tokens}`` for the blocks whose :class:`BlockChange` keeps them.
-        changes: the pass's :class:`BlockChange` per block (:meth:`Method.blocks`).
-        extras: anything a method collects on the way (attention maps, features of other blocks ...).
-        images: the ``(B, 3, H, W)`` normalised crops of the pass (for methods that look at pixels again).
-        text: the ``(Q, E)`` unit query embeddings when the pass computes logits (``None`` for features alone).
-    """
-
-    grid: tuple[int, int]
-    inputs: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
-    changes: Mapping[int, BlockChange] = dataclasses.field(default_factory=dict)
-    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
-    images: torch.Tensor | None = None
-    text: torch.Tensor | None = None
 
 
 _NOT_HOOKS = {

@@ -22,16 +22,15 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..backbones.base import Attention, Backbone
 
-if TYPE_CHECKING:  # the trace is defined with the method interface
-    from .base import Trace, WindowContext
-
 __all__ = [
+    "Trace",
+    "WindowContext",
     "BlockChange",
     "ImageContext",
     "LabelRefinement",
@@ -39,6 +38,43 @@ __all__ = [
     "TextSide",
     "run_block",
 ]
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowContext:
+    """One window of an image with what :meth:`Method.label_context` kept of its pass.
+
+    Attributes:
+        window: the :class:`~gclip.inference.windows.Window` (its box, padding, upsampled size, kept part, canvas
+        target).
+        canvas: ``(H, W)`` of the canvas the windows are merged on (the label map's size in the whole-image mode).
+        context: the window's own slice of the context tensor.
+    """
+
+    window: Any
+    canvas: tuple[int, int]
+    context: torch.Tensor
+
+
+@dataclasses.dataclass
+class Trace:
+    """What one forward pass of a batch of crops carries from the encoder to the features.
+
+    Attributes:
+        grid: ``(rows, cols)`` of patches.
+        inputs: ``{block index: its input tokens}`` for the blocks whose :class:`BlockChange` keeps them.
+        changes: the pass's :class:`BlockChange` per block (:meth:`Method.blocks`).
+        extras: anything a method collects on the way (attention maps, features of other blocks ...).
+        images: the ``(B, 3, H, W)`` normalised crops of the pass (for methods that look at pixels again).
+        text: the ``(Q, E)`` unit query embeddings when the pass computes logits (``None`` for features alone).
+    """
+
+    grid: tuple[int, int]
+    inputs: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    changes: Mapping[int, BlockChange] = dataclasses.field(default_factory=dict)
+    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+    images: torch.Tensor | None = None
+    text: torch.Tensor | None = None
 
 
 @dataclasses.dataclass(frozen=True)
