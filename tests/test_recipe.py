@@ -59,7 +59,8 @@ def test_segment_builds_through_the_recipe(built, tiny_checkpoint, one_template,
     image.parent.mkdir()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(image)
     argv = ["segment", str(image.parent), "--out", str(tmp_path / "out"), "--model", TINY, "--device", "cpu"]
-    argv += ["--pretrained", str(tiny_checkpoint), "--classes", "cat,dog", "--templates", one_template, "--workers", "0"]
+    argv += ["--pretrained", str(tiny_checkpoint), "--classes", "cat,dog", "--templates", one_template]
+    argv += ["--workers", "0"]
     argv += ["--method-options", '{"fusion": "per_head", "channel_suppression": false}', "--no-progress", *FLAGS]
     assert main(argv) == 0
     ((spec, seg),) = built
@@ -86,7 +87,8 @@ def test_the_demo_builds_through_the_recipe(built, tiny_model, tmp_path, monkeyp
     ((spec, seg),) = built
     assert spec.model is tiny_model and spec.settings == {"max_pixels": service.limits.max_pixels}
     assert {k: seg.method.options()[k] for k in OPTIONS} == OPTIONS
-    assert (seg.settings.short_side, seg.settings.crop, seg.settings.stride, seg.settings.prob_thd) == (32, 32, 16, 0.125)
+    s = seg.settings  # the request's settings
+    assert (s.short_side, s.crop, s.stride, s.prob_thd) == (32, 32, 16, 0.125)
 
 
 def test_eval_builds_through_the_recipe(built, tiny_checkpoint, one_template, tmp_path):
