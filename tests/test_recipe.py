@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY
+from conftest import TINY, tiny_second_models
 from gclip.cli import main
 from gclip.demo import DemoService, Limits
 from gclip.demo.service import DemoSettings
 from gclip.diagnostics.bench import BenchConfig, run_bench
 from gclip.engines import SegmenterSpec
+from gclip.errors import WeightsError
 from gclip.evaluation import evaluate
 from gclip.inference.segmenter import Segmenter, Settings
 from test_datasets import write_layout
@@ -91,8 +92,10 @@ def test_the_demo_builds_through_the_recipe(built, tiny_model, tmp_path, monkeyp
     assert (s.short_side, s.crop, s.stride, s.prob_thd) == (32, 32, 16, 0.125)
 
 
-def test_eval_builds_through_the_recipe(built, tiny_checkpoint, one_template, tmp_path):
+def test_eval_builds_through_the_recipe(built, tiny_checkpoint, one_template, tmp_path, monkeypatch):
     write_layout(tmp_path, "voc", n=2, size=(30, 40), seed=3)
+    checked: list[SegmenterSpec] = []
+    monkeypatch.setattr(SegmenterSpec, "check_resources", lambda self: checked.append(self))
     settings = {**SETTINGS, "area_thd": None}  # the protocol's area_thd otherwise
     results = evaluate(
         "gclip", "voc20", tmp_path, TINY, str(tiny_checkpoint), device="cpu", templates=one_template,
@@ -101,6 +104,7 @@ def test_eval_builds_through_the_recipe(built, tiny_checkpoint, one_template, tm
     ((spec, seg),) = built
     assert spec.settings.items() >= settings.items()  # over the protocol's (the ClearCLIP defaults here)
     assert spec.method_options == OPTIONS and spec.model is seg.model
+    assert [(c.method, c.method_options, c.model) for c in checked] == [("gclip", OPTIONS, seg.model)]
     given(seg)
     assert len(seg.classes) == 20 and results[0].settings["logit_scale"] == 42.0  # type: ignore[arg-type]
 
@@ -113,3 +117,11 @@ def test_the_recipe_gives_what_the_segmenter_gives(tiny_model, one_template):
     assert seg._compiled is None and dataclasses.replace(spec, compile=True).build()._compiled is not None
     shared = seg.text
     assert dataclasses.replace(spec, classes=["dog"]).build(shared).text is shared
+
+
+def test_the_recipe_checks_the_second_models(tiny_model):
+    proxy = dict(tiny_second_models("proxyclip"))
+    SegmenterSpec(tiny_model, method="proxyclip", method_options=proxy).check_resources()
+    missing = {**proxy, "proxy_checkpoint": "/nonexistent/dino.pth"}
+    with pytest.raises(WeightsError, match="dino.pth"):
+        SegmenterSpec(tiny_model, method="proxyclip", method_options=missing).check_resources()

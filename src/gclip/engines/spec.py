@@ -5,7 +5,8 @@ Every place that makes a Segmenter from settings goes through it: ``gclip segmen
 ``gclip bench`` (:func:`gclip.diagnostics.bench.build_segmenter`), the demo (one Segmenter per method over
 one shared model) and :func:`gclip.evaluate` (one per method and dataset, each under its protocol preset).
 So the model is loaded, the method made, the backbone preset applied (by the Segmenter, when no resize or
-window setting is given), the settings checked, the classes set and the forward compiled the same way for
+window setting is given), the settings checked, the classes set, the forward compiled and the second models
+checked (:meth:`SegmenterSpec.check_resources`, where a caller checks them before any image) the same way for
 all of them.
 """
 
@@ -19,7 +20,7 @@ from typing import Any
 
 from ..backbones.models import LoadedModel, load_model
 from ..inference.segmenter import Segmenter
-from ..methods import Method
+from ..methods import Method, get_method
 from ..text import ClassList, ClassSpec, TextEncoder
 
 __all__ = ["SegmenterSpec"]
@@ -87,6 +88,13 @@ class SegmenterSpec:
             return random_model(self.model, self.precision, self.device, self.random_seed, quick_gelu)
         pretrained = str(self.pretrained) if isinstance(self.pretrained, Path) else self.pretrained
         return load_model(self.model, pretrained, self.precision, self.device, quick_gelu=self.quick_gelu)
+
+    def check_resources(self) -> None:
+        """Load (into the per-process cache) or check what the method needs besides CLIP, its second models,
+        before any image (:meth:`gclip.methods.Method.check_resources`: a one-line
+        :class:`~gclip.errors.WeightsError` or :class:`~gclip.errors.ConfigError`)."""
+        model = self.load()
+        get_method(self.method, **(self.method_options or {})).check_resources(model.device, model.dtype)
 
     def build(self, text: TextEncoder | None = None) -> Segmenter:
         """Load the model (unless it is already loaded) and return the Segmenter, its classes set when given.

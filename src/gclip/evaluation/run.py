@@ -178,7 +178,7 @@ def runnable_methods(
     for m in methods:
         try:
             for name in datasets:
-                get_method(m, **for_dataset(options[m], name)).check_resources(model.device, model.dtype)
+                SegmenterSpec(model, method=m, method_options=for_dataset(options[m], name)).check_resources()
         except (WeightsError, ConfigError) as e:
             message = f"{m}: {e}"
             if not every:
