@@ -147,6 +147,7 @@ def test_summary_figure(tmp_path):
     _valid_png(path)
 
 
+@pytest.mark.heavy
 def test_vit_b16_with_the_structure_reproduces_the_default():
     """Registers from block 6 and an abnormal channel after it: auto == the method.md default ({6, 7}, CS 7..10)."""
     import open_clip

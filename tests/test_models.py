@@ -115,6 +115,7 @@ def test_uncached_tag_offline_fails_fast(tmp_path, monkeypatch):
     assert time.monotonic() - start < 20  # no download retry loop (generous: this includes building nothing)
 
 
+@pytest.mark.heavy
 def test_cached_tag_is_used_without_network(tmp_path, monkeypatch):
     """A tag whose file is in open_clip's URL cache loads offline (the real tag path, weights from disk)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -140,15 +140,13 @@ def pipelined_pass(seg, inputs: list[Any], config: BenchConfig, workers: int, cu
 
 def run_bench(config: BenchConfig) -> dict[str, Any]:
     """Run the benchmark; returns the JSON-ready record (see ``gclip bench --help`` for the fields)."""
-    seg = build_segmenter(config)
+    seg = build_segmenter(config)  # compiled here when config.compile
     cuda = seg.device.type == "cuda"
     start = time.perf_counter()
     seg.set_classes(resolve_classes(config.classes))
     if cuda:
         torch.cuda.synchronize()
     text_seconds = time.perf_counter() - start
-    if config.compile:
-        seg.compile()
     inputs, source = load_inputs(config)
     workers = resolve_workers(config, cuda)
     if config.warmup:
