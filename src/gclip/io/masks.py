@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..backbones.models import read_checkpoint, resolve_device
+from ..backbones.models import resolve_device
+from ..backbones.weights import find_weights, read_checkpoint, read_sidecar
 from ..errors import ConfigError, ImageError, WeightsError
 
 __all__ = [
@@ -116,13 +117,20 @@ def load_sam(
     name: str, checkpoint: str | None, device: str | torch.device | None = "cpu", dtype: torch.dtype = torch.float32
 ) -> nn.Module:
     """A whole SAM (image encoder, prompt encoder, mask decoder) for the automatic mask generator, built by
-    ``segment-anything`` and loaded from ``checkpoint`` (e.g. ``sam_vit_b_01ec64.pth``); cached per process."""
+    ``segment-anything`` and loaded from ``checkpoint`` (e.g. ``sam_vit_b_01ec64.pth``), else from gclip's weights
+    folder (``gclip download NAME``); found, read and refused as every weights file is
+    (:mod:`gclip.backbones.weights`); cached per process."""
     if name not in MASK_MODELS:
         raise ConfigError(f"unknown mask generator {name!r}: choose one of {', '.join(MASK_MODELS)}")
     if not checkpoint:
+        checkpoint = find_weights(
+            f"mask generator {name}", name, "sam_checkpoint", example="SAM's sam_vit_b_01ec64.pth"
+        )
+    side = read_sidecar(checkpoint) if Path(checkpoint).is_file() else None
+    if side is not None and (side.get("kind"), side.get("name")) != ("sam", name):
         raise WeightsError(
-            f"mask generator {name}: no weights given: pass sam_checkpoint=/path/to/checkpoint, e.g. SAM's "
-            "sam_vit_b_01ec64.pth (--sam-checkpoint PATH on the command line)"
+            f"checkpoint {checkpoint} holds the weights of {side.get('kind')} model {side.get('name')}, not of mask "
+            f"generator {name}: pass {name}'s file to sam_checkpoint (`gclip download {name}` fetches it)"
         )
     build = MASK_MODELS[name]
     if isinstance(build, str):
@@ -133,7 +141,7 @@ def load_sam(
         model = sam_model_registry[build](checkpoint=None)
     else:
         model = build()
-    state, _ = read_checkpoint(checkpoint)
+    state, _ = read_checkpoint(checkpoint, "sam_checkpoint")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
