@@ -143,3 +143,99 @@ def test_second_models_share_clips_fingerprint():
 
     dino = second_models.load_second_model(TINY_DINO)
     assert dino.fingerprint == fingerprint(dino.model)
+
+
+# --- QuickGELU: the activation a checkpoint needs (issue 24, trap 5) ----------------------------------------------
+
+
+def _tiny_state(seed: int = 2) -> dict[str, torch.Tensor]:
+    """A tiny CLIP's weights holding fp16 values in fp32 tensors, as open_clip's `openai` models do."""
+    return random_state_dict(open_clip.create_model(TINY), seed=seed)
+
+
+def test_fp16_rounded_weights_that_say_nothing_get_a_notice_naming_the_flag(tmp_path, recwarn):
+    """`torch.save(create_model("ViT-B-16", "openai").state_dict())` used to load with GELU and no word."""
+    torch.save(_tiny_state(), tmp_path / "resaved.pt")
+    with pytest.warns(UserWarning, match=r"resaved.pt looks like OpenAI's CLIP weights.*pass --quick-gelu") as seen:
+        model = load_model(TINY, str(tmp_path / "resaved.pt"))
+    assert not model.quick_gelu and "\n" not in str(seen[0].message)
+    recwarn.clear()
+    assert load_model(TINY, str(tmp_path / "resaved.pt"), quick_gelu=True).quick_gelu  # asked for: no notice
+    trained = {k: v + 1e-4 * torch.rand_like(v) if v.is_floating_point() else v for k, v in _tiny_state().items()}
+    torch.save(trained, tmp_path / "trained.pt")  # fp32 values: nothing like OpenAI's release
+    assert not load_model(TINY, str(tmp_path / "trained.pt")).quick_gelu
+    assert not [w for w in recwarn if "looks like OpenAI" in str(w.message)]
+
+
+def test_openai_state_dicts_and_open_clips_published_files_set_the_activation(tmp_path, recwarn):
+    state = _tiny_state()
+    openai = {**state, "input_resolution": torch.tensor(32), "context_length": torch.tensor(77)}
+    openai["vocab_size"] = torch.tensor(49408)
+    torch.save(openai, tmp_path / "openai-own.pt")  # OpenAI's own model's state dict
+    assert load_model(TINY, str(tmp_path / "openai-own.pt")).quick_gelu
+    hub = tmp_path / "models--timm--vit_base_patch16_clip_224.openai" / "snapshots" / "0a1b"
+    hub.mkdir(parents=True)
+    torch.save(state, hub / "open_clip_pytorch_model.bin")  # in the Hugging Face cache of the openai tag
+    assert load_model(TINY, str(hub / "open_clip_pytorch_model.bin")).quick_gelu
+    torch.save(state, tmp_path / "vit_b_32-quickgelu-laion400m_e31-d867053b.pt")  # open_clip's release file
+    assert load_model(TINY, str(tmp_path / "vit_b_32-quickgelu-laion400m_e31-d867053b.pt")).quick_gelu
+    torch.save(state, tmp_path / "vit_b_32-laion2b_e16-af8dbd0c.pth")  # one trained with GELU
+    assert not load_model(TINY, str(tmp_path / "vit_b_32-laion2b_e16-af8dbd0c.pth")).quick_gelu
+    assert not [w for w in recwarn if "looks like OpenAI" in str(w.message)]  # all recognised: no notice
+
+
+# --- every JSON gclip writes records the weights' path and SHA-256 ---------------------------------------------------
+
+
+def test_file_sha256_is_computed_once_per_file_version(tmp_path, monkeypatch):
+    import hashlib
+
+    from gclip.backbones import weights
+
+    path = tmp_path / "w.pt"
+    path.write_bytes(b"abc")
+    calls = []
+    real = hashlib.sha256
+    monkeypatch.setattr(weights.hashlib, "sha256", lambda *a: calls.append(1) or real(*a))
+    assert weights.file_sha256(path) == real(b"abc").hexdigest() == weights.file_sha256(str(path))
+    assert len(calls) == 1
+    path.write_bytes(b"abcd")  # another size: hashed again
+    assert weights.file_sha256(path) == real(b"abcd").hexdigest() and len(calls) == 2
+    assert weights.weights_record(path) == {"path": str(path.resolve()), "sha256": real(b"abcd").hexdigest()}
+
+
+def test_segment_eval_bench_and_inspect_json_record_the_weights(tmp_path, tiny_checkpoint, rgb_image, capsys):
+    import hashlib
+    import json
+
+    from PIL import Image
+
+    from gclip.cli import main
+    from test_datasets import write_layout
+
+    expected = {
+        "path": str(tiny_checkpoint.resolve()),
+        "sha256": hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest(),
+    }
+    model = ["--model", TINY, "--pretrained", str(tiny_checkpoint), "--device", "cpu"]
+    fast = ["--crop", "32", "--stride", "16", "--short-side", "32"]
+    Image.fromarray(rgb_image).save(tmp_path / "photo.png")
+    out = tmp_path / "seg"
+    argv = ["segment", str(tmp_path / "photo.png"), "--classes", "cat,dog", "--out", str(out)]
+    assert main(argv + model + fast + ["--format", "json,manifest", "--no-progress"]) == 0
+    assert json.loads((out / "photo.json").read_text())["weights"]["clip"] == expected
+    assert json.loads((out / "manifest.jsonl").read_text().splitlines()[0])["weights"]["clip"] == expected
+
+    write_layout(tmp_path / "data", "voc", n=2, size=(30, 40), seed=3)
+    argv = ["eval", "--data-root", str(tmp_path / "data"), "--dataset", "voc20", "--out", str(tmp_path / "e.json")]
+    assert main(argv + model + fast + ["--workers", "0", "--quiet"]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["runs"][0]["weights"]["clip"] == expected
+
+    argv = ["bench", "--synthetic", "40x40", "--count", "1", "--no-reference", "--json", str(tmp_path / "b.json")]
+    assert main(argv + model + fast) == 0
+    record = json.loads((tmp_path / "b.json").read_text())
+    assert record["weights"]["clip"] == expected and record["pretrained"] == str(tiny_checkpoint)
+
+    argv = ["inspect", "--model", TINY, "--pretrained", str(tiny_checkpoint), "--json", str(tmp_path / "i.json")]
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "i.json").read_text())["weights"] == expected

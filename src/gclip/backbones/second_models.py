@@ -34,6 +34,7 @@ __all__ = [
     "second_model_for",
     "register_second_model",
     "list_second_models",
+    "second_model_weights",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -82,6 +83,7 @@ SECOND_MODELS: dict[str, SecondModelSpec] = {
 
 
 _FOR_VIT: dict[tuple, SecondModel] = {}  # second_model_for's models (a plain dict: see there)
+_FILES: dict[tuple[str, str | None], str] = {}  # (name, checkpoint given) -> the weights file read, for the records
 
 
 def register_second_model(name: str, spec: SecondModelSpec) -> None:
@@ -336,7 +338,25 @@ def load_second_model(
             f"{len(result.unexpected_keys)} unexpected keys (e.g. {example!r})"
         )
     model = model.to(device=resolve_device(device), dtype=dtype).eval().requires_grad_(False)
+    _FILES[(name, checkpoint)] = path
     return SecondModel(name, spec, model, path)
+
+
+def second_model_weights(options: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """What gclip's JSON outputs record of the second models a method's ``options`` name: ``{option: {"name", "path",
+    "sha256"}}`` for ``proxy``/``sam`` (the file read: the one given, or the one found for it in this process) and for
+    a ``mask_generator`` with its ``sam_checkpoint``."""
+    out: dict[str, dict[str, Any]] = {}
+    for option in ("proxy", "sam", "mask_generator"):
+        name = options.get(option)
+        if not isinstance(name, str):
+            continue
+        checkpoint = options.get("sam_checkpoint" if option == "mask_generator" else f"{option}_checkpoint")
+        path = checkpoint if option == "mask_generator" else _FILES.get((name, checkpoint), checkpoint)
+        record = weights_record(path)
+        if record is not None:
+            out[option] = {"name": name, **record}
+    return out
 
 
 def second_model_for(vit: Any, name: str, checkpoint: str | None, option: str = "proxy_checkpoint") -> SecondModel:
