@@ -371,6 +371,7 @@ def load_model(
         side = _clip_sidecar(path, name)
         if side is not None:  # a file from `gclip download`: its settings
             tag_cfg = open_clip.get_pretrained_cfg(side["model"], str(side.get("tag") or "")) or tag_cfg
+            tag_cfg = {**tag_cfg, **{k: tuple(side[k]) for k in ("mean", "std") if side.get(k)}}
             tag_quick_gelu = bool(side.get("quick_gelu", tag_quick_gelu))
         checkpoint = load_checkpoint(path)
         state = checkpoint.state
