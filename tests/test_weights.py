@@ -239,3 +239,49 @@ def test_segment_eval_bench_and_inspect_json_record_the_weights(tmp_path, tiny_c
     argv = ["inspect", "--model", TINY, "--pretrained", str(tiny_checkpoint), "--json", str(tmp_path / "i.json")]
     assert main(argv) == 0
     assert json.loads((tmp_path / "i.json").read_text())["weights"] == expected
+
+
+def test_a_tag_in_the_hub_cache_loads_offline(offline, tmp_path, monkeypatch):
+    """CLIP tags and timm's second models look in the Hugging Face cache through one lookup (hub_cached)."""
+    from gclip.backbones.weights import hub_cached
+
+    tags = {"hubtag": {"hf_hub": "gclip/tiny-hub/", "quick_gelu": False}}
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, TINY, tags)
+    snapshot = tmp_path / "hub" / "models--gclip--tiny-hub" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (tmp_path / "hub" / "models--gclip--tiny-hub" / "refs").mkdir()
+    (tmp_path / "hub" / "models--gclip--tiny-hub" / "refs" / "main").write_text("0123abcd")
+    state = random_state_dict(open_clip.create_model(TINY), seed=8)
+    torch.save(state, snapshot / "open_clip_pytorch_model.bin")
+    found = hub_cached(
+        "gclip/tiny-hub", ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"], str(tmp_path / "hub")
+    )
+    assert found == str(snapshot / "open_clip_pytorch_model.bin")
+    model = load_model(TINY, "hubtag", cache_dir=str(tmp_path / "hub"))
+    assert torch.equal(model.clip.visual.proj, state["visual.proj"]) and model.path == found
+
+
+def test_second_models_are_recorded_beside_clip(tiny_model, tiny_checkpoint):
+    """The JSON outputs' weights record names each second model's file too (the one found for it when none was
+    given), and a mask generator's."""
+    import hashlib
+    from pathlib import Path
+
+    from conftest import SECOND_MODELS_DIR
+    from gclip import Segmenter
+    from gclip.backbones import weights_used
+
+    seg = Segmenter(tiny_model, method="proxyclip", method_options={"proxy": TINY_DINO}, classes=["a", "b"])
+    seg.method.check_resources("cpu", torch.float32)
+    record = weights_used(seg.model, seg.method.options())
+    dino = Path(second_models.SECOND_MODELS[TINY_DINO].checkpoint)
+    assert record["proxy"] == {
+        "name": TINY_DINO,
+        "path": str(dino.resolve()),
+        "sha256": hashlib.sha256(dino.read_bytes()).hexdigest(),
+    }
+    assert record["clip"]["path"] == str(tiny_checkpoint.resolve())
+    sam = SECOND_MODELS_DIR / "tiny-full-sam.pth"
+    if sam.is_file():
+        masks = weights_used(tiny_model, {"mask_generator": TINY_SAM_MASKS, "sam_checkpoint": str(sam)})
+        assert masks["mask_generator"]["sha256"] == hashlib.sha256(sam.read_bytes()).hexdigest()

@@ -29,6 +29,7 @@ from .weights import (
     Checkpoint,
     file_sha256,
     find_weights,
+    hub_cached,
     hub_reachable,
     load_checkpoint,
     read_checkpoint,
@@ -136,17 +137,14 @@ def _cached_tag_file(cfg: dict[str, Any], cache_dir: str | None) -> str | None:
         return cfg["file"]
     hf_hub = cfg.get("hf_hub", "")
     if hf_hub:
-        from huggingface_hub import try_to_load_from_cache
-
         repo_id, filename = os.path.split(hf_hub)
         filename = filename or "open_clip_pytorch_model.bin"
         candidates = [filename[: -len(Path(filename).suffix)] + ".safetensors", filename]
         if filename == "open_clip_pytorch_model.bin":
             candidates.insert(0, "open_clip_model.safetensors")
-        for fname in candidates:
-            found = try_to_load_from_cache(repo_id, fname, cache_dir=cache_dir)
-            if isinstance(found, str) and os.path.isfile(found):
-                return found
+        found = hub_cached(repo_id, candidates, cache_dir)
+        if found:
+            return found
     url = cfg.get("url", "")
     if url:
         local = Path(cache_dir or os.path.expanduser("~/.cache/clip")) / os.path.basename(url)

@@ -24,7 +24,7 @@ from ..errors import ConfigError, WeightsError
 from .base import fingerprint
 from .models import resolve_device
 from .openclip import resample_pos_embed
-from .weights import find_weights, read_checkpoint, read_sidecar, weights_record
+from .weights import find_weights, hub_cached, read_checkpoint, read_sidecar, weights_record
 
 __all__ = [
     "SECOND_MODELS",
@@ -251,15 +251,9 @@ def _cached_weights(spec: SecondModelSpec) -> str | None:
     if spec.tag is None:
         return None
     import timm
-    from huggingface_hub import try_to_load_from_cache
 
     cfg = timm.models.get_pretrained_cfg(f"{spec.arch}.{spec.tag}")
-    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
-    for fname in ("model.safetensors", "pytorch_model.bin"):
-        found = try_to_load_from_cache(repo, fname) if repo else None
-        if isinstance(found, str) and Path(found).is_file():
-            return found
-    return None
+    return hub_cached(getattr(cfg, "hf_hub_id", None), ["model.safetensors", "pytorch_model.bin"])
 
 
 def _weights_file(name: str, spec: SecondModelSpec, checkpoint: str | None, option: str) -> str:

@@ -34,6 +34,7 @@ __all__ = [
     "Checkpoint",
     "file_sha256",
     "find_weights",
+    "hub_cached",
     "hub_reachable",
     "read_checkpoint",
     "read_sidecar",
@@ -290,6 +291,20 @@ def hub_reachable(host: str = _HUB_HOST, timeout: float = 3.0) -> bool:
     thread.start()
     thread.join(timeout)
     return ok[0]
+
+
+def hub_cached(repo_id: str | None, filenames: list[str], cache_dir: str | None = None) -> str | None:
+    """The first of ``filenames`` of the Hugging Face repository ``repo_id`` already in the local hub cache (no
+    network), else ``None``: how CLIP tags and timm's second models look for cached weights."""
+    if not repo_id:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    for fname in filenames:
+        found = try_to_load_from_cache(repo_id, fname, cache_dir=cache_dir)
+        if isinstance(found, str) and os.path.isfile(found):
+            return found
+    return None
 
 
 def find_weights(
