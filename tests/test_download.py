@@ -94,7 +94,10 @@ def test_without_to_the_tag_works_offline_from_gclips_folder(network, monkeypatc
     """Offline, the tag first says which command fetches it; after `gclip download` (no --to) it loads."""
     monkeypatch.setenv("GCLIP_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(WeightsError, match=f"CLIP {TINY}/tinytag .*unreachable: run `gclip download {TINY} tinytag"):
+    source = r"\(huggingface.co/gclip/tiny-test-weights\)"
+    with pytest.raises(
+        WeightsError, match=f"CLIP {TINY}/tinytag {source} .*unreachable: run `gclip download {TINY} tinytag"
+    ):
         load_model(TINY, "tinytag")
     assert main(["download", TINY, "tinytag"]) == 0
     assert load_model(TINY, "tinytag").quick_gelu

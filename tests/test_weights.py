@@ -42,10 +42,15 @@ def offline(monkeypatch, tmp_path):
 @pytest.mark.parametrize(
     ("load", "what", "args", "option"),
     [
-        (lambda: load_model("ViT-B-32", "openai"), "CLIP ViT-B-32/openai", "ViT-B-32 openai", "pretrained"),
+        (
+            lambda: load_model("ViT-B-32", "openai"),
+            "CLIP ViT-B-32/openai (huggingface.co/timm/vit_base_patch32_clip_224.openai)",
+            "ViT-B-32 openai",
+            "pretrained",
+        ),
         (
             lambda: second_models.load_second_model("dino_vits16"),
-            "proxy dino_vits16 (vit_small_patch16_224.dino)",
+            "proxy dino_vits16 (huggingface.co/timm/vit_small_patch16_224.dino)",
             "dino_vits16",
             "proxy_checkpoint",
         ),

@@ -159,8 +159,10 @@ def _resolve_tag(name: str, tag: str, cache_dir: str | None) -> str:
     import open_clip
 
     cfg = open_clip.get_pretrained_cfg(name, tag)
+    hub = cfg.get("hf_hub", "").strip("/")
+    source = f"huggingface.co/{hub}" if hub else cfg.get("url", "")
     return find_weights(
-        f"CLIP {name}/{tag}",
+        f"CLIP {name}/{tag}" + (f" ({source})" if source else ""),
         f"{name} {tag}",
         "pretrained",
         cached=lambda: _cached_tag_file(cfg, cache_dir),

@@ -267,7 +267,7 @@ def _weights_file(name: str, spec: SecondModelSpec, checkpoint: str | None, opti
 
         return hf_hub_download(f"timm/{spec.arch}.{spec.tag}", "model.safetensors")
 
-    what = f"proxy {name}" + (f" ({spec.arch}.{spec.tag})" if spec.tag else "")
+    what = f"proxy {name}" + (f" (huggingface.co/timm/{spec.arch}.{spec.tag})" if spec.tag else "")
     example = "SAM's sam_vit_b_01ec64.pth" if spec.family == "sam" else ""
     return find_weights(what, name, option, lambda: _cached_weights(spec), fetch if spec.tag else None, example=example)
 
