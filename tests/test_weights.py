@@ -290,3 +290,25 @@ def test_second_models_are_recorded_beside_clip(tiny_model, tiny_checkpoint):
     if sam.is_file():
         masks = weights_used(tiny_model, {"mask_generator": TINY_SAM_MASKS, "sam_checkpoint": str(sam)})
         assert masks["mask_generator"]["sha256"] == hashlib.sha256(sam.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("load", "what"),
+    [
+        (lambda path: load_model(TINY, str(path)), f"CLIP {TINY}"),
+        (lambda path: second_models.load_second_model(TINY_DINO, str(path)), f"proxy {TINY_DINO}"),
+        (lambda path: _load_sam(TINY_SAM_MASKS, str(path)), f"mask generator {TINY_SAM_MASKS}"),
+    ],
+    ids=["clip", "dino", "sam-masks"],
+)
+def test_a_downloaded_file_of_another_model_is_refused_alike(tmp_path, load, what):
+    """A `gclip download` file says what it holds; every loader refuses another model's file with the same line."""
+    from gclip.backbones.weights import write_weights
+
+    meta = {"kind": "second", "name": "dino_vits16", "arch": "vit_small_patch16_224", "tag": "dino"}
+    path = write_weights(tmp_path, "dino_vits16.pt", meta, state=random_state_dict(make_tiny_dino(), seed=1))
+    second_models.load_second_model.cache_clear()
+    with pytest.raises(WeightsError) as info:
+        load(path)
+    shape = rf"checkpoint {re.escape(str(path))} holds the weights of second model dino_vits16, not of {what}: \S.*"
+    assert re.fullmatch(shape, str(info.value)), str(info.value)

@@ -27,6 +27,7 @@ from ..errors import WeightsError
 from .base import fingerprint
 from .weights import (
     Checkpoint,
+    check_sidecar,
     file_sha256,
     find_weights,
     hub_cached,
@@ -413,17 +414,9 @@ def load_model(
 
 def _clip_sidecar(path: Path, name: str) -> dict[str, Any] | None:
     """The ``gclip download`` sidecar of a CLIP checkpoint, checked to describe CLIP weights of model ``name``."""
+    names = (name, name.removesuffix("-quickgelu"), f"{name}-quickgelu")
     side = read_sidecar(path) if path.is_file() else None
-    if side is None:
-        return None
-    if side.get("kind") != "clip":
-        raise WeightsError(
-            f"checkpoint {path} holds the weights of {side.get('kind')} model {side.get('name')}, not a CLIP: pass it "
-            "to that model's option (see `gclip models`)"
-        )
-    if side.get("model") not in (name, name.removesuffix("-quickgelu"), f"{name}-quickgelu"):
-        raise WeightsError(
-            f"checkpoint {path} holds {side.get('model')} weights (see {path.name}.json): pass --model "
-            f"{side.get('model')}, or leave --model out"
-        )
-    return side
+    remedy = "pass it to the option of its model (see `gclip models`)"
+    if side is not None and side.get("kind") == "clip":
+        remedy = f"pass --model {side.get('model')}, or leave --model out"
+    return check_sidecar(path, f"CLIP {name}", lambda s: s.get("kind") == "clip" and s.get("model") in names, remedy)

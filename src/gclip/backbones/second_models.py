@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +23,7 @@ from ..errors import ConfigError, WeightsError
 from .base import fingerprint
 from .models import resolve_device
 from .openclip import resample_pos_embed
-from .weights import find_weights, hub_cached, read_checkpoint, read_sidecar, weights_record
+from .weights import check_sidecar, find_weights, hub_cached, read_checkpoint, weights_record
 
 __all__ = [
     "SECOND_MODELS",
@@ -274,17 +273,14 @@ def _weights_file(name: str, spec: SecondModelSpec, checkpoint: str | None, opti
 
 def _check_sidecar(path: str, name: str, spec: SecondModelSpec, option: str) -> None:
     """A ``gclip download`` file must hold this model's weights (SAM's file serves its encoder too)."""
-    side = read_sidecar(path) if Path(path).is_file() else None
-    if side is None:
-        return
-    fits = side.get("name") == name or (
-        spec.family == "sam" and side.get("kind") == "sam" and side.get("arch") == spec.arch
+    check_sidecar(
+        path,
+        f"proxy {name}",
+        lambda s: (
+            s.get("name") == name or (spec.family == "sam" and s.get("kind") == "sam" and s.get("arch") == spec.arch)
+        ),
+        f"pass {name}'s file to {option} (`gclip download {name}` fetches it)",
     )
-    if not fits:
-        raise WeightsError(
-            f"checkpoint {path} holds the weights of {side.get('kind')} model {side.get('name')}, not of proxy {name}: "
-            f"pass {name}'s file to {option} (`gclip download {name}` fetches it)"
-        )
 
 
 @functools.lru_cache(maxsize=4)

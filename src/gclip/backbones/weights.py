@@ -32,6 +32,7 @@ from ..errors import WeightsError
 
 __all__ = [
     "Checkpoint",
+    "check_sidecar",
     "file_sha256",
     "find_weights",
     "hub_cached",
@@ -191,6 +192,22 @@ def read_sidecar(path: str | Path) -> dict[str, Any] | None:
     if not isinstance(data, dict) or "kind" not in data:
         raise WeightsError(f"{side} is not gclip's description of {Path(path).name}: delete it or download again")
     return data
+
+
+_KIND_WORDS = {"clip": "CLIP", "second": "second model", "sam": "SAM"}
+
+
+def check_sidecar(
+    path: str | Path, what: str, fits: Callable[[dict[str, Any]], bool], remedy: str
+) -> dict[str, Any] | None:
+    """The sidecar of ``path`` when ``fits`` accepts it (``None`` when there is none): every loader refuses a
+    ``gclip download`` file of another model with the same line, ``checkpoint P holds the weights of K N, not of
+    WHAT: REMEDY``."""
+    side = read_sidecar(path) if Path(path).is_file() else None
+    if side is None or fits(side):
+        return side
+    kind = _KIND_WORDS.get(str(side.get("kind")), str(side.get("kind")))
+    raise WeightsError(f"checkpoint {path} holds the weights of {kind} {side.get('name')}, not of {what}: {remedy}")
 
 
 @contextlib.contextmanager

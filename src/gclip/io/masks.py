@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..backbones.models import resolve_device
-from ..backbones.weights import find_weights, read_checkpoint, read_sidecar
+from ..backbones.weights import check_sidecar, find_weights, read_checkpoint
 from ..errors import ConfigError, ImageError, WeightsError
 
 __all__ = [
@@ -126,12 +126,12 @@ def load_sam(
         checkpoint = find_weights(
             f"mask generator {name}", name, "sam_checkpoint", example="SAM's sam_vit_b_01ec64.pth"
         )
-    side = read_sidecar(checkpoint) if Path(checkpoint).is_file() else None
-    if side is not None and (side.get("kind"), side.get("name")) != ("sam", name):
-        raise WeightsError(
-            f"checkpoint {checkpoint} holds the weights of {side.get('kind')} model {side.get('name')}, not of mask "
-            f"generator {name}: pass {name}'s file to sam_checkpoint (`gclip download {name}` fetches it)"
-        )
+    check_sidecar(
+        checkpoint,
+        f"mask generator {name}",
+        lambda s: (s.get("kind"), s.get("name")) == ("sam", name),
+        f"pass {name}'s file to sam_checkpoint (`gclip download {name}` fetches it)",
+    )
     build = MASK_MODELS[name]
     if isinstance(build, str):
         try:
