@@ -312,3 +312,18 @@ def test_a_downloaded_file_of_another_model_is_refused_alike(tmp_path, load, wha
         load(path)
     shape = rf"checkpoint {re.escape(str(path))} holds the weights of second model dino_vits16, not of {what}: \S.*"
     assert re.fullmatch(shape, str(info.value)), str(info.value)
+
+
+def test_a_renamed_published_file_is_recognised_by_its_sha256(tmp_path, monkeypatch, recwarn):
+    """open_clip's table gives the SHA-256 (OpenAI's URLs) or its first 8 hex digits (open_clip's releases) of its
+    files: a renamed copy of one whose weights look like OpenAI's is recognised by it, without a notice."""
+    import hashlib
+
+    from gclip.backbones import models
+
+    torch.save(_tiny_state(), tmp_path / "renamed.pt")
+    digest = hashlib.sha256((tmp_path / "renamed.pt").read_bytes()).hexdigest()
+    monkeypatch.setattr(models, "_published_files", lambda: {"sha:" + digest[:8]: (TINY, "release", True)})
+    assert models.published_checkpoint(tmp_path / "renamed.pt", hash_it=True) == (TINY, "release", True)
+    assert load_model(TINY, str(tmp_path / "renamed.pt")).quick_gelu
+    assert not [w for w in recwarn if "looks like OpenAI" in str(w.message)]
