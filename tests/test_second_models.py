@@ -165,7 +165,8 @@ def test_proxyclip_windows_fit_both_patches(tiny_model, padding):
 
 
 def test_sam_without_weights_names_the_file_to_pass():
-    with pytest.raises(WeightsError, match="proxy_checkpoint=.*sam_vit_b_01ec64.pth") as e:
+    match = "sam_vit_b_01ec64.pth.*`gclip download sam_vitb --to DIR`.*proxy_checkpoint="
+    with pytest.raises(WeightsError, match=match) as e:
         proxy.load_second_model("sam_vitb")
     assert "\n" not in str(e.value)
 

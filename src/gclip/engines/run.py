@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ..backbones import weights_used
 from ..errors import ConfigError, OutputError
 from ..inference.segmenter import Segmenter
 from ..io.inputs import InputItem, collect_inputs, shard_items
@@ -165,7 +166,8 @@ def segment_folder(
         spec = SegmenterSpec.from_segmenter(segmenter)
     formats = parse_formats(formats)
     manifest = Manifest(Path(out) / manifest_name(shard)) if "manifest" in formats else None
-    writer = OutputWriter(Path(out), formats, _description(segmenter))
+    weights = weights_used(segmenter.model, segmenter.method.options())
+    writer = OutputWriter(Path(out), formats, _description(segmenter), weights=weights)
     pending = plan_run(writer, items, overwrite, manifest)
     summary = RunSummary(out=Path(out), total=len(items), skipped=len(items) - len(pending))
     summary.manifest = manifest.path if manifest else None

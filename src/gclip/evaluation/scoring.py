@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ..backbones import weights_used
 from ..engines.batch import infer_batch
 from ..errors import ConfigError
 from ..inference.segmenter import Segmenter
@@ -36,6 +37,7 @@ class EvalResult:
         skipped: ``(name, reason)`` of the samples skipped with ``skip_bad``.
         seconds: wall time of the scoring loop (slowest rank).
         settings: what determined the predictions.
+        weights: the weights files used (:func:`gclip.backbones.weights_used`: path and SHA-256 of each).
     """
 
     dataset: str
@@ -46,6 +48,7 @@ class EvalResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     settings: dict[str, Any] = field(default_factory=dict)
+    weights: dict[str, Any] = field(default_factory=dict)
 
     @property
     def summary(self) -> dict[str, Any]:
@@ -81,6 +84,7 @@ class EvalResult:
             "dataset": self.dataset,
             "method": self.method,
             "settings": self.settings,
+            "weights": self.weights,
             "summary": self.summary,
             "per_class": self.per_class(),
             "skipped": [{"sample": n, "reason": r} for n, r in self.skipped],
@@ -179,4 +183,5 @@ def score(
         skipped=sorted((s for part, _ in gathered for s in part), key=lambda s: s[0]),
         seconds=max(sec for _, sec in gathered),
         settings=segmenter.describe(),
+        weights=weights_used(segmenter.model, segmenter.method.options()),
     )

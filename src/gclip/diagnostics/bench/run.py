@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...backbones import weights_used
 from ...errors import ConfigError
 from .config import BenchConfig, build_segmenter, load_inputs, resolve_classes
 from .measure import (
@@ -161,7 +162,8 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         "images": source,
         "count": len(inputs),
         "model": seg.model.name,
-        "weights": seg.model.pretrained,
+        "pretrained": seg.model.pretrained,
+        "weights": weights_used(seg.model, seg.method.options()),
         "method": seg.method.name,
         "method_options": seg.method.options(),
         "precision": config.precision,
