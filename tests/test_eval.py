@@ -119,12 +119,17 @@ def test_bad_label_stops_or_is_skipped(tiny_checkpoint, tmp_path, capsys):
     Image.new("L", (3, 3)).save(bad)
     assert run_eval(tiny_checkpoint, tmp_path, "--dataset", "ade20k") == 2
     err = capsys.readouterr().err
-    assert err.startswith("gclip: error: ") and str(bad) in err and "--skip-bad" in err
+    assert err.startswith("gclip: error: ade20k: BROKEN") and "ADE_val_00000002: image 34x25, label 3x3" in err
+    assert "--skip-bad" in err and "\n" not in err.strip()  # checked before the model loads: one line
     out = tmp_path / "r.json"
     assert run_eval(tiny_checkpoint, tmp_path, "--dataset", "ade20k", "--skip-bad", "--out", str(out)) == 1
     summary = json.loads(out.read_text())["runs"][0]
     assert summary["summary"]["images"] == 2 and summary["summary"]["skipped"] == 1
     assert summary["skipped"][0]["sample"] == "ADE_val_00000002"
+    rows = (tmp_path / "r.csv").read_text(encoding="utf-8").splitlines()  # per-class IoU beside the JSON
+    assert rows[0] == "method,dataset,class,IoU,Acc,intersect,union,pred,label" and len(rows) == 1 + 150
+    first = json.loads(out.read_text())["runs"][0]["per_class"][0]
+    assert rows[1].split(",")[:4] == ["gclip", "ade20k", first["class"], str(first["IoU"])]
     assert "warning: skipped ADE_val_00000002" in capsys.readouterr().err
 
 

@@ -63,6 +63,20 @@ class EvalResult:
             "images_per_s": round(self.images / self.seconds, 3) if self.seconds > 0 else None,
         }
 
+    @staticmethod
+    def per_class_csv(results: list[EvalResult]) -> str:
+        """The per-class IoU and accuracy of several runs as CSV text (one row per method, dataset and class)."""
+        import csv
+        import io
+
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(["method", "dataset", "class", "IoU", "Acc", "intersect", "union", "pred", "label"])
+        for r in results:
+            for row in r.per_class():
+                writer.writerow([r.method, r.dataset, *row.values()])
+        return text.getvalue()
+
     def per_class(self) -> list[dict[str, Any]]:
         s = summarize(self.areas)
         a = self.areas

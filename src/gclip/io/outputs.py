@@ -22,6 +22,7 @@ __all__ = [
     "output_error",
     "write_label_png",
     "write_json",
+    "write_text",
     "read_label_png",
     "result_record",
     "rle_encode",
@@ -106,11 +107,16 @@ def read_label_png(path: str | Path) -> np.ndarray:
         return np.asarray(img).astype(np.int32)
 
 
+def write_text(text: str, path: str | Path) -> Path:
+    """Write UTF-8 text atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
 def write_json(data: Any, path: str | Path) -> Path:
     """Write JSON atomically (UTF-8, indented)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return Path(path)
+    return write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", path)
 
 
 def result_record(result: SegmentationResult) -> dict[str, Any]:
