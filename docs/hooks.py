@@ -28,3 +28,12 @@ def on_files(files, config):
         urls = config.use_directory_urls
         files.append(File(rel, src_dir=str(ROOT), dest_dir=config.site_dir, use_directory_urls=urls))
     return files
+
+
+
+def on_page_markdown(markdown, page, config, files):
+    """The Contributing page is CONTRIBUTING.md, whose links into the docs (``docs/<page>.md``, from the
+    repository's root) become the same pages seen from the site."""
+    if page.file.src_uri == "contributing.md":
+        return (ROOT / "CONTRIBUTING.md").read_text(encoding="utf-8").replace("](docs/", "](")
+    return markdown

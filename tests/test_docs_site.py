@@ -95,7 +95,7 @@ def site(tmp_path_factory):
     path = os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])  # this checkout's gclip
     env = dict(os.environ, PYTHONPATH=path, NO_MKDOCS_2_WARNING="1")
     done = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-f", str(ROOT / "mkdocs.yml"), "-d", str(out)],
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(ROOT / "mkdocs.yml"), "-d", str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,
