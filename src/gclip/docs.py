@@ -137,6 +137,9 @@ def method_page(name: str, root: Path) -> str:
     cls = method_class(name)
     module = inspect.getmodule(cls)
     what, attention, rest = cls.table_row
+    notes = _notes(root, name)
+    fidelity, gaps = notes.pop("Fidelity", ""), notes.pop("Known gaps", "")
+    prose = [f"## {title}\n\n{body}\n" for title, body in notes.items()]
     lines = [
         GENERATED,
         f"# {_title(cls)} (`{name}`)",
@@ -151,6 +154,7 @@ def method_page(name: str, root: Path) -> str:
         if module
         else "",
         "",
+        *prose,
         "## Options",
         "",
     ]
@@ -180,6 +184,8 @@ def method_page(name: str, root: Path) -> str:
         "## Parity with the authors' code",
         "",
     ]
+    if fidelity:
+        lines += [fidelity, ""]
     goldens = _goldens(root).get(name, [])
     if goldens:
         lines.append(
@@ -192,10 +198,18 @@ def method_page(name: str, root: Path) -> str:
             lines.append(f"- `{key}`: {shown}")
     else:
         lines.append("No golden: see [Fidelity](../fidelity.md).")
-    notes = root / "docs" / "methods" / "notes" / f"{name}.md"
-    if notes.is_file():
-        lines += ["", notes.read_text(encoding="utf-8").strip()]
+    if gaps:
+        lines += ["", "## Known gaps", "", gaps]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _notes(root: Path, name: str) -> dict[str, str]:
+    """``{section title: body}`` of ``docs/methods/notes/<name>.md``, the hand-written part of a method's page:
+    ``Fidelity`` (bullets) and ``Known gaps`` go to the parity section, every other section before the options."""
+    path = root / "docs" / "methods" / "notes" / f"{name}.md"
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    sections = re.split(r"^## (.+)$", text, flags=re.M)[1:]
+    return {title.strip(): body.strip() for title, body in zip(sections[::2], sections[1::2])}
 
 
 def methods_index() -> str:
@@ -324,12 +338,9 @@ def fidelity_table(root: Path) -> str:
         "|---|---|---|---|",
     ]
     for name in list_methods():
-        notes = root / "docs" / "methods" / "notes" / f"{name}.md"
-        text = notes.read_text(encoding="utf-8") if notes.is_file() else ""
-        section = text.split("## Fidelity", 1)[1].split("\n## ", 1)[0] if "## Fidelity" in text else ""
-        items = dict(re.findall(r"^- ([^:]+): (.*)$", section, re.M))
+        items = dict(re.findall(r"^- ([^:]+): (.*)$", _notes(root, name).get("Fidelity", ""), re.M))
         cells = [items.get(k, "not recorded") for k in _FIDELITY_KEYS]
-        lines.append(f"| [`{name}`](methods/{name}.md#fidelity) | " + " | ".join(cells) + " |")
+        lines.append(f"| [`{name}`](methods/{name}.md#parity-with-the-authors-code) | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
