@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from mkdocs.structure.files import File
@@ -37,3 +38,11 @@ def on_page_markdown(markdown, page, config, files):
     if page.file.src_uri == "contributing.md":
         return (ROOT / "CONTRIBUTING.md").read_text(encoding="utf-8").replace("](docs/", "](")
     return markdown
+
+
+_ROLE = re.compile(r":(?:class|func|meth|attr|data|mod|exc|obj):\s*<code>~?")
+
+
+def on_page_content(html, page, config, files):
+    """The docstrings' Sphinx roles (``:class:`~gclip.X```), which Markdown leaves as text, as plain code."""
+    return _ROLE.sub("<code>", html)

@@ -156,15 +156,15 @@ def test_browser_renders_the_methods_table_and_code(served, tmp_path):
             nav = page.locator("nav").filter(has_text="Methods").first.inner_text()
             assert "Getting started" in nav and "Adding a method" in nav
 
-            page.goto(served + "/methods/gclip/")
-            assert page.locator("article h1").first.inner_text().startswith("GCLIP")
+            page.goto(served + "/methods/proxyclip/")
+            assert page.locator("article h1").first.inner_text().startswith("ProxyCLIP")
             options = page.locator("article table").filter(has_text="meaning").first
-            assert options.is_visible() and "emerging_blocks" in options.inner_text()
+            assert options.is_visible() and "proxy_checkpoint" in options.inner_text()
             protocol = page.locator("article table").filter(has_text="logit_scale").first
             assert protocol.locator("tbody tr").count() >= 8  # one row per dataset
-            page.goto(served + "/adding-a-method/")
-            block = page.locator("article pre code").filter(has_text="@register").first
-            assert block.is_visible() and block.locator("span").count() > 10  # highlighted, not raw text
+            example = page.locator("article pre code").filter(has_text="--method proxyclip").first
+            assert example.is_visible() and example.locator("span").count() > 3  # highlighted, not raw text
+            assert page.locator("nav a.md-nav__link--active").filter(has_text="proxyclip").count() >= 1
             assert not errors, errors
         finally:
             browser.close()
