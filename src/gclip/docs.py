@@ -168,7 +168,15 @@ def method_page(name: str, root: Path) -> str:
             "| option | default | meaning |",
             "|---|---|---|",
         ]
-        lines += [f"| `{f.name}` | {_default(f)} | {_md(docs.get(f.name, ''))} |" for f in fields]
+        groups: list[list[dataclasses.Field]] = []  # options one docstring entry describes together share a row
+        for f in fields:
+            if groups and docs.get(f.name) and docs.get(f.name) == docs.get(groups[-1][0].name):
+                groups[-1].append(f)
+            else:
+                groups.append([f])
+        for group in groups:
+            names = ", ".join(f"`{f.name}`" for f in group)
+            lines.append(f"| {names} | {', '.join(_default(f) for f in group)} | {_md(docs.get(group[0].name, ''))} |")
     else:
         lines.append("None: the method has no options.")
     lines += [
