@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from gclip.docs import COMMAND, generate, option_docs, stale
+from gclip.docs import COMMAND, generate, main, option_docs, stale
 from gclip.methods import list_methods, method_class
 
 ROOT = Path(__file__).parent.parent
@@ -31,6 +31,26 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"
 def test_generated_pages_are_current():
     bad = stale(ROOT)
     assert not bad, f"stale generated docs ({', '.join(bad)}): run `{COMMAND}` and commit the result"
+
+
+def test_the_command_writes_checks_and_removes(tmp_path, capsys):
+    """`python -m gclip.docs` on a copy of the checkout's inputs: it writes every page, `--check` passes, then fails
+    on an edited page or a page of no method, which the next run rewrites or removes."""
+    assert main(["--root", str(tmp_path)]) == 2  # not a checkout: no mkdocs.yml
+    shutil.copy(ROOT / "mkdocs.yml", tmp_path)
+    shutil.copytree(ROOT / "docs" / "methods" / "notes", tmp_path / "docs" / "methods" / "notes")
+    shutil.copytree(ROOT / "benchmarks", tmp_path / "benchmarks")
+    assert main(["--root", str(tmp_path)]) == 0 and main(["--root", str(tmp_path), "--check"]) == 0
+    assert sorted(p.name for p in (tmp_path / "docs" / "methods").glob("*.md")) == sorted(
+        [f"{n}.md" for n in list_methods()] + ["index.md"]
+    )
+    (tmp_path / "docs" / "generated" / "datasets.md").write_text("edited by hand\n")
+    (tmp_path / "docs" / "methods" / "gone.md").write_text("a method that was removed\n")
+    capsys.readouterr()
+    assert main(["--root", str(tmp_path), "--check"]) == 1
+    assert capsys.readouterr().out.split() == ["stale:", "docs/generated/datasets.md", "stale:", "docs/methods/gone.md"]
+    assert main(["--root", str(tmp_path)]) == 0 and not (tmp_path / "docs" / "methods" / "gone.md").exists()
+    assert main(["--root", str(tmp_path), "--check"]) == 0
 
 
 @pytest.mark.parametrize("name", list_methods())

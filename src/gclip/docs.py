@@ -373,23 +373,23 @@ def generate(root: Path) -> dict[str, str]:
     return out
 
 
-def stale(root: Path) -> list[str]:
-    """The generated files that are missing or differ from a fresh generation (and method pages of no method)."""
-    fresh = generate(root)
+def stale(root: Path, fresh: dict[str, str] | None = None) -> list[str]:
+    """The generated files that are missing or differ from a fresh generation, and method pages of no method."""
+    fresh = generate(root) if fresh is None else fresh
     bad = [rel for rel, text in fresh.items() if not (root / rel).is_file() or (root / rel).read_text() != text]
-    extra = [p for p in (root / "docs" / "methods").glob("*.md") if f"docs/methods/{p.name}" not in fresh]
-    return bad + [p.relative_to(root).as_posix() for p in extra]
+    extra = [p.relative_to(root).as_posix() for p in (root / "docs" / "methods").glob("*.md")]
+    return bad + [rel for rel in extra if rel not in fresh]
 
 
 def write(root: Path) -> list[str]:
-    """Write the generated files that changed; returns their paths."""
-    changed = stale(root)
-    for rel, text in generate(root).items():
-        if rel in changed:
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            (root / rel).write_text(text, encoding="utf-8")
+    """Write the generated files that changed and remove the pages of methods that are gone; returns their paths."""
+    fresh = generate(root)
+    changed = stale(root, fresh)
     for rel in changed:
-        if rel.startswith("docs/methods/") and rel not in generate(root):
+        if rel in fresh:
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_text(fresh[rel], encoding="utf-8")
+        else:
             (root / rel).unlink()
     return changed
 
@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stale: {rel}")
         return 1 if bad else 0
     for rel in write(root):
-        print(f"wrote {rel}")
+        print(f"{'wrote' if (root / rel).is_file() else 'removed'} {rel}")
     return 0
 
 
