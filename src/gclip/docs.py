@@ -285,7 +285,8 @@ def _bench_row(rel: str, d: dict) -> str | None:
     else:
         labels = "-"
     machine = d.get("machine", {})
-    where = machine.get("gpu") or f"{machine.get('cpu', '?')} ({machine.get('cpu_cores', '?')} cores)"
+    cpu = re.sub(r"\(R\)|\(TM\)| Processor| CPU", "", str(machine.get("cpu", "?"))).strip()
+    where = machine.get("gpu") or f"{cpu}, {machine.get('cpu_cores', '?')} cores"
     cells = [
         f"`{d['method']}`",
         f"`{d['model']}`",
@@ -296,7 +297,7 @@ def _bench_row(rel: str, d: dict) -> str | None:
         f"{ratio:.2f}x" if ratio else "-",
         labels,
         f"{d['peak_rss_mb']:,.0f}" if d.get("peak_rss_mb") else "-",
-        d.get("date", "?"),
+        d.get("date", "?").split(" ")[0],
         f"[{rel.removeprefix('benchmarks/')}]({rel})",
     ]
     return "| " + " | ".join(cells) + " |"
@@ -311,7 +312,7 @@ def results_summary(root: Path) -> str:
     lines = [
         GENERATED,
         "",
-        "| method | model | precision | device | images/s | reference loop images/s | ratio | labels vs reference "
+        "| method | model | precision | device | images/s | reference loop | ratio | labels vs reference "
         "| peak RSS MB | date | raw run |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
