@@ -55,7 +55,7 @@ class DatasetSpec:
         ignore_index: label value that is not scored.
         has_background: class 0 is background (``prob_thd`` applies).
         classes_file: class-name file name in the protocol's class folder.
-        download: where to get the data (for error messages and the README).
+        download: where to get the data (for error messages and the docs' dataset table).
     """
 
     name: str
