@@ -17,7 +17,7 @@ from gclip.engines import InputItem, Manifest, OutputWriter, collect_inputs, pla
 from gclip.engines.local import _Reader
 from gclip.io.outputs import read_label_png, rle_decode
 
-ALL = "png,overlay,rle,json,manifest"
+ALL = "png,overlay,legend,rle,json,manifest"
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,9 @@ def _check_outputs(seg, out, items):
         assert record["size"] == list(expected.size) and record["method"] == "gclip"
         assert record["classes"] == pytest.approx(expected.class_fractions(), abs=1e-6)
         with Image.open(out / f"{item.key}.overlay.png") as overlay:
-            assert overlay.width >= expected.size[1] and overlay.height > expected.size[0]
+            assert overlay.size == expected.size[::-1]  # the photo's size; the legend is its own file
+        with Image.open(out / f"{item.key}.legend.png") as legend:
+            assert legend.height > 16 * len(expected.class_fractions())
         assert json.loads((out / f"{item.key}.json").read_text())["present"].keys() == record["classes"].keys()
 
 

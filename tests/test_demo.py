@@ -12,7 +12,7 @@ from conftest import tiny_second_models
 from gclip.demo import DemoService, DemoSettings, Limits, parse_vocabulary
 from gclip.demo.service import EXAMPLES_DIR, overlay
 from gclip.errors import ClassesError
-from gclip.io.outputs import palette, read_label_png
+from gclip.io.outputs import class_colours, read_label_png
 
 gr = pytest.importorskip("gradio")
 ui = pytest.importorskip("gclip.demo.ui")
@@ -76,7 +76,7 @@ def test_callback_result_download_and_legend(service):
     for mask, legend in annotations:
         index = names.index(legend.split(" (")[0])
         np.testing.assert_array_equal(mask.astype(bool), labels == index)
-        assert shown["color_map"][legend] == "#{:02x}{:02x}{:02x}".format(*palette(256)[index])
+        assert shown["color_map"][legend] == "#{:02x}{:02x}{:02x}".format(*class_colours(256)[index])
     with Image.open(overlay_path) as ov:
         assert ov.size == (w, h)
         np.testing.assert_array_equal(np.asarray(ov), overlay(image, labels))
@@ -97,8 +97,11 @@ def test_comparison_runs_the_second_method_on_the_same_model(service):
 
 
 def test_threshold_and_settings_reach_the_segmenter(service):
-    shown, *_ = call(service, vocabulary="horse, person, wall", prob_thd=1.0)
-    assert [legend for _, legend in shown["value"][1]] == ["horse (100%)"]
+    shown, _, label_path, _, status = call(service, vocabulary="horse, person, wall", prob_thd=1.0)
+    assert [legend for _, legend in shown["value"][1]] == [] and "100% unlabeled" in status  # not "horse"
+    assert (read_label_png(label_path) == -1).all()
+    shown, *_ = call(service, vocabulary="background, horse, person", prob_thd=1.0)
+    assert [legend for _, legend in shown["value"][1]] == ["background (100%)"]
     assert service._segmenters["gclip"].settings.prob_thd == 1.0
     call(service, short_side=96, crop=0, pamr_steps=2)
     s = service._segmenters["gclip"].settings

@@ -38,7 +38,7 @@ def _annotations(outcome: Outcome) -> tuple[tuple[Any, list[tuple[Any, str]]], d
         index = result.class_names.index(name)
         label = f"{name} ({fraction:.0%})" if fraction >= 0.005 else f"{name} (<1%)"
         annotations.append(((result.labels == index).astype("float32"), label))
-        colours[label] = hex_colour(index)
+        colours[label] = hex_colour(index, result.background)
     return (outcome.image, annotations), colours
 
 
@@ -46,6 +46,8 @@ def _status(outcome: Outcome, note: str) -> str:
     h, w = outcome.result.size
     present = len(outcome.result.class_fractions())
     text = f"**{outcome.method}**: {w}x{h} px, {present} of {len(outcome.result.class_names)} classes present"
+    if outcome.result.unlabeled_fraction:  # under the probability threshold, no background class
+        text += f", {outcome.result.unlabeled_fraction:.0%} unlabeled"
     return text + f", {outcome.seconds:.2f} s" + (f" ({note})" if note else "")
 
 
@@ -137,7 +139,7 @@ def build_demo(service: DemoService) -> gr.Blocks:
                         1,
                         value=defaults.prob_thd,
                         step=0.05,
-                        label="Probability threshold (pixels below get the first class)",
+                        label="Probability threshold (pixels below: unlabeled, or a first class named background)",
                     )
                     pamr_steps = gr.Slider(
                         0, 20, value=defaults.pamr_steps, step=1, label="PAMR refinement steps (0: off)"

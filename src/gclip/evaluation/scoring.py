@@ -3,6 +3,7 @@ areas are summed per rank and all-reduced."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from collections.abc import Callable
@@ -109,6 +110,10 @@ def score(
 ) -> EvalResult:
     """Score ``segmenter`` (classes already set, ``spec.num_classes`` of them) on ``samples``.
 
+    The segmenter's class 0 is made a background class exactly when the set has one (``spec.has_background``:
+    ``prob_thd`` sends uncertain pixels to it), whatever its prompt names (SCLIP's VOC21 file names it ``sky,
+    wall, ...``); on the other sets uncertain pixels stay unlabeled and count in no class.
+
     Args:
         segmenter: the configured segmenter.
         spec: the dataset (number of classes, ignore index, ``reduce_zero_label``).
@@ -133,6 +138,8 @@ def score(
     if segmenter.classes is None or len(segmenter.classes) != spec.num_classes:
         got = 0 if segmenter.classes is None else len(segmenter.classes)
         raise ConfigError(f"{spec.name} has {spec.num_classes} classes but the segmenter has {got}")
+    if segmenter.classes.background != spec.has_background:  # type: ignore[union-attr]
+        segmenter.classes = dataclasses.replace(segmenter.classes, background=spec.has_background)  # type: ignore[arg-type]
     if images_per_step < 1 or workers < 0 or centre_crop < 0:
         raise ConfigError("images per step must be >= 1, workers and centre crop >= 0")
     mine = shard(len(samples), ctx)
@@ -163,7 +170,10 @@ def score(
                     continue
                 areas += image_areas(result.labels, item.label, spec.num_classes, spec.ignore_index)
                 if save_dir is not None:
-                    write_label_png(result.labels + offset, Path(save_dir) / f"{item.sample.name}.png")
+                    # the dataset's values in VOC colours; unlabeled pixels (-1) become its unscored value: 0
+                    # with reduce_zero_label (-1 + 1), else 255 (write_label_png's unlabeled value)
+                    saved = result.labels + offset
+                    write_label_png(saved, Path(save_dir) / f"{item.sample.name}.png", background=True)
                 scored += 1
             bar.update(min(len(batch) * ctx.world_size, len(samples) - bar.n))
     seconds = time.perf_counter() - start

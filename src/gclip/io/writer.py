@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import ConfigError, OutputError
 from ..inference.result import SegmentationResult
 from .inputs import InputItem
-from .outputs import result_record, write_json, write_label_png, write_overlay, write_rle_json
+from .outputs import result_record, write_json, write_label_png, write_legend, write_overlay, write_rle_json
 
 __all__ = [
     "FORMATS",
@@ -30,7 +30,13 @@ __all__ = [
 ]
 
 #: Output file of each per-image format, as a suffix of the item's key.
-FILE_SUFFIXES = {"png": ".png", "overlay": ".overlay.png", "rle": ".rle.json", "json": ".json"}
+FILE_SUFFIXES = {
+    "png": ".png",
+    "overlay": ".overlay.png",
+    "legend": ".legend.png",
+    "rle": ".rle.json",
+    "json": ".json",
+}
 #: Every format: the per-image files and the run's JSON-lines ``manifest``.
 FORMATS = (*FILE_SUFFIXES, "manifest")
 _TMP = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]+\.tmp$")
@@ -99,12 +105,15 @@ class OutputWriter:
     ) -> dict[str, Any]:
         """Write every per-image file of ``item`` (each atomically) and return its manifest record."""
         paths = self.paths(item)
+        names, background = result.class_names, result.background
         if "png" in paths:
-            write_label_png(result.labels, paths["png"])
+            write_label_png(result.labels, paths["png"], background)
         if "overlay" in paths:
             if image is None:
                 raise ValueError("the overlay format needs the decoded image")
-            write_overlay(image, result.labels, result.class_names, paths["overlay"], self.overlay_alpha)
+            write_overlay(image, result.labels, names, paths["overlay"], self.overlay_alpha, background)
+        if "legend" in paths:
+            write_legend(result.labels, names, paths["legend"], background)
         if "rle" in paths:
             write_rle_json(result, paths["rle"], image=item.name)
         if "json" in paths:
