@@ -89,6 +89,41 @@ def test_rerun_skips_complete_images_and_overwrite_redoes(seg, tmp_path):
     assert gclip.segment_folder(changed, tmp_path / "in", out, "png,manifest", workers=0).done == 5
 
 
+def test_a_rerun_with_nothing_to_do_does_not_load_the_model(tmp_path, tiny_checkpoint, monkeypatch):
+    import dataclasses
+    import os
+    import shutil
+
+    from conftest import TINY
+    from gclip.engines import SegmenterSpec
+
+    write_images(tmp_path / "in", [f"{n}.png" for n in range(3)])
+    weights = tmp_path / "tiny.pt"
+    shutil.copy(tiny_checkpoint, weights)
+    spec = SegmenterSpec(TINY, str(weights), device="cpu", classes=CLASSES, settings=dict(SETTINGS))
+    loads = []
+    build = SegmenterSpec.build
+    monkeypatch.setattr(SegmenterSpec, "build", lambda self: loads.append(1) or build(self))
+
+    def run(spec, formats="png,manifest"):
+        return gclip.segment_folder(spec, tmp_path / "in", tmp_path / "out", formats, workers=0, progress=False)
+
+    assert (run(spec).done, len(loads)) == (3, 1)
+    assert (run(spec).skipped, len(loads)) == (3, 1)  # all done with the same recipe: no model load
+    assert (run(spec, "png").skipped, len(loads)) == (3, 1)  # no manifest: the files alone, as before
+    (tmp_path / "out" / "1.png").unlink()
+    assert (run(spec).done, len(loads)) == (1, 2)
+    changed = dataclasses.replace(spec, settings={**SETTINGS, "stride": 24})
+    assert (run(changed).done, len(loads)) == (3, 3)  # changed settings still recompute
+    assert (run(dataclasses.replace(spec, classes=CLASSES[::-1])).done, len(loads)) == (3, 4)
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the weights file touched
+    assert (run(spec).done, len(loads)) == (3, 5)  # back to the first settings
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 2 * 10**9))  # touched again, same weights:
+    assert (run(spec).done, len(loads)) == (0, 6)  # loaded, the outputs are still valid, and now recorded so
+    assert (run(spec).skipped, len(loads)) == (3, 6)
+
+
 def test_manifest_drops_cut_lines_and_duplicates(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text('{"key": "b", "v": 1}\n{"key": "a", "v": 1}\n{"key": "b", "v": 2}\n{"key": "c", "v"')

@@ -70,12 +70,16 @@ class OutputWriter:
         formats: the formats of the run (see :data:`FORMATS`).
         description: ``Segmenter.describe()`` plus the class names; hashed into the manifest.
         overlay_alpha: opacity of the colours in overlays.
+        recipe_hash: a hash of how the Segmenter was asked for (model name, weights file identity, method,
+            settings, classes), known before the model loads; recorded so that a rerun with nothing to do can
+            tell without loading it (``None``: not recorded).
     """
 
     out: Path
     formats: tuple[str, ...]
     description: dict[str, Any]
     overlay_alpha: float = 0.5
+    recipe_hash: str | None = None
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -130,6 +134,7 @@ class OutputWriter:
             "model": self.description.get("model"),
             "method": self.description.get("method"),
             "settings_hash": self.hash,
+            **({"recipe_hash": self.recipe_hash} if self.recipe_hash else {}),
             "seconds": round(seconds, 4),
         }
 
