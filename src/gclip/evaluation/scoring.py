@@ -18,7 +18,7 @@ from ..errors import ConfigError
 from ..inference.segmenter import Segmenter
 from ..io.outputs import write_label_png
 from .distributed import DistContext, shard
-from .layouts import DatasetError, DatasetSpec, Sample
+from .layouts import DatasetError, DatasetSpec, Sample, class_names
 from .loader import BenchmarkDataset, load_batches
 from .metric import Areas, image_areas, summarize
 
@@ -31,12 +31,13 @@ class EvalResult:
 
     Attributes:
         dataset, method: names.
-        class_names: one per scored class.
+        class_names: the dataset's name of each scored class (:func:`~gclip.evaluation.layouts.class_names`).
         areas: the dataset-summed areas.
         images: images scored.
         skipped: ``(name, reason)`` of the samples skipped with ``skip_bad``.
         seconds: wall time of the scoring loop (slowest rank).
         settings: what determined the predictions.
+        prompt_names: the display name of each class's prompts, where they differ from ``class_names``.
     """
 
     dataset: str
@@ -47,6 +48,7 @@ class EvalResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     settings: dict[str, Any] = field(default_factory=dict)
+    prompt_names: list[str] = field(default_factory=list)
 
     @property
     def summary(self) -> dict[str, Any]:
@@ -64,9 +66,11 @@ class EvalResult:
     def per_class(self) -> list[dict[str, Any]]:
         s = summarize(self.areas)
         a = self.areas
+        prompts = self.prompt_names or self.class_names
         return [
             {
                 "class": name,
+                "prompt": prompts[c],
                 "IoU": s["IoU"][c],
                 "Acc": s["Acc"][c],
                 "intersect": int(a.intersect[c]),
@@ -177,13 +181,15 @@ def score(
                 scored += 1
             bar.update(min(len(batch) * ctx.world_size, len(samples) - bar.n))
     seconds = time.perf_counter() - start
+    dataset_names, prompts = class_names(spec), list(segmenter.classes.names)  # type: ignore[union-attr]
     total = Areas.from_stack(ctx.sum(areas.stack()))
     counts = ctx.sum(np.array([scored], dtype=np.int64))
     gathered = ctx.gather((skipped, seconds))
     return EvalResult(
         dataset=spec.name,
         method=segmenter.method.name,
-        class_names=list(segmenter.classes.names),
+        class_names=dataset_names if len(dataset_names) == spec.num_classes else prompts,
+        prompt_names=prompts,
         areas=total,
         images=int(counts[0]),
         skipped=sorted((s for part, _ in gathered for s in part), key=lambda s: s[0]),
