@@ -6,6 +6,7 @@ the settings on the shared Segmenter and runs it, so concurrent requests never s
 
 from __future__ import annotations
 
+import atexit
 import shutil
 import tempfile
 import threading
@@ -160,7 +161,8 @@ class DemoService:
     Args:
         model: the model, loaded once (:func:`gclip.load_model`).
         limits: request limits.
-        workdir: folder owned by the app for its downloads and Gradio's cache (default: a new temp folder).
+        workdir: folder owned by the app for its downloads and Gradio's cache (default: a new temp folder,
+            removed by :meth:`close` or at the latest when the process exits).
         methods: methods offered (default: all registered).
         defaults: the settings the app starts with.
 
@@ -183,11 +185,21 @@ class DemoService:
         self.methods = list(methods or list_methods())
         self.defaults = defaults
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="gclip-demo-"))
+        self._owned = None if workdir else self.workdir  # a temporary folder of ours: removed on close or exit
+        if self._owned is not None:
+            atexit.register(self.close)
         self.downloads = self.workdir / "downloads"
         self.downloads.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._segmenters: dict[str, Segmenter] = {}
         self._names_seen: dict[str, set[str]] = {}
+
+    def close(self) -> None:
+        """Remove the temporary work folder this service made (a ``workdir`` given to it is left alone)."""
+        if self._owned is not None:
+            shutil.rmtree(self._owned, ignore_errors=True)
+            self._owned = None
+            atexit.unregister(self.close)
 
     def describe_model(self) -> str:
         """A one-line description of the loaded model."""
