@@ -134,6 +134,17 @@ def test_manifest_drops_cut_lines_and_duplicates(tmp_path):
     assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["a", "b", "c"]
 
 
+def test_with_thresholds_the_settings_hash_knows_where_they_send_pixels(seg):
+    """Outputs made when prob_thd sent uncertain pixels to the first class are not taken for today's."""
+    from gclip.engines.run import _description
+
+    assert "background" not in _description(seg)  # no threshold: the labels do not depend on it
+    thresholded = gclip.Segmenter(seg.model, method="gclip", classes=CLASSES, prob_thd=0.3, **SETTINGS)
+    assert _description(thresholded)["background"] is False
+    thresholded.set_classes(["background", *CLASSES])
+    assert _description(thresholded)["background"] is True
+
+
 def test_plan_run_needs_the_manifest_record(seg, tmp_path):
     item = InputItem(str(tmp_path / "x.png"), "x")
     writer = OutputWriter(tmp_path / "out", ("png", "manifest"), {"model": "m"})

@@ -135,7 +135,11 @@ def _done_before_loading(
 
 
 def _description(segmenter: Segmenter) -> dict[str, Any]:
-    return {**segmenter.describe(), "classes": [list(q) for q in segmenter.classes.synonyms]}  # type: ignore[union-attr]
+    classes = segmenter.classes
+    description = {**segmenter.describe(), "classes": [list(q) for q in classes.synonyms]}  # type: ignore[union-attr]
+    if segmenter.settings.prob_thd or segmenter.settings.area_thd:  # where the thresholds send pixels
+        description["background"] = classes.background  # type: ignore[union-attr]
+    return description
 
 
 def plan_run(
