@@ -167,9 +167,11 @@ def test_supervision_overlay_matches_the_plain_blend(monkeypatch):
 
     rng = np.random.default_rng(2)
     image = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
-    labels = rng.integers(0, 4, (24, 32)).astype(np.int32)
+    labels = rng.integers(-1, 4, (24, 32)).astype(np.int32)  # -1: unlabeled
     names = ["a", "b", "c", "d"]
-    drawn = np.asarray(overlay_image(image, labels, names, alpha=0.4)).astype(int)
+    drawn = [np.asarray(overlay_image(image, labels, names, 0.4, bg)).astype(int) for bg in (False, True)]
     monkeypatch.setitem(sys.modules, "supervision", None)
-    plain = np.asarray(overlay_image(image, labels, names, alpha=0.4)).astype(int)
-    assert drawn.shape == plain.shape and np.abs(drawn - plain).max() <= 1
+    plain = [np.asarray(overlay_image(image, labels, names, 0.4, bg)).astype(int) for bg in (False, True)]
+    for d, p in zip(drawn, plain):
+        assert d.shape == p.shape and np.abs(d - p).max() <= 1
+    assert np.array_equal(drawn[1][labels <= 0], image[labels <= 0])  # background and unlabeled: the photo
