@@ -97,19 +97,9 @@ def recipe_hash(spec: SegmenterSpec) -> str | None:
     """
     if not isinstance(spec.model, str) or not isinstance(spec.method, str):
         return None
-    classes = None if spec.classes is None else [list(q) for q in parse_classes(spec.classes).synonyms]
-    recipe = {
-        "model": spec.model,
-        "pretrained": _identity(spec.pretrained),
-        "precision": spec.precision,
-        "device": spec.device,
-        "quick_gelu": spec.quick_gelu,
-        "method": spec.method,
-        "method_options": _identity(spec.method_options or {}),
-        "templates": load_templates(spec.templates),
-        "classes": classes,
-        "settings": _identity(spec.settings),
-    }
+    recipe = {f.name: _identity(getattr(spec, f.name)) for f in dataclasses.fields(spec)}  # every field, new ones too
+    recipe["templates"] = load_templates(spec.templates)  # the text, not the file name
+    recipe["classes"] = None if spec.classes is None else [list(q) for q in parse_classes(spec.classes).synonyms]
     return settings_hash(recipe)
 
 
