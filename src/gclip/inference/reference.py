@@ -152,7 +152,8 @@ def reference_labels(segmenter: Segmenter, image: ImageInput) -> np.ndarray:
         counts = torch.bincount(class_probs.argmax(0).flatten(), minlength=n_classes).float()
         keep = torch.ones(n_classes, device=counts.device)
         keep[first:] = (counts[first:] > s.area_thd * counts[first:].sum()).float()
-        keep[counts.argmax()] = 1 if not keep.any() else keep[counts.argmax()]
+        if not keep.any():  # every class under the threshold (no background): keep the largest
+            keep[counts.argmax()] = 1
         class_probs = class_probs * keep[:, None, None]
     top, labels = class_probs.max(0)
     if s.prob_thd > 0:
