@@ -145,6 +145,63 @@ def crop_methods() -> list[str]:
     return [m for m in list_methods() if not get_method(m).whole_image]
 
 
+# The quick tier (``pytest -m quick``): every test without one of these markers. ``matrix``: the cases of a per-method
+# matrix beyond the representative methods (:func:`method_matrix`); ``heavy``: single tests of several seconds
+# (subprocesses, forked or killed workers, ViT-B forwards, torch.compile of a whole pipeline). The full suite
+# (``python -m pytest -q``) runs them all.
+NOT_QUICK = ("golden", "pipeline", "slow", "browser", "ray", "matrix", "heavy")
+_PLAIN_HOOKS = {"name", "summary", "protocol", "table_row", "blocks"}  # every method changes its own blocks
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if not any(item.get_closest_marker(name) for name in NOT_QUICK):
+            item.add_marker(pytest.mark.quick)
+
+
+def mechanisms(method: str) -> set[str]:
+    """What ``method`` changes besides its blocks: the :class:`~gclip.methods.Method` hooks, pieces and flags its class
+    overrides (``features``, ``logits``, ``second_model``, ``label_refinement``, ``window_mode`` ...) and its
+    second-model options."""
+    from gclip.methods import Method, get_method
+
+    cls = type(get_method(method))
+    found = {a for a in dir(Method) if not a.startswith("__") and a not in _PLAIN_HOOKS}
+    found = {a for a in found if getattr(cls, a) is not getattr(Method, a) and getattr(cls, a) != getattr(Method, a)}
+    fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    for slot in ("second_model", "text_side", "label_refinement", "image_context"):  # what each piece changes
+        piece = getattr(get_method(method), slot)
+        base = next((b for b in type(piece).__mro__[1:] if b.__module__ == "gclip.methods.pieces"), None)
+        if piece is not None and base is not None:
+            changed = [a for a in vars(base) if not a.startswith("_") and getattr(type(piece), a) is not vars(base)[a]]
+            found |= {f"{slot}.{a}" for a in changed}
+    return found | {f"option:{f}" for f in fields & {"proxy", "sam", "masks", "mask_generator"}}
+
+
+def representative_methods(methods: list[str] | None = None) -> list[str]:
+    """One method per mechanism: the first method that changes nothing but its blocks, GCLIP (the project's own),
+    and then, greedily in registry order, the method that brings the most mechanisms (:func:`mechanisms`) not yet
+    covered, until every mechanism some method of ``methods`` has is covered."""
+    from gclip.methods import list_methods
+
+    methods = list(methods if methods is not None else list_methods())
+    found = {m: mechanisms(m) for m in methods}
+    chosen = [m for m in methods if not found[m]][:1] + [m for m in methods if m == "gclip"]
+    left = set().union(set(), *found.values())
+    while left:
+        best = max(methods, key=lambda m: (len(found[m] & left), -methods.index(m)))
+        chosen.append(best)
+        left -= found[best]
+    return [m for m in methods if m in chosen]
+
+
+def method_matrix(methods: list[str]) -> list:
+    """``methods`` as parameters of a per-method matrix: the representative ones (:func:`representative_methods`)
+    run in the quick tier, the others carry the ``matrix`` marker (the full suite runs them all)."""
+    quick = set(representative_methods(methods))
+    return [m if m in quick else pytest.param(m, marks=pytest.mark.matrix) for m in methods]
+
+
 def make_tiny(layers: int = 2, seed: int = 0, block_type: str | None = None, **vision):
     """A random-weight tiny CLIP (eval mode), optionally deeper, with open_clip's custom attention block, or with
     other ``vision_cfg`` entries (e.g. ``scale_heads=True``)."""

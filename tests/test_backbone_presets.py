@@ -115,6 +115,7 @@ def _forward_all_methods(name):
         assert feats.shape == (1, *grid, cfg["embed_dim"]) and torch.isfinite(feats).all(), method
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("name", sorted(FAST))
 def test_fast_preset_forward_every_method(name):
     _forward_all_methods(name)

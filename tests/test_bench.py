@@ -132,6 +132,7 @@ def test_encoder_flops_formula(tiny_model):
     assert window_grids((20, 21), 0, 16, p, "symmetric") == [(3, 3)]
 
 
+@pytest.mark.heavy
 def test_memory_check_runs_in_a_fresh_process():
     config = BenchConfig(model=TINY, model_configs=[str(HERE / "configs")], settings={"crop": 64, "stride": 32})
     record = memory_check_subprocess(config, size=(90, 120), classes="voc21", timeout=300)

@@ -119,13 +119,15 @@ def test_cass_global_source_image_takes_the_whole_image(tiny_model, rgb_image, m
     )
     seg.set_classes(["cat", "dog", "grass"])
     calls = []
-    original = type(seg.method).image_context
+    from gclip.methods.cass import GlobalCls
+
+    original = GlobalCls.__call__
 
     def counted(self, vit, image):
         calls.append(tuple(image.shape))
         return original(self, vit, image)
 
-    monkeypatch.setattr(type(seg.method), "image_context", counted)
+    monkeypatch.setattr(GlobalCls, "__call__", counted)
     seg.predict_batch([rgb_image, rgb_image[:30]])
     assert len(calls) == 2 and all(c[0] == 1 for c in calls)  # once per image, on its whole model input
     crop_seg = Segmenter(

@@ -105,6 +105,7 @@ def test_usage_errors_exit_2_with_one_line(tmp_path, tiny_checkpoint, capsys, ar
     assert err.startswith("gclip: error:") and message in err and "\n" not in err
 
 
+@pytest.mark.heavy
 def test_python_dash_m_reports_a_bad_checkpoint_without_traceback(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x00" * 64)
@@ -132,6 +133,7 @@ def test_python_dash_m_reports_a_bad_checkpoint_without_traceback(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.heavy
 def test_real_photo_with_local_random_vitb16(tmp_path, sample_data, vitb16_checkpoint):
     photo = sorted((sample_data / "VOCdevkit" / "VOC2012" / "JPEGImages").glob("*.jpg"))[0]
     templates = tmp_path / "templates.txt"  # 3 templates instead of 80: the text tower dominates CPU time here

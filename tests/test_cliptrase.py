@@ -10,7 +10,7 @@ from gclip import Segmenter
 from gclip.errors import ConfigError
 
 
-@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.heavy)])
 def test_label_contexts_reach_the_label_step_as_in_the_reference_loop(tiny_model, compiled):
     """A method's per-window context (CLIPtrase's affinity) crosses the batched, optionally compiled, engine to
     its label step: the engine's labels equal the plain loop's, and the refinement changed them."""

@@ -1,4 +1,4 @@
-"""Cross-window methods: the engine gives a method that sets ``cross_window`` every window of an image in one pass
+"""Cross-window methods: the engine gives a method with ``window_mode = "cross"`` every window of an image in one pass
 (whatever the batch size), never another image's, and the reference loop agrees with it."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 
 import gclip
 from gclip.inference.reference import reference_labels, reference_merged_logits
-from gclip.methods import Method, attend
+from gclip.methods import BlockChange, Method, attend
 
 CLASSES = ["cat", "dog, puppy", "sky"]
 
@@ -22,24 +22,23 @@ class AllWindowsKeys(Method):
 
     name = "test_all_windows_keys"
     protocol = "clearclip"
-    cross_window = True
+    window_mode = "cross"
     seen: list = field(default_factory=list, repr=False, compare=False)
 
-    def last_block(self, vit, x, trace):
-        self.seen.append([w.box for w in trace.extras.get("windows", [])] or [None] * x.shape[0])
-
+    def blocks(self, vit, trace):
         def attention(q, k, v):
+            self.seen.append([w.box for w in trace.extras.get("windows", [])] or [None] * q.shape[0])
             b, h, n, d = k.shape
             keys = k.transpose(0, 1).reshape(1, h, b * n, d).expand(b, -1, -1, -1)
             values = v.transpose(0, 1).reshape(1, h, b * n, d).expand(b, -1, -1, -1)
             return attend(q, keys, values)
 
-        return vit.block(vit.depth - 1, x, attention=attention, residual=False, ffn=False)
+        return {vit.depth - 1: BlockChange(attention=attention, residual=False, ffn=False)}
 
 
 @dataclass
 class EachWindowAlone(AllWindowsKeys):
-    cross_window = False
+    window_mode = "crop"
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import gclip
-from conftest import tiny_second_models
+from conftest import method_matrix, tiny_second_models
 from gclip.inference.canvas import BandCanvas
 from gclip.inference.postprocess import StreamingReduction, reduce_logits
 from gclip.inference.reference import reference_labels, reference_merged_logits
@@ -30,7 +30,7 @@ def images() -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("settings", SETTINGS, ids=["sliding", "thresholds-nopad", "whole-pamr"])
-@pytest.mark.parametrize("method", gclip.list_methods())
+@pytest.mark.parametrize("method", method_matrix(gclip.list_methods()))
 def test_engine_equals_reference_loop(tiny_model, images, method, settings):
     options = tiny_second_models(method)  # corrclip: SAM's generator makes its masks (arrays: no mask files)
     seg = gclip.Segmenter(tiny_model, method=method, classes=CLASSES, method_options=options, **settings)

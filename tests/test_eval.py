@@ -187,6 +187,7 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+@pytest.mark.heavy
 def test_two_processes_gloo_equal_one_process(tiny_checkpoint, voc_root, tmp_path):
     args = tiny_args(tiny_checkpoint, voc_root) + FAST + ["--dataset", "voc21,ade20k", "--images-per-step", "2"]
     single = tmp_path / "single.json"
@@ -216,6 +217,7 @@ def test_two_processes_gloo_equal_one_process(tiny_checkpoint, voc_root, tmp_pat
     assert proc.stdout.count("gclip on voc21: mIoU") == 1  # only rank 0 prints
 
 
+@pytest.mark.heavy
 def test_vitb16_on_real_voc(sample_data, vitb16_checkpoint, tmp_path):
     """The real-model path once (small windows to keep CI fast; the full protocol run is in the README)."""
     out = tmp_path / "b16.json"

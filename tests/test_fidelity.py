@@ -145,7 +145,7 @@ def test_cliptrase_dbscan_refinement_matches_the_authors(vitb16, inputs):
     method = get_method("cliptrase", dbscan_eps=0.8, dbscan_min_samples=3)
     encoded = encode(vitb16, method, image)
     logits = head(vitb16, method, encoded, text)
-    context = method.label_context(encoded[1])[0]  # (784, 28, 28)
+    context = method.label_refinement.context(encoded[1])[0]  # (784, 28, 28)
     affinity = context.reshape(784, 784).numpy()
     assert np.abs(affinity[:256] - np.load(GOLDEN / "cliptrase__affinity.npy")).max() <= 1e-5  # first 256 rows kept
     clusters = DBSCAN(eps=0.8, min_samples=3).fit_predict(affinity)

@@ -58,7 +58,7 @@ def test_inspect_finds_planted_structure(plant, emerging, cs, tmp_path):
     vit = DenseViT(model.visual)
     assert gclip.blocks_for(vit) == emerging
     assert gclip.suppressed_blocks(vit) == cs
-    for i, override in gclip.overrides(vit).items():
+    for i, override in gclip.suppressed_weights(vit).items():
         before = vit.ffn_out_weight(i).norm(dim=1)
         after = override[CS_WEIGHT].norm(dim=1)
         assert int(before.argmax()) == plant["channel"]
@@ -147,6 +147,7 @@ def test_summary_figure(tmp_path):
     _valid_png(path)
 
 
+@pytest.mark.heavy
 def test_vit_b16_with_the_structure_reproduces_the_default():
     """Registers from block 6 and an abnormal channel after it: auto == the method.md default ({6, 7}, CS 7..10)."""
     import open_clip

@@ -130,6 +130,7 @@ def test_demo_passes_method_options_to_its_segmenters(tiny_model, tmp_path):
     assert service._segmenter("clip", ["a", "b"]).method.name == "clip"
 
 
+@pytest.mark.heavy
 def test_dinov2_checkpoint_in_its_own_layout_loads_into_timm(golden_dinov2):
     """DINOv2's checkpoint names (register_tokens, mask_token, CLS position in pos_embed) are converted to timm's;
     the walk equals timm's own forward at the native size, and refuses crops that are not patch multiples."""
@@ -164,7 +165,8 @@ def test_proxyclip_windows_fit_both_patches(tiny_model, padding):
 
 
 def test_sam_without_weights_names_the_file_to_pass():
-    with pytest.raises(WeightsError, match="proxy_checkpoint=.*sam_vit_b_01ec64.pth") as e:
+    match = "sam_vit_b_01ec64.pth.*`gclip download sam_vitb --to DIR`.*proxy_checkpoint="
+    with pytest.raises(WeightsError, match=match) as e:
         proxy.load_second_model("sam_vitb")
     assert "\n" not in str(e.value)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import crop_methods, tiny_second_models
+from conftest import crop_methods, method_matrix, tiny_second_models
 from gclip.errors import ClassesError, ConfigError
 from gclip.inference.segmenter import Segmenter
 from gclip.inference.windows import tile
@@ -30,7 +30,7 @@ def make(tiny_model):
     return build
 
 
-@pytest.mark.parametrize("method", list_methods())
+@pytest.mark.parametrize("method", method_matrix(list_methods()))
 def test_labels_at_original_size(make, rgb_image, method):
     result = make(method).predict(rgb_image)
     assert result.labels.shape == (61, 83) and result.labels.dtype == np.int32
@@ -39,7 +39,7 @@ def test_labels_at_original_size(make, rgb_image, method):
     assert result.probs is None
 
 
-@pytest.mark.parametrize("method", crop_methods())
+@pytest.mark.parametrize("method", method_matrix(crop_methods()))
 def test_batched_windows_equal_one_window_at_a_time(make, rgb_image, method):
     other = np.ascontiguousarray(rgb_image[:50, :70])
     batched = make(method, batch_size=64)
@@ -151,7 +151,7 @@ def test_describe_lists_everything(make):
 GRAPH_BREAKS = {"cass": "scipy's Hungarian assignment and Ward clustering run on the CPU, between graphs"}
 
 
-@pytest.mark.parametrize("method", crop_methods())  # the per-window forward
+@pytest.mark.parametrize("method", method_matrix(crop_methods()))  # the per-window forward
 def test_compiled_forward_pads_partial_batches_and_compiles_once_per_window_shape(make, rgb_image, method):
     """A counting backend stands in for inductor (no C++ build here): same outputs, one graph per window shape."""
     graphs = []

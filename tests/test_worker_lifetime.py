@@ -163,6 +163,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.heavy
 def test_workers_started_by_a_fork_server_run(tmp_path):
     """A fork server, not the caller, is then the workers' parent: they bind their life to it (it ends with the
     caller) instead of taking it for a dead caller."""

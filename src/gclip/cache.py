@@ -1,6 +1,8 @@
 """gclip's one disk cache: ``$GCLIP_CACHE_DIR`` (default ``~/.cache/gclip``), a folder per kind of entry
 (``text``: class-name embeddings; ``auto``: GCLIP's measured auto-configuration). Entries are keyed by the
-weights' :func:`~gclip.backbones.base.fingerprint`. ``GCLIP_NO_CACHE=1`` turns the disk cache off."""
+weights' :func:`~gclip.backbones.base.fingerprint`. ``GCLIP_NO_CACHE=1`` turns the disk cache off. Beside them,
+``weights``: the weights files of every kind that ``gclip download`` fetched
+(:func:`gclip.backbones.weights.weights_dir`; not a cache, so ``GCLIP_NO_CACHE`` leaves it on)."""
 
 from __future__ import annotations
 

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-__all__ = ["random_state_dict", "save_random_checkpoint"]
+if TYPE_CHECKING:
+    from .backbones.models import LoadedModel
+
+__all__ = ["random_model", "random_state_dict", "save_random_checkpoint"]
 
 
 def _init_tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
@@ -92,3 +96,34 @@ def save_random_checkpoint(
         torch.save(state, tmp)
     tmp.replace(path)
     return path
+
+
+def random_model(
+    name: str, precision: str = "fp32", device: str | None = None, seed: int = 0, quick_gelu: bool = True
+) -> LoadedModel:
+    """``name`` with the deterministic random weights of :func:`random_state_dict` (no file), loaded as
+    :func:`gclip.load_model` loads a checkpoint (``pretrained`` reads ``random:<seed>``).
+
+    >>> model = random_model("ViT-B-16", seed=0)  # doctest: +SKIP
+    """
+    import dataclasses
+
+    from .backbones.base import fingerprint
+    from .backbones.models import PRECISIONS, load_model, resolve_device, trim_heap, warn_slow_precision
+    from .errors import ConfigError
+
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    dev = resolve_device(device)
+    warn_slow_precision(precision, dev)
+    model = load_model(name, None, "fp32", "cpu", quick_gelu=quick_gelu)
+    model.clip.load_state_dict(random_state_dict(model.clip, seed))
+    model.clip.to(device=dev, dtype=PRECISIONS[precision])
+    trim_heap()  # as load_model does after reading a checkpoint: the random state dict is garbage now
+    return dataclasses.replace(
+        model,
+        pretrained=f"random:{seed}",
+        device=dev,
+        dtype=PRECISIONS[precision],
+        fingerprint=fingerprint(model.clip),
+    )

@@ -4,6 +4,8 @@ the per-tag presets (:mod:`.presets`)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from ..errors import WeightsError
@@ -11,7 +13,27 @@ from .base import Backbone, fingerprint
 from .openclip import DenseViT
 from .presets import Preset, get_preset, list_presets
 
-__all__ = ["Backbone", "DenseViT", "Preset", "backbone_for", "fingerprint", "get_preset", "list_presets"]
+__all__ = [
+    "Backbone",
+    "DenseViT",
+    "Preset",
+    "backbone_for",
+    "fingerprint",
+    "get_preset",
+    "list_presets",
+    "weights_used",
+]
+
+
+def weights_used(model: Any, method_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The weights files behind a run, as gclip's JSON outputs record them: ``{"clip": {"path", "sha256"}}`` (``None``
+    for random weights) and one entry per second model of ``method_options`` (``proxy``, ``sam``,
+    ``mask_generator``: :func:`gclip.backbones.second_models.second_model_weights`). Each file is hashed once per
+    process."""
+    from .second_models import second_model_weights
+
+    record = getattr(model, "weights_record", None)
+    return {"clip": record() if record else None, **second_model_weights(method_options or {})}
 
 
 def backbone_for(visual: nn.Module, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):

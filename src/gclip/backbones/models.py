@@ -1,19 +1,21 @@
 """Loading CLIP ViTs through open_clip: model names, pretrained tags, local checkpoints, clear errors.
 
-Pretrained tags are resolved from the local cache first; only when the weights are not cached is the
-network probed (a few seconds at most), so an offline machine gets an immediate, actionable error
-instead of a download retry loop.
+Pretrained tags are resolved from gclip's weights folder and the local caches first; only when the weights are not
+there is the network probed (a few seconds at most), so an offline machine gets an immediate, actionable error
+instead of a download retry loop (:mod:`.weights`, shared with the second models and SAM). The activation a
+checkpoint needs (QuickGELU or GELU) follows its tag, its ``gclip download`` sidecar, or what the file is (an OpenAI
+archive or state dict, a file open_clip publishes); a file that looks like OpenAI's weights but says nothing gets a
+one-line notice naming ``--quick-gelu``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
-import socket
-import threading
+import re
 import warnings
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +25,32 @@ import torch
 
 from ..errors import WeightsError
 from .base import fingerprint
+from .weights import (
+    Checkpoint,
+    check_sidecar,
+    file_sha256,
+    find_weights,
+    hub_cached,
+    hub_reachable,
+    load_checkpoint,
+    read_checkpoint,
+    read_sidecar,
+    weights_record,
+)
 
-__all__ = ["LoadedModel", "load_model", "read_checkpoint", "resolve_device", "trim_heap", "PRECISIONS"]
+__all__ = [
+    "LoadedModel",
+    "load_model",
+    "model_for",
+    "read_checkpoint",
+    "resolve_device",
+    "trim_heap",
+    "PRECISIONS",
+    "hub_reachable",
+]
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_HUB_HOST = "huggingface.co"
+DEFAULT_MODEL = "ViT-B-16"
 
 
 @dataclass
@@ -43,6 +66,7 @@ class LoadedModel:
         mean, std: image normalisation in [0, 1] units (from the model's preprocess config).
         device, dtype: where and in what precision the image tower runs.
         fingerprint: a short hash of a few weight tensors, used as a cache key for this set of weights.
+        path: the weights file read (``None``: random weights).
     """
 
     clip: torch.nn.Module
@@ -55,10 +79,15 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     fingerprint: str
+    path: str | None = None
 
     @property
     def visual(self) -> torch.nn.Module:
         return self.clip.visual
+
+    def weights_record(self) -> dict[str, Any] | None:
+        """``{"path", "sha256"}`` of the weights file (:func:`gclip.backbones.weights.weights_record`)."""
+        return weights_record(self.path)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -72,58 +101,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise WeightsError(f"device {device!r} asked for, but CUDA is not available here: use --device cpu")
     return dev
-
-
-def _is_jit_archive(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as zf:
-        names = zf.namelist()
-    return any(n.endswith("constants.pkl") or "/code/" in n for n in names)
-
-
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
-    """Read a state dict from ``.safetensors``, a torch pickle (``.pt``/``.bin``/``.pth``) or an OpenAI JIT archive.
-
-    Pickles are read with ``weights_only=True``: a file holding arbitrary Python objects is refused.
-
-    Returns:
-        ``(state_dict, is_openai_jit)``; nested ``state_dict``/``model`` entries and ``module.`` prefixes
-        are unwrapped.
-    """
-    path = Path(path)
-    hint = "--pretrained takes a .pt/.bin/.pth/.safetensors state dict or an OpenAI JIT archive"
-    if not path.is_file():
-        raise WeightsError(f"checkpoint {path} does not exist: pass an existing file to --pretrained")
-    if path.stat().st_size == 0:
-        raise WeightsError(f"checkpoint {path} is empty (0 bytes): download it again and pass it to --pretrained")
-    jit = False
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj: Any = load_file(str(path), device="cpu")
-        elif _is_jit_archive(path):
-            jit = True
-            obj = torch.jit.load(str(path), map_location="cpu").state_dict()
-        else:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any reader failure means the same thing to the user
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights only load failed" in reason.lower():
-            reason = "not a tensor-only torch file (corrupt, or it pickles Python objects: re-save the state_dict)"
-        raise WeightsError(f"cannot read checkpoint {path}: {reason[:200]} ({hint})") from e
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"checkpoint {path} holds no tensor state dict ({hint})")
-    if all(k.startswith("module.") for k in obj):
-        obj = {k[len("module.") :]: v for k, v in obj.items()}
-    for key in ("input_resolution", "context_length", "vocab_size"):
-        obj.pop(key, None)
-    obj = {k: v for k, v in obj.items() if not k.endswith("attn_mask")}  # buffers that scripted models save
-    return obj, jit
 
 
 def _describe_vit(state: dict[str, torch.Tensor]) -> str:
@@ -156,41 +133,19 @@ def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Pa
         )
 
 
-def hub_reachable(host: str = _HUB_HOST, timeout: float = 3.0) -> bool:
-    """Whether ``host:443`` answers within ``timeout`` seconds (DNS included)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or os.environ.get("GCLIP_OFFLINE"):
-        return False
-    ok = [False]
-
-    def probe() -> None:
-        try:
-            with socket.create_connection((host, 443), timeout=timeout):
-                ok[0] = True
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return ok[0]
-
-
 def _cached_tag_file(cfg: dict[str, Any], cache_dir: str | None) -> str | None:
     if cfg.get("file"):
         return cfg["file"]
     hf_hub = cfg.get("hf_hub", "")
     if hf_hub:
-        from huggingface_hub import try_to_load_from_cache
-
         repo_id, filename = os.path.split(hf_hub)
         filename = filename or "open_clip_pytorch_model.bin"
         candidates = [filename[: -len(Path(filename).suffix)] + ".safetensors", filename]
         if filename == "open_clip_pytorch_model.bin":
             candidates.insert(0, "open_clip_model.safetensors")
-        for fname in candidates:
-            found = try_to_load_from_cache(repo_id, fname, cache_dir=cache_dir)
-            if isinstance(found, str) and os.path.isfile(found):
-                return found
+        found = hub_cached(repo_id, candidates, cache_dir)
+        if found:
+            return found
     url = cfg.get("url", "")
     if url:
         local = Path(cache_dir or os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
@@ -199,22 +154,98 @@ def _cached_tag_file(cfg: dict[str, Any], cache_dir: str | None) -> str | None:
     return None
 
 
-def _resolve_tag(name: str, tag: str, cache_dir: str | None) -> tuple[str, bool]:
-    """Local file for a pretrained tag: from the cache, or downloaded when the hub answers."""
+def _resolve_tag(name: str, tag: str, cache_dir: str | None) -> str:
+    """Local file for a pretrained tag: gclip's weights folder, open_clip's caches, or a download when the hub
+    answers (:func:`gclip.backbones.weights.find_weights`)."""
     import open_clip
 
     cfg = open_clip.get_pretrained_cfg(name, tag)
-    quick_gelu = bool(cfg.get("quick_gelu", False))
-    cached = _cached_tag_file(cfg, cache_dir)
-    if cached:
-        return cached, quick_gelu
-    hint = f"download the weights on a connected machine and pass --pretrained /path/to/checkpoint (for {name}/{tag})"
-    if not hub_reachable():
-        raise WeightsError(f"weights {name}/{tag} are not in the local cache and the network is unreachable: {hint}")
-    try:
-        return open_clip.download_pretrained(cfg, cache_dir=cache_dir), quick_gelu
-    except Exception as e:  # noqa: BLE001
-        raise WeightsError(f"download of {name}/{tag} failed ({type(e).__name__}): {hint}") from e
+    hub = cfg.get("hf_hub", "").strip("/")
+    source = f"huggingface.co/{hub}" if hub else cfg.get("url", "")
+    return find_weights(
+        f"CLIP {name}/{tag}" + (f" ({source})" if source else ""),
+        f"{name} {tag}",
+        "pretrained",
+        cached=lambda: _cached_tag_file(cfg, cache_dir),
+        fetch=lambda: open_clip.download_pretrained(cfg, cache_dir=cache_dir),
+    )
+
+
+@functools.cache
+def _published_files() -> dict[str, tuple[str, str, bool]]:
+    """open_clip's published weights, by what identifies their files: the URL's file name, the SHA-256 (or its first 8
+    hex digits) written in the URL, the hub repository -> ``(model, tag, quick_gelu)``."""
+    import open_clip
+
+    known: dict[str, tuple[str, str, bool]] = {}
+    for model, tag in open_clip.list_pretrained():
+        cfg = open_clip.get_pretrained_cfg(model, tag)
+        entry = (model, tag, bool(cfg.get("quick_gelu", False)) or model.endswith("-quickgelu"))
+        url = cfg.get("url", "")
+        if url:
+            known.setdefault("file:" + url.rsplit("/", 1)[-1], entry)
+            for digest in re.findall(r"(?<![0-9a-f])([0-9a-f]{64}|[0-9a-f]{8})(?=[/.])", url):
+                known.setdefault("sha:" + digest, entry)
+        if cfg.get("hf_hub"):
+            known.setdefault("hub:" + cfg["hf_hub"].split("/")[0] + "--" + cfg["hf_hub"].split("/")[1], entry)
+    return known
+
+
+def published_checkpoint(path: str | Path, hash_it: bool = False) -> tuple[str, str, bool] | None:
+    """``(model, tag, quick_gelu)`` of a file that open_clip publishes, recognised by its file name, its place in the
+    Hugging Face cache (``models--timm--vit_base_patch16_clip_224.openai``) or, with ``hash_it``, its SHA-256."""
+    known, path = _published_files(), Path(path)
+    for part in path.parts:
+        if part.startswith("models--") and "hub:" + part[len("models--") :] in known:
+            return known["hub:" + part[len("models--") :]]
+    if "file:" + path.name in known:
+        return known["file:" + path.name]
+    if hash_it:
+        digest = file_sha256(path)
+        return known.get("sha:" + digest) or known.get("sha:" + digest[:8])
+    return None
+
+
+def _rounded_to_fp16(state: dict[str, torch.Tensor]) -> bool:
+    """Whether the image tower's first weights hold fp16 values (OpenAI released its CLIPs in fp16; open_clip's
+    ``openai`` models keep those values in fp32)."""
+    names = ["visual.conv1.weight", "visual.transformer.resblocks.0.attn.in_proj_weight"]
+    tensors = [state[n] for n in names if n in state and state[n].is_floating_point()]
+    return bool(tensors) and all(
+        t.dtype == torch.float16 or (t.dtype == torch.float32 and torch.equal(t.half().float(), t)) for t in tensors
+    )
+
+
+def checkpoint_activation(name: str, path: Path, checkpoint: Checkpoint) -> tuple[bool, str]:
+    """Whether a local checkpoint without a tag or sidecar needs QuickGELU, and why: ``(quick_gelu, reason)``;
+    reason ``""`` when nothing tells (GELU, and a notice when the weights look like OpenAI's)."""
+    if name.endswith("-quickgelu"):
+        return True, f"the model name {name}"
+    if checkpoint.jit:
+        return True, "an OpenAI TorchScript archive"
+    if checkpoint.openai_keys:
+        return True, "a state dict of OpenAI's own model (input_resolution, context_length, vocab_size)"
+    rounded = _rounded_to_fp16(checkpoint.state)
+    found = published_checkpoint(path, hash_it=rounded)
+    if found is not None:
+        return found[2], f"open_clip's published {found[0]}/{found[1]}"
+    if rounded:
+        warnings.warn(
+            f"checkpoint {path.name} looks like OpenAI's CLIP weights (rounded to fp16, as OpenAI released them) but "
+            "nothing says which activation it was trained with: loaded with GELU; pass --quick-gelu if it is "
+            "OpenAI's (--no-quick-gelu if not, to silence this)",
+            stacklevel=3,
+        )
+    return False, ""
+
+
+def model_for(pretrained: str | Path | None) -> str:
+    """The model of a ``gclip download`` file (its sidecar's), else :data:`DEFAULT_MODEL` (``--model`` left out)."""
+    if pretrained and os.path.isfile(str(pretrained)):
+        side = read_sidecar(pretrained)
+        if side and side.get("kind") == "clip" and side.get("model"):
+            return str(side["model"])
+    return DEFAULT_MODEL
 
 
 class _RandomInitNotice(logging.Filter):
@@ -277,7 +308,7 @@ def warn_slow_precision(precision: str, device: torch.device) -> None:
 
 
 def load_model(
-    name: str = "ViT-B-16",
+    name: str | None = DEFAULT_MODEL,
     pretrained: str | Path | None = "openai",
     precision: str = "fp32",
     device: str | torch.device | None = None,
@@ -287,14 +318,16 @@ def load_model(
     """Load an open_clip ViT by name and pretrained tag, or from a local checkpoint file.
 
     Args:
-        name: open_clip model name (``open_clip.list_models()``), e.g. ``"ViT-B-16"``.
+        name: open_clip model name (``open_clip.list_models()``), e.g. ``"ViT-B-16"``; ``None``: the model a
+            ``gclip download`` file records, else ``"ViT-B-16"``.
         pretrained: a pretrained tag of that model (``"openai"``, ``"laion2b_s34b_b88k"``, ...), a path to a
             local checkpoint (``.pt``, ``.bin``, ``.safetensors`` or an OpenAI JIT archive), or ``None``
             for random weights.
         precision: ``"fp32"``, ``"fp16"`` or ``"bf16"``: the dtype the image tower runs in.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; ``None`` picks CUDA when available.
         quick_gelu: force QuickGELU on or off; ``None`` follows the tag (OpenAI weights use QuickGELU) or,
-            for a local file, uses it for OpenAI JIT archives and for ``*-quickgelu`` model names.
+            for a local file, its ``gclip download`` sidecar, else what the file is (:func:`checkpoint_activation`:
+            OpenAI archives and state dicts, open_clip's published files, ``*-quickgelu`` model names).
         cache_dir: where open_clip caches downloaded weights.
 
     Returns:
@@ -311,6 +344,8 @@ def load_model(
         raise WeightsError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     dev = resolve_device(device)
     warn_slow_precision(precision, dev)
+    if name is None:
+        name = model_for(pretrained)
     if name not in open_clip.list_models():
         vits = [m for m in open_clip.list_models() if m.startswith("ViT-")][:12]
         raise WeightsError(
@@ -318,12 +353,14 @@ def load_model(
         )
     state: dict[str, torch.Tensor] | None = None
     path: Path | None = None
-    tag_quick_gelu = name.endswith("-quickgelu")
+    tag_cfg: dict[str, Any] = {}
+    tag_quick_gelu: bool | None = True if name.endswith("-quickgelu") else None
     if pretrained is not None and str(pretrained) != "":
         pretrained = str(pretrained)
         if open_clip.get_pretrained_cfg(name, pretrained):
-            file, tag_quick_gelu = _resolve_tag(name, pretrained, cache_dir)
-            path = Path(file)
+            tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+            path = Path(_resolve_tag(name, pretrained, cache_dir))
+            tag_quick_gelu = bool(tag_quick_gelu or tag_cfg.get("quick_gelu", False))
         elif os.path.exists(pretrained) or os.sep in pretrained or Path(pretrained).suffix:
             path = Path(pretrained)
         else:
@@ -332,8 +369,18 @@ def load_model(
                 f"{pretrained!r} is neither a pretrained tag of {name} (tags: {tags}) nor an existing file: "
                 "pass --pretrained /path/to/checkpoint"
             )
-        state, is_jit = read_checkpoint(path)
-        tag_quick_gelu = tag_quick_gelu or is_jit
+        side = _clip_sidecar(path, name)
+        if side is not None:  # a file from `gclip download`: its settings
+            tag_cfg = open_clip.get_pretrained_cfg(side["model"], str(side.get("tag") or "")) or tag_cfg
+            tag_cfg = {**tag_cfg, **{k: tuple(side[k]) for k in ("mean", "std") if side.get(k)}}
+            tag_quick_gelu = bool(side.get("quick_gelu", tag_quick_gelu))
+        checkpoint = load_checkpoint(path)
+        state = checkpoint.state
+        if checkpoint.jit:
+            tag_quick_gelu = True
+        elif tag_quick_gelu is None and quick_gelu is None:
+            tag_quick_gelu, _ = checkpoint_activation(name, path, checkpoint)
+    tag_quick_gelu = bool(tag_quick_gelu)
     use_quick_gelu = tag_quick_gelu if quick_gelu is None else quick_gelu
     with _without_random_init_notice(state is not None):  # the weights are loaded right after
         model = open_clip.create_model(name, pretrained=None, force_quick_gelu=use_quick_gelu, device="cpu")
@@ -344,7 +391,6 @@ def load_model(
     dtype = PRECISIONS[precision]
     model = model.to(device=dev, dtype=dtype)
     pp = dict(open_clip.get_model_preprocess_cfg(model))
-    tag_cfg = open_clip.get_pretrained_cfg(name, str(pretrained)) if pretrained else {}
     pp.update({k: tag_cfg[k] for k in ("mean", "std") if tag_cfg.get(k)})  # e.g. ViT-L-14 laion2b_s32b_b82k: 0.5
     open_clip.set_model_preprocess_cfg(model, pp)  # the image tower carries its own normalisation
     mean = tuple(float(v) for v in pp.get("mean", open_clip.OPENAI_DATASET_MEAN))
@@ -362,4 +408,15 @@ def load_model(
         device=dev,
         dtype=dtype,
         fingerprint=fingerprint(model),
+        path=str(path) if path is not None else None,
     )
+
+
+def _clip_sidecar(path: Path, name: str) -> dict[str, Any] | None:
+    """The ``gclip download`` sidecar of a CLIP checkpoint, checked to describe CLIP weights of model ``name``."""
+    names = (name, name.removesuffix("-quickgelu"), f"{name}-quickgelu")
+    side = read_sidecar(path) if path.is_file() else None
+    remedy = "pass it to the option of its model (see `gclip models`)"
+    if side is not None and side.get("kind") == "clip":
+        remedy = f"pass --model {side.get('model')}, or leave --model out"
+    return check_sidecar(path, f"CLIP {name}", lambda s: s.get("kind") == "clip" and s.get("model") in names, remedy)

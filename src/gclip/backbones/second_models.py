@@ -1,7 +1,8 @@
 """Second backbones: the vision foundation models some methods pair with CLIP (DINO, DINOv2, SAM's encoder).
 
-A proxy is loaded by name (:data:`SECOND_MODELS`) through timm, from a local checkpoint file or from timm's cached
-pretrained weights, with the same one-line errors as CLIP's loader, and cached per process: the Segmenter,
+A proxy is loaded by name (:data:`SECOND_MODELS`) through timm, from a local checkpoint file, gclip's weights folder
+(``gclip download NAME``) or timm's cached pretrained weights, found, read and refused as CLIP's are
+(:mod:`.weights`: the same one-line errors), and cached per process: the Segmenter,
 ``gclip eval``, bulk runs and the demo share one copy. Its forward is gclip's own walk over timm's modules, with
 the position embedding resampled as the authors' torch.hub models do it (DINO: bicubic by scale factor;
 DINOv2 with registers: bicubic to the size with antialias).
@@ -12,7 +13,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,8 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError, WeightsError
-from .models import hub_reachable, read_checkpoint, resolve_device
+from .base import fingerprint
+from .models import resolve_device
 from .openclip import resample_pos_embed
+from .weights import check_sidecar, find_weights, hub_cached, read_checkpoint, weights_record
 
 __all__ = [
     "SECOND_MODELS",
@@ -31,6 +33,7 @@ __all__ = [
     "second_model_for",
     "register_second_model",
     "list_second_models",
+    "second_model_weights",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -79,6 +82,7 @@ SECOND_MODELS: dict[str, SecondModelSpec] = {
 
 
 _FOR_VIT: dict[tuple, SecondModel] = {}  # second_model_for's models (a plain dict: see there)
+_FILES: dict[tuple[str, str | None], str] = {}  # (name, checkpoint given) -> the weights file read, for the records
 
 
 def register_second_model(name: str, spec: SecondModelSpec) -> None:
@@ -99,8 +103,8 @@ class SecondModel:
         name, spec: what was loaded; ``patch_size``, ``width``: read from the model.
     """
 
-    def __init__(self, name: str, spec: SecondModelSpec, model: nn.Module) -> None:
-        self.name, self.spec, self.model = name, spec, model
+    def __init__(self, name: str, spec: SecondModelSpec, model: nn.Module, path: str | None = None) -> None:
+        self.name, self.spec, self.model, self.path = name, spec, model, path
         self.patch_size = int(model.patch_embed.proj.kernel_size[0])
         self.width = int(model.patch_embed.proj.out_channels)
         self._pos: dict[tuple, torch.Tensor] = {}
@@ -108,6 +112,15 @@ class SecondModel:
     @property
     def device(self) -> torch.device:
         return self.model.patch_embed.proj.weight.device
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the weights (:func:`gclip.backbones.base.fingerprint`, the one CLIP's disk caches use)."""
+        return fingerprint(self.model)
+
+    def weights_record(self) -> dict[str, Any] | None:
+        """``{"path", "sha256"}`` of the weights file read (:func:`gclip.backbones.weights.weights_record`)."""
+        return weights_record(self.path)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -237,42 +250,37 @@ def _cached_weights(spec: SecondModelSpec) -> str | None:
     if spec.tag is None:
         return None
     import timm
-    from huggingface_hub import try_to_load_from_cache
 
     cfg = timm.models.get_pretrained_cfg(f"{spec.arch}.{spec.tag}")
-    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
-    for fname in ("model.safetensors", "pytorch_model.bin"):
-        found = try_to_load_from_cache(repo, fname) if repo else None
-        if isinstance(found, str) and Path(found).is_file():
-            return found
-    return None
+    return hub_cached(getattr(cfg, "hf_hub_id", None), ["model.safetensors", "pytorch_model.bin"])
 
 
 def _weights_file(name: str, spec: SecondModelSpec, checkpoint: str | None, option: str) -> str:
+    """The file given, the spec's, else :func:`gclip.backbones.weights.find_weights` (gclip's weights folder, timm's
+    cache, a download from the hub; SAM's encoder has no download here: `gclip download` fetches it)."""
     if checkpoint or spec.checkpoint:
         return str(checkpoint or spec.checkpoint)
-    flag = f"--{option.replace('_', '-')} PATH on the command line"
-    hint = f"download them on a connected machine and pass {option}=/path/to/{name}.pth ({flag})"
-    cached = _cached_weights(spec)
-    if cached:
-        return cached
-    if spec.tag is None:
-        raise WeightsError(
-            f"proxy {name}: no weights given: pass {option}=/path/to/checkpoint, e.g. SAM's sam_vit_b_01ec64.pth "
-            f"({flag})"
-            if spec.family == "sam"
-            else f"proxy {name} has no published weights: pass {option}=/path/to/checkpoint ({flag})"
-        )
-    if not hub_reachable():
-        raise WeightsError(
-            f"proxy {name} weights ({spec.arch}.{spec.tag}) are not cached and the network is unreachable: {hint}"
-        )
-    try:
+
+    def fetch() -> str:
         from huggingface_hub import hf_hub_download
 
         return hf_hub_download(f"timm/{spec.arch}.{spec.tag}", "model.safetensors")
-    except Exception as e:  # noqa: BLE001
-        raise WeightsError(f"download of proxy {name} failed ({type(e).__name__}): {hint}") from e
+
+    what = f"proxy {name}" + (f" (huggingface.co/timm/{spec.arch}.{spec.tag})" if spec.tag else "")
+    example = "SAM's sam_vit_b_01ec64.pth" if spec.family == "sam" else ""
+    return find_weights(what, name, option, lambda: _cached_weights(spec), fetch if spec.tag else None, example=example)
+
+
+def _check_sidecar(path: str, name: str, spec: SecondModelSpec, option: str) -> None:
+    """A ``gclip download`` file must hold this model's weights (SAM's file serves its encoder too)."""
+    check_sidecar(
+        path,
+        f"proxy {name}",
+        lambda s: (
+            s.get("name") == name or (spec.family == "sam" and s.get("kind") == "sam" and s.get("arch") == spec.arch)
+        ),
+        f"pass {name}'s file to {option} (`gclip download {name}` fetches it)",
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -294,7 +302,8 @@ def load_second_model(
         raise ConfigError(f"unknown proxy model {name!r}: choose one of {', '.join(list_second_models())}")
     spec = SECOND_MODELS[name]
     path = _weights_file(name, spec, checkpoint, option)
-    state, _ = read_checkpoint(path)
+    _check_sidecar(path, name, spec, option)
+    state, _ = read_checkpoint(path, option)
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
     model = _bare_model(name, spec)
     if spec.family == "mae":  # MAE's pre-training checkpoint also holds its decoder and mask token
@@ -319,7 +328,25 @@ def load_second_model(
             f"{len(result.unexpected_keys)} unexpected keys (e.g. {example!r})"
         )
     model = model.to(device=resolve_device(device), dtype=dtype).eval().requires_grad_(False)
-    return SecondModel(name, spec, model)
+    _FILES[(name, checkpoint)] = path
+    return SecondModel(name, spec, model, path)
+
+
+def second_model_weights(options: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """What gclip's JSON outputs record of the second models a method's ``options`` name: ``{option: {"name", "path",
+    "sha256"}}`` for ``proxy``/``sam`` (the file read: the one given, or the one found for it in this process) and for
+    a ``mask_generator`` with its ``sam_checkpoint``."""
+    out: dict[str, dict[str, Any]] = {}
+    for option in ("proxy", "sam", "mask_generator"):
+        name = options.get(option)
+        if not isinstance(name, str):
+            continue
+        checkpoint = options.get("sam_checkpoint" if option == "mask_generator" else f"{option}_checkpoint")
+        path = checkpoint if option == "mask_generator" else _FILES.get((name, checkpoint), checkpoint)
+        record = weights_record(path)
+        if record is not None:
+            out[option] = {"name": name, **record}
+    return out
 
 
 def second_model_for(vit: Any, name: str, checkpoint: str | None, option: str = "proxy_checkpoint") -> SecondModel:

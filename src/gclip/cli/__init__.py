@@ -10,7 +10,7 @@ import warnings
 
 from ..errors import GclipError
 
-SUBCOMMANDS = ["segment", "eval", "data", "bench", "models", "inspect", "demo"]
+SUBCOMMANDS = ["segment", "eval", "data", "bench", "models", "inspect", "demo", "download"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -182,7 +182,7 @@ def summary(record: dict[str, Any]) -> str:
         )
     st = record["stage_seconds"]
     lines = [
-        f"{record['model']} ({record['weights']}) {record['method']} {record['precision']} on {record['device']}, "
+        f"{record['model']} ({record['pretrained']}) {record['method']} {record['precision']} on {record['device']}, "
         f"{record['images']}, {record['classes']} classes, {record['windows']} windows",
         f"engine: {record['images_per_s']:.2f} images/s, latency p50 {record['latency_ms']['p50']:.1f} ms "
         f"p95 {record['latency_ms']['p95']:.1f} ms, peak RSS {_mb(record['peak_rss_mb'])}, "
@@ -226,7 +226,7 @@ def markdown(record: dict[str, Any]) -> str:
     st = record["stage_seconds"]
     tflops = record["encoder_tflops_per_s"]
     head += [
-        f"- setup: {record['model']} ({record['weights']}), {record['method']}, {record['precision']}, "
+        f"- setup: {record['model']} ({record['pretrained']}), {record['method']}, {record['precision']}, "
         f"{record['device']}, batch {record['batch_size']} windows / {record['batch_images']} images, "
         f"{record['images']} ({record['windows']} windows), {record['classes']} classes"
         + (", torch.compile" if record["compile"] else ""),

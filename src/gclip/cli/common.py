@@ -17,7 +17,11 @@ from ..methods import SECOND_MODEL_OPTIONS, list_methods, methods_with_option, m
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default="ViT-B-16", help="open_clip model name (default: ViT-B-16)")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="open_clip model name (default: the one a `gclip download` file records, else ViT-B-16)",
+    )
     g.add_argument("--pretrained", default="openai", help="pretrained tag (default: openai) or a local checkpoint file")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     g.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
@@ -25,7 +29,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "--quick-gelu",
         default=None,
         action=argparse.BooleanOptionalAction,
-        help="force QuickGELU on/off (default: from the tag; on for OpenAI JIT files)",
+        help="force QuickGELU on/off (default: from the tag, the `gclip download` file, or OpenAI's files)",
     )
 
 

@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     from ..backbones.second_models import SECOND_MODELS
     from ..methods import methods_with_second_models
 
-    print(f"\nsecond models (--proxy NAME --proxy-checkpoint PATH, for {', '.join(methods_with_second_models())}):")
+    print(f"\nsecond models (--proxy NAME --proxy-checkpoint PATH, for {', '.join(methods_with_second_models())};")
+    print("`gclip download NAME` fetches their weights, `gclip download MODEL TAG` a CLIP's, for an offline machine):")
     for name, spec in sorted(SECOND_MODELS.items()):
         source = "segment-anything sam_model_registry" if spec.family == "sam" else "timm"
         print(f"  {name:18s} {source} {spec.arch}" + (f" ({spec.tag} weights)" if spec.tag else ""))

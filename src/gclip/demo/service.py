@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ..backbones.models import LoadedModel
+from ..engines.spec import SegmenterSpec
 from ..errors import ClassesError, ConfigError, ImageError
 from ..inference.result import SegmentationResult
 from ..inference.segmenter import Segmenter, Settings
@@ -243,12 +244,13 @@ class DemoService:
         seen = self._names_seen.setdefault(method, set())
         seen.update(names)
         if method not in self._segmenters or len(seen) > self.limits.max_cached_names:
-            self._segmenters[method] = Segmenter(
+            recipe = SegmenterSpec(
                 self.model,
                 method=method,
                 method_options=self.method_options.get(method),
-                max_pixels=self.limits.max_pixels,
+                settings={"max_pixels": self.limits.max_pixels},  # the rest is set per request
             )
+            self._segmenters[method] = recipe.build()
             self._names_seen[method] = set(names)
         return self._segmenters[method]
 

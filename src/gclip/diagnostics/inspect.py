@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..backbones import auto as diag
-from ..backbones import backbone_for, fingerprint
+from ..backbones import backbone_for, fingerprint, weights_used
 from ..backbones.base import Backbone
 from ..backbones.models import LoadedModel, load_model
 from ..io.images import ImageInput
@@ -72,6 +72,7 @@ class BackboneReport:
         first_emerging: the detected emerging block (``None``: none found, defaults used).
         emerging_blocks, cs_blocks, channels: what GCLIP's ``"auto"`` chooses on these inputs.
         high_norm_positions: per image, the ``(row, col)`` of the high-norm patches at ``first_emerging``.
+        weights: the weights file's path and SHA-256 (:func:`gclip.backbones.weights_used`; ``None``: random).
     """
 
     model: str
@@ -92,6 +93,7 @@ class BackboneReport:
     cs_blocks: list[int]
     channels: dict[int, int]
     high_norm_positions: list[list[tuple[int, int]]]
+    weights: dict[str, Any] | None = None
     norms: torch.Tensor | None = field(default=None, repr=False, compare=False)
     rgb: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
@@ -200,6 +202,7 @@ def inspect_backbone(
         model=loaded.name,
         pretrained=loaded.pretrained,
         fingerprint=fingerprint(loaded.visual),
+        weights=weights_used(loaded)["clip"],
         depth=vit.depth,
         width=vit.width,
         heads=vit.heads,

@@ -134,10 +134,11 @@ def plot_attention(
 
 def plot_similarity(model: LoadedModel, report: BackboneReport, classes: Any, path: Path) -> Path:
     """Cosine similarity of every patch with each class (GCLIP with the auto settings), first calibration image."""
-    from ..inference.segmenter import Segmenter
+    from ..engines.spec import SegmenterSpec
 
     plt = _pyplot()
-    seg = Segmenter(model, method=_gclip_method(report), short_side=0, crop=0, classes=classes)
+    recipe = SegmenterSpec(model, method=_gclip_method(report), classes=classes, settings={"short_side": 0, "crop": 0})
+    seg = recipe.build()
     prepared = seg.prepare(_image(report, 0))
     logits = seg.merged_logits([prepared])[0].cpu()  # (Q, h, w)
     index = torch.tensor(seg.classes.query_to_class)  # type: ignore[union-attr]

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ..backbones import weights_used
 from ..errors import ConfigError, OutputError
 from ..inference.segmenter import Segmenter
 from ..io.inputs import InputItem, collect_inputs, shard_items
@@ -237,7 +238,8 @@ def segment_folder(
         segmenter = spec.build() if engine == "local" else dataclasses.replace(spec, device="cpu").build()
     else:
         spec = SegmenterSpec.from_segmenter(segmenter)
-    writer = OutputWriter(Path(out), formats, _description(segmenter), recipe_hash=recipe)
+    weights = weights_used(segmenter.model, segmenter.method.options())
+    writer = OutputWriter(Path(out), formats, _description(segmenter), weights=weights, recipe_hash=recipe)
     pending = plan_run(writer, items, overwrite, manifest)
     summary = RunSummary(out=Path(out), total=len(items), skipped=len(items) - len(pending))
     summary.manifest = manifest.path if manifest else None

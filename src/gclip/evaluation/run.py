@@ -12,9 +12,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..backbones.models import LoadedModel, load_model
+from ..backbones.models import LoadedModel
+from ..engines.spec import SegmenterSpec
 from ..errors import ConfigError, WeightsError
-from ..inference.segmenter import Segmenter
 from ..methods import get_method, list_methods
 from ..text import TextEncoder, read_class_file
 from .distributed import DistContext
@@ -127,22 +127,22 @@ def evaluate(
         raise ConfigError(f"no benchmark dataset found under {data_root}")
 
     if not isinstance(model, LoadedModel):
-        model = load_model(model, pretrained, precision, device, quick_gelu=quick_gelu)
+        model = SegmenterSpec(model, pretrained, precision=precision, device=device, quick_gelu=quick_gelu).load()
     names = runnable_methods(names, options, [spec.name for spec, _ in plans], model, every_method, say)
     text = TextEncoder(model, templates)  # one text-embedding cache for every method
     results = []
     for method in names:
         for spec, samples in plans:
             preset = resolve_preset(method, spec, dict(settings or {}), protocol, classes_dir)
-            seg = Segmenter(
+            recipe = SegmenterSpec(
                 model,
                 method=method,
                 method_options={**preset.method_options, **for_dataset(options[method], spec.name)},
                 templates=templates,
-                **preset.settings,
+                classes=read_class_file(preset.classes_file, allow_duplicates=True),
+                settings=preset.settings,
             )
-            seg.text = text
-            seg.set_classes(read_class_file(preset.classes_file, allow_duplicates=True))
+            seg = recipe.build(text)
             described = {**preset.describe(), **seg.describe(), "dataset": spec.name, "data_root": str(data_root)}
             world = ctx.world_size if ctx is not None else 1
             described.update(limit=limit, images_per_step=images_per_step, world_size=world)
@@ -178,7 +178,7 @@ def runnable_methods(
     for m in methods:
         try:
             for name in datasets:
-                get_method(m, **for_dataset(options[m], name)).check_resources(model.device, model.dtype)
+                SegmenterSpec(model, method=m, method_options=for_dataset(options[m], name)).check_resources()
         except (WeightsError, ConfigError) as e:
             message = f"{m}: {e}"
             if not every:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ..backbones import weights_used
 from ..engines.batch import infer_batch
 from ..errors import ConfigError
 from ..inference.segmenter import Segmenter
@@ -37,6 +38,7 @@ class EvalResult:
         skipped: ``(name, reason)`` of the samples skipped with ``skip_bad``.
         seconds: wall time of the scoring loop (slowest rank).
         settings: what determined the predictions.
+        weights: the weights files used (:func:`gclip.backbones.weights_used`: path and SHA-256 of each).
         prompt_names: the display name of each class's prompts, where they differ from ``class_names``.
     """
 
@@ -48,6 +50,7 @@ class EvalResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     settings: dict[str, Any] = field(default_factory=dict)
+    weights: dict[str, Any] = field(default_factory=dict)
     prompt_names: list[str] = field(default_factory=list)
 
     @property
@@ -86,6 +89,7 @@ class EvalResult:
             "dataset": self.dataset,
             "method": self.method,
             "settings": self.settings,
+            "weights": self.weights,
             "summary": self.summary,
             "per_class": self.per_class(),
             "skipped": [{"sample": n, "reason": r} for n, r in self.skipped],
@@ -195,4 +199,5 @@ def score(
         skipped=sorted((s for part, _ in gathered for s in part), key=lambda s: s[0]),
         seconds=max(sec for _, sec in gathered),
         settings=segmenter.describe(),
+        weights=weights_used(segmenter.model, segmenter.method.options()),
     )

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..io.images import ImageInput
 from ..methods import Method, WindowContext
-from .forward import encode, head, image_context
+from .forward import encode, head, image_context, label_context
 from .postprocess import UNLABELED, pamr, refine_labels
 from .segmenter import Prepared, Segmenter
 from .windows import ImageWindows, plan_windows
@@ -95,12 +95,12 @@ def _reference_pass(segmenter: Segmenter, prepared: Prepared) -> tuple[torch.Ten
         if not method.cross_window:
             for win, crop in zip(windows, crops):
                 encoded = encode(vit, method, crop, whole)
-                context = method.label_context(encoded[1])
+                context = label_context(method, encoded[1])
                 yield win, head(vit, method, encoded, queries), None if context is None else context[0]
             return
         stacked = None if whole is None else torch.cat([whole] * len(windows))
         encoded = encode(vit, method, torch.cat(crops), stacked, list(windows))
-        logits, context = head(vit, method, encoded, queries), method.label_context(encoded[1])
+        logits, context = head(vit, method, encoded, queries), label_context(method, encoded[1])
         for k, win in enumerate(windows):
             yield win, logits[k : k + 1], None if context is None else context[k]
 

@@ -36,7 +36,7 @@ from ..io.images import DEFAULT_MAX_PIXELS, ImageInput
 from ..methods import Method, WindowContext, get_method
 from ..text import ClassList, ClassSpec, TextEncoder, parse_classes
 from .canvas import BandCanvas, Canvas, WindowUpsample
-from .forward import encode, head, image_context, second_model
+from .forward import encode, head, image_context, label_context, second_model, warm
 from .postprocess import TILE_ELEMENTS, StreamingReduction, pamr, reduce_logits, refine_labels
 from .preprocess import Prepared, Preprocessor
 from .result import SegmentationResult
@@ -253,7 +253,7 @@ class Segmenter:
         self, crops: torch.Tensor, queries: torch.Tensor, context: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         encoded = encode(self.vit, self.method, crops, context)
-        return head(self.vit, self.method, encoded, queries), self.method.label_context(encoded[1])
+        return head(self.vit, self.method, encoded, queries), label_context(self.method, encoded[1])
 
     def _window_logits(
         self,
@@ -263,7 +263,7 @@ class Segmenter:
         windows: list[Window] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(B, Q, gh, gw)`` cosine logits of a batch of crops (timed as encoder and head), and the method's
-        :meth:`~gclip.methods.Method.label_context` of the pass (``context``: the crops' image contexts;
+        :func:`~gclip.inference.forward.label_context` of the pass (``context``: the crops' image contexts;
         ``windows``: for a cross-window method, the crops' windows, all of one image, which it runs eagerly: a
         compiled batch is padded with blank windows that it would see)."""
         if self._compiled is not None and windows is None:
@@ -275,8 +275,7 @@ class Segmenter:
                     context = torch.cat([context, context.new_zeros((bs - n, *context.shape[1:]))])
             grid = (crops.shape[-2] // p, crops.shape[-1] // p)
             # caches filled eagerly: traced, a miss would break the graph or recompile
-            self.vit.pos_embed(grid, self.method.pos_rule)
-            self.method.warm(self.vit, grid)
+            warm(self.vit, self.method, grid)
             try:
                 with self._stage("encoder"):
                     logits, labels_context = self._compiled(padded, queries, context)
@@ -289,7 +288,7 @@ class Segmenter:
         with self._stage("second_model"):
             second_model(self.vit, self.method, encoded)
         with self._stage("head"):
-            return head(self.vit, self.method, encoded, queries), self.method.label_context(encoded[1])
+            return head(self.vit, self.method, encoded, queries), label_context(self.method, encoded[1])
 
     def _plan(self, prepared: Sequence[Prepared]) -> tuple[list[tuple[int, int]], list[list[Window]], dict]:
         """Per image its canvas size and windows (:func:`~gclip.inference.windows.plan_windows`), and the (image,
@@ -422,8 +421,8 @@ class Segmenter:
     @torch.no_grad()
     def image_logits(self, item: Prepared) -> tuple[torch.Tensor, list[WindowContext]]:
         """``(Q, h, w)`` logits of one image from a method that runs whole images itself
-        (:attr:`~gclip.methods.Method.whole_image`, e.g. Trident), at the resolution it chooses, and what the
-        method keeps for :meth:`~gclip.methods.Method.refine_labels` (one whole-image context, or none)."""
+        (``window_mode = "image"``, e.g. Trident), at the resolution it chooses, and what the
+        method keeps for its ``label_refinement`` (one whole-image context, or none)."""
         if self.method.needs_original and item.original is None:
             raise ConfigError(f"{self.method.name} needs the decoded pixels: prepare the image with this Segmenter")
         s = self.settings

@@ -151,7 +151,7 @@ def plan_windows(
 @dataclass
 class ImageWindows:
     """All windows of one image, cut, padded and stacked: what a method that sees the windows of an image
-    together (:attr:`gclip.methods.Method.whole_image`) works on. Built by :func:`tile`.
+    together (``window_mode = "image"``) works on. Built by :func:`tile`.
 
     Attributes:
         image: the ``(1, C, H, W)`` model input the windows are cut from.

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..backbones.models import read_checkpoint, resolve_device
+from ..backbones.models import resolve_device
+from ..backbones.weights import check_sidecar, find_weights, read_checkpoint
 from ..errors import ConfigError, ImageError, WeightsError
 
 __all__ = [
@@ -116,14 +117,21 @@ def load_sam(
     name: str, checkpoint: str | None, device: str | torch.device | None = "cpu", dtype: torch.dtype = torch.float32
 ) -> nn.Module:
     """A whole SAM (image encoder, prompt encoder, mask decoder) for the automatic mask generator, built by
-    ``segment-anything`` and loaded from ``checkpoint`` (e.g. ``sam_vit_b_01ec64.pth``); cached per process."""
+    ``segment-anything`` and loaded from ``checkpoint`` (e.g. ``sam_vit_b_01ec64.pth``), else from gclip's weights
+    folder (``gclip download NAME``); found, read and refused as every weights file is
+    (:mod:`gclip.backbones.weights`); cached per process."""
     if name not in MASK_MODELS:
         raise ConfigError(f"unknown mask generator {name!r}: choose one of {', '.join(MASK_MODELS)}")
     if not checkpoint:
-        raise WeightsError(
-            f"mask generator {name}: no weights given: pass sam_checkpoint=/path/to/checkpoint, e.g. SAM's "
-            "sam_vit_b_01ec64.pth (--sam-checkpoint PATH on the command line)"
+        checkpoint = find_weights(
+            f"mask generator {name}", name, "sam_checkpoint", example="SAM's sam_vit_b_01ec64.pth"
         )
+    check_sidecar(
+        checkpoint,
+        f"mask generator {name}",
+        lambda s: (s.get("kind"), s.get("name")) == ("sam", name),
+        f"pass {name}'s file to sam_checkpoint (`gclip download {name}` fetches it)",
+    )
     build = MASK_MODELS[name]
     if isinstance(build, str):
         try:
@@ -133,7 +141,7 @@ def load_sam(
         model = sam_model_registry[build](checkpoint=None)
     else:
         model = build()
-    state, _ = read_checkpoint(checkpoint)
+    state, _ = read_checkpoint(checkpoint, "sam_checkpoint")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

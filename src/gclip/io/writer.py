@@ -70,6 +70,8 @@ class OutputWriter:
         formats: the formats of the run (see :data:`FORMATS`).
         description: ``Segmenter.describe()`` plus the class names; hashed into the manifest.
         overlay_alpha: opacity of the colours in overlays.
+        weights: the weights files of the run (:func:`gclip.backbones.weights_used`), written into the per-image
+            JSON and the manifest (not hashed: a copy of the same file elsewhere gives the same labels).
         recipe_hash: a hash of how the Segmenter was asked for (model name, weights file identity, method,
             settings, classes), known before the model loads; recorded so that a rerun with nothing to do can
             tell without loading it (``None``: not recorded).
@@ -79,6 +81,7 @@ class OutputWriter:
     formats: tuple[str, ...]
     description: dict[str, Any]
     overlay_alpha: float = 0.5
+    weights: dict[str, Any] | None = None
     recipe_hash: str | None = None
 
     def __post_init__(self) -> None:
@@ -121,7 +124,8 @@ class OutputWriter:
         if "rle" in paths:
             write_rle_json(result, paths["rle"], image=item.name)
         if "json" in paths:
-            write_json({"image": item.name, **result_record(result), "settings": self.description}, paths["json"])
+            record = {"image": item.name, **result_record(result), "settings": self.description}
+            write_json({**record, "weights": self.weights}, paths["json"])
         return self.record(item, result, seconds)
 
     def record(self, item: InputItem, result: SegmentationResult, seconds: float) -> dict[str, Any]:
@@ -134,6 +138,7 @@ class OutputWriter:
             "model": self.description.get("model"),
             "method": self.description.get("method"),
             "settings_hash": self.hash,
+            "weights": self.weights,
             **({"recipe_hash": self.recipe_hash} if self.recipe_hash else {}),
             "seconds": round(seconds, 4),
         }

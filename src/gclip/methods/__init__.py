@@ -8,6 +8,7 @@ import pkgutil
 
 from .base import (
     SECOND_MODEL_OPTIONS,
+    BlockChange,
     Method,
     Trace,
     WindowContext,
@@ -15,12 +16,14 @@ from .base import (
     attention_map,
     cosine_logits,
     get_method,
+    grid_features,
     list_methods,
     method_class,
     methods_with_option,
     methods_with_second_models,
     register,
 )
+from .pieces import ImageContext, LabelRefinement, SecondModelPass, TextSide
 
 _ORDER = ["clip", "maskclip", "sclip", "clearclip", "naclip", "gclip"]  # the baselines first, then the rest by name
 
@@ -29,7 +32,8 @@ def discover() -> list[str]:
     """Import the method modules of this package (each registers its method; modules named ``_*`` are helpers),
     as ``import gclip.methods`` does; again later, only the files added since. Returns the newly registered names."""
     before = set(list_methods())
-    for name in _ORDER + sorted({m.name for m in pkgutil.iter_modules(__path__)} - set(_ORDER) - {"base"}):
+    helpers = {"base", "pieces"}
+    for name in _ORDER + sorted({m.name for m in pkgutil.iter_modules(__path__)} - set(_ORDER) - helpers):
         if not name.startswith("_"):
             importlib.import_module(f"{__name__}.{name}")
     return [m for m in list_methods() if m not in before]
@@ -39,6 +43,11 @@ discover()
 
 __all__ = [
     "SECOND_MODEL_OPTIONS",
+    "BlockChange",
+    "ImageContext",
+    "LabelRefinement",
+    "SecondModelPass",
+    "TextSide",
     "Method",
     "Trace",
     "WindowContext",
@@ -47,6 +56,7 @@ __all__ = [
     "cosine_logits",
     "discover",
     "get_method",
+    "grid_features",
     "list_methods",
     "method_class",
     "methods_with_option",

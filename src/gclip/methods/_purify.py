@@ -57,7 +57,7 @@ class AffinityBlocks:
         return cls(pre, post, range(start, end))
 
     def keep(self, depth: int) -> set[int]:
-        """The block inputs to keep (``Method.keep_blocks``)."""
+        """The block inputs to keep (``BlockChange(keep=True)``)."""
         return {i + 1 for i in (self.pre, self.post, *self.multi) if i + 1 <= depth - 2}
 
     @staticmethod

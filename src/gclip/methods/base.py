@@ -8,7 +8,7 @@ import functools
 import types
 import typing
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -17,11 +17,23 @@ import torch.nn.functional as F
 from ..backbones.base import Backbone
 from ..errors import ConfigError
 from ..inference.windows import ImageWindows
+from .pieces import (
+    BlockChange,
+    ImageContext,
+    LabelRefinement,
+    SecondModelPass,
+    TextSide,
+    Trace,
+    WindowContext,
+    run_block,
+    window_multiple,
+)
 
 __all__ = [
     "Method",
     "Trace",
     "WindowContext",
+    "BlockChange",
     "register",
     "get_method",
     "list_methods",
@@ -32,6 +44,7 @@ __all__ = [
     "attend",
     "attention_map",
     "cosine_logits",
+    "grid_features",
 ]
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -48,77 +61,90 @@ method that has one as a field gets it from the command line (``--proxy``, ...),
 :meth:`Method.check_resources`."""
 
 
-@dataclasses.dataclass(frozen=True)
-class WindowContext:
-    """One window of an image with what :meth:`Method.label_context` kept of its pass.
-
-    Attributes:
-        window: the :class:`~gclip.inference.windows.Window` (its box, padding, upsampled size, kept part, canvas
-        target).
-        canvas: ``(H, W)`` of the canvas the windows are merged on (the label map's size in the whole-image mode).
-        context: the window's own slice of the context tensor.
-    """
-
-    window: Any
-    canvas: tuple[int, int]
-    context: torch.Tensor
-
-
-@dataclasses.dataclass
-class Trace:
-    """What one forward pass of a batch of crops carries from the encoder to the head.
-
-    Attributes:
-        grid: ``(rows, cols)`` of patches.
-        inputs: ``{block index: its input tokens}`` for the blocks in :meth:`Method.keep_blocks`.
-        overrides: per block, the parameters :meth:`Method.overrides` replaces.
-        extras: anything a method collects on the way (attention maps, features of other blocks ...).
-        images: the ``(B, 3, H, W)`` normalised crops of the pass (for methods that look at pixels again).
-    """
-
-    grid: tuple[int, int]
-    inputs: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
-    overrides: dict[int, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
-    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
-    images: torch.Tensor | None = None
+_NOT_HOOKS = {
+    # hooks before Engine v3, and what replaces each
+    "keep_blocks": "blocks() with BlockChange(keep=True)",
+    "overrides": "blocks() with BlockChange(weights=...)",
+    "block": "blocks() with BlockChange(attention=..., before=...)",
+    "encode": "blocks() with BlockChange(before=...)",
+    "head": "features() (the text is trace.text) and logits()",
+    "refine": "logits()",
+    "second_pass": "a second_model piece",
+    "warm": "blocks() (built eagerly for each grid) or a second_model piece's warm()",
+    "label_context": "a label_refinement piece's context()",
+    # derived from the pieces, never overridden
+    "text_queries": "a text_side piece",
+    "refine_labels": "a label_refinement piece",
+    "check_resources": "a second_model piece's check()",
+    "output_grid": "a second_model piece's grid()",
+    "options": "the dataclass fields",
+}
+"""Names a method class may not define: the hooks before Engine v3 and what :class:`Method` derives from the
+pieces, with what to write instead."""
 
 
 class Method:
     """A training-free dense-prediction method. Subclasses are dataclasses whose fields are its options.
 
-    A forward pass of a batch of crops is :meth:`encode` (blocks ``0..L-2``, each through :meth:`block`) and
-    :meth:`head` (:meth:`last_block`, the projection, the cosine logits, then :meth:`refine`). A method
-    overrides what it changes:
+    A per-crop method writes one function, :meth:`features`: the tokens entering the last block -> the projected
+    patch features. By default it runs the last block as the method's :class:`BlockChange` for it says, then the
+    final norm and projection; blocks ``0..L-2`` run before it, each as its :class:`BlockChange` says
+    (:meth:`blocks`). Everything else a method changes is a piece it names (:mod:`gclip.methods.pieces`):
+    ``second_model``, ``text_side``, ``label_refinement``, ``image_context``; :meth:`logits` turns the features into
+    logits (cosine similarity by default).
 
-    - :meth:`last_block` (required): the last block's tokens;
-    - :meth:`block`: any intermediate block (replace its attention, drop its residual or FFN with
-      :meth:`Backbone.block`, edit tokens before or after it, collect into ``trace.extras``);
-    - :meth:`keep_blocks` / :meth:`overrides`: keep blocks' inputs; replace FFN parameters functionally;
-    - :meth:`head`: the whole last stage (several passes through the last block, multi-level features);
-    - :meth:`refine`: a step on a window's patch logits (it sees the features and the text);
-    - :meth:`text_queries` / :meth:`refine_labels`: the text embeddings; a step on the final label map, which
-      sees what :meth:`label_context` kept of each window's pass.
-
-    Before a compiled forward the engine calls :meth:`warm`, which must fill every per-backbone and per-grid
-    cache the method keeps.
+    A whole-image method (``window_mode = "image"``) writes :meth:`image_logits` instead, on the image's windows from
+    the engine's window service.
     """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     protocol: ClassVar[str] = ""
+    """The evaluation protocol its authors use: a TOML file of ``gclip/evaluation/presets/`` (``gclip eval``)."""
     table_row: ClassVar[tuple[str, str, str]] = ("", "", "")
     """The method in the docs' table (markdown): what it changes, its attention per head, the last block's residual
     and FFN (``gclip models --markdown``)."""
-    """The evaluation protocol its authors use: a TOML file of ``gclip/evaluation/presets/`` (``gclip eval``)."""
-    whole_image: ClassVar[bool] = False
-    """The method sees all windows of an image together (:meth:`image_logits`) instead of the engine's batches of
-    windows from any image."""
-    cross_window: ClassVar[bool] = False
-    """The method's window passes need every window of an image at once (e.g. keys and values extended by the other
-    windows', labels propagated across windows): the engine gives it one pass per image, all its windows in it,
-    whatever the batch size, with the windows in ``trace.extras["windows"]``."""
+    window_mode: ClassVar[str] = "crop"
+    """How the engine hands it an image's windows: ``"crop"``: in batches of windows from any image; ``"cross"``:
+    one pass per image with all its windows, whatever the batch size, their
+    :class:`~gclip.inference.windows.Window` objects in ``trace.extras["windows"]`` (keys and values extended by
+    the other windows', labels propagated across windows); ``"image"``: all windows of an image to
+    :meth:`image_logits`."""
+    pos_rule: ClassVar[str] = "sclip"
+    """How the position embedding is resampled to a crop's grid
+    (:func:`gclip.backbones.openclip.resample_pos_embed`)."""
     needs_original: ClassVar[bool] = False
     """The method also reads the decoded pixels (``Prepared.original``), e.g. for a second model's own resize."""
+
+    second_model: ClassVar[SecondModelPass | None] = None
+    text_side: ClassVar[TextSide | None] = None
+    label_refinement: ClassVar[LabelRefinement | None] = None
+    image_context: ClassVar[ImageContext | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for flag, mode in (("whole_image", "image"), ("cross_window", "cross")):  # the flags before Engine v3
+            if flag in vars(cls) and not isinstance(vars(cls)[flag], property):
+                if vars(cls)[flag]:
+                    warnings.warn(
+                        f"{cls.__qualname__}: {flag} = True is now window_mode = {mode!r}",
+                        DeprecationWarning,
+                        stacklevel=2,
+                    )
+                    cls.window_mode = mode
+                delattr(cls, flag)
+        for hook in sorted(set(vars(cls)) & set(_NOT_HOOKS)):
+            raise ConfigError(
+                f"method class {cls.__qualname__}: {hook}() is not a hook of Method (Engine v3): use "
+                f"{_NOT_HOOKS[hook]} (see 'Adding a method' in the docs)"
+            )
+        if "last_block" in vars(cls):
+            warnings.warn(
+                f"{cls.__qualname__}: last_block() is deprecated; return a BlockChange for the last block from "
+                "blocks() (or write features())",
+                DeprecationWarning,
+                stacklevel=2,
+            )
 
     def __post_init__(self) -> None:
         """Options are checked when the method is built: a ``Literal`` option must be one of its values."""
@@ -129,82 +155,38 @@ class Method:
                 raise ConfigError(f"{self.name} {option} must be one of {shown}, got {value!r}")
 
     @property
-    def pos_rule(self) -> str:
-        """How the position embedding is resampled to a crop's grid
-        (:func:`gclip.backbones.openclip.resample_pos_embed`)."""
-        return "sclip"
+    def whole_image(self) -> bool:
+        """``window_mode == "image"``."""
+        return self.window_mode == "image"
 
-    def keep_blocks(self, vit: Backbone) -> set[int]:
-        """Blocks whose input tokens the head needs (``trace.inputs``)."""
-        return set()
+    @property
+    def cross_window(self) -> bool:
+        """``window_mode == "cross"``."""
+        return self.window_mode == "cross"
 
-    def overrides(self, vit: Backbone) -> dict[int, dict[str, torch.Tensor]]:
-        """Per block, parameters to use instead of the model's during the walk (never written to the model)."""
+    def blocks(self, vit: Backbone, trace: Trace) -> Mapping[int, BlockChange]:
+        """``{block index: its change}`` for a pass on ``trace.grid`` (``vit.depth - 1``: the last block); built once
+        per pass, and once eagerly per grid before a compiled forward, so per-grid caches are filled here."""
         return {}
-
-    def warm(self, vit: Backbone, grid: tuple[int, int]) -> None:
-        """Compute eagerly what the method caches per backbone and per patch grid, so that ``torch.compile``
-        traces cache hits only (a traced cache miss breaks the graph or forces a recompilation)."""
-        self.keep_blocks(vit)
-        self.overrides(vit)
-
-    def encode(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
-        """Blocks ``0..L-2`` on the embedded tokens ``x`` -> the tokens entering the last block."""
-        keep = self.keep_blocks(vit)
-        trace.overrides = self.overrides(vit)
-        for i in range(vit.depth - 1):
-            if i in keep:
-                trace.inputs[i] = x
-            x = self.block(vit, i, x, trace)
-        return x
-
-    def block(self, vit: Backbone, index: int, x: torch.Tensor, trace: Trace) -> torch.Tensor:
-        """Intermediate block ``index`` (``0..L-2``); by default unchanged but for :meth:`overrides`."""
-        return vit.block(index, x, overrides=trace.overrides.get(index))
-
-    def last_block(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
-        """``(B, 1+N, D)`` tokens entering the last block -> ``(B, 1+N, D)`` tokens."""
-        raise NotImplementedError
 
     def features(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         """The tokens entering the last block -> ``(B, gh, gw, E)`` projected patch features (not normalised)."""
-        tokens = self.last_block(vit, x, trace)
-        feats = vit.project(vit.patches(tokens))
-        return feats.reshape(feats.shape[0], trace.grid[0], trace.grid[1], -1)
+        last = vit.depth - 1
+        if hasattr(self, "last_block"):  # a method written before Engine v3
+            tokens = self.last_block(vit, x, trace)
+        else:
+            tokens = run_block(vit, last, x, trace.changes.get(last), trace)
+        return grid_features(vit, tokens, trace.grid)
 
-    def head(self, vit: Backbone, x: torch.Tensor, trace: Trace, text: torch.Tensor | None) -> torch.Tensor:
-        """The last stage: :meth:`features`, then with ``text`` ``(Q, E)`` unit vectors the cosine logits,
-        then :meth:`refine`.
+    def logits(self, vit: Backbone, feats: torch.Tensor, text: torch.Tensor, trace: Trace) -> torch.Tensor:
+        """``(B, gh, gw, E)`` features and ``(Q, E)`` unit text embeddings -> ``(B, Q, gh, gw)`` float32 logits (the
+        cosine similarity; a method may change it, e.g. per-crop text or a CLS-token factor)."""
+        return cosine_logits(feats, text)
 
-        Returns:
-            ``(B, gh, gw, E)`` float32 features without ``text``, else ``(B, Q, gh, gw)`` float32 logits.
-        """
-        feats = self.features(vit, x, trace).float()
-        if text is None:
-            return feats
-        logits = cosine_logits(feats, text)
-        return self.refine(vit, logits, feats, text, trace)
-
-    def refine(
-        self, vit: Backbone, logits: torch.Tensor, feats: torch.Tensor, text: torch.Tensor, trace: Trace
-    ) -> torch.Tensor:
-        """A step on a window's ``(B, Q, gh, gw)`` cosine logits (``feats``: the ``(B, gh, gw, E)`` features)."""
-        return logits
-
-    def text_queries(self, encoder: Any, classes: Any) -> torch.Tensor:
-        """The ``(Q, E)`` query embeddings of a :class:`~gclip.text.ClassList` (one per synonym) with a
-        :class:`~gclip.text.TextEncoder`; a method may change them (e.g. mix in descriptions)."""
-        return encoder.embed(classes.queries)
-
-    def second_pass(self, vit: Backbone, trace: Trace) -> None:
-        """The method's second model on the pass's crops (``trace.images``), its results kept in ``trace.extras``;
-        run once, before :meth:`head` (the engine times it as its own stage). Nothing for CLIP-only methods."""
-
-    def image_context(self, vit: Backbone, image: torch.Tensor) -> torch.Tensor | None:
-        """Something computed once per image from its whole normalised model input ``(1, 3, H, W)`` (e.g. CASS's
-        global CLS embedding), stacked for the windows of a pass as ``trace.extras["image_context"]``; ``None``
-        (the default): nothing, and the engine does not call it again for the image."""
-        return None
+    def window_multiple(self, vit: Backbone) -> int:
+        """Windows are padded to a multiple of this (``padding="symmetric"``): the patch, or what every model of
+        the method divides."""
+        return window_multiple(vit, self.second_model)
 
     def image_logits(
         self,
@@ -214,7 +196,7 @@ class Method:
         text: torch.Tensor,
         stage: Callable[[str], contextlib.AbstractContextManager],
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        """For :attr:`whole_image` methods: all windows of one image at once -> ``(Q, h, w)`` cosine logits.
+        """For ``window_mode = "image"``: all windows of one image at once -> ``(Q, h, w)`` cosine logits.
 
         Args:
             windows: the image's windows from the engine's window service
@@ -228,52 +210,58 @@ class Method:
 
         Returns:
             The logits at a resolution of the method's choosing (the engine resizes them to the image), or
-            ``(logits, context)``: ``context`` reaches :meth:`refine_labels` as the image's one
+            ``(logits, context)``: ``context`` reaches the ``label_refinement`` as the image's one
             :class:`WindowContext` (its ``window`` ``None``).
         """
         raise NotImplementedError(f"{self.name} runs through the engine's windows")
 
     def input_shape(self, shape: tuple[int, int], patch: int, crop: int) -> tuple[int, int]:
-        """The ``(H, W)`` the windows are cut from, for a model input of ``shape`` (a :attr:`whole_image` method may
-        resize it first; the bench counts windows and FLOPs on it)."""
+        """For ``window_mode = "image"``: the ``(H, W)`` the windows are cut from, for a model input of ``shape`` (the
+        bench counts windows and FLOPs on it)."""
         return shape
 
-    def window_multiple(self, vit: Backbone) -> int:
-        """Windows are padded to a multiple of this (``padding="symmetric"``): the patch, or what every model of
-        the method divides."""
-        return vit.patch_size
-
     def output_grid(self, vit: Backbone, size: tuple[int, int]) -> tuple[int, int]:
-        """The patch grid of the features of an ``(H, W)`` crop (CLIP's; a method with a second model: its own)."""
+        """The patch grid of the features of an ``(H, W)`` crop (CLIP's, or the second model's)."""
+        if self.second_model is not None:
+            return self.second_model.grid(vit, size)
         return int(size[0]) // vit.patch_size, int(size[1]) // vit.patch_size
 
-    def label_context(self, trace: Trace) -> torch.Tensor | None:
-        """Per crop, ``(B, ...)`` tensors that :meth:`refine_labels` needs from the pass (computed inside the
-        forward, so also under ``torch.compile``); ``None``: nothing."""
-        return None
+    def text_queries(self, encoder: Any, classes: Any) -> torch.Tensor:
+        """The ``(Q, E)`` query embeddings of a :class:`~gclip.text.ClassList` (one per synonym): its ``text_side``
+        piece's, else the encoder's."""
+        if self.text_side is not None:
+            return self.text_side(encoder, classes)
+        return encoder.embed(classes.queries)
 
     def refine_labels(self, labels: torch.Tensor, windows: Sequence[WindowContext] = ()) -> torch.Tensor:
-        """A step on an image's final ``(H, W)`` label map (after thresholds), e.g. a morphological filter.
-
-        ``windows``: the image's windows with their :meth:`label_context` (empty when the method keeps none)."""
-        return labels
+        """The final ``(H, W)`` label map through the ``label_refinement`` piece (unchanged without one)."""
+        return labels if self.label_refinement is None else self.label_refinement(labels, windows)
 
     def check_resources(self, device: Any, dtype: torch.dtype) -> None:
-        """Load (into the per-process cache) or check what the method needs besides CLIP, before any image: its
-        second models (options ``proxy``/``sam`` with their ``*_checkpoint``). Raises a one-line
-        :class:`~gclip.errors.WeightsError` or :class:`~gclip.errors.ConfigError`."""
+        """Load (into the per-process cache) or check what the method needs besides CLIP, before any image: the
+        second models of its options (``proxy``/``sam`` with their ``*_checkpoint``) and its ``second_model``
+        piece. Raises a one-line :class:`~gclip.errors.WeightsError` or :class:`~gclip.errors.ConfigError`."""
         from ..backbones.second_models import load_second_model
 
         for name in ("proxy", "sam"):
             if getattr(self, name, None) is not None:
                 option = f"{name}_checkpoint"
                 load_second_model(getattr(self, name), getattr(self, option), device, dtype, option)
+        if self.second_model is not None:
+            self.second_model.check(device, dtype)
 
     def options(self) -> dict[str, Any]:
         """The method's settings as plain data (printed with and stored in results)."""
         if not dataclasses.is_dataclass(self):
             return {}
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
+
+
+def grid_features(vit: Backbone, tokens: torch.Tensor, grid: tuple[int, int], prefix: bool = True) -> torch.Tensor:
+    """Tokens out of the last block (``prefix``: with the prefix tokens before the patches) -> ``(B, gh, gw, E)``
+    projected patch features."""
+    feats = vit.project(vit.patches(tokens) if prefix else tokens)
+    return feats.reshape(feats.shape[0], grid[0], grid[1], -1)
 
 
 def cosine_logits(feats: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

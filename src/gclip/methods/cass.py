@@ -29,8 +29,9 @@ from ..backbones.base import Backbone
 from ..backbones.second_models import IMAGENET_MEAN, IMAGENET_STD, SecondModel, second_model_for
 from ..errors import ConfigError
 from ..io.pilresize import pil_bicubic_resize
-from .base import Method, Trace, register
+from .base import BlockChange, Method, Trace, grid_features, register
 from .naclip import cached_prior
+from .pieces import ImageContext, SecondModelPass
 
 _STRATEGIES = ("spectral", "sequential", "vanilla")
 INV_STD = (0.229, 0.224, 0.255)  # the authors' inverse normalisation (sic: 0.255), kept for parity
@@ -185,35 +186,17 @@ class Cass(Method):
         if self.rank < 1 or self.k_eigen < 1:
             raise ConfigError(f"cass rank and k_eigen must be >= 1, got {self.rank} and {self.k_eigen}")
 
-    def _proxy(self, vit: Backbone) -> SecondModel:
-        proxy = second_model_for(vit, self.proxy, self.proxy_checkpoint)
-        if proxy.spec.input_size or proxy.width != vit.width or proxy.model.blocks[-1].attn.num_heads != vit.heads:
-            raise ConfigError(
-                f"cass pairs CLIP with a DINO of the same width and heads: {self.proxy} does not fit this CLIP "
-                f"(width {vit.width}, {vit.heads} heads); choose e.g. dino_vitb8 for a ViT-B"
-            )
-        return proxy
+    @property
+    def second_model(self) -> DinoKeys | None:  # type: ignore[override]
+        return None if self.attention == "vanilla" else DinoKeys(self.proxy, self.proxy_checkpoint)
 
-    def window_multiple(self, vit: Backbone) -> int:
-        return vit.patch_size  # DINO sees the crop resized to a square and cut to its patch
+    @property
+    def image_context(self) -> GlobalCls | None:  # type: ignore[override]
+        return GlobalCls(self.pos_rule) if self.global_source == "image" else None
 
-    def warm(self, vit: Backbone, grid: tuple[int, int]) -> None:
-        proxy = self._proxy(vit)
-        side = min(grid) * vit.patch_size // proxy.patch_size * proxy.patch_size  # DINO's square input
-        proxy.warm((side, side))
-        cached_prior(self._cache, grid, self.gaussian_std, vit.device)
-
-    def second_pass(self, vit: Backbone, trace: Trace) -> None:
-        if self.attention == "vanilla":
-            return
-        if trace.images is None:
-            raise ConfigError("cass needs the crops' pixels (trace.images) for its second model")
-        proxy = self._proxy(vit)
-        keys, grid = proxy.last_keys(dino_input(trace.images, proxy.patch_size).to(vit.dtype))
-        b, h, _, d = keys.shape
-        maps = keys.transpose(-1, -2).reshape(b * h, d, *grid).float()
-        maps = F.interpolate(maps, size=trace.grid, mode="bilinear", align_corners=False)
-        trace.extras["dino_keys"] = maps.reshape(b, h, d, -1).transpose(-1, -2)  # (B, H, N, d) on CLIP's grid
+    def blocks(self, vit: Backbone, trace: Trace) -> dict[int, BlockChange]:
+        cached_prior(self._cache, trace.grid, self.gaussian_std, vit.device)  # per grid, before a compiled pass
+        return {}
 
     def _probes(self, heads: int, n: int, device: torch.device) -> torch.Tensor:
         """``(H, N, rank)`` float64 test matrices, head i's the i-th draw after seeding (as the authors' loop draws
@@ -262,53 +245,33 @@ class Cass(Method):
         assign = _scipy()[3]
         return torch.from_numpy(np.stack([assign(c)[1] for c in cost.cpu().numpy()]))
 
-    def last_block(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
-        """Patch tokens only: ``(B, N, D)`` after ``out_proj``."""
+    def features(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+        """Patch tokens only, through the last block's mixed attention; with text, the global embedding too."""
         index = vit.depth - 1
         q, k, v = vit.qkv(index, x)
         q, k, v = q[:, :, 1:], k[:, :, 1:], v[:, :, 1:]
         if self.attention == "vanilla":
             logits = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
         else:
-            if "dino_keys" not in trace.extras:
-                self.second_pass(vit, trace)
             prior = cached_prior(self._cache, trace.grid, self.gaussian_std, x.device)[1:, 1:]
             logits = self._mixed_maps(k.float(), trace.extras["dino_keys"].float()) + prior
         heads = (torch.softmax(logits, dim=-1) @ v.float()).to(x.dtype)
-        return vit.out_proj(index, heads)
-
-    def features(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
-        feats = vit.project(self.last_block(vit, x, trace))
-        return feats.reshape(feats.shape[0], trace.grid[0], trace.grid[1], -1)
-
-    def image_context(self, vit: Backbone, image: torch.Tensor) -> torch.Tensor | None:
-        """With ``global_source="image"``: the whole image's CLS embedding, ``(1, E)``."""
-        if self.global_source != "image":
-            return None
-        x, _ = vit.embed(image, self.pos_rule)
-        for i in range(vit.depth - 1):
-            x = vit.block(i, x)
-        return self._cls(vit, x)
-
-    @staticmethod
-    def _cls(vit: Backbone, x: torch.Tensor) -> torch.Tensor:
-        """Tokens entering the last block -> ``(B, E)`` CLS embeddings through the unchanged last block."""
-        return vit.project(vit.cls(vit.block(vit.depth - 1, x))[:, None])[:, 0].float()
+        if trace.text is not None:
+            trace.extras["global"] = self.global_embedding(vit, x, trace)
+        return grid_features(vit, vit.out_proj(index, heads), trace.grid, prefix=False)
 
     def global_embedding(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
-        """``(B, E)`` unit global embeddings: the windows' images' (:meth:`image_context`) when the engine passed
-        them, else each crop's own CLS."""
+        """``(B, E)`` unit global embeddings: the windows' images' (the ``image_context`` piece) when the engine
+        passed them, else each crop's own CLS."""
         given = trace.extras.get("image_context")
-        return F.normalize(given.float() if given is not None else self._cls(vit, x), dim=-1)
+        return F.normalize(given.float() if given is not None else global_cls(vit, x), dim=-1)
 
-    def head(self, vit: Backbone, x: torch.Tensor, trace: Trace, text: torch.Tensor | None) -> torch.Tensor:
-        feats = self.features(vit, x, trace).float()
-        if text is None:
-            return feats
+    def logits(self, vit: Backbone, feats: torch.Tensor, text: torch.Tensor, trace: Trace) -> torch.Tensor:
+        """Per crop, object-level text (:meth:`object_queries`) and the global similarity mixed into every patch."""
         b, gh, gw, e = feats.shape
         unit = F.normalize(feats.reshape(b, gh * gw, e), dim=-1)
         text = text.to(unit.device, torch.float32)
-        g = self.global_embedding(vit, x, trace) @ text.T  # (B, Q)
+        g = trace.extras["global"] @ text.T  # (B, Q)
         queries = self.object_queries(unit, text, g)  # (B, Q, E)
         logits = unit @ queries.transpose(1, 2)  # (B, N, Q)
         logits = logits * (1 - self.global_semantics_weight) + g[:, None] * self.global_semantics_weight
@@ -332,3 +295,55 @@ class Cass(Method):
         means = F.normalize(picked.mean(dim=1), dim=-1)  # (B, Q, E)
         moved = F.normalize((1 - self.mean_vector_weight) * text + self.mean_vector_weight * means, dim=-1)
         return torch.where(first[..., None], moved, text.expand(b, -1, -1))
+
+
+def global_cls(vit: Backbone, x: torch.Tensor) -> torch.Tensor:
+    """Tokens entering the last block -> ``(B, E)`` CLS embeddings through the unchanged last block."""
+    return vit.project(vit.cls(vit.block(vit.depth - 1, x))[:, None])[:, 0].float()
+
+
+@dataclass(frozen=True)
+class GlobalCls(ImageContext):
+    """CASS's global embedding with ``global_source="image"``: the whole model input's CLS embedding ``(1, E)``."""
+
+    pos_rule: str = "sclip"
+
+    def __call__(self, vit: Backbone, image: torch.Tensor) -> torch.Tensor:
+        x, _ = vit.embed(image, self.pos_rule)
+        for i in range(vit.depth - 1):
+            x = vit.block(i, x)
+        return global_cls(vit, x)
+
+
+@dataclass(frozen=True)
+class DinoKeys(SecondModelPass):
+    """CASS's second model: DINO's last-block keys of each crop (sent through PIL and resized to a square, as the
+    authors do), bilinearly resized to CLIP's patch grid: ``trace.extras["dino_keys"]`` ``(B, H, N, d)``. The DINO
+    must have CLIP's width and heads."""
+
+    name: str
+    checkpoint: str | None
+
+    def model(self, vit: Backbone) -> SecondModel:
+        proxy = second_model_for(vit, self.name, self.checkpoint)
+        if proxy.spec.input_size or proxy.width != vit.width or proxy.model.blocks[-1].attn.num_heads != vit.heads:
+            raise ConfigError(
+                f"cass pairs CLIP with a DINO of the same width and heads: {self.name} does not fit this CLIP "
+                f"(width {vit.width}, {vit.heads} heads); choose e.g. dino_vitb8 for a ViT-B"
+            )
+        return proxy
+
+    def warm(self, vit: Backbone, grid: tuple[int, int]) -> None:
+        proxy = self.model(vit)
+        side = min(grid) * vit.patch_size // proxy.patch_size * proxy.patch_size  # DINO's square input
+        proxy.warm((side, side))
+
+    def __call__(self, vit: Backbone, trace: Trace) -> None:
+        if trace.images is None:
+            raise ConfigError("cass needs the crops' pixels (trace.images) for its second model")
+        proxy = self.model(vit)
+        keys, grid = proxy.last_keys(dino_input(trace.images, proxy.patch_size).to(vit.dtype))
+        b, h, _, d = keys.shape
+        maps = keys.transpose(-1, -2).reshape(b * h, d, *grid).float()
+        maps = F.interpolate(maps, size=trace.grid, mode="bilinear", align_corners=False)
+        trace.extras["dino_keys"] = maps.reshape(b, h, d, -1).transpose(-1, -2)  # (B, H, N, d) on CLIP's grid

@@ -8,8 +8,7 @@ from typing import Literal
 import torch
 
 from ..backbones.base import Backbone
-from ..errors import ConfigError
-from .base import Method, Trace, attend, register
+from .base import BlockChange, Method, Trace, attend, register
 
 
 @register
@@ -32,11 +31,11 @@ class ClearClip(Method):
     )
     attention: Literal["qq", "qk"] = "qq"
 
-    def last_block(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
-        if self.attention == "qq":
-            attention = lambda q, k, v: attend(q, q, v)  # noqa: E731
-        elif self.attention == "qk":
-            attention = attend
-        else:
-            raise ConfigError(f"clearclip attention must be 'qq' or 'qk', got {self.attention!r}")
-        return vit.block(vit.depth - 1, x, attention=attention, residual=False, ffn=False)
+    def blocks(self, vit: Backbone, trace: Trace) -> dict[int, BlockChange]:
+        attention = query_query if self.attention == "qq" else attend
+        return {vit.depth - 1: BlockChange(attention=attention, residual=False, ffn=False)}
+
+
+def query_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """ClearCLIP's ``softmax(q qᵀ s) v``."""
+    return attend(q, q, v)

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from ..backbones.base import Backbone
-from .base import Method, Trace, register
+from .base import Method, register
 
 
 @register
@@ -22,5 +19,4 @@ class Clip(Method):
         "kept",
     )
 
-    def last_block(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
-        return vit.block(vit.depth - 1, x)
+    # no BlockChange: every block runs unchanged, the last one's tokens read at every patch

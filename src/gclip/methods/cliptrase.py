@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from ..backbones.base import Backbone
 from ..errors import ConfigError
-from .base import Method, Trace, WindowContext, attend, register
+from .base import BlockChange, Method, Trace, WindowContext, attend, cosine_logits, register
+from .pieces import LabelRefinement, run_block
 
 
 def self_correlation(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -98,38 +99,52 @@ class ClipTrase(Method):
     dbscan_min_samples: int = 3
     cluster_ratio: int = 4
 
-    def block(self, vit: Backbone, index: int, x: torch.Tensor, trace: Trace) -> torch.Tensor:
-        if self.dbscan_eps is not None and index == vit.depth - 2:
-            trace.extras["affinity"] = patch_affinity(*vit.qkv(index, x))
-        return super().block(vit, index, x, trace)
+    def blocks(self, vit: Backbone, trace: Trace) -> dict[int, BlockChange]:
+        changes = {vit.depth - 1: BlockChange(attention=self_correlation)}
+        if self.dbscan_eps is not None:  # block L-2's patch affinity, for the label refinement
 
-    def last_block(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
-        return vit.block(vit.depth - 1, x, attention=self_correlation)
+            def affinity(x: torch.Tensor) -> None:
+                trace.extras["affinity"] = patch_affinity(*vit.qkv(vit.depth - 2, x))
+
+            changes[vit.depth - 2] = BlockChange(before=affinity)
+        return changes
 
     def features(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
-        tokens = vit.project(self.last_block(vit, x, trace))
+        last = vit.depth - 1
+        tokens = vit.project(run_block(vit, last, x, trace.changes[last], trace))
         trace.extras["cls"] = vit.cls(tokens)
         return vit.patches(tokens).reshape(tokens.shape[0], trace.grid[0], trace.grid[1], -1)
 
-    def refine(
-        self, vit: Backbone, logits: torch.Tensor, feats: torch.Tensor, text: torch.Tensor, trace: Trace
-    ) -> torch.Tensor:
+    def logits(self, vit: Backbone, feats: torch.Tensor, text: torch.Tensor, trace: Trace) -> torch.Tensor:
+        logits = cosine_logits(feats, text)
         if not self.cls_multiply:
             return logits
         cls = trace.extras["cls"].float()
         cls_logits = (cls / cls.norm(dim=-1, keepdim=True)) @ text.to(cls.device, torch.float32).t()  # (B, Q)
         return logits * cls_logits[:, :, None, None]
 
-    def label_context(self, trace: Trace) -> torch.Tensor | None:
+    @property
+    def label_refinement(self) -> ClusterVote | None:  # type: ignore[override]
         if self.dbscan_eps is None:
             return None
+        return ClusterVote(self.dbscan_eps, self.dbscan_min_samples, self.cluster_ratio)
+
+
+@dataclass(frozen=True)
+class ClusterVote(LabelRefinement):
+    """CLIPtrase's label refinement: each DBSCAN cluster of block L-2's patch affinity takes its most frequent label
+    (:func:`cluster_vote`); it needs one window covering the image."""
+
+    eps: float
+    min_samples: int = 3
+    ratio: int = 4
+
+    def context(self, trace: Trace) -> torch.Tensor:
         aff = trace.extras["affinity"]
         return aff.reshape(aff.shape[0], aff.shape[1], trace.grid[0], trace.grid[1])
 
-    def refine_labels(self, labels: torch.Tensor, windows: Sequence[WindowContext] = ()) -> torch.Tensor:
-        if self.dbscan_eps is None:
-            return labels
-        if self.dbscan_eps <= 0 or self.dbscan_min_samples < 1 or self.cluster_ratio < 1:
+    def __call__(self, labels: torch.Tensor, windows: Sequence[WindowContext] = ()) -> torch.Tensor:
+        if self.eps <= 0 or self.min_samples < 1 or self.ratio < 1:
             raise ConfigError("cliptrase dbscan_eps must be > 0, dbscan_min_samples and cluster_ratio >= 1")
         if len(windows) != 1 or tuple(windows[0].canvas) != tuple(labels.shape):
             raise ConfigError(
@@ -137,6 +152,6 @@ class ClipTrase(Method):
                 "whole-image mode (--crop 0)"
             )
         try:
-            return cluster_vote(labels, windows[0], self.dbscan_eps, self.dbscan_min_samples, self.cluster_ratio)
+            return cluster_vote(labels, windows[0], self.eps, self.min_samples, self.ratio)
         except ImportError as e:
             raise ConfigError(f"cliptrase dbscan_eps needs scikit-learn: pip install 'gclip[cluster]' ({e})") from None

@@ -21,6 +21,7 @@ after the thresholds, every region of the instance mask (but the unsegmented one
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +35,8 @@ from ..backbones.second_models import SecondModel, second_model_for
 from ..errors import ConfigError
 from ..inference.windows import ImageWindows
 from ..io.masks import generate_instance_mask, load_sam, mask_folder, read_instance_mask
-from .base import Method, Trace, WindowContext, cosine_logits, register
+from .base import BlockChange, Method, Trace, WindowContext, cosine_logits, register
+from .pieces import LabelRefinement, SecondModelPass
 from .proxyclip import values_attention
 
 PAD_VALUE = 10000
@@ -139,7 +141,7 @@ class CorrClip(Method):
         ),
         "dropped (the region tokens keep both)",
     )
-    whole_image = True
+    window_mode = "image"
     proxy: str = "dino_vitb8"
     proxy_checkpoint: str | None = None
     masks: str | None = None
@@ -216,31 +218,26 @@ class CorrClip(Method):
             bias[b, 0, :, p:].masked_fill_(ids[None] == torch.arange(count, device=ids.device)[:, None], 0.0)
         return _Regions(torch.stack(attention), size, bias, torch.stack(semantic))
 
-    def check_resources(self, device: Any, dtype: torch.dtype) -> None:
-        super().check_resources(device, dtype)
-        if self.masks is not None:
-            mask_folder(self.masks)
-        elif self.mask_generator is not None:
-            load_sam(self.mask_generator, self.sam_checkpoint, device, torch.float32)
-        else:
-            raise ConfigError(NO_MASKS)
+    def blocks(self, vit: Backbone, trace: Trace) -> dict[int, BlockChange]:
+        """Every block also advances the region tokens (one CLS copy per region, from block 0's input), which attend
+        to its patch keys and values; the spatial blocks keep their inputs."""
+        spatial = set(self._spatial(vit))
 
-    def keep_blocks(self, vit: Backbone) -> set[int]:
-        return set(self._spatial(vit))
-
-    def block(self, vit: Backbone, index: int, x: torch.Tensor, trace: Trace) -> torch.Tensor:
-        regions: _Regions = trace.extras["regions"]
-        if regions.tokens is None:
+        def start(x: torch.Tensor) -> None:
+            regions: _Regions = trace.extras["regions"]
             regions.tokens = vit.cls(x)[:, None].expand(-1, regions.bias.shape[2], -1)  # CLS copies, after ln_pre
-        kept = {}
 
-        def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            kept["kv"] = (k, v)
-            return F.scaled_dot_product_attention(q, k, v)
+        def attention(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            regions: _Regions = trace.extras["regions"]
+            regions.tokens = self._region_step(vit, index, regions, k, v)
+            return F.scaled_dot_product_attention(q, k, v)  # the patch tokens' own attention
 
-        out = vit.block(index, x, attention=attention)
-        regions.tokens = self._region_step(vit, index, regions, *kept["kv"])
-        return out
+        return {
+            i: BlockChange(
+                attention=functools.partial(attention, i), keep=i in spatial, before=start if i == 0 else None
+            )
+            for i in range(vit.depth - 1)
+        }
 
     @staticmethod
     def _region_step(vit: Backbone, index: int, regions: _Regions, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -270,16 +267,14 @@ class CorrClip(Method):
         self, vit: Backbone, crops: torch.Tensor, masks: torch.Tensor, text: torch.Tensor, stage: Callable
     ) -> torch.Tensor:
         """``(B, 3, h, w)`` padded windows and their masks -> ``(B, Q, h, w)`` cosine logits."""
-        from ..inference.forward import autocast_for
+        from ..inference.forward import autocast_for, encode
 
         p = vit.patch_size
         grid = (crops.shape[-2] // p, crops.shape[-1] // p)
         with stage("second_model"), autocast_for(vit):
             regions = self._regions(vit, crops, masks, grid)
-        with stage("encoder"), autocast_for(vit):
-            x, grid = vit.embed(crops, self.pos_rule)
-            trace = Trace(grid, images=crops, extras={"regions": regions})
-            x = self.encode(vit, x, trace)
+        with stage("encoder"):
+            x, trace = encode(vit, self, crops, extras={"regions": regions})
         with stage("head"), autocast_for(vit):
             feats = self._features(vit, x, trace).float()
             logits = cosine_logits(feats.reshape(feats.shape[0], *regions.size, -1), text)
@@ -304,10 +299,38 @@ class CorrClip(Method):
         logits = self._window_logits(vit, windows.crops, masks, text, stage)
         return windows.merge(logits.float()), instance
 
-    def refine_labels(self, labels: torch.Tensor, windows: Sequence[WindowContext] = ()) -> torch.Tensor:
-        if not self.map_correction or not windows:
+    @property
+    def label_refinement(self) -> MapCorrection | None:  # type: ignore[override]
+        return MapCorrection() if self.map_correction else None
+
+    @property
+    def second_model(self) -> InstanceMasks:  # type: ignore[override]
+        return InstanceMasks(self.masks, self.mask_generator, self.sam_checkpoint)
+
+
+class MapCorrection(LabelRefinement):
+    """CorrCLIP's map correction: every instance-mask region takes its most frequent label (the mask is the
+    image's one context)."""
+
+    def __call__(self, labels: torch.Tensor, windows: Sequence[WindowContext] = ()) -> torch.Tensor:
+        if not windows:
             return labels
         return map_correction(labels, windows[0].context.to(labels.device))
 
-    def last_block(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
-        raise ConfigError("corrclip runs whole images (Segmenter); it has no per-crop forward")
+
+@dataclass(frozen=True)
+class InstanceMasks(SecondModelPass):
+    """CorrCLIP's instance masks, from a folder of pre-generated ones or SAM's automatic mask generator: checked or
+    loaded before any image (its per-image use is in :meth:`CorrClip.image_logits`)."""
+
+    folder: str | None
+    generator: str | None
+    checkpoint: str | None
+
+    def check(self, device: Any, dtype: torch.dtype) -> None:
+        if self.folder is not None:
+            mask_folder(self.folder)
+        elif self.generator is not None:
+            load_sam(self.generator, self.checkpoint, device, torch.float32)
+        else:
+            raise ConfigError(NO_MASKS)

@@ -9,6 +9,8 @@ defaults and what is inferred about them.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -17,7 +19,7 @@ import torch
 from ..backbones.auto import CS_WEIGHT, abnormal_channel, auto_settings, default_emerging_blocks
 from ..backbones.base import Backbone
 from ..errors import ConfigError
-from .base import Method, Trace, attend, attention_map, register
+from .base import BlockChange, Method, Trace, attend, attention_map, register
 
 
 def suppress_channel(weight: torch.Tensor, rule: str = "mean") -> tuple[torch.Tensor, int, float]:
@@ -100,10 +102,19 @@ class Gclip(Method):
             raise ConfigError(f"gclip cs_blocks {self.cs_blocks} must be within 0..{vit.depth - 2}")
         return sorted(set(self.cs_blocks))
 
-    def keep_blocks(self, vit: Backbone) -> set[int]:
-        return set(self.blocks_for(vit))
+    def blocks(self, vit: Backbone, trace: Trace) -> dict[int, BlockChange]:
+        """The emerging blocks keep their inputs, the suppressed ones run with the scaled FFN output weight, and the
+        last block attends with the fused maps, without residual and FFN."""
+        changes = {i: BlockChange(weights=weights) for i, weights in self.suppressed_weights(vit).items()}
+        for i in self.blocks_for(vit):
+            changes[i] = dataclasses.replace(changes.get(i, BlockChange()), keep=True)
+        fused = functools.partial(self._fused, vit, trace)
+        changes[vit.depth - 1] = BlockChange(attention=fused, residual=False, ffn=False)
+        return changes
 
-    def overrides(self, vit: Backbone) -> dict[int, dict[str, torch.Tensor]]:
+    def suppressed_weights(self, vit: Backbone) -> dict[int, dict[str, torch.Tensor]]:
+        """Per suppressed block, its FFN output weight with the abnormal channel scaled down (computed once per
+        backbone)."""
         key = (id(vit.module), vit.dtype, vit.device, self.cs_rule, tuple(self.suppressed_blocks(vit)))
         if key not in self._cache:
             self._cache.clear()
@@ -125,11 +136,8 @@ class Gclip(Method):
         total = float(sum(self.fusion_weights))
         return [float(w) / total for w in self.fusion_weights]
 
-    def last_block(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
-        if self.fusion not in ("mean", "per_head"):
-            raise ConfigError(f"gclip fusion must be 'mean' or 'per_head', got {self.fusion!r}")
-        last = vit.depth - 1
-        q, _, v = vit.qkv(last, x)
+    def _fused(self, vit: Backbone, trace: Trace, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The last block's heads: the fused attention of its q-q map and the emerging blocks' q-k maps."""
         pairs = [(q, q)]
         for i in self.blocks_for(vit):
             qi, ki, _ = vit.qkv(i, trace.inputs[i])
@@ -137,26 +145,25 @@ class Gclip(Method):
         weights = self.weights(len(pairs))
         impl = self._impl
         if impl == "auto":
-            impl = "sdpa" if (self.fusion == "per_head" or x.device.type == "cuda") else "looped"
+            impl = "sdpa" if (self.fusion == "per_head" or v.device.type == "cuda") else "looped"
         if impl == "maps":
-            return self._explicit(vit, pairs, weights, v)
+            return self._explicit(pairs, weights, v)
         if self.fusion == "per_head":  # sum_m w_m softmax(q_m k_mᵀ s) v, head by head: plain fused attention
-            return vit.out_proj(last, sum(w * attend(qm, km, v) for w, (qm, km) in zip(weights, pairs)))
+            return sum(w * attend(qm, km, v) for w, (qm, km) in zip(weights, pairs))
         if impl == "sdpa":
-            return vit.out_proj(last, fused_mean_attention(pairs, weights, v))
-        return vit.out_proj(last, looped_mean_attention(pairs, weights, v))
+            return fused_mean_attention(pairs, weights, v)
+        return looped_mean_attention(pairs, weights, v)
 
     def _explicit(
-        self, vit: Backbone, pairs: list[tuple[torch.Tensor, torch.Tensor]], weights: list[float], v: torch.Tensor
+        self, pairs: list[tuple[torch.Tensor, torch.Tensor]], weights: list[float], v: torch.Tensor
     ) -> torch.Tensor:
         """The plain formulation: every ``(B, H, N, N)`` map materialised in fp32 (reference and fallback)."""
-        last = vit.depth - 1
         maps = [attention_map(a, b) for a, b in pairs]
         if self.fusion == "mean":
             fused = sum(w * m.mean(dim=1) for w, m in zip(weights, maps))  # (B, N, N)
-            return vit.out_proj(last, (fused @ merge_heads(v).float()).to(v.dtype))
+            return (fused @ merge_heads(v).float()).to(v.dtype)
         fused_heads = sum(w * m for w, m in zip(weights, maps))  # (B, H, N, N)
-        return vit.out_proj(last, (fused_heads @ v.float()).to(v.dtype))
+        return (fused_heads @ v.float()).to(v.dtype)
 
 
 def merge_heads(v: torch.Tensor) -> torch.Tensor:

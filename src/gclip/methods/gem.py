@@ -12,6 +12,7 @@ does (bicubic with antialias).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 from ..backbones.base import Backbone
 from ..errors import ConfigError
-from .base import Method, Trace, register
+from .base import BlockChange, Method, Trace, grid_features, register
 
 
 def _attend(x: torch.Tensor, v: torch.Tensor, inv_temp: torch.Tensor | float) -> torch.Tensor:
@@ -92,22 +93,29 @@ class Gem(Method):
         heads = self_self_attention(q, k, v, inv_temp, self.ss_attn_iter)
         return vit.attn_residual(index, vit.out_proj(index, heads))
 
-    def encode(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+    def blocks(self, vit: Backbone, trace: Trace) -> dict[int, BlockChange]:
+        """From the first GEM block on, each block (unchanged itself) also advances the GEM path, which starts from
+        the first one's input (``trace.extras["gem_path"]``)."""
         first = self._first_block(vit)
-        gem = x
-        for i in range(vit.depth - 1):
-            if i < first:
-                x = vit.block(i, x)
-                gem = x
-                continue
-            q, k, v = vit.qkv(i, x)
-            gem = gem + self._gem_step(vit, i, q, k, v, x)
-            x = x + vit.attn_residual(i, vit.out_proj(i, F.scaled_dot_product_attention(q, k, v)))
-            x = x + vit.ffn(i, x)
-        trace.extras["gem_path"] = gem
-        return x
 
-    def last_block(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+        def enter(index: int, x: torch.Tensor) -> None:  # the original path's tokens entering block ``index``
+            if index == first:
+                trace.extras["gem_path"] = x
+            trace.extras["gem_input"] = x
+
+        def attention(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            step = self._gem_step(vit, index, q, k, v, trace.extras["gem_input"])
+            trace.extras["gem_path"] = trace.extras["gem_path"] + step
+            return F.scaled_dot_product_attention(q, k, v)  # the original path's own attention
+
+        return {
+            i: BlockChange(attention=functools.partial(attention, i), before=functools.partial(enter, i))
+            for i in range(first, vit.depth - 1)
+        }
+
+    def features(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+        """The GEM path after the last block's step (from the original path's tokens ``x``)."""
         index = vit.depth - 1
         q, k, v = vit.qkv(index, x)
-        return trace.extras["gem_path"] + self._gem_step(vit, index, q, k, v, x)
+        gem = trace.extras.get("gem_path", x)  # no earlier GEM block: the path starts at the last block
+        return grid_features(vit, gem + self._gem_step(vit, index, q, k, v, x), trace.grid)

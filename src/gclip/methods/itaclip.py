@@ -10,6 +10,7 @@ each class's embedding is blended with its description's. The final label map is
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,8 @@ import torch.nn.functional as F
 from ..backbones.base import Backbone
 from ..errors import ConfigError
 from ._purify import scaled_index
-from .base import Method, Trace, WindowContext, attend, cosine_logits, register
+from .base import BlockChange, Method, Trace, WindowContext, attend, cosine_logits, register
+from .pieces import LabelRefinement, TextSide
 
 GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 
@@ -117,62 +119,84 @@ class ItaClip(Method):
             raise ConfigError(f"itaclip mid_blocks {self.mid_blocks} must be non-empty and within 0..{vit.depth - 2}")
         return blocks
 
-    def keep_blocks(self, vit: Backbone) -> set[int]:
-        return set(self._mid(vit))
-
-    def encode(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+    def blocks(self, vit: Backbone, trace: Trace) -> dict[int, BlockChange]:
+        """The mid blocks keep their inputs; with image engineering the views join the batch before block 0; the
+        last block attends with its maps and the mid blocks' averaged, keeps its residual and drops its FFN."""
+        changes = {b: BlockChange(keep=True) for b in self._mid(vit)}
         if self.img_engineering:
-            if trace.images is None:
-                raise ConfigError("itaclip's image engineering needs the crops (trace.images)")
-            images = trace.images.float()
-            views = torch.cat([grey_view(images), blur_view(images), images.flip(-2), images.flip(-1)])
-            x = torch.cat([x, vit.embed(views, self.pos_rule)[0]])  # the views share the forward passes of the windows
-        return super().encode(vit, x, trace)
+
+            def add_views(x: torch.Tensor) -> torch.Tensor:  # the views share the forward passes of the windows
+                if trace.images is None:
+                    raise ConfigError("itaclip's image engineering needs the crops (trace.images)")
+                images = trace.images.float()
+                views = torch.cat([grey_view(images), blur_view(images), images.flip(-2), images.flip(-1)])
+                return torch.cat([x, vit.embed(views, self.pos_rule)[0]])
+
+            changes[0] = dataclasses.replace(changes.get(0, BlockChange()), before=add_views)
+
+        def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            mids = [vit.qkv(b, trace.inputs[b])[:2] for b in self._mid(vit)]
+            mid = sum(self._attention(qb, kb, v) for qb, kb in mids) / len(mids)
+            return 0.5 * self._attention(q, k, v) + 0.5 * mid
+
+        changes[vit.depth - 1] = BlockChange(attention=attention, residual=True, ffn=False)
+        return changes
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``A v`` for one block's ``A`` (q-q + k-k maps, or q-k), applied to the last block's ``v``."""
         return attend(q, q, v) + attend(k, k, v) if self.attn_self else attend(q, k, v)
 
-    def last_block(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
-        mids = [vit.qkv(b, trace.inputs[b])[:2] for b in self._mid(vit)]
+    def _windows(self, trace: Trace, rows: int) -> int:
+        """How many of the pass's ``rows`` are the windows themselves (the views follow them)."""
+        return trace.images.shape[0] if self.img_engineering and trace.images is not None else rows
 
-        def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            mid = sum(self._attention(qb, kb, v) for qb, kb in mids) / len(mids)
-            return 0.5 * self._attention(q, k, v) + 0.5 * mid
+    def features(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+        feats = super().features(vit, x, trace)
+        return feats if trace.text is not None else feats[: self._windows(trace, feats.shape[0])]
 
-        return vit.block(vit.depth - 1, x, attention=attention, residual=True, ffn=False)
-
-    def head(self, vit: Backbone, x: torch.Tensor, trace: Trace, text: torch.Tensor | None) -> torch.Tensor:
-        feats = self.features(vit, x, trace).float()
-        n = trace.images.shape[0] if self.img_engineering and trace.images is not None else feats.shape[0]
-        if text is None:
-            return feats[:n]
+    def logits(self, vit: Backbone, feats: torch.Tensor, text: torch.Tensor, trace: Trace) -> torch.Tensor:
         logits = cosine_logits(feats, text)  # the mean of unit features' logits is the logits of their mean
         if not self.img_engineering:
             return logits
-        window, grey, blur, vflip, hflip = logits.split(n)
+        window, grey, blur, vflip, hflip = logits.split(self._windows(trace, feats.shape[0]))
         flipped = 0.5 * (vflip.flip(-2) + hflip.flip(-1))
         c = self.img_eng_coefficient
         return c * (window + grey + blur) / 3 + (1 - c) * flipped
 
-    def text_queries(self, encoder: Any, classes: Any) -> torch.Tensor:
+    @property
+    def text_side(self) -> Definitions | None:  # type: ignore[override]
+        return None if self.definitions is None else Definitions(self.definitions, self.def_coefficient)
+
+    @property
+    def label_refinement(self) -> Closing | None:  # type: ignore[override]
+        return Closing() if self.closing else None
+
+
+@dataclass(frozen=True)
+class Definitions(TextSide):
+    """ITACLIP's text side: each class's embedding blended with its description's (:func:`mix_definitions`), from a
+    file of ``<name> >=<description>`` lines (one per class, or one per class but the first, background)."""
+
+    path: str
+    coefficient: float = 0.2
+
+    def __call__(self, encoder: Any, classes: Any) -> torch.Tensor:
         names = encoder.embed(classes.queries)
-        if self.definitions is None:
-            return names
-        texts = read_definitions(self.definitions)
+        texts = read_definitions(self.path)
         n = len(classes)
         if len(texts) not in (n, n - 1):
             raise ConfigError(
-                f"itaclip definitions {self.definitions}: {len(texts)} descriptions for {n} classes (give one per "
+                f"itaclip definitions {self.path}: {len(texts)} descriptions for {n} classes (give one per "
                 f"class, or one per class but the first, background)"
             )
-        return mix_definitions(
-            names, encoder.embed(texts), classes.query_to_class, self.def_coefficient, len(texts) == n - 1
-        )
+        background = len(texts) == n - 1
+        return mix_definitions(names, encoder.embed(texts), classes.query_to_class, self.coefficient, background)
 
-    def refine_labels(self, labels: torch.Tensor, windows: Sequence[WindowContext] = ()) -> torch.Tensor:
-        if not self.closing:
-            return labels
+
+class Closing(LabelRefinement):
+    """A morphological closing of the label map with a 3x3 square (grey-level dilation then erosion of the ids)."""
+
+    def __call__(self, labels: torch.Tensor, windows: Sequence[WindowContext] = ()) -> torch.Tensor:
         import cv2
 
         array = labels.cpu().numpy()

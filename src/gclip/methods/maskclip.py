@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..backbones.base import Backbone
-from .base import Method, Trace, register
+from .base import BlockChange, Method, Trace, register
 
 
 @register
@@ -22,5 +20,5 @@ class MaskClip(Method):
         "dropped",
     )
 
-    def last_block(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
-        return vit.block(vit.depth - 1, x, attention=lambda q, k, v: v, residual=False, ffn=False)
+    def blocks(self, vit: Backbone, trace: Trace) -> dict[int, BlockChange]:
+        return {vit.depth - 1: BlockChange(attention=lambda q, k, v: v, residual=False, ffn=False)}

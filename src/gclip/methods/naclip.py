@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..backbones.base import Backbone
-from .base import Method, Trace, attend, register
+from .base import BlockChange, Method, Trace, attend, register
 
 
 def neighbourhood_prior(grid: tuple[int, int], std: float, prefix: int = 1) -> torch.Tensor:
@@ -50,11 +50,7 @@ class NaClip(Method):
     def prior(self, vit: Backbone, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
         return cached_prior(self._cache, grid, self.gaussian_std, device, vit.prefix_tokens)
 
-    def warm(self, vit: Backbone, grid: tuple[int, int]) -> None:
-        super().warm(vit, grid)
-        self.prior(vit, grid, vit.device)
-
-    def last_block(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
-        prior = self.prior(vit, trace.grid, x.device)
-        last = vit.depth - 1
-        return vit.block(last, x, attention=lambda q, k, v: attend(k, k, v, bias=prior), residual=False, ffn=False)
+    def blocks(self, vit: Backbone, trace: Trace) -> dict[int, BlockChange]:
+        prior = self.prior(vit, trace.grid, vit.device)
+        keykey = lambda q, k, v: attend(k, k, v, bias=prior)  # noqa: E731
+        return {vit.depth - 1: BlockChange(attention=keykey, residual=False, ffn=False)}

@@ -10,7 +10,6 @@ residual and no FFN; the logits are on the proxy's (finer) grid.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +18,8 @@ import torch.nn.functional as F
 from ..backbones.base import Backbone
 from ..backbones.second_models import SecondModel, second_model_for
 from ..errors import ConfigError
-from .base import Method, Trace, register
+from .base import Method, Trace, grid_features, register
+from .pieces import SecondModelPass
 
 
 def proxy_attention(feats: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
@@ -72,24 +72,41 @@ class ProxyClip(Method):
     beta: float = 1.2
     gamma: float = 3.0
 
-    def _proxy(self, vit: Backbone) -> SecondModel:
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.gamma <= 0:
             raise ConfigError(f"proxyclip gamma must be > 0, got {self.gamma}")
-        return second_model_for(vit, self.proxy, self.proxy_checkpoint)
 
-    def window_multiple(self, vit: Backbone) -> int:
-        return math.lcm(vit.patch_size, self._proxy(vit).window_patch)  # both models see whole patches
+    @property
+    def second_model(self) -> ProxyAttention:  # type: ignore[override]
+        return ProxyAttention(self.proxy, self.proxy_checkpoint, self.beta, self.gamma)
 
-    def output_grid(self, vit: Backbone, size: tuple[int, int]) -> tuple[int, int]:
-        return self._proxy(vit).grid(size)
+    def features(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
+        """The last block's values mixed by the second model's attention: patch tokens on ITS grid."""
+        index = vit.depth - 1
+        _, _, v = vit.qkv(index, x)  # (B, H, 1+N, d)
+        attn, size = trace.extras["proxy_attention"], trace.extras["proxy_grid"]
+        return grid_features(vit, values_attention(vit, index, v, trace.grid, attn, size), size, prefix=False)
 
-    def warm(self, vit: Backbone, grid: tuple[int, int]) -> None:
-        self._proxy(vit).warm((grid[0] * vit.patch_size, grid[1] * vit.patch_size))
 
-    def second_pass(self, vit: Backbone, trace: Trace) -> None:
+@dataclass(frozen=True)
+class ProxyAttention(SecondModelPass):
+    """ProxyCLIP's second model: its patch similarity as an attention (:func:`proxy_attention`) over its own grid,
+    kept as ``trace.extras["proxy_attention"]`` and ``["proxy_grid"]``; windows padded so that both models see whole
+    patches."""
+
+    name: str
+    checkpoint: str | None
+    beta: float
+    gamma: float
+
+    def model(self, vit: Backbone) -> SecondModel:
+        return second_model_for(vit, self.name, self.checkpoint)
+
+    def __call__(self, vit: Backbone, trace: Trace) -> None:
         if trace.images is None:
             raise ConfigError("proxyclip needs the crops' pixels (trace.images) for its second model")
-        proxy = self._proxy(vit)
+        proxy = self.model(vit)
         images = trace.images
         p = proxy.window_patch
         h, w = images.shape[-2] // p * p, images.shape[-1] // p * p
@@ -98,15 +115,11 @@ class ProxyClip(Method):
         trace.extras["proxy_attention"] = proxy_attention(feats, self.beta, self.gamma)  # (B, M, M)
         trace.extras["proxy_grid"] = tuple(feats.shape[-2:])
 
-    def last_block(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
-        if "proxy_attention" not in trace.extras:
-            self.second_pass(vit, trace)
-        attn, size = trace.extras["proxy_attention"], trace.extras["proxy_grid"]
-        index = vit.depth - 1
-        _, _, v = vit.qkv(index, x)  # (B, H, 1+N, d)
-        return values_attention(vit, index, v, trace.grid, attn, size)
+    def multiple(self, vit: Backbone) -> int:
+        return self.model(vit).window_patch
 
-    def features(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
-        tokens = vit.project(self.last_block(vit, x, trace))  # patch tokens only, on the proxy's grid
-        gh, gw = trace.extras["proxy_grid"]
-        return tokens.reshape(tokens.shape[0], gh, gw, -1)
+    def grid(self, vit: Backbone, size: tuple[int, int]) -> tuple[int, int]:
+        return self.model(vit).grid(size)
+
+    def warm(self, vit: Backbone, grid: tuple[int, int]) -> None:
+        self.model(vit).warm((grid[0] * vit.patch_size, grid[1] * vit.patch_size))

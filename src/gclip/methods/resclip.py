@@ -20,8 +20,9 @@ from ..backbones.base import Backbone
 from ..errors import ConfigError
 from ..inference.postprocess import pamr
 from ._purify import scaled_index
-from .base import Method, Trace, cosine_logits, register
+from .base import BlockChange, Method, Trace, cosine_logits, grid_features, register
 from .naclip import cached_prior
+from .pieces import run_block
 
 _BASES = ("naclip", "clearclip", "sclip", "clip")
 
@@ -133,30 +134,28 @@ class ResClip(Method):
             raise ConfigError(f"resclip rcs_blocks {self.rcs_blocks} must be non-empty and within 0..{vit.depth - 2}")
         return blocks
 
-    def keep_blocks(self, vit: Backbone) -> set[int]:
-        return set(self._rcs_blocks(vit)) if self.rcs else set()
-
-    def warm(self, vit: Backbone, grid: tuple[int, int]) -> None:
-        super().warm(vit, grid)
-        cached_prior(self._cache, grid, self.gaussian_std, vit.device, vit.prefix_tokens)
+    def blocks(self, vit: Backbone, trace: Trace) -> dict[int, BlockChange]:
+        changes = {b: BlockChange(keep=True) for b in self._rcs_blocks(vit)} if self.rcs else {}
+        changes[vit.depth - 1] = self._last(vit, trace, None)
+        return changes
 
     def _rcs(self, vit: Backbone, trace: Trace) -> torch.Tensor | None:
+        """The mean attention map of the RCS blocks (once per pass)."""
         if not self.rcs:
             return None
-        maps = []
-        for b in self._rcs_blocks(vit):
-            q, k, _ = vit.qkv(b, trace.inputs[b])
-            maps.append(torch.softmax((q.float() * q.shape[-1] ** -0.5) @ k.float().transpose(-1, -2), dim=-1))
-        return torch.stack(maps).mean(dim=0)
+        if "rcs" not in trace.extras:
+            maps = []
+            for b in self._rcs_blocks(vit):
+                q, k, _ = vit.qkv(b, trace.inputs[b])
+                maps.append(torch.softmax((q.float() * q.shape[-1] ** -0.5) @ k.float().transpose(-1, -2), dim=-1))
+            trace.extras["rcs"] = torch.stack(maps).mean(dim=0)
+        return trace.extras["rcs"]
 
-    def _last(
-        self, vit: Backbone, x: torch.Tensor, trace: Trace, rcs: torch.Tensor | None, sfr: torch.Tensor | None
-    ) -> torch.Tensor:
+    def _last(self, vit: Backbone, trace: Trace, sfr: torch.Tensor | None) -> BlockChange:
         """The last block with the base attention, SFR mixed into its scores and RCS into its weights."""
-        last = vit.depth - 1
-        q, k, v = vit.qkv(last, x)
-        q, k = q.float(), k.float()
-        scale = q.shape[-1] ** -0.5
+        prior = None
+        if self.base == "naclip":
+            prior = cached_prior(self._cache, trace.grid, self.gaussian_std, vit.device, vit.prefix_tokens)
 
         def mix(scores: torch.Tensor) -> torch.Tensor:
             if sfr is None:
@@ -165,41 +164,36 @@ class ResClip(Method):
             m16 = (sfr / sfr.amax(dim=(-2, -1), keepdim=True)).to(torch.float16)[:, None]  # as the authors: fp16
             return tau * ((1 - lam) * scores + lam * m16)
 
-        if self.base == "naclip":
-            prior = cached_prior(self._cache, trace.grid, self.gaussian_std, x.device, vit.prefix_tokens)
-            weights = torch.softmax(mix(k @ k.transpose(-1, -2) * scale) + prior, dim=-1)
-        elif self.base == "clearclip":
-            weights = torch.softmax(mix(q @ q.transpose(-1, -2) * scale), dim=-1)
-        elif self.base == "sclip":
-            weights = torch.softmax(mix(q @ q.transpose(-1, -2) * scale), dim=-1) + torch.softmax(
-                mix(k @ k.transpose(-1, -2) * scale), dim=-1
-            )
-        else:
-            weights = torch.softmax(mix((q * scale) @ k.transpose(-1, -2)), dim=-1)
-        if rcs is not None:
-            tau, lam = self.rcs_weights
-            weights = tau * ((1 - lam) * weights + lam * rcs)
-        out = vit.out_proj(last, (weights @ v.float()).to(v.dtype))
-        if self.base in ("naclip", "clearclip"):
-            return out
-        out = x + vit.attn_residual(last, out)
-        return out + vit.ffn(last, out)
+        def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            q, k = q.float(), k.float()
+            scale = q.shape[-1] ** -0.5
+            if self.base == "naclip":
+                weights = torch.softmax(mix(k @ k.transpose(-1, -2) * scale) + prior, dim=-1)
+            elif self.base == "clearclip":
+                weights = torch.softmax(mix(q @ q.transpose(-1, -2) * scale), dim=-1)
+            elif self.base == "sclip":
+                weights = torch.softmax(mix(q @ q.transpose(-1, -2) * scale), dim=-1) + torch.softmax(
+                    mix(k @ k.transpose(-1, -2) * scale), dim=-1
+                )
+            else:
+                weights = torch.softmax(mix((q * scale) @ k.transpose(-1, -2)), dim=-1)
+            rcs = self._rcs(vit, trace)
+            if rcs is not None:
+                tau, lam = self.rcs_weights
+                weights = tau * ((1 - lam) * weights + lam * rcs)
+            return (weights @ v.float()).to(v.dtype)
 
-    def _patch_features(self, vit: Backbone, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        feats = vit.project(vit.patches(tokens)).float()
-        return feats.reshape(feats.shape[0], grid[0], grid[1], -1)
+        kept = self.base in ("sclip", "clip")  # naclip and clearclip drop the residual and the FFN
+        return BlockChange(attention=attention, residual=kept, ffn=kept)
 
     def features(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
-        """Without text there is no first prediction: RCS only."""
-        return self._patch_features(vit, self._last(vit, x, trace, self._rcs(vit, trace), None), trace.grid)
-
-    def head(self, vit: Backbone, x: torch.Tensor, trace: Trace, text: torch.Tensor | None) -> torch.Tensor:
-        if text is None or not self.sfr:
-            return super().head(vit, x, trace, text)
+        """Without text (or SFR) one pass with RCS; with text, a first prediction gives the semantic matrix of the
+        second pass."""
+        if trace.text is None or not self.sfr:
+            return super().features(vit, x, trace)
         if trace.images is None:
             raise ConfigError("resclip's semantic feedback needs the crops (trace.images)")
-        rcs = self._rcs(vit, trace)
-        first = cosine_logits(self._patch_features(vit, self._last(vit, x, trace, rcs, None), trace.grid), text)
+        first = cosine_logits(super().features(vit, x, trace).float(), trace.text)
         images = trace.images.float()
         first = F.interpolate(first, size=images.shape[-2:], mode="bilinear", align_corners=False)
         if self.first_pamr_steps > 0:
@@ -207,8 +201,5 @@ class ResClip(Method):
         probs = torch.softmax(first * self.first_logit_scale, dim=1)
         classes = [patch_classes(p, vit.patch_size, self.temp_thd) for p in probs]
         sfr = torch.stack([feedback_matrix(c, self.gaussian_std, self.delete_same_entity) for c in classes])
-        feats = self._patch_features(vit, self._last(vit, x, trace, rcs, sfr), trace.grid)
-        return self.refine(vit, cosine_logits(feats, text), feats, text, trace)
-
-    def last_block(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
-        return self._last(vit, x, trace, self._rcs(vit, trace), None)
+        last = vit.depth - 1
+        return grid_features(vit, run_block(vit, last, x, self._last(vit, trace, sfr), trace), trace.grid)

@@ -25,7 +25,7 @@ from ._purify import (
     patch_grid_features,
     threshold,
 )
-from .base import Method, Trace, attend, register
+from .base import BlockChange, Method, Trace, attend, register
 
 
 @register
@@ -67,8 +67,8 @@ class ScClip(Method):
             "scclip", vit.depth, self.pre_adjust_idx, self.post_adjust_idx, self.multi_start_idx, self.multi_end_idx
         )
 
-    def keep_blocks(self, vit: Backbone) -> set[int]:
-        return self._blocks(vit).keep(vit.depth)
+    def blocks(self, vit: Backbone, trace: Trace) -> dict[int, BlockChange]:
+        return {i: BlockChange(keep=True) for i in self._blocks(vit).keep(vit.depth)}
 
     def features(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         blocks, last = self._blocks(vit), vit.depth - 1
@@ -95,6 +95,3 @@ class ScClip(Method):
         _, k, v = vit.qkv(index, tokens[None])
         heads = 0.5 * (prior.to(v.dtype) @ v + attend(k, k, v))
         return vit.out_proj(index, heads)[0]
-
-    def last_block(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
-        raise NotImplementedError("scclip's last stage outputs patch tokens only: see ScClip.features")

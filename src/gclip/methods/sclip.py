@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..backbones.base import Backbone
-from .base import Method, Trace, attend, register
+from .base import BlockChange, Method, Trace, attend, register
 
 
 def correlative(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -27,5 +27,5 @@ class Sclip(Method):
         "kept",
     )
 
-    def last_block(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
-        return vit.block(vit.depth - 1, x, attention=correlative)
+    def blocks(self, vit: Backbone, trace: Trace) -> dict[int, BlockChange]:
+        return {vit.depth - 1: BlockChange(attention=correlative)}

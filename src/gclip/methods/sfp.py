@@ -25,7 +25,7 @@ from ._purify import (
     threshold,
     top_mask,
 )
-from .base import Method, Trace, attend, register
+from .base import BlockChange, Method, Trace, attend, register
 
 
 @register
@@ -70,8 +70,9 @@ class Sfp(Method):
             "sfp", vit.depth, self.pre_block, self.post_block, self.multi_start, self.multi_end
         )
 
-    def keep_blocks(self, vit: Backbone) -> set[int]:
-        return self._blocks(vit).keep(vit.depth) | {vit.depth - 2}  # SOM reads block L-2's attention from its input
+    def blocks(self, vit: Backbone, trace: Trace) -> dict[int, BlockChange]:
+        keep = self._blocks(vit).keep(vit.depth) | {vit.depth - 2}  # SOM reads block L-2's attention from its input
+        return {i: BlockChange(keep=True) for i in keep}
 
     def _outliers(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> list[torch.Tensor]:
         """Per window, the ``(P,)`` boolean mask of the outlier patches."""
@@ -109,6 +110,3 @@ class Sfp(Method):
             deep = vit.out_proj(last, prior.to(v.dtype) @ v)[0] + self.res_cls * multi_sum[b, :1]
             rows.append(aggregate(smooth, main) + aggregate(smooth, deep))
         return patch_grid_features(vit, rows, trace.grid)
-
-    def last_block(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
-        raise NotImplementedError("sfp's last stage outputs patch tokens only: see Sfp.features")

@@ -7,7 +7,7 @@ whole image, resized to SAM's feature grid and mixed by SAM's last-block attenti
 attention probabilities, kept where the cosine similarity of SAM's values exceeds ``cos_fac`` times its row mean
 (capped at 0.9), renormalised per row. Then ln_post, the projection and the cosine logits, on SAM's grid. SAM sees
 the decoded image resized to patch multiples (cv2) and then to its input side (``ResizeLongestSide``), as in the
-authors' code, so the method runs whole images itself (:attr:`Method.whole_image`).
+authors' code, so the method runs whole images itself (``window_mode = "image"``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from ..backbones.base import Backbone
 from ..backbones.second_models import SecondModel, second_model_for
 from ..errors import ConfigError, WeightsError
 from ..inference.windows import ImageWindows
-from .base import Method, Trace, register
+from .base import Method, register
 from .proxyclip import values_attention
 
 
@@ -134,7 +134,7 @@ class Trident(Method):
         "per window as `proxyclip`; then SAM's last-block attention, kept where SAM's values agree, on the spliced map",
         "dropped",
     )
-    whole_image = True
+    window_mode = "image"
     needs_original = True
     proxy: str = "dino_vitb16"
     proxy_checkpoint: str | None = None
@@ -227,6 +227,3 @@ class Trident(Method):
 
     def input_shape(self, shape: tuple[int, int], patch: int, crop: int) -> tuple[int, int]:
         return aligned_shape(int(shape[0]), int(shape[1]), patch, crop)
-
-    def last_block(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
-        raise ConfigError("trident runs whole images (Segmenter); it has no per-crop forward")

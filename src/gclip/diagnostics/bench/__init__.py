@@ -6,7 +6,8 @@
 - :mod:`.memory`: the large-photo memory check in a fresh process.
 """
 
-from .config import BenchConfig, build_segmenter, bundled_vocabulary, load_inputs, random_model, sample_images
+from ...testing import random_model
+from .config import BenchConfig, build_segmenter, bundled_vocabulary, load_inputs, recipe, sample_images
 from .measure import (
     STAGES,
     StageTimer,
@@ -24,6 +25,7 @@ __all__ = [
     "StageTimer",
     "BenchConfig",
     "build_segmenter",
+    "recipe",
     "bundled_vocabulary",
     "load_inputs",
     "random_model",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import os
 from dataclasses import dataclass, field
@@ -11,33 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from ...backbones.models import LoadedModel, load_model
+from ...engines.spec import SegmenterSpec
 from ...errors import ConfigError
-
-
-def random_model(
-    name: str, precision: str = "fp32", device: str | None = None, seed: int = 0, quick_gelu: bool = True
-) -> LoadedModel:
-    """``name`` with the deterministic random weights of :func:`gclip.testing.random_state_dict` (no file)."""
-    from ...backbones.base import fingerprint
-    from ...backbones.models import PRECISIONS, resolve_device, trim_heap, warn_slow_precision
-    from ...testing import random_state_dict
-
-    if precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-    dev = resolve_device(device)
-    warn_slow_precision(precision, dev)
-    model = load_model(name, None, "fp32", "cpu", quick_gelu=quick_gelu)
-    model.clip.load_state_dict(random_state_dict(model.clip, seed))
-    model.clip.to(device=dev, dtype=PRECISIONS[precision])
-    trim_heap()  # as load_model does after reading a checkpoint: the random state dict is garbage now
-    return dataclasses.replace(
-        model,
-        pretrained=f"random:{seed}",
-        device=dev,
-        dtype=PRECISIONS[precision],
-        fingerprint=fingerprint(model.clip),
-    )
 
 
 @dataclass
@@ -119,22 +93,27 @@ def load_inputs(config: BenchConfig) -> tuple[list[Any], str]:
     return paths, f"{len(paths)} images from {source}"
 
 
-def build_segmenter(config: BenchConfig):
-    """The model and the Segmenter of a configuration (classes not set yet)."""
-    from ...inference.segmenter import Segmenter
-
-    if config.model_configs:
-        import open_clip
-
-        for folder in config.model_configs:
-            open_clip.add_model_config(folder)
-    if config.random_weights:
-        model = random_model(config.model, config.precision, config.device, config.seed, config.quick_gelu is not False)
-    else:
-        model = load_model(config.model, config.pretrained, config.precision, config.device, config.quick_gelu)
-    return Segmenter(
-        model, method=config.method, method_options=config.method_options, templates=config.templates, **config.settings
+def recipe(config: BenchConfig) -> SegmenterSpec:
+    """The :class:`~gclip.engines.SegmenterSpec` of a configuration (classes not set: the benchmark times that)."""
+    return SegmenterSpec(
+        model=config.model,
+        pretrained=config.pretrained,
+        method=config.method,
+        method_options=config.method_options,
+        precision=config.precision,
+        device=config.device,
+        quick_gelu=config.quick_gelu,
+        templates=config.templates,
+        settings=config.settings,
+        random_seed=config.seed if config.random_weights else None,
+        model_configs=config.model_configs,
+        compile=config.compile,
     )
+
+
+def build_segmenter(config: BenchConfig):
+    """The Segmenter of a configuration, its model loaded (classes not set yet)."""
+    return recipe(config).build()
 
 
 def resolve_classes(spec: Any) -> Any:

@@ -21,7 +21,7 @@ def memory_check(config: BenchConfig, size: tuple[int, int] = (3000, 4000), clas
 
     Run it in a fresh process (``gclip bench --memory-check`` does) so the figure is this job's alone.
     """
-    config = dataclasses.replace(config, settings={**config.settings, "short_side": 0})
+    config = dataclasses.replace(config, settings={**config.settings, "short_side": 0}, compile=False)
     seg = build_segmenter(config)
     seg.set_classes(resolve_classes(classes))
     config = dataclasses.replace(config, synthetic=size, count=1)

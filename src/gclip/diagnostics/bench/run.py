@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...backbones import weights_used
 from ...errors import ConfigError
 from .config import BenchConfig, build_segmenter, load_inputs, resolve_classes
 from .measure import (
@@ -145,15 +146,13 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         ConfigError: the images are missing (e.g. the developers' sample), before the model loads.
     """
     inputs, source = load_inputs(config)
-    seg = build_segmenter(config)
+    seg = build_segmenter(config)  # compiled here when config.compile
     cuda = seg.device.type == "cuda"
     start = time.perf_counter()
     seg.set_classes(resolve_classes(config.classes))
     if cuda:
         torch.cuda.synchronize()
     text_seconds = time.perf_counter() - start
-    if config.compile:
-        seg.compile()
     workers = resolve_workers(config, cuda)
     if config.warmup:
         seg.predict_batch(inputs[: max(1, min(config.warmup, len(inputs)))])
@@ -167,7 +166,8 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         "images": source,
         "count": len(inputs),
         "model": seg.model.name,
-        "weights": seg.model.pretrained,
+        "pretrained": seg.model.pretrained,
+        "weights": weights_used(seg.model, seg.method.options()),
         "method": seg.method.name,
         "method_options": seg.method.options(),
         "precision": config.precision,
