@@ -3,7 +3,9 @@
 What the code knows is never kept by hand: the methods table and one page per method (the registry: each method's
 docstring, options with their defaults and meanings, protocol preset, goldens), the backbone table
 (``data/backbones.json`` through open_clip), the dataset table (:data:`gclip.evaluation.layouts.DATASETS`) and the
-performance summary (the JSON records of ``gclip bench`` in ``benchmarks/``). ``--check`` lists the stale files
+performance summary (the JSON records of ``gclip bench`` in ``benchmarks/``) and the published numbers
+(``data/published.toml``, :func:`gclip.evaluation.published`: the Evaluation page's two tables and each method page's
+section). ``--check`` lists the stale files
 instead of writing them (``tests/test_docs_generated.py`` runs it).
 """
 
@@ -189,6 +191,10 @@ def method_page(name: str, root: Path) -> str:
         "",
         *_protocol_table(name),
         "",
+        "## Published numbers",
+        "",
+        *_published_section(name),
+        "",
         "## Parity with the authors' code",
         "",
     ]
@@ -209,6 +215,127 @@ def method_page(name: str, root: Path) -> str:
     if gaps:
         lines += ["", "## Known gaps", "", gaps]
     return "\n".join(lines).rstrip() + "\n"
+
+
+NOT_MEASURED = "not yet measured"
+"""gclip's own number on a full benchmark, until one is measured with the real weights and sets."""
+
+
+def _method_title(name: str) -> str:
+    """A method's name as its module docstring spells it, or its registry name if it is not registered."""
+    from .methods import list_methods, method_class
+
+    return _title(method_class(name)) if name in list_methods() else name
+
+
+def _number(value: float) -> str:
+    return str(value)
+
+
+def _mean_cell(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
+def _in_main_table(row: Any) -> bool:
+    """A row of the main published table: OpenAI's ViT-B/16 and at least three of the seed paper's five sets."""
+    from .evaluation.published import SEED_SETS
+
+    return not row.backbone and sum(d in row.miou for d in SEED_SETS) >= 3
+
+
+def _row_link(row: Any) -> str:
+    from .methods import list_methods
+
+    title = row.title(_method_title(row.method))
+    return f"[{title}](methods/{row.method}.md#published-numbers)" if row.method in list_methods() else title
+
+
+def published_table() -> str:
+    """The main published table: the seed paper's five sets, their mean (computed where all five are given)."""
+    from .evaluation.layouts import DATASETS
+    from .evaluation.published import SEED_SETS, published
+
+    lines = [
+        GENERATED,
+        "",
+        "| method | " + " | ".join(DATASETS[d].title for d in SEED_SETS) + " | mean | gclip |",
+        "|---|" + "---|" * (len(SEED_SETS) + 2),
+    ]
+    for row in published():
+        if _in_main_table(row):
+            cells = [_number(row.miou[d]) if d in row.miou else "—" for d in SEED_SETS]
+            lines.append(
+                f"| {_row_link(row)} | " + " | ".join(cells) + f" | {_mean_cell(row.mean())} | {NOT_MEASURED} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def published_other() -> str:
+    """Every published row that the main table does not show whole: its numbers on the other sets (with the mean of
+    the eight where all eight are given), or what its source says in words."""
+    from .evaluation.layouts import DATASETS, PAPER_ORDER
+    from .evaluation.published import SEED_SETS, published
+
+    lines = [GENERATED, "", "| method | published | gclip |", "|---|---|---|"]
+    for row in published():
+        main = _in_main_table(row)
+        shown = [d for d in row.miou if not (main and d in SEED_SETS)]
+        parts = [", ".join(f"{DATASETS[d].title} {_number(row.miou[d])}" for d in shown)] if shown else []
+        if not main and row.mean(PAPER_ORDER) is not None:
+            parts.append(f"mean of the eight {_mean_cell(row.mean(PAPER_ORDER))}")
+        if row.note:
+            parts.append(row.note)
+        if parts:
+            lines.append(f"| {_row_link(row)} | {_md('; '.join(parts))} | {NOT_MEASURED} |")
+    return "\n".join(lines) + "\n"
+
+
+def _published_section(name: str) -> list[str]:
+    """A method page's published rows: a table of its numbers (means computed), then what its sources say in words."""
+    from .evaluation.layouts import DATASETS, PAPER_ORDER
+    from .evaluation.published import SEED_SETS, published
+
+    rows = published(name)
+    title = _method_title(name)
+    lines: list[str] = []
+    numbered = [r for r in rows if r.miou]
+    if numbered:
+        sets = [d for d in PAPER_ORDER if any(d in r.miou for r in numbered)]
+        means = [
+            (label, ds)
+            for label, ds in (("mean of the 5", SEED_SETS), ("mean of the 8", tuple(PAPER_ORDER)))
+            if any(r.mean(ds) is not None for r in numbered)
+        ]
+        lines += [
+            "mIoU (percent) as published, CLIP ViT-B/16 with OpenAI's weights unless the row says otherwise; the means "
+            "are computed from the row's numbers (`src/gclip/data/published.toml`):",
+            "",
+            "| row | source | "
+            + " | ".join(DATASETS[d].title for d in sets)
+            + "".join(f" | {label}" for label, _ in means)
+            + " |",
+            "|---|---|" + "---|" * (len(sets) + len(means)),
+        ]
+        for r in numbered:
+            cells = [_number(r.miou[d]) if d in r.miou else "—" for d in sets]
+            cells += [_mean_cell(r.mean(ds)) for _, ds in means]
+            lines.append(f"| {r.title(title)} | {_md(r.source)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    for r in rows:
+        if not r.miou:
+            lines.append(f"- {r.title(title)}, {r.source}: {r.note or 'no numbers'}")
+        elif r.note:
+            lines.append(f"- {r.title(title)}: {r.note}")
+    if not rows:
+        lines.append(f"No published numbers are recorded for `{name}` in `src/gclip/data/published.toml`.")
+    elif lines[-1]:
+        lines.append("")
+    lines.append(
+        f"gclip's own numbers on the full sets: {NOT_MEASURED} (the pretrained weights and the full datasets were "
+        "not available where gclip was built). Every method's published rows side by side: "
+        "[Reproducing the papers](../evaluation.md#reproducing-the-papers)."
+    )
+    return lines
 
 
 def _notes(root: Path, name: str) -> dict[str, str]:
@@ -368,6 +495,8 @@ def generate(root: Path) -> dict[str, str]:
         "docs/generated/backbones.md": backbones_table(),
         "docs/generated/datasets.md": datasets_table(),
         "docs/generated/results.md": results_summary(root),
+        "docs/generated/published.md": published_table(),
+        "docs/generated/published-other.md": published_other(),
     }
     for name in list_methods():
         out[f"docs/methods/{name}.md"] = method_page(name, root)

@@ -19,6 +19,7 @@ from .layouts import (
 from .loader import BenchmarkDataset
 from .metric import Areas, image_areas, summarize
 from .protocols import ProtocolSettings, list_protocols, protocol_for, resolve_preset
+from .published import SEED_SETS, Published, published
 from .run import evaluate, expand_datasets, expand_methods
 from .scoring import EvalResult, score
 
@@ -32,6 +33,8 @@ __all__ = [
     "DistContext",
     "EvalResult",
     "PAPER_ORDER",
+    "Published",
+    "SEED_SETS",
     "ProtocolSettings",
     "Sample",
     "build_coco_object",
@@ -44,6 +47,7 @@ __all__ = [
     "list_protocols",
     "list_samples",
     "protocol_for",
+    "published",
     "read_label",
     "reduce_zero_label",
     "resolve_preset",
