@@ -52,7 +52,7 @@ class DihClip(Method):
     protocol = "scclip"  # the authors' configs, class files and segmentor are SC-CLIP's (presets/scclip.toml)
     summary = "SC-CLIP's affinity-prior last block (no anomaly repair) with entropy-selected heads (SHA)"
     table_row = (
-        "tokens after block L-2; last block run twice; block 8's output",
+        "tokens after block L-2; last block run twice; a side path on block 8",
         "`Σₕ∈S ½(P + softmax(k kᵀ s))ₕ V / H`: the lowest-entropy heads `S`, each map on all channels",
         "dropped",
     )
