@@ -219,7 +219,7 @@ def test_presets_carry_per_dataset_method_options():
     get_method("resclip", **voc.method_options)  # the preset's options are the method's
 
 
-PROTOCOL_OF = {"sclip": "sclip", "naclip": "sclip", "gclip": "clearclip", "gem": "clearclip"}
+PROTOCOL_OF = {"sclip": "sclip", "naclip": "sclip", "gclip": "clearclip", "gem": "clearclip", "dihclip": "scclip"}
 
 
 @pytest.mark.parametrize("method", list_methods())
@@ -247,6 +247,9 @@ def test_every_preset_resolves_with_matching_classes(method, name):
         ("naclip", "voc20", dict(crop=0, pamr_dilations=(8, 16))),
         ("naclip", "coco_stuff", dict(short_side=336, crop=224)),
         ("naclip", "coco_object", dict(logit_scale=40.0, prob_thd=0.1)),
+        ("dihclip", "voc21", dict(short_side=336, crop=224, stride=112, logit_scale=50.0, prob_thd=0.15, area_thd=0.1)),
+        ("dihclip", "coco_object", dict(logit_scale=55.0, prob_thd=0.35)),
+        ("dihclip", "cityscapes", dict(short_side=560)),
     ],
 )
 def test_preset_values(method, dataset, expected):

@@ -58,6 +58,8 @@ def golden_method(entry: dict):
     method = get_method(entry["method"], **entry.get("options", {}))
     if "pairing" in entry:  # CASS: the authors' head pairing, set by rounding on random weights (goldens.toml)
         method = dataclasses.replace(method, _pairing=tuple(entry["pairing"]))
+    if "heads" in entry:  # DIH-CLIP: the authors' heads where random weights tie their entropies (goldens.toml)
+        method = dataclasses.replace(method, _heads=tuple(tuple(h) for h in entry["heads"]))
     return method
 
 
@@ -115,6 +117,31 @@ def test_cass_costs_equal_the_authors_and_its_pairing_is_as_cheap(vitb16, inputs
     authors = np.asarray(TABLE["cass"]["pairing"])
     assert abs(theirs[rows, seen["cols"]].sum() - theirs[rows, authors].sum()) <= 1e-5
     assert abs(theirs[rows, linear_sum_assignment(theirs)[1]].sum() - theirs[rows, authors].sum()) <= 1e-5
+
+
+def test_dihclip_entropies_match_the_authors(vitb16, inputs, monkeypatch):
+    """DIH-CLIP's head entropies on the golden crop (prior block, last block, multi-level pass) equal the authors'
+    (dihclip__entropy.npy) to fp32 round-off of a sum over 616,225 entries; its selections equal theirs where the
+    kept heads' entropies are clear of the others', and the heads it keeps in the last block tie (within that
+    round-off) with the ones the authors keep, which goldens.toml imposes."""
+    from gclip.methods.dihclip import DihClip
+
+    theirs = np.load(GOLDEN / "dihclip__entropy.npy")
+    seen = []
+    original = DihClip.selected_heads
+
+    def record(self, maps, which=0):
+        seen.append(self.entropies(maps)[0].numpy())
+        return original(self, maps, which)
+
+    monkeypatch.setattr(DihClip, "selected_heads", record)
+    dense_logits(vitb16, get_method("dihclip"), *inputs)
+    ours = np.stack(seen)
+    assert np.abs(ours - theirs).max() <= 2e-2  # values about 7000: a relative 3e-6
+    for which in (0, 2):  # clear gaps (> 0.29): the same four heads
+        assert set(np.argsort(ours[which])[:4]) == set(np.argsort(theirs[which])[:4])
+    authors = TABLE["dihclip"]["heads"][1]
+    assert np.ptp(theirs[1][authors].tolist() + [np.sort(theirs[1])[4]]) <= 1e-2  # a tie, not a choice
 
 
 def test_every_method_has_a_golden():

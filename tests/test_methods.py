@@ -184,3 +184,33 @@ def test_gclip_suppresses_after_the_last_emerging_block(deep_model):
     assert get_method("gclip").suppressed_blocks(vit) == [3]  # depth 5: emerging [2, 3], CS 3..3
     assert get_method("gclip", emerging_blocks=[1]).suppressed_blocks(vit) == [1, 2, 3]
     assert get_method("gclip", channel_suppression=False).suppressed_blocks(vit) == []
+
+
+def test_dihclip_keeps_the_lowest_entropy_heads_per_window():
+    """DIH-CLIP's Selective Head Attention: per window, the heads whose whole-map entropy is among the ``topk_sha``
+    lowest, heads tied with the last kept one kept too (the authors' ``metrics[i] in sorted_metrics[:k]``)."""
+    from gclip.methods.dihclip import DihClip
+
+    uniform = torch.full((3, 3), 1 / 3)
+    sharp = torch.eye(3)
+    half = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.5, 0.5], [0.5, 0.0, 0.5]])
+    maps = torch.stack([torch.stack([uniform, sharp, half, uniform]), torch.stack([half, uniform, uniform, sharp])])
+    two = DihClip(topk_sha=2)
+    assert two.selected_heads(maps).tolist() == [[False, True, True, False], [True, False, False, True]]
+    assert DihClip(topk_sha=1).selected_heads(maps).tolist() == [[False, True, False, False], [False] * 3 + [True]]
+    tied = torch.stack([torch.stack([sharp, half, half, uniform])])
+    assert two.selected_heads(tied).tolist() == [[True, True, True, False]]  # the 2nd lowest is tied: 3 kept
+    assert DihClip(topk_sha=9).selected_heads(maps).all()
+    assert DihClip(_heads=((), (3,))).selected_heads(maps, 1).tolist() == [[False, False, False, True]] * 2
+    vit = DenseViT(make_tiny(layers=3).visual)
+    with pytest.raises(ConfigError, match="topk_sha"):
+        dense_features(vit, get_method("dihclip", topk_sha=0), torch.randn(1, 3, 16, 16))
+
+
+def test_dihclip_selection_is_per_window(deep_model):
+    vit, m = DenseViT(deep_model.visual), get_method("dihclip", topk_sha=1)
+    images = torch.randn(3, 3, 32, 32)
+    together = dense_features(vit, m, images)
+    alone = torch.cat([dense_features(vit, m, images[i : i + 1]) for i in range(3)])
+    assert (together - alone).abs().max() <= 1e-5
+    assert (together - dense_features(vit, get_method("dihclip"), images)).abs().max() > 1e-3  # a choice is made
