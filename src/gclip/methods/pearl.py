@@ -60,8 +60,23 @@ def procrustes_attention(
     solver: str = "polar",
     polar_iters: int = 5,
 ) -> torch.Tensor:
-    """PEARL's attention on ``(B, H, N, d)`` q, k, v (fp32): keys rotated toward the queries (module doc), plus
-    ``alpha_kk`` times the centred key-key scores; the ``prefix`` tokens weigh 0 in the means."""
+    """PEARL's attention on ``(B, H, N, d)`` q, k, v: keys rotated toward the queries (module doc), plus
+    ``alpha_kk`` times the centred key-key scores; the ``prefix`` tokens weigh 0 in the means. Computed in fp32, as
+    the authors do in their fp16 model (also under a half-precision autocast)."""
+    with torch.autocast(q.device.type, enabled=False):
+        return _procrustes_attention(q, k, v, prefix, use_kk, alpha_kk, solver, polar_iters)
+
+
+def _procrustes_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix: int,
+    use_kk: bool,
+    alpha_kk: float,
+    solver: str,
+    polar_iters: int,
+) -> torch.Tensor:
     dtype = q.dtype
     q, k, v = q.float(), k.float(), v.float()
     scale = q.shape[-1] ** -0.5
@@ -132,7 +147,26 @@ def laplacian_propagation(
     text_temperature: float = 0.5,
     diag_boost: float = 10.0,
 ) -> torch.Tensor:
-    """TLP (module doc): ``(B, 3, H, W)`` normalised RGB image and ``(B, Q, H, W)`` logits -> refined logits."""
+    """TLP (module doc): ``(B, 3, H, W)`` normalised RGB image and ``(B, Q, H, W)`` logits -> refined float32
+    logits."""
+    with torch.autocast(logits.device.type, enabled=False):
+        return _propagation(
+            image, logits, text, grid, iters, edge, smoothness, conf_floor, text_temperature, diag_boost
+        )
+
+
+def _propagation(
+    image: torch.Tensor,
+    logits: torch.Tensor,
+    text: torch.Tensor,
+    grid: int,
+    iters: int,
+    edge: float,
+    smoothness: float,
+    conf_floor: float,
+    text_temperature: float,
+    diag_boost: float,
+) -> torch.Tensor:
     eps = 1e-6
     h, w = logits.shape[-2:]
     sh, sw = max(1, round(h / float(grid))), max(1, round(w / float(grid)))
