@@ -58,6 +58,7 @@ def test_whole_image_path_is_the_crop_engine_then_the_propagation(tiny_model, rg
     assert (got - logits[0]).abs().max() > 1e-4  # the propagation changed them
 
 
+@pytest.mark.heavy  # dynamo tracing: about 3 s
 def test_without_propagation_it_compiles_once_per_window_shape(tiny_model, rgb_image):
     graphs = []
 
