@@ -54,6 +54,7 @@ def test_single_run_prints_table_and_writes_json(tiny_checkpoint, voc_root, tmp_
     assert code == 0
     printed = capsys.readouterr().out
     assert "aeroplane" in printed and "tvmonitor" in printed  # per-class table
+    assert "boat" in printed and "diningtable" in printed and "ship" not in printed  # VOC's names, not prompts
     assert "gclip on voc20: mIoU" in printed and "images 5" in printed and "images/s" in printed
     record = json.loads(out.read_text())
     assert set(record["versions"]) >= {"torch", "open_clip", "gclip", "python", "device"}
@@ -151,7 +152,8 @@ def test_own_class_files_and_per_set_option_paths(tiny_checkpoint, voc_root, tmp
     assert run_eval(tiny_checkpoint, voc_root, *extra, "--classes-dir", str(classes), "--out", str(out)) == 0
     runs = json.loads(out.read_text())["runs"]
     for run, name in zip(runs, ("voc20", "voc21")):
-        assert run["per_class"][3]["class"] == f"thing3 of {name}"
+        assert run["per_class"][3]["prompt"] == f"thing3 of {name}"
+        assert run["per_class"][3]["class"] == ("boat" if name == "voc20" else "bird")  # the dataset's name
         assert run["settings"]["classes_file"] == str(classes / f"cls_{name}.txt")
         assert run["settings"]["method_options"]["definitions"] == str(defs / f"{name}_definitions.txt")
     (defs / "voc21_definitions.txt").write_text("only >=one line\n")
