@@ -69,6 +69,8 @@ def ours(vit: DenseViT, entry: dict, inputs) -> np.ndarray:
     logits = dense_logits(vit, golden_method(entry), *inputs)
     if "upsample" in entry:  # the authors' crop function ends at pixel resolution: upsampled as the engine does
         logits = torch.nn.functional.interpolate(logits, size=(entry["upsample"],) * 2, mode="bilinear")
+    if entry.get("propagate"):  # PEARL: its propagation of the image's logits, with the crop as the image
+        logits = golden_method(entry).propagate(inputs[0], logits, inputs[1])
     stride = entry.get("stride", 1)  # goldens at pixel resolution are stored subsampled
     return logits[..., ::stride, ::stride].numpy()
 

@@ -134,9 +134,10 @@ def _flags(fields: list[dataclasses.Field]) -> str:
 
 def method_page(name: str, root: Path) -> str:
     """One method's page: what it changes, its options, its protocol preset, its goldens, then its notes."""
-    from .methods import method_class
+    from .methods import get_method, method_class
 
     cls = method_class(name)
+    mode = get_method(name).window_mode  # the default instance's (PEARL's follows an option)
     module = inspect.getmodule(cls)
     what, attention, rest = cls.table_row
     notes = _notes(root, name)
@@ -150,7 +151,7 @@ def method_page(name: str, root: Path) -> str:
         "",
         "| what it changes | last block: attention per head | residual + FFN of the last block | window mode |",
         "|---|---|---|---|",
-        f"| {what} | {attention} | {rest} | `{cls.window_mode}` |",
+        f"| {what} | {attention} | {rest} | `{mode}` |",
         "",
         f"`gclip models` says: *{cls.summary}*. The code: `src/gclip/methods/{module.__name__.rsplit('.', 1)[-1]}.py`"
         if module
