@@ -162,3 +162,24 @@ def test_one_fingerprint_follows_the_weights():
         b.weight[17, 3] += 1e-3  # one value, off the sampled stride (index 4355): the sum still moves
     assert fingerprint(a) != fingerprint(b)
     assert fingerprint(nn.Linear(256, 64)) != fingerprint(a)
+
+
+@pytest.mark.parametrize("name", ["cls_registers_positioned", "dinov2_like", "registers_no_cls"])
+def test_second_models_walk_through_the_same_adapter(name):
+    """A second model's walk is its :class:`TimmViT`'s: timm's own forward at the native grid and, resampled by the
+    spec's rule, at another (CLS and register positions kept, or none)."""
+    from gclip.backbones.second_models import SecondModel, SecondModelSpec
+
+    model = timm_vit(dynamic_img_size=True, **TOWERS[name]).requires_grad_(False)
+    second = SecondModel("tiny", SecondModelSpec("tiny", pos_rule="antialias", mean=(0.5,) * 3, std=(0.5,) * 3), model)
+    assert isinstance(second.vit, TimmViT) and second.vit.module is model and second.vit.mean == (0.5,) * 3
+    for size in ((32, 32), (40, 56)):
+        images = torch.randn(1, 3, *size)
+        tokens = model.forward_features(images)[:, model.num_prefix_tokens :]
+        expected = tokens.transpose(1, 2).reshape(1, 32, size[0] // 8, size[1] // 8)
+        torch.testing.assert_close(second.features(images), expected, rtol=0, atol=1e-5)
+        q, k, v, grid = second.last_qkv(images)
+        assert q.shape == k.shape == v.shape == (1, 2, grid[0] * grid[1], 16)
+    second.warm((40, 56))
+    assert second.pos_embed((40, 56)) is second.vit.pos_embed((5, 7), "antialias")
+    assert second.fingerprint == second.vit.fingerprint()
