@@ -39,6 +39,7 @@ __all__ = [
     "second_model_weights",
 ]
 
+
 @dataclass(frozen=True)
 class SecondModelSpec:
     """A named second backbone.
