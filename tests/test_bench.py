@@ -16,6 +16,7 @@ TOP_FIELDS = {
     "batch_images", "compile", "settings", "classes", "windows", "images_per_s", "seconds", "latency_ms",
     "stage_seconds", "text_cache_hits", "encoder_gflop", "encoder_tflops_per_s", "peak_rss_mb", "cuda_peak_mb",
     "reference", "machine", "command", "date", "workers", "staged", "pipelined", "pipelined_labels_identical",
+    "text",
 }  # fmt: skip
 REFERENCE_FIELDS = {
     "count", "images_per_s", "latency_ms", "peak_rss_mb", "cuda_peak_mb", "labels_identical", "mismatched_images",
@@ -44,11 +45,44 @@ def test_bench_smoke_writes_json_with_every_field(tmp_path, capsys):
     assert record["windows"] == 3 * 8
     text = log.read_text()
     assert text.startswith("# Benchmark results") and record["command"] in text and "speed-up" in text
-    assert "labels identical: yes" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "labels identical: yes" in printed
+    text_stage = record["text"]  # classes per second of the text encoding (issue 24, 4)
+    assert (text_stage["classes"], text_stage["queries"], text_stage["templates"]) == (21, 21, 80)
+    assert text_stage["classes_per_s"] == pytest.approx(21 / text_stage["seconds"], rel=1e-3)
+    assert text_stage["seconds"] == record["stage_seconds"]["text"]
+    assert f"text: 21 classes (21 prompts x 80 templates) in {text_stage['seconds']:.3f} s" in printed
+    assert "classes/s" in printed and "classes/s" in text
     assert main(argv + ["--json", str(out), "--results", str(log), "--no-reference"]) == 0
     assert json.loads(out.read_text())["reference"] is None
     assert log.read_text().count("### ") == 2
     assert record["workers"] == 0 and record["pipelined"] is None and record["staged"]["count"] == 3
+
+
+def test_bench_without_the_sample_says_so_before_loading_the_model(tmp_path, monkeypatch):
+    """`--images sample` (the default) needs the developers' sample: a one-line error, and no model load."""
+    from gclip.diagnostics.bench import config as bench_config
+    from gclip.diagnostics.bench import run as bench_run
+    from gclip.errors import ConfigError
+
+    def absent(root=None):
+        raise ConfigError("the real sample (../shared/data or $GCLIP_SAMPLE_DATA) is not here")
+
+    def no_load(config):
+        raise AssertionError("the model was loaded before the images were found")
+
+    monkeypatch.setattr(bench_config, "sample_images", absent)
+    monkeypatch.setattr(bench_run, "build_segmenter", no_load)
+    with pytest.raises(ConfigError, match="sample"):
+        bench_run.run_bench(BenchConfig(model=TINY, random_weights=True))
+
+
+def test_bench_on_the_bundled_example_photos(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--model", TINY, "--random-weights", "--images", "examples", "--count", "2", "--no-reference"]
+    assert main(argv + ["--crop", "32", "--stride", "16", "--short-side", "48", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["count"] == 2 and "examples" in record["images"]
 
 
 def test_bench_pipelined_pass_runs_the_local_engine_with_workers(tmp_path, capsys):

@@ -17,7 +17,7 @@ from gclip.engines import InputItem, Manifest, OutputWriter, collect_inputs, pla
 from gclip.engines.local import _Reader
 from gclip.io.outputs import read_label_png, rle_decode
 
-ALL = "png,overlay,rle,json,manifest"
+ALL = "png,overlay,legend,rle,json,manifest"
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,9 @@ def _check_outputs(seg, out, items):
         assert record["size"] == list(expected.size) and record["method"] == "gclip"
         assert record["classes"] == pytest.approx(expected.class_fractions(), abs=1e-6)
         with Image.open(out / f"{item.key}.overlay.png") as overlay:
-            assert overlay.width >= expected.size[1] and overlay.height > expected.size[0]
+            assert overlay.size == expected.size[::-1]  # the photo's size; the legend is its own file
+        with Image.open(out / f"{item.key}.legend.png") as legend:
+            assert legend.height > 16 * len(expected.class_fractions())
         assert json.loads((out / f"{item.key}.json").read_text())["present"].keys() == record["classes"].keys()
 
 
@@ -87,6 +89,41 @@ def test_rerun_skips_complete_images_and_overwrite_redoes(seg, tmp_path):
     assert gclip.segment_folder(changed, tmp_path / "in", out, "png,manifest", workers=0).done == 5
 
 
+def test_a_rerun_with_nothing_to_do_does_not_load_the_model(tmp_path, tiny_checkpoint, monkeypatch):
+    import dataclasses
+    import os
+    import shutil
+
+    from conftest import TINY
+    from gclip.engines import SegmenterSpec
+
+    write_images(tmp_path / "in", [f"{n}.png" for n in range(3)])
+    weights = tmp_path / "tiny.pt"
+    shutil.copy(tiny_checkpoint, weights)
+    spec = SegmenterSpec(TINY, str(weights), device="cpu", classes=CLASSES, settings=dict(SETTINGS))
+    loads = []
+    build = SegmenterSpec.build
+    monkeypatch.setattr(SegmenterSpec, "build", lambda self: loads.append(1) or build(self))
+
+    def run(spec, formats="png,manifest"):
+        return gclip.segment_folder(spec, tmp_path / "in", tmp_path / "out", formats, workers=0, progress=False)
+
+    assert (run(spec).done, len(loads)) == (3, 1)
+    assert (run(spec).skipped, len(loads)) == (3, 1)  # all done with the same recipe: no model load
+    assert (run(spec, "png").skipped, len(loads)) == (3, 1)  # no manifest: the files alone, as before
+    (tmp_path / "out" / "1.png").unlink()
+    assert (run(spec).done, len(loads)) == (1, 2)
+    changed = dataclasses.replace(spec, settings={**SETTINGS, "stride": 24})
+    assert (run(changed).done, len(loads)) == (3, 3)  # changed settings still recompute
+    assert (run(dataclasses.replace(spec, classes=CLASSES[::-1])).done, len(loads)) == (3, 4)
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the weights file touched
+    assert (run(spec).done, len(loads)) == (3, 5)  # back to the first settings
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 2 * 10**9))  # touched again, same weights:
+    assert (run(spec).done, len(loads)) == (0, 6)  # loaded, the outputs are still valid, and now recorded so
+    assert (run(spec).skipped, len(loads)) == (3, 6)
+
+
 def test_manifest_drops_cut_lines_and_duplicates(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text('{"key": "b", "v": 1}\n{"key": "a", "v": 1}\n{"key": "b", "v": 2}\n{"key": "c", "v"')
@@ -95,6 +132,17 @@ def test_manifest_drops_cut_lines_and_duplicates(tmp_path):
     manifest.append({"key": "c", "v": 3})
     manifest.close()
     assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["a", "b", "c"]
+
+
+def test_with_thresholds_the_settings_hash_knows_where_they_send_pixels(seg):
+    """Outputs made when prob_thd sent uncertain pixels to the first class are not taken for today's."""
+    from gclip.engines.run import _description
+
+    assert "background" not in _description(seg)  # no threshold: the labels do not depend on it
+    thresholded = gclip.Segmenter(seg.model, method="gclip", classes=CLASSES, prob_thd=0.3, **SETTINGS)
+    assert _description(thresholded)["background"] is False
+    thresholded.set_classes(["background", *CLASSES])
+    assert _description(thresholded)["background"] is True
 
 
 def test_plan_run_needs_the_manifest_record(seg, tmp_path):

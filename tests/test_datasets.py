@@ -387,3 +387,25 @@ def test_oracle_on_real_sample_is_100(sample_data, name):
     s = summarize(total)
     assert s["mIoU"] == 100.00 and s["aAcc"] == 100.00
     assert (total.label > 0).sum() > 5
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_dataset_class_names_are_the_datasets_own(name):
+    """Tables print the datasets' names (mmsegmentation's METAINFO), not the protocols' prompts (``ship``)."""
+    from gclip.evaluation.layouts import class_names
+
+    names = class_names(get_dataset(name))
+    assert len(names) == get_dataset(name).num_classes and len(set(names)) == len(names)
+    glued = {"chestofdrawers", "trafficlight", "hotdog", "swimmingpool", "cellphone", "trafficsign"}
+    assert not glued & set(names)
+    if name.startswith("voc"):
+        assert "ship" not in names and "table" not in names
+    expected = {
+        "voc21": {4: "boat", 11: "diningtable"},
+        "voc20": {3: "boat", 10: "diningtable"},
+        "ade20k": {44: "chest of drawers", 136: "traffic light", 15: "table"},
+        "coco_stuff": {9: "traffic light", 60: "dining table"},
+        "cityscapes": {6: "traffic light", 7: "traffic sign"},
+        "context60": {0: "background", 8: "boat"},
+    }.get(name, {})
+    assert {i: names[i] for i in expected} == expected

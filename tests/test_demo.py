@@ -12,7 +12,7 @@ from conftest import tiny_second_models
 from gclip.demo import DemoService, DemoSettings, Limits, parse_vocabulary
 from gclip.demo.service import EXAMPLES_DIR, overlay
 from gclip.errors import ClassesError
-from gclip.io.outputs import palette, read_label_png
+from gclip.io.outputs import class_colours, read_label_png
 
 gr = pytest.importorskip("gradio")
 ui = pytest.importorskip("gclip.demo.ui")
@@ -76,7 +76,7 @@ def test_callback_result_download_and_legend(service):
     for mask, legend in annotations:
         index = names.index(legend.split(" (")[0])
         np.testing.assert_array_equal(mask.astype(bool), labels == index)
-        assert shown["color_map"][legend] == "#{:02x}{:02x}{:02x}".format(*palette(256)[index])
+        assert shown["color_map"][legend] == "#{:02x}{:02x}{:02x}".format(*class_colours(256)[index])
     with Image.open(overlay_path) as ov:
         assert ov.size == (w, h)
         np.testing.assert_array_equal(np.asarray(ov), overlay(image, labels))
@@ -97,8 +97,11 @@ def test_comparison_runs_the_second_method_on_the_same_model(service):
 
 
 def test_threshold_and_settings_reach_the_segmenter(service):
-    shown, *_ = call(service, vocabulary="horse, person, wall", prob_thd=1.0)
-    assert [legend for _, legend in shown["value"][1]] == ["horse (100%)"]
+    shown, _, label_path, _, status = call(service, vocabulary="horse, person, wall", prob_thd=1.0)
+    assert [legend for _, legend in shown["value"][1]] == [] and "100% unlabeled" in status  # not "horse"
+    assert (read_label_png(label_path) == -1).all()
+    shown, *_ = call(service, vocabulary="background, horse, person", prob_thd=1.0)
+    assert [legend for _, legend in shown["value"][1]] == ["background (100%)"]
     assert service._segmenters["gclip"].settings.prob_thd == 1.0
     call(service, short_side=96, crop=0, pamr_steps=2)
     s = service._segmenters["gclip"].settings
@@ -207,3 +210,83 @@ def test_the_demo_runs_corrclip_with_sams_mask_generator(tiny_model, tmp_path, m
     )
     outcome = service.segment(HORSE, "horse, person, wall", "corrclip", FAST)
     assert outcome.result.labels.shape == np.asarray(Image.open(HORSE)).shape[:2]
+
+
+def test_an_upload_gradio_cannot_open_gets_a_one_line_error_naming_it(service, tmp_path):
+    """Gradio opens the upload before the callback runs: its failure is reported with the file and the reason."""
+    from gradio.data_classes import ImageData
+
+    demo = ui.build_demo(service)
+    photo = next(block for block in demo.blocks.values() if isinstance(block, gr.Image) and block.label == "Photo")
+    broken = tmp_path / "upload" / "holiday.jpg"
+    broken.parent.mkdir()
+    broken.write_bytes(b"\xff\xd8 not really a JPEG")
+    with pytest.raises(gr.Error, match="cannot decode holiday.jpg: not an image file") as err:
+        photo.preprocess(ImageData(path=str(broken), orig_name="holiday.jpg"))
+    assert "\n" not in str(err.value) and str(tmp_path) not in str(err.value)
+    assert photo.preprocess(ImageData(path=HORSE, orig_name="horse.jpg")) == HORSE  # good uploads pass
+
+
+def test_the_temporary_work_folder_goes_on_close_a_given_one_stays(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    own = DemoService(tiny_model)
+    assert own.workdir.parent == tmp_path and own.downloads.is_dir()
+    own.close()
+    assert not own.workdir.exists()
+    given = DemoService(tiny_model, workdir=tmp_path / "mine")
+    given.close()
+    assert given.downloads.is_dir()
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_cli_demo_stops_on_a_signal_and_leaves_no_temporary_folder(tiny_checkpoint, tmp_path, stop):
+    """`gclip demo` prints its own address (no `share=True` hint: the CLI has no such option), and Ctrl+C or
+    SIGTERM stops it with its temporary folder (uploads, downloads, Gradio's cache) removed."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import gclip
+    from conftest import HERE, TINY
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    runner = "import sys, open_clip; open_clip.add_model_config(sys.argv[1]); from gclip.cli import main; "
+    runner += "sys.exit(main(sys.argv[2:]))"
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(gclip.__file__).parents[1]), "TMPDIR": str(temp)}
+    env.pop("GRADIO_TEMP_DIR", None)
+    args = ["demo", "--model", TINY, "--pretrained", str(tiny_checkpoint), "--device", "cpu", "--port", str(port)]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", runner, str(HERE / "configs"), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 120
+    try:
+        while not any(ln.startswith("gclip demo: http") for ln in lines) and time.monotonic() < deadline:
+            assert proc.poll() is None, "".join(lines)
+            time.sleep(0.05)
+        assert f"gclip demo: http://127.0.0.1:{port}" in "".join(lines), "".join(lines)
+        assert list(temp.glob("gclip-demo-*")), "the demo made its temporary folder"
+        proc.send_signal(getattr(signal, stop))
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(timeout=10)
+    printed = "".join(lines)
+    assert proc.returncode == 0, printed
+    assert "share=True" not in printed and "Traceback" not in printed
+    assert not list(temp.glob("gclip-demo-*")), printed

@@ -1,4 +1,5 @@
-"""The tables the code knows are generated from it: the README's methods table is `gclip models --markdown`."""
+"""The tables the code knows are generated from it: the README's methods table is `gclip models --markdown`, and the
+example of docs/adding-a-method.md is a working method."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from pathlib import Path
 from gclip.cli.models import methods_markdown
 from gclip.methods import list_methods
 
-README = Path(__file__).parent.parent / "README.md"
+ROOT = Path(__file__).parent.parent
+README = ROOT / "README.md"
+ADDING_A_METHOD = ROOT / "docs" / "adding-a-method.md"
 
 
 def test_readme_methods_table_is_the_generated_one():
@@ -27,8 +30,8 @@ def test_every_method_has_its_row_and_protocol():
         assert len(cells) == 6 and all(cells[:5]), row
 
 
-def test_the_readme_example_method_is_a_working_method(tiny_model, rgb_image):
-    """The example of README "Adding a method", run as written: it registers, segments, and computes key-key
+def test_the_docs_example_method_is_a_working_method(tiny_model, rgb_image):
+    """The example of docs/adding-a-method.md, run as written: it registers, segments, and computes key-key
     attention (checked against the attention written out with explicit matrices)."""
     import torch
 
@@ -36,12 +39,12 @@ def test_the_readme_example_method_is_a_working_method(tiny_model, rgb_image):
     from gclip.inference.forward import dense_features
     from gclip.methods import base, get_method
 
-    code = re.search(r"<!-- adding-a-method:[^\n]*-->\n```python\n(.*?)```", README.read_text(), re.S)
-    assert code, "README.md has no adding-a-method example"
-    module = types.ModuleType("readme_example")  # as if the example were a file of its own
+    code = re.search(r"<!-- adding-a-method:[^\n]*-->\n```python\n(.*?)```", ADDING_A_METHOD.read_text(), re.S)
+    assert code, "docs/adding-a-method.md has no adding-a-method example"
+    module = types.ModuleType("docs_example")  # as if the example were a file of its own
     sys.modules[module.__name__] = module
     try:
-        exec(compile(code.group(1), "README.md", "exec"), module.__dict__)
+        exec(compile(code.group(1), str(ADDING_A_METHOD), "exec"), module.__dict__)
         assert "keykey" in list_methods()
         options = {"scale": 2.0}
         seg = gclip.Segmenter(

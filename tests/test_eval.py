@@ -54,6 +54,7 @@ def test_single_run_prints_table_and_writes_json(tiny_checkpoint, voc_root, tmp_
     assert code == 0
     printed = capsys.readouterr().out
     assert "aeroplane" in printed and "tvmonitor" in printed  # per-class table
+    assert "boat" in printed and "diningtable" in printed and "ship" not in printed  # VOC's names, not prompts
     assert "gclip on voc20: mIoU" in printed and "images 5" in printed and "images/s" in printed
     record = json.loads(out.read_text())
     assert set(record["versions"]) >= {"torch", "open_clip", "gclip", "python", "device"}
@@ -119,12 +120,17 @@ def test_bad_label_stops_or_is_skipped(tiny_checkpoint, tmp_path, capsys):
     Image.new("L", (3, 3)).save(bad)
     assert run_eval(tiny_checkpoint, tmp_path, "--dataset", "ade20k") == 2
     err = capsys.readouterr().err
-    assert err.startswith("gclip: error: ") and str(bad) in err and "--skip-bad" in err
+    assert err.startswith("gclip: error: ade20k: BROKEN") and "ADE_val_00000002: image 34x25, label 3x3" in err
+    assert "--skip-bad" in err and "\n" not in err.strip()  # checked before the model loads: one line
     out = tmp_path / "r.json"
     assert run_eval(tiny_checkpoint, tmp_path, "--dataset", "ade20k", "--skip-bad", "--out", str(out)) == 1
     summary = json.loads(out.read_text())["runs"][0]
     assert summary["summary"]["images"] == 2 and summary["summary"]["skipped"] == 1
     assert summary["skipped"][0]["sample"] == "ADE_val_00000002"
+    rows = (tmp_path / "r.csv").read_text(encoding="utf-8").splitlines()  # per-class IoU beside the JSON
+    assert rows[0] == "method,dataset,class,IoU,Acc,intersect,union,pred,label" and len(rows) == 1 + 150
+    first = json.loads(out.read_text())["runs"][0]["per_class"][0]
+    assert rows[1].split(",")[:4] == ["gclip", "ade20k", first["class"], str(first["IoU"])]
     assert "warning: skipped ADE_val_00000002" in capsys.readouterr().err
 
 
@@ -146,7 +152,8 @@ def test_own_class_files_and_per_set_option_paths(tiny_checkpoint, voc_root, tmp
     assert run_eval(tiny_checkpoint, voc_root, *extra, "--classes-dir", str(classes), "--out", str(out)) == 0
     runs = json.loads(out.read_text())["runs"]
     for run, name in zip(runs, ("voc20", "voc21")):
-        assert run["per_class"][3]["class"] == f"thing3 of {name}"
+        assert run["per_class"][3]["prompt"] == f"thing3 of {name}"
+        assert run["per_class"][3]["class"] == ("boat" if name == "voc20" else "bird")  # the dataset's name
         assert run["settings"]["classes_file"] == str(classes / f"cls_{name}.txt")
         assert run["settings"]["method_options"]["definitions"] == str(defs / f"{name}_definitions.txt")
     (defs / "voc21_definitions.txt").write_text("only >=one line\n")

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.golden
 GOLDEN = Path(__file__).parent / "data" / "fidelity"
 TABLE = tomllib.loads((GOLDEN / "goldens.toml").read_text(encoding="utf-8"))
 UNMATCHED = {
-    "gclip": "no official code: its defaults follow a third-party reading (README, Methods)",
+    "gclip": "no official code: its defaults follow a third-party reading (docs/methods/gclip.md)",
     "trident": "runs whole images only: its dense logits are checked on the pipeline photos (pipelines.toml)",
     "corrclip": "runs whole images only: a window's logits in test_corrclip, the pipelines in pipelines.toml",
 }

@@ -1,4 +1,4 @@
-"""Output formats: COCO RLE (numpy encoder vs pycocotools), per-class records, overlays with a legend."""
+"""Output formats: COCO RLE (numpy encoder vs pycocotools), per-class records, label PNGs, overlays, legends."""
 
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ import pytest
 from gclip import SegmentationResult
 from gclip.io.outputs import (
     _counts_to_string,
+    class_colours,
+    legend_entries,
+    legend_font,
+    legend_image,
+    legend_text,
     overlay_image,
     palette,
     read_label_png,
@@ -18,6 +23,7 @@ from gclip.io.outputs import (
     rle_encode,
     rle_records,
     write_label_png,
+    write_legend,
     write_overlay,
     write_rle_json,
 )
@@ -80,25 +86,79 @@ def test_label_png_8_and_16_bit(tmp_path):
     assert np.array_equal(read_label_png(write_label_png(big, tmp_path / "b.png")), big)
 
 
-def test_overlay_blends_and_adds_a_legend(tmp_path, monkeypatch):
+def test_label_png_unlabeled_pixels_round_trip_and_no_class_is_black(tmp_path):
+    from PIL import Image
+
+    labels = np.array([[0, 1, -1], [2, -1, 0]], dtype=np.int32)
+    path = write_label_png(labels, tmp_path / "u.png")
+    assert np.array_equal(read_label_png(path), labels)
+    with Image.open(path) as img:
+        assert img.mode == "P" and np.asarray(img)[0, 2] == 255  # unlabeled: 255 in 8-bit files
+        colours = np.array(img.getpalette()[:768]).reshape(256, 3)
+    assert colours[:3].any(axis=1).all() and not colours[255].any()  # classes coloured, unlabeled black
+    big = np.where(labels < 0, -1, labels * 300)
+    assert np.array_equal(read_label_png(write_label_png(big, tmp_path / "b.png")), big)  # 16-bit: 65535
+    with Image.open(write_label_png(labels, tmp_path / "bg.png", background=True)) as img:
+        assert img.getpalette()[:3] == [0, 0, 0]  # a background class 0 is black, as in VOC's files
+    with pytest.raises(ValueError, match="-1: unlabeled"):
+        write_label_png(labels - 1, tmp_path / "bad.png")
+
+
+def test_class_colours_are_never_black_without_a_background():
+    assert class_colours(1000).any(axis=1).all()
+    assert not class_colours(21, background=True)[0].any() and class_colours(21, background=True)[1:].any(axis=1).all()
+    assert np.array_equal(class_colours(5, background=True), palette(5))
+
+
+def test_overlay_is_the_photo_size_and_colours_the_first_class(tmp_path, monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "supervision", None)  # the plain alpha blend
     image = np.full((30, 40, 3), 200, np.uint8)
     labels = np.zeros((30, 40), np.int32)
     labels[:, 20:] = 2
+    labels[:5, :5] = -1
     img = overlay_image(image, labels, ["cat", "dog", "sky"], alpha=0.5)
-    assert img.width >= 40 and img.height > 30
+    assert img.size == (40, 30)  # no legend strip: the legend is its own image
     arr = np.asarray(img)
-    colours = palette()
-    expected = np.round(image[0, 25] * 0.5 + colours[2] * 0.5).astype(np.uint8)
-    assert np.array_equal(arr[0, 25], expected) and np.array_equal(arr[0, 5], np.round(image[0, 5] * 0.5))
-    one_class = overlay_image(image, np.zeros((30, 40), np.int32), ["cat", "dog", "sky"])
-    assert one_class.height < img.height  # one legend row instead of two
+    colours = class_colours(3)
+    for x in (10, 25):  # the first class is coloured like any other, not darkened
+        expected = np.round(image[10, x] * 0.5 + colours[labels[10, x]] * 0.5).astype(np.uint8)
+        assert np.array_equal(arr[10, x], expected)
+    assert arr[10, 10].mean() > 100 and np.array_equal(arr[0, 0], image[0, 0])  # unlabeled: the photo
+    with_background = np.asarray(overlay_image(image, labels, ["background", "dog", "sky"], background=True))
+    assert np.array_equal(with_background[10, 10], image[10, 10])  # a background class is left uncoloured
     path = write_overlay(image, labels, ["cat", "dog", "sky"], tmp_path / "o.png")
     assert path.is_file() and not list(tmp_path.glob(".*.tmp"))
     with pytest.raises(ValueError, match="differ in size"):
         overlay_image(image, labels[:10], ["cat", "dog", "sky"])
+
+
+def test_legend_rows_read_name_space_percentage_and_draw_non_ascii(tmp_path):
+    from PIL import ImageDraw, ImageFont
+
+    labels = np.zeros((10, 10), np.int32)
+    labels[:, 6:] = 1
+    labels[0, :] = -1
+    entries = legend_entries(labels, ["café", "ёлка"])
+    assert [(n, round(f, 2)) for n, _, f in entries] == [("café", 0.54), ("ёлка", 0.36), ("unlabeled", 0.1)]
+    assert entries[0][1] != (0, 0, 0) and entries[-1][1] == (0, 0, 0)
+    one = legend_image(np.zeros((4, 4), np.int32), ["cat", "dog"])
+    three = legend_image(labels, ["café", "ёлка"])
+    assert three.height > one.height  # one row per entry
+    assert write_legend(labels, ["café", "ёлка"], tmp_path / "x.legend.png").is_file()
+    font = legend_font()
+    assert isinstance(font, ImageFont.FreeTypeFont)
+    probe = ImageDraw.Draw(one)
+
+    def ink(text: str) -> bytes:
+        return bytes(font.getmask(text))
+
+    missing = ink("\ue000")  # a private-use code point: no font has it, it draws the "missing" box
+    for char in "éёΩж":
+        assert ink(char) != missing, char
+    assert legend_text("cat", 0.12) == "cat 12.0%"
+    assert probe.textlength("cat 12.0%", font=font) > probe.textlength("cat12.0%", font=font)  # a drawn space
 
 
 def test_supervision_overlay_matches_the_plain_blend(monkeypatch):
@@ -107,9 +167,11 @@ def test_supervision_overlay_matches_the_plain_blend(monkeypatch):
 
     rng = np.random.default_rng(2)
     image = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
-    labels = rng.integers(0, 4, (24, 32)).astype(np.int32)
+    labels = rng.integers(-1, 4, (24, 32)).astype(np.int32)  # -1: unlabeled
     names = ["a", "b", "c", "d"]
-    drawn = np.asarray(overlay_image(image, labels, names, alpha=0.4)).astype(int)
+    drawn = [np.asarray(overlay_image(image, labels, names, 0.4, bg)).astype(int) for bg in (False, True)]
     monkeypatch.setitem(sys.modules, "supervision", None)
-    plain = np.asarray(overlay_image(image, labels, names, alpha=0.4)).astype(int)
-    assert drawn.shape == plain.shape and np.abs(drawn - plain).max() <= 1
+    plain = [np.asarray(overlay_image(image, labels, names, 0.4, bg)).astype(int) for bg in (False, True)]
+    for d, p in zip(drawn, plain):
+        assert d.shape == p.shape and np.abs(d - p).max() <= 1
+    assert np.array_equal(drawn[1][labels <= 0], image[labels <= 0])  # background and unlabeled: the photo

@@ -98,6 +98,38 @@ def test_tiled_reduction_equals_full_resolution(size, q2c, prob_thd, area_thd, t
     assert (out.probs - expected_probs).abs().max() < 1e-5
 
 
+def test_without_a_background_thresholds_leave_pixels_unlabeled_and_weigh_every_class():
+    """``prob_thd`` sends uncertain pixels to -1 rather than to the first class; ``area_thd`` may drop class 0."""
+    logits = torch.zeros(3, 4, 4)
+    logits[0, :, :2] = 1.0  # class 0 sure on the left half
+    logits[1, :, 2:] = 0.01  # the right half: nearly uniform, uncertain
+    logits[2, 0, 3] = 1.0  # class 2 on one pixel
+    with_background = reduce_logits(logits, (4, 4), [0, 1, 2], 10.0, prob_thd=0.5)
+    without = reduce_logits(logits, (4, 4), [0, 1, 2], 10.0, prob_thd=0.5, background=False)
+    assert (with_background.labels[:, 2:] == 0).sum() == 7 and without.labels[0, 3] == 2
+    assert (without.labels[:, 2:] == -1).sum() == 7 and (without.labels[:, :2] == 0).all()
+    # area_thd: with a background class 0 is never dropped; without one, the small classes are dropped
+    # whichever they are (here class 2, 1 of 16 pixels), and the first class is weighed like the others.
+    tiny_first = logits[[2, 1, 0]]
+    kept = reduce_logits(tiny_first, (4, 4), [0, 1, 2], 10.0, area_thd=0.1).labels
+    dropped = reduce_logits(tiny_first, (4, 4), [0, 1, 2], 10.0, area_thd=0.1, background=False).labels
+    assert kept[0, 3] == 0 and dropped[0, 3] != 0 and not (dropped == 0).any()
+    everything = reduce_logits(logits, (4, 4), [0, 1, 2], 10.0, area_thd=0.9, background=False).labels
+    assert (everything == 0).all()  # every class under the threshold: the largest is kept
+
+
+def test_label_refinement_sees_no_negative_label():
+    class Closing:
+        def refine_labels(self, labels, contexts):
+            assert labels.min() >= 0  # e.g. a bincount or a uint8 morphological closing
+            return torch.where(labels == 1, 3, labels)  # the unlabeled value (3 classes: 3) spreads
+
+    from gclip.inference.postprocess import refine_labels
+
+    labels = torch.tensor([[0, -1], [1, 2]])
+    assert refine_labels(Closing(), labels, [], 3).tolist() == [[0, -1], [-1, 2]]
+
+
 def test_pamr_keeps_constant_logits_and_smooths_within_regions():
     image = torch.zeros(1, 3, 40, 40)
     image[:, :, :, 20:] = 1.0  # two flat regions

@@ -49,3 +49,24 @@ def test_ray_engine_matches_local_engine(tiny_model, tmp_path, local_ray):
     assert [r["key"] for r in records] == ["a/x", "b/x", "b/y", "broken", "c", "d"]
     again = gclip.segment_folder(spec, tmp_path / "in", tmp_path / "ray", formats, engine="ray")
     assert (again.done, again.skipped, len(again.failed)) == (0, 5, 1)
+
+
+def test_an_actors_error_reaches_the_user_as_one_line():
+    """Ray wraps an actor's exception in one that carries the remote traceback as its text (and is also an instance of
+    the original class): the run reports the original one-line error, or one line of what Ray says."""
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    from gclip.engines.ray_engine import actor_error
+    from gclip.errors import GclipError, OutputError
+
+    line = "out/a.png: cannot write (No space left on device); the same command resumes the run"
+    remote = "Traceback (most recent call last):\n  File 'writer.py', line 9\ngclip.errors.OutputError: " + line
+    wrapped = RayTaskError("SegmentActor.__call__", remote, OutputError(line)).as_instanceof_cause()
+    assert isinstance(wrapped, GclipError) and "\n" in str(wrapped)  # what reached the CLI before
+    error = actor_error(wrapped)
+    assert isinstance(error, OutputError) and str(error) == line
+    outer = RuntimeError("ray data: a task failed")
+    outer.__cause__ = wrapped
+    assert str(actor_error(outer)) == line
+    died = actor_error(ActorDiedError())
+    assert isinstance(died, GclipError) and "\n" not in str(died) and str(died).startswith("a Ray worker failed: ")

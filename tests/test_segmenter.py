@@ -87,9 +87,16 @@ def test_probabilities_and_synonyms(make, rgb_image):
     assert (total <= 1 + 1e-5).all() and (total > 0).all()
 
 
-def test_prob_thd_sets_background(make, rgb_image):
-    labels = make(prob_thd=1.0).predict(rgb_image).labels
-    assert (labels == 0).all()
+def test_prob_thd_sets_the_background_class_or_leaves_pixels_unlabeled(make, rgb_image):
+    """A first class named background gets the uncertain pixels; a user's own first class never does."""
+    with_background = make(classes=("Background", "cat", "dog"), prob_thd=1.0)
+    assert with_background.classes.background and (with_background.predict(rgb_image).labels == 0).all()
+    result = make(prob_thd=1.0).predict(rgb_image)
+    assert not result.background and (result.labels == -1).all()
+    assert result.class_fractions() == {} and result.unlabeled_fraction == 1.0
+    streamed = make(prob_thd=1.0)
+    streamed.stream_min_elements = 1  # the streamed canvas's reduction: the same
+    assert (streamed.predict(rgb_image).labels == -1).all()
 
 
 def test_whole_image_and_unpadded_windows(make, rgb_image):

@@ -40,6 +40,11 @@ def test_bad_class_lists(spec, message):
         parse_classes(spec)
 
 
+def test_a_first_class_named_background_is_a_background_class():
+    assert parse_classes("background,cat").background and parse_classes("Background, void; cat").background
+    assert not parse_classes("cat,background").background and not parse_classes("cat,dog").background
+
+
 def test_class_file_with_synonyms_and_comments(tmp_path):
     path = tmp_path / "classes.txt"
     path.write_text("# vocabulary\nsky, clouds\n\nsea\nperson,people, man\n", encoding="utf-8")

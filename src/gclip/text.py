@@ -26,6 +26,8 @@ from .io.outputs import atomic_path
 __all__ = ["ClassList", "parse_classes", "read_class_file", "load_templates", "TextEncoder", "cache_dir"]
 
 ClassSpec = Union[str, Path, Sequence[Union[str, Sequence[str]]]]
+BACKGROUND = "background"
+"""A first class of this name is a background class (see :attr:`ClassList.background`)."""
 
 
 @dataclass(frozen=True)
@@ -34,9 +36,14 @@ class ClassList:
 
     Attributes:
         synonyms: per class, its names; the first is the display name.
+        background: class 0 is a background class, not a thing to find: ``prob_thd`` sends uncertain pixels to
+            it, ``area_thd`` never drops it, and it is drawn black. Set when the first class is named
+            ``background`` (and by the evaluation for the benchmarks that have one). Without it, uncertain
+            pixels are left unlabeled (label ``-1``; 255 in label PNGs) and every class is a real one.
     """
 
     synonyms: tuple[tuple[str, ...], ...]
+    background: bool = False
 
     @property
     def names(self) -> list[str]:
@@ -76,7 +83,7 @@ def _validate(synonyms: list[tuple[str, ...]], source: str, allow_duplicates: bo
                     "remove the duplicate"
                 )
             seen[key] = i
-    return ClassList(tuple(synonyms))
+    return ClassList(tuple(synonyms), background=synonyms[0][0].lower() == BACKGROUND)
 
 
 def read_class_file(path: str | Path, allow_duplicates: bool = False) -> ClassList:

@@ -25,7 +25,12 @@ def _size(text: str) -> tuple[int, int]:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmark speed and memory against the reference-style loop", description=__doc__)
     src = p.add_argument_group("images")
-    src.add_argument("--images", default="sample", help="a folder of images, or 'sample' (../shared/data VOC)")
+    src.add_argument(
+        "--images",
+        default="sample",
+        help="a folder of images, 'examples' (the demo's 4 bundled photos), or 'sample' (the developers' VOC "
+        "sample: ../shared/data or $GCLIP_SAMPLE_DATA; the default)",
+    )
     src.add_argument("--synthetic", type=_size, metavar="WxH", help="synthetic JPEGs of this size instead")
     src.add_argument("--count", type=int, default=16, help="number of images (default 16)")
     src.add_argument(
@@ -87,6 +92,7 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def _config(args: argparse.Namespace):
+    from ..demo.service import EXAMPLES_DIR
     from ..diagnostics.bench import BenchConfig
 
     random_weights = args.random_weights or args.pretrained is None
@@ -102,7 +108,7 @@ def _config(args: argparse.Namespace):
         settings=settings_from(args),
         classes=args.classes or args.vocabulary or ("ade20k" if args.memory_check else "voc21"),
         templates=args.templates,
-        images=args.images,
+        images=str(EXAMPLES_DIR) if args.images == "examples" else args.images,
         synthetic=args.synthetic,
         count=args.count,
         batch_images=args.batch_images,
@@ -155,6 +161,16 @@ def _passes(record: dict[str, Any]) -> str:
     )
 
 
+def _text_line(text: dict[str, Any]) -> str:
+    rate = "-" if text["classes_per_s"] is None else f"{text['classes_per_s']:,.1f}"
+    cached = text["cache_hits"]
+    note = f", {cached} from the disk cache (GCLIP_NO_CACHE=1 encodes every one)" if cached else ""
+    return (
+        f"text: {text['classes']} classes ({text['queries']} prompts x {text['templates']} templates) in "
+        f"{text['seconds']:.3f} s, {rate} classes/s{note}"
+    )
+
+
 def summary(record: dict[str, Any]) -> str:
     """A few human-readable lines."""
     if "memory_check" in record:
@@ -173,6 +189,8 @@ def summary(record: dict[str, Any]) -> str:
         f"CUDA peak {_mb(record['cuda_peak_mb'])}; {_passes(record)}",
         "stages (s): " + ", ".join(f"{k} {v:.3f}" for k, v in st.items()),
     ]
+    if record.get("text"):
+        lines.append(_text_line(record["text"]))
     if record["encoder_tflops_per_s"] is not None:
         tflops = record["encoder_tflops_per_s"]
         lines.append(f"image encoder: {record['encoder_gflop']:.1f} GFLOP, {tflops:.3f} TFLOP/s")
@@ -223,6 +241,7 @@ def markdown(record: dict[str, Any]) -> str:
         f"| CUDA peak | {_mb(record['cuda_peak_mb'])} | {_mb(ref.get('cuda_peak_mb'))} |",
         "",
         "- stages (s): " + ", ".join(f"{k} {v:.3f}" for k, v in st.items()),
+        *([f"- {_text_line(record['text'])}"] if record.get("text") else []),
         f"- image encoder: {record['encoder_gflop']:.1f} GFLOP"
         + (f", {tflops:.3f} TFLOP/s achieved" if tflops is not None else ""),
     ]

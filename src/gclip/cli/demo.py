@@ -54,5 +54,8 @@ def run(args: argparse.Namespace) -> int:
 
     options = {name: second_model_options(name, proxy) for name in methods_with_second_models()} if proxy else None
     service = DemoService(load_model_from(args), limits, method_options=options)
-    launch(service, host=args.host, port=args.port, concurrency=args.concurrency)
+    try:
+        launch(service, host=args.host, port=args.port, concurrency=args.concurrency)  # until Ctrl+C or SIGTERM
+    finally:
+        service.close()  # its temporary folder (uploads, downloads, Gradio's cache)
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from .common import add_method_args, add_model_args, add_settings_args, method_options_from, settings_from
 
@@ -63,9 +64,9 @@ def run(args: argparse.Namespace) -> int:
 
     from ..backbones.models import resolve_device
     from ..errors import ConfigError
-    from ..evaluation import evaluate, expand_methods, init_distributed
+    from ..evaluation import EvalResult, evaluate, expand_methods, init_distributed
     from ..evaluation.report import markdown_table, per_class_table, software_versions, summary_line
-    from ..io.outputs import write_json
+    from ..io.outputs import write_json, write_text
 
     if args.limit is not None and args.limit < 1:
         raise ConfigError("--limit must be >= 1")
@@ -116,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
             if len(results) > 1:
                 record["table"] = markdown_table(results)
             write_json(record, args.out)
-            say(f"results -> {args.out}")
+            table = write_text(EvalResult.per_class_csv(results), Path(args.out).with_suffix(".csv"))
+            say(f"results -> {args.out}, per-class IoU -> {table}")
     finally:
         if ctx.active:
             import torch.distributed as dist

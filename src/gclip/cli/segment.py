@@ -1,8 +1,9 @@
 """``gclip segment``: label images, folders, globs, list files or webdataset shards; resumable, local or on Ray.
 
-Outputs mirror the input tree under --out: <key>.png (palettized labels), <key>.overlay.png (colours and a
-legend), <key>.rle.json (COCO RLE per class), <key>.json (per-image summary) and manifest.jsonl (one line per
-image). A rerun skips images whose outputs are complete; exit code 1 when some images could not be read.
+Outputs mirror the input tree under --out: <key>.png (palettized labels; 255: unlabeled), <key>.overlay.png
+(colours over the photo), <key>.legend.png (the classes present), <key>.rle.json (COCO RLE per class),
+<key>.json (per-image summary) and manifest.jsonl (one line per image). A rerun skips images whose outputs are
+complete, without loading the model when all are; exit code 1 when some images could not be read.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--format",
         default="png,json",
-        help="comma-separated outputs among png, overlay, rle, json, manifest (default: png,json)",
+        help="comma-separated outputs among png, overlay, legend, rle, json, manifest (default: png,json)",
     )
     p.add_argument("--overwrite", action="store_true", help="redo images whose outputs already exist")
     g = p.add_argument_group("running")

@@ -6,6 +6,7 @@ the settings on the shared Segmenter and runs it, so concurrent requests never s
 
 from __future__ import annotations
 
+import atexit
 import shutil
 import tempfile
 import threading
@@ -23,7 +24,7 @@ from ..errors import ClassesError, ConfigError, ImageError
 from ..inference.result import SegmentationResult
 from ..inference.segmenter import Segmenter, Settings
 from ..io.images import load_image
-from ..io.outputs import atomic_path, palette, write_label_png
+from ..io.outputs import atomic_path, class_colours, write_label_png
 from ..methods import list_methods
 
 __all__ = ["Limits", "DemoSettings", "Outcome", "DemoService", "parse_vocabulary", "overlay"]
@@ -61,7 +62,8 @@ class DemoSettings:
     Attributes:
         short_side: resize the short side to this before windowing (0: keep the working size).
         crop: sliding-window size (0: the whole image in one window); the stride is half of it.
-        prob_thd: pixels whose top probability is below this get the first class.
+        prob_thd: pixels whose top probability is below this are left unlabeled (or get a first class named
+            ``background``).
         pamr_steps: PAMR refinement steps (0: off).
     """
 
@@ -140,15 +142,17 @@ def parse_vocabulary(text: str, limits: Limits = Limits()) -> list[tuple[str, ..
     return classes
 
 
-def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend the palette colour of each pixel's class into ``image`` (``HxWx3 uint8``) -> ``HxWx3 uint8``."""
-    colours = palette(256)[np.clip(labels, 0, 255)].astype(np.float32)
-    return np.clip(image.astype(np.float32) * (1 - alpha) + colours * alpha + 0.5, 0, 255).astype(np.uint8)
+def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5, background: bool = False) -> np.ndarray:
+    """Blend each pixel's class colour (:func:`~gclip.io.outputs.class_colours`) into ``image`` (``HxWx3 uint8``)
+    -> ``HxWx3 uint8``; unlabeled pixels (``-1``) and a ``background`` class 0 keep the photo's colours."""
+    colours = class_colours(256, background)[np.clip(labels, 0, 255)].astype(np.float32)
+    mixed = np.clip(image.astype(np.float32) * (1 - alpha) + colours * alpha + 0.5, 0, 255).astype(np.uint8)
+    return np.where((labels >= (1 if background else 0))[..., None], mixed, image)
 
 
-def hex_colour(index: int) -> str:
-    """The palette colour of a class index as ``#rrggbb``."""
-    r, g, b = palette(256)[index % 256]
+def hex_colour(index: int, background: bool = False) -> str:
+    """The colour of a class index as ``#rrggbb`` (as in :func:`overlay` and the label PNG)."""
+    r, g, b = class_colours(256, background)[index % 256]
     return f"#{r:02x}{g:02x}{b:02x}"
 
 
@@ -158,7 +162,8 @@ class DemoService:
     Args:
         model: the model, loaded once (:func:`gclip.load_model`).
         limits: request limits.
-        workdir: folder owned by the app for its downloads and Gradio's cache (default: a new temp folder).
+        workdir: folder owned by the app for its downloads and Gradio's cache (default: a new temp folder,
+            removed by :meth:`close` or at the latest when the process exits).
         methods: methods offered (default: all registered).
         defaults: the settings the app starts with.
 
@@ -181,11 +186,21 @@ class DemoService:
         self.methods = list(methods or list_methods())
         self.defaults = defaults
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="gclip-demo-"))
+        self._owned = None if workdir else self.workdir  # a temporary folder of ours: removed on close or exit
+        if self._owned is not None:
+            atexit.register(self.close)
         self.downloads = self.workdir / "downloads"
         self.downloads.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._segmenters: dict[str, Segmenter] = {}
         self._names_seen: dict[str, set[str]] = {}
+
+    def close(self) -> None:
+        """Remove the temporary work folder this service made (a ``workdir`` given to it is left alone)."""
+        if self._owned is not None:
+            shutil.rmtree(self._owned, ignore_errors=True)
+            self._owned = None
+            atexit.unregister(self.close)
 
     def describe_model(self) -> str:
         """A one-line description of the loaded model."""
@@ -268,10 +283,10 @@ class DemoService:
     def _write(self, image: np.ndarray, result: SegmentationResult, stem: str) -> tuple[Path, Path]:
         self._prune()
         folder = self.downloads / uuid.uuid4().hex
-        label_png = write_label_png(result.labels, folder / f"{stem}_labels.png")
+        label_png = write_label_png(result.labels, folder / f"{stem}_labels.png", result.background)
         overlay_png = folder / f"{stem}_overlay.png"
         with atomic_path(overlay_png) as tmp:
-            Image.fromarray(overlay(image, result.labels)).save(tmp, format="PNG")
+            Image.fromarray(overlay(image, result.labels, background=result.background)).save(tmp, format="PNG")
         return label_png, overlay_png
 
     def _prune(self) -> None:

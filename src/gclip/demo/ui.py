@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +19,7 @@ import gradio as gr  # noqa: E402
 from ..errors import GclipError  # noqa: E402
 from .service import EXAMPLES_DIR, DemoService, DemoSettings, Outcome, hex_colour  # noqa: E402
 
-__all__ = ["EXAMPLES", "segment_callback", "build_demo", "launch_options", "launch"]
+__all__ = ["EXAMPLES", "segment_callback", "build_demo", "launch_options", "launch", "report_undecodable"]
 
 NO_COMPARISON = "none"
 EXAMPLES = [
@@ -38,7 +43,7 @@ def _annotations(outcome: Outcome) -> tuple[tuple[Any, list[tuple[Any, str]]], d
         index = result.class_names.index(name)
         label = f"{name} ({fraction:.0%})" if fraction >= 0.005 else f"{name} (<1%)"
         annotations.append(((result.labels == index).astype("float32"), label))
-        colours[label] = hex_colour(index)
+        colours[label] = hex_colour(index, result.background)
     return (outcome.image, annotations), colours
 
 
@@ -46,6 +51,8 @@ def _status(outcome: Outcome, note: str) -> str:
     h, w = outcome.result.size
     present = len(outcome.result.class_fractions())
     text = f"**{outcome.method}**: {w}x{h} px, {present} of {len(outcome.result.class_names)} classes present"
+    if outcome.result.unlabeled_fraction:  # under the probability threshold, no background class
+        text += f", {outcome.result.unlabeled_fraction:.0%} unlabeled"
     return text + f", {outcome.seconds:.2f} s" + (f" ({note})" if note else "")
 
 
@@ -90,6 +97,28 @@ def segment_callback(
     return shown, compared, str(main.label_png), str(main.overlay_png), "  \n".join(status)
 
 
+def report_undecodable(component: gr.Image) -> gr.Image:
+    """Make ``component`` answer an upload it cannot open with a one-line :class:`gr.Error` naming the file and
+    the reason (Gradio opens the upload itself, before the app sees it, and reports a failure as a bare
+    "Error")."""
+    original = component.preprocess
+
+    def preprocess(payload: Any) -> Any:
+        try:
+            return original(payload)
+        except gr.Error:
+            raise
+        except Exception as e:  # noqa: BLE001 - PIL and Gradio raise many types for a bad upload
+            name = Path(str(getattr(payload, "orig_name", None) or "the upload")).name
+            reason = "not an image file gclip can read (JPEG, PNG, WebP, BMP, TIFF ...)"
+            if not isinstance(e, (OSError, ValueError, SyntaxError)):
+                reason += f"; {type(e).__name__}"
+            raise gr.Error(f"cannot decode {name}: {reason}", print_exception=False) from None
+
+    component.preprocess = preprocess  # type: ignore[method-assign]
+    return component
+
+
 def _prepare_folders(service: DemoService) -> None:
     """Point Gradio's upload and cache folders into the app's own work folder (before any Blocks exist)."""
     os.environ["GRADIO_TEMP_DIR"] = str(service.workdir / "gradio")
@@ -112,6 +141,7 @@ def build_demo(service: DemoService) -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=1):
                 image = gr.Image(type="filepath", label="Photo", sources=["upload", "clipboard"], height=320)
+                report_undecodable(image)
                 vocabulary = gr.Textbox(
                     label="Classes",
                     placeholder="cat, dog, grass, sky",
@@ -137,7 +167,7 @@ def build_demo(service: DemoService) -> gr.Blocks:
                         1,
                         value=defaults.prob_thd,
                         step=0.05,
-                        label="Probability threshold (pixels below get the first class)",
+                        label="Probability threshold (pixels below: unlabeled, or a first class named background)",
                     )
                     pamr_steps = gr.Slider(
                         0, 20, value=defaults.pamr_steps, step=1, label="PAMR refinement steps (0: off)"
@@ -204,10 +234,41 @@ def launch(
         port: TCP port (``None``: Gradio's default 7860, or the next free one).
         concurrency: requests segmented at the same time (they share one model and take turns on a lock).
         max_queue: requests waiting beyond that are refused.
-        block: ``False`` returns at once with the server running in a thread.
-        quiet: do not print the URL.
+        block: ``False`` returns at once with the server running in a thread; ``True`` serves until Ctrl+C or
+            SIGTERM, then stops the server.
+        quiet: do not print the URL (Gradio's own lines are never printed).
     """
     demo = build_demo(service)
     demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)
-    demo.launch(**launch_options(service, host, port), prevent_thread_lock=not block, quiet=quiet)
+    # Gradio's own lines suggest share=True, which gclip does not offer: print the address here instead.
+    demo.launch(**launch_options(service, host, port), prevent_thread_lock=True, quiet=True)
+    if not quiet:
+        stop = "Ctrl+C stops it" if block else "close() stops it"
+        print(f"gclip demo: {demo.local_url} ({service.describe_model()}; {stop})", flush=True)
+    if block:
+        with _terminate_as_interrupt():
+            try:
+                while demo.is_running:
+                    time.sleep(0.1)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                demo.close()
     return demo
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM stops the server as Ctrl+C does (so the work folder is cleaned up)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, GclipError
 from ..inference.preprocess import Prepared
 from ..io.images import DEFAULT_MAX_PIXELS
 from ..io.inputs import InputItem, read_input
@@ -136,6 +136,26 @@ def run_ray(
     from tqdm.auto import tqdm
 
     with tqdm(total=len(items), unit="img", disable=not progress, file=sys.stderr) as bar:
-        for row in ds.iter_rows():
-            bar.update(1)
-            yield json.loads(row["record"])
+        try:
+            for row in ds.iter_rows():
+                bar.update(1)
+                yield json.loads(row["record"])
+        except GclipError as e:  # Ray's wrapper of an actor's error is a GclipError too, with a traceback for text
+            raise actor_error(e) from None
+        except Exception as e:  # noqa: BLE001 - an actor or task that died: one line, not Ray's traceback
+            raise actor_error(e) from None
+
+
+def actor_error(e: BaseException) -> GclipError:
+    """The one-line error of a Ray run: the :class:`~gclip.errors.GclipError` an actor or task raised (unwrapped
+    from Ray's exceptions, which carry the remote traceback as their text), else a :class:`GclipError` naming what
+    Ray reported in its last line."""
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, GclipError) and "\n" not in str(cause).strip():
+            return cause
+        cause = getattr(cause, "cause", None) or cause.__cause__
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return GclipError(f"a Ray worker failed: {lines[-1] if lines else type(e).__name__}")

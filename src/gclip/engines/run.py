@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -15,11 +16,12 @@ from ..errors import ConfigError, OutputError
 from ..inference.segmenter import Segmenter
 from ..io.inputs import InputItem, collect_inputs, shard_items
 from ..io.manifest import Manifest, manifest_name
-from ..io.writer import OutputWriter, check_output_folder, clean_stale_tmp, parse_formats
+from ..io.writer import OutputWriter, check_output_folder, clean_stale_tmp, parse_formats, settings_hash
+from ..text import load_templates, parse_classes
 from .local import ItemResult, iter_items
 from .spec import SegmenterSpec
 
-__all__ = ["RunSummary", "segment_folder", "iter_segment", "plan_run"]
+__all__ = ["RunSummary", "segment_folder", "iter_segment", "plan_run", "recipe_hash"]
 
 Inputs = str | Path | Sequence[str | Path] | Sequence[InputItem]
 
@@ -68,8 +70,67 @@ def _items(inputs: Inputs, shard: tuple[int, int] | None) -> list[InputItem]:
     return shard_items(items, *shard) if shard else sorted(items, key=lambda i: i.key)  # type: ignore[arg-type]
 
 
+def _identity(value: Any) -> Any:
+    """``value`` with each string naming an existing file replaced by ``[path, size, mtime]`` (recursively)."""
+    if isinstance(value, dict):
+        return {str(k): _identity(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_identity(v) for v in value]
+    if isinstance(value, Path):
+        value = str(value)
+    if isinstance(value, str) and value and os.path.isfile(value):
+        stat = os.stat(value)
+        return [os.path.abspath(value), stat.st_size, stat.st_mtime_ns]
+    return value
+
+
+def recipe_hash(spec: SegmenterSpec) -> str | None:
+    """A hash of how ``spec`` asks for its Segmenter, computed without loading anything: the model name, the
+    weights as a file identity (path, size, modification time; a tag as its name), the method and its options,
+    the templates, the classes and the settings. ``None`` when the spec holds objects (a loaded model, a
+    method instance) that have no such description.
+
+    Two equal hashes mean the same outputs as far as the caller changed anything; a weights file replaced in
+    place is seen by its size or modification time.
+
+    Raises:
+        ClassesError, ConfigError: the classes or templates cannot be read (as the build would raise).
+    """
+    if not isinstance(spec.model, str) or not isinstance(spec.method, str):
+        return None
+    recipe = {f.name: _identity(getattr(spec, f.name)) for f in dataclasses.fields(spec)}  # every field, new ones too
+    recipe["templates"] = load_templates(spec.templates)  # the text, not the file name
+    recipe["classes"] = None if spec.classes is None else [list(q) for q in parse_classes(spec.classes).synonyms]
+    return settings_hash(recipe)
+
+
+def _done_before_loading(
+    out: Path, formats: tuple[str, ...], items: Sequence[InputItem], manifest: Manifest | None, recipe: str | None
+) -> bool:
+    """Whether every item's outputs exist and (with a manifest) were made from this very recipe, so a rerun
+    has nothing to do and need not load the model."""
+    if manifest is None:
+        paths_only = OutputWriter(out, formats, {})
+        return all(paths_only.files_exist(item) for item in items)
+    if recipe is None:
+        return False
+    paths_only = OutputWriter(out, formats, {})
+    records = manifest.read()
+    for item in items:
+        record = records.get(item.key)
+        if record is None or "error" in record or record.get("recipe_hash") != recipe:
+            return False
+        if not paths_only.files_exist(item):
+            return False
+    return True
+
+
 def _description(segmenter: Segmenter) -> dict[str, Any]:
-    return {**segmenter.describe(), "classes": [list(q) for q in segmenter.classes.synonyms]}  # type: ignore[union-attr]
+    classes = segmenter.classes
+    description = {**segmenter.describe(), "classes": [list(q) for q in classes.synonyms]}  # type: ignore[union-attr]
+    if segmenter.settings.prob_thd or segmenter.settings.area_thd:  # where the thresholds send pixels
+        description["background"] = classes.background  # type: ignore[union-attr]
+    return description
 
 
 def plan_run(
@@ -138,9 +199,11 @@ def segment_folder(
             load the model from it themselves).
         inputs: a folder, file, glob, or a list of them, or :class:`~gclip.engines.InputItem` objects.
         out: output folder; the tree of the inputs is mirrored below it.
-        formats: any of ``png``, ``overlay``, ``rle``, ``json``, ``manifest``.
+        formats: any of ``png``, ``overlay``, ``legend``, ``rle``, ``json``, ``manifest``.
         engine: ``"local"`` (DataLoader workers + this process's device) or ``"ray"`` (Ray Data, actor pool).
-        overwrite: redo images whose outputs already exist.
+        overwrite: redo images whose outputs already exist. A rerun given a ``SegmenterSpec`` whose every
+            output exists and whose manifest records this very recipe (:func:`recipe_hash`) returns without
+            loading the model.
         shard: ``(i, n)``: only the ``i``-th of ``n`` interleaved shards of the sorted inputs.
         images_per_batch: images per model call; workers: decoding processes (local engine).
         concurrency: model actors (Ray engine); num_gpus: GPUs per actor (default: 1 when the cluster has
@@ -158,19 +221,34 @@ def segment_folder(
     start = time.perf_counter()
     check_output_folder(out)  # before the model loads
     items = _items(inputs, shard)
+    formats = parse_formats(formats)
+    manifest = Manifest(Path(out) / manifest_name(shard)) if "manifest" in formats else None
+    recipe = recipe_hash(segmenter) if isinstance(segmenter, SegmenterSpec) else None
+    if isinstance(segmenter, SegmenterSpec) and not overwrite:
+        if _done_before_loading(Path(out), formats, items, manifest, recipe):  # a rerun with nothing to do
+            if manifest is not None:
+                manifest.compact()
+            summary = RunSummary(out=Path(out), total=len(items), skipped=len(items))
+            summary.manifest = manifest.path if manifest else None
+            summary.seconds = time.perf_counter() - start
+            return summary
     if isinstance(segmenter, SegmenterSpec):
         spec = segmenter
         # The Ray engine's actors load their own models; this copy only describes the settings.
         segmenter = spec.build() if engine == "local" else dataclasses.replace(spec, device="cpu").build()
     else:
         spec = SegmenterSpec.from_segmenter(segmenter)
-    formats = parse_formats(formats)
-    manifest = Manifest(Path(out) / manifest_name(shard)) if "manifest" in formats else None
     weights = weights_used(segmenter.model, segmenter.method.options())
-    writer = OutputWriter(Path(out), formats, _description(segmenter), weights=weights)
+    writer = OutputWriter(Path(out), formats, _description(segmenter), weights=weights, recipe_hash=recipe)
     pending = plan_run(writer, items, overwrite, manifest)
     summary = RunSummary(out=Path(out), total=len(items), skipped=len(items) - len(pending))
     summary.manifest = manifest.path if manifest else None
+    if manifest is not None and recipe is not None:  # outputs still valid: the next rerun can skip loading
+        waiting = {item.key for item in pending}
+        for key, record in manifest.read().items():
+            if key not in waiting and record.get("settings_hash") == writer.hash and "error" not in record:
+                if record.get("recipe_hash") != recipe:
+                    manifest.append({**record, "recipe_hash": recipe})
     if engine == "ray":
         from .ray_engine import run_ray
 

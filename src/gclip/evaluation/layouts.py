@@ -23,6 +23,7 @@ __all__ = [
     "DATASETS",
     "PAPER_ORDER",
     "get_dataset",
+    "class_names",
     "list_samples",
     "read_label",
     "reduce_zero_label",
@@ -55,7 +56,7 @@ class DatasetSpec:
         ignore_index: label value that is not scored.
         has_background: class 0 is background (``prob_thd`` applies).
         classes_file: class-name file name in the protocol's class folder.
-        download: where to get the data (for error messages and the README).
+        download: where to get the data (for error messages and the docs' dataset table).
     """
 
     name: str
@@ -139,6 +140,39 @@ def get_dataset(name: str) -> DatasetSpec:
     if key not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}: choose among {', '.join(PAPER_ORDER)}")
     return DATASETS[key]
+
+
+_SPACED = [
+    "chest of drawers", "pool table", "screen door", "coffee table", "kitchen island", "swivel chair",
+    "arcade machine", "television receiver", "dirt track", "conveyer belt", "swimming pool", "trade name",
+    "traffic light", "crt screen", "bulletin board", "fire hydrant", "stop sign", "parking meter", "sports ball",
+    "baseball bat", "baseball glove", "tennis racket", "wine glass", "hot dog", "potted plant", "dining table",
+    "cell phone", "teddy bear", "hair drier", "traffic sign",
+]  # fmt: skip
+#: Where the ClearCLIP class files' prompt names differ from the datasets' own class names (mmsegmentation's
+#: ``METAINFO``): VOC's ``boat`` is prompted as ``ship`` and its ``diningtable`` as ``table``; ADE20K, COCO-Stuff
+#: and Cityscapes names of several words are prompted without their spaces.
+NAME_FIXES: dict[str, dict[str, str]] = {
+    "voc21": {"ship": "boat", "table": "diningtable"},
+    "voc20": {"ship": "boat", "table": "diningtable"},
+    **{name: {n.replace(" ", ""): n for n in _SPACED} for name in ("ade20k", "coco_stuff", "cityscapes")},
+}
+
+
+def class_names(spec: DatasetSpec) -> list[str]:
+    """The dataset's own class names, one per scored class (for tables: not the prompts a protocol uses).
+
+    >>> class_names(get_dataset("voc21"))[4], class_names(get_dataset("ade20k"))[44]
+    ('boat', 'chest of drawers')
+    """
+    from importlib import resources
+
+    path = resources.files("gclip") / "data" / "classes" / "clearclip" / spec.classes_file
+    if not path.is_file():  # a set gclip has no class file for: no names
+        return []
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    fixes = NAME_FIXES.get(spec.name, {})
+    return [fixes.get(name, name) for name in (ln.split(",")[0].strip() for ln in lines)]
 
 
 def _require_dir(path: Path, spec: DatasetSpec, what: str, sub: str) -> None:

@@ -17,8 +17,9 @@ from ..engines.spec import SegmenterSpec
 from ..errors import ConfigError, WeightsError
 from ..methods import get_method, list_methods
 from ..text import TextEncoder, read_class_file
+from .check import EXPECTED_IMAGES, check_samples
 from .distributed import DistContext
-from .layouts import PAPER_ORDER, DatasetMissing, DatasetSpec, get_dataset, list_samples
+from .layouts import PAPER_ORDER, DatasetError, DatasetMissing, DatasetSpec, get_dataset, list_samples
 from .protocols import resolve_preset
 from .scoring import EvalResult, score
 
@@ -122,7 +123,13 @@ def evaluate(
                 raise
             say(f"gclip: {spec.name} skipped: {e}", file=sys.stderr)
             continue
-        plans.append((spec, samples[:limit] if limit else samples))
+        samples = samples[:limit] if limit else samples
+        checked = check_samples(spec, samples, expected=min(limit or 10**9, EXPECTED_IMAGES.get(spec.name, 10**9)))
+        if checked.broken and not skip_bad:
+            raise DatasetError(f"{checked.verdict()} (see `gclip data check`; --skip-bad scores the rest)")
+        if checked.broken or checked.modes:  # the count is in each run's header line
+            say(f"gclip: {checked.verdict()}", file=sys.stderr)
+        plans.append((spec, samples))
     if not plans:
         raise ConfigError(f"no benchmark dataset found under {data_root}")
 

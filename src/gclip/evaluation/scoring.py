@@ -3,6 +3,7 @@ areas are summed per rank and all-reduced."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from ..errors import ConfigError
 from ..inference.segmenter import Segmenter
 from ..io.outputs import write_label_png
 from .distributed import DistContext, shard
-from .layouts import DatasetError, DatasetSpec, Sample
+from .layouts import DatasetError, DatasetSpec, Sample, class_names
 from .loader import BenchmarkDataset, load_batches
 from .metric import Areas, image_areas, summarize
 
@@ -31,13 +32,14 @@ class EvalResult:
 
     Attributes:
         dataset, method: names.
-        class_names: one per scored class.
+        class_names: the dataset's name of each scored class (:func:`~gclip.evaluation.layouts.class_names`).
         areas: the dataset-summed areas.
         images: images scored.
         skipped: ``(name, reason)`` of the samples skipped with ``skip_bad``.
         seconds: wall time of the scoring loop (slowest rank).
         settings: what determined the predictions.
         weights: the weights files used (:func:`gclip.backbones.weights_used`: path and SHA-256 of each).
+        prompt_names: the display name of each class's prompts, where they differ from ``class_names``.
     """
 
     dataset: str
@@ -49,6 +51,7 @@ class EvalResult:
     seconds: float = 0.0
     settings: dict[str, Any] = field(default_factory=dict)
     weights: dict[str, Any] = field(default_factory=dict)
+    prompt_names: list[str] = field(default_factory=list)
 
     @property
     def summary(self) -> dict[str, Any]:
@@ -63,12 +66,28 @@ class EvalResult:
             "images_per_s": round(self.images / self.seconds, 3) if self.seconds > 0 else None,
         }
 
+    @staticmethod
+    def per_class_csv(results: list[EvalResult]) -> str:
+        """The per-class IoU and accuracy of several runs as CSV text (one row per method, dataset and class)."""
+        import csv
+        import io
+
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(["method", "dataset", "class", "IoU", "Acc", "intersect", "union", "pred", "label"])
+        for r in results:
+            for row in r.per_class():
+                writer.writerow([r.method, r.dataset, *row.values()])
+        return text.getvalue()
+
     def per_class(self) -> list[dict[str, Any]]:
         s = summarize(self.areas)
         a = self.areas
+        prompts = self.prompt_names or self.class_names
         return [
             {
                 "class": name,
+                "prompt": prompts[c],
                 "IoU": s["IoU"][c],
                 "Acc": s["Acc"][c],
                 "intersect": int(a.intersect[c]),
@@ -113,6 +132,10 @@ def score(
 ) -> EvalResult:
     """Score ``segmenter`` (classes already set, ``spec.num_classes`` of them) on ``samples``.
 
+    The segmenter's class 0 is made a background class exactly when the set has one (``spec.has_background``:
+    ``prob_thd`` sends uncertain pixels to it), whatever its prompt names (SCLIP's VOC21 file names it ``sky,
+    wall, ...``); on the other sets uncertain pixels stay unlabeled and count in no class.
+
     Args:
         segmenter: the configured segmenter.
         spec: the dataset (number of classes, ignore index, ``reduce_zero_label``).
@@ -137,6 +160,8 @@ def score(
     if segmenter.classes is None or len(segmenter.classes) != spec.num_classes:
         got = 0 if segmenter.classes is None else len(segmenter.classes)
         raise ConfigError(f"{spec.name} has {spec.num_classes} classes but the segmenter has {got}")
+    if segmenter.classes.background != spec.has_background:  # type: ignore[union-attr]
+        segmenter.classes = dataclasses.replace(segmenter.classes, background=spec.has_background)  # type: ignore[arg-type]
     if images_per_step < 1 or workers < 0 or centre_crop < 0:
         raise ConfigError("images per step must be >= 1, workers and centre crop >= 0")
     mine = shard(len(samples), ctx)
@@ -167,17 +192,22 @@ def score(
                     continue
                 areas += image_areas(result.labels, item.label, spec.num_classes, spec.ignore_index)
                 if save_dir is not None:
-                    write_label_png(result.labels + offset, Path(save_dir) / f"{item.sample.name}.png")
+                    # the dataset's values in VOC colours; unlabeled pixels (-1) become its unscored value: 0
+                    # with reduce_zero_label (-1 + 1), else 255 (write_label_png's unlabeled value)
+                    saved = result.labels + offset
+                    write_label_png(saved, Path(save_dir) / f"{item.sample.name}.png", background=True)
                 scored += 1
             bar.update(min(len(batch) * ctx.world_size, len(samples) - bar.n))
     seconds = time.perf_counter() - start
+    dataset_names, prompts = class_names(spec), list(segmenter.classes.names)  # type: ignore[union-attr]
     total = Areas.from_stack(ctx.sum(areas.stack()))
     counts = ctx.sum(np.array([scored], dtype=np.int64))
     gathered = ctx.gather((skipped, seconds))
     return EvalResult(
         dataset=spec.name,
         method=segmenter.method.name,
-        class_names=list(segmenter.classes.names),
+        class_names=dataset_names if len(dataset_names) == spec.num_classes else prompts,
+        prompt_names=prompts,
         areas=total,
         images=int(counts[0]),
         skipped=sorted((s for part, _ in gathered for s in part), key=lambda s: s[0]),

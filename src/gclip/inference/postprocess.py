@@ -11,12 +11,25 @@ need to exist whole (the Segmenter uses it for large images; see ``Segmenter.inf
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Reduction", "StreamingReduction", "bilinear_indices", "resize_rows", "reduce_logits", "pamr"]
+from .result import UNLABELED  # a pixel no class is sure enough of (prob_thd) when there is no background class
+
+__all__ = [
+    "UNLABELED",
+    "Reduction",
+    "StreamingReduction",
+    "bilinear_indices",
+    "resize_rows",
+    "reduce_logits",
+    "refine_labels",
+    "pamr",
+]
 
 TILE_ELEMENTS = 1 << 24  # floats per tile (64 MiB in fp32)
 
@@ -71,6 +84,7 @@ def reduce_logits(
     area_thd: float | None = None,
     return_probs: bool = False,
     tile_elements: int = TILE_ELEMENTS,
+    background: bool = True,
 ) -> Reduction:
     """Labels at ``size`` from merged cosine logits.
 
@@ -79,10 +93,14 @@ def reduce_logits(
         size: ``(H, W)`` output size (the original image).
         query_to_class: class index of each query; a class's probability is the max over its queries.
         logit_scale: multiplies the logits before the softmax over queries.
-        prob_thd: pixels whose top probability is below it become class 0 (background).
-        area_thd: classes 1.. predicted on less than this fraction of the foreground-predicted pixels get
-            probability 0 (then labels are recomputed).
+        prob_thd: pixels whose top probability is below it become class 0 (the background) or, without
+            a background class, :data:`UNLABELED`.
+        area_thd: classes (but the background) predicted on less than this fraction of the pixels predicted
+            as one of them get probability 0 (then labels are recomputed); if that drops every class, the
+            largest is kept.
         return_probs: also return ``(C, H, W)`` class probabilities (after ``area_thd``).
+        background: class 0 is a background class (the benchmarks' protocol); ``False``: every class is a
+            real one.
 
     Returns:
         A :class:`Reduction`.
@@ -116,19 +134,44 @@ def reduce_logits(
         counts = torch.zeros(n_classes, device=device)
         for rows in tiles:
             counts += torch.bincount(probs_of(rows).argmax(0).flatten(), minlength=n_classes).float()
-        foreground = counts[1:]
-        keep[1:] = (foreground > area_thd * foreground.sum()).float()
+        keep = area_keep(counts, area_thd, background)
     labels = torch.empty((height, width), dtype=torch.int32, device=device)
     probs_out = torch.empty((n_classes, height, width), device=device) if return_probs else None
     dropped = None if bool(keep.all()) else keep
     for r0, r1 in tiles:
         tile_labels, probs = _reduce_tile(
-            tile_of((r0, r1)), q2c, n_classes, logit_scale, prob_thd, probs_out is not None, dropped
+            tile_of((r0, r1)), q2c, n_classes, logit_scale, prob_thd, probs_out is not None, dropped, background
         )
         labels[r0:r1] = tile_labels
         if probs_out is not None:
             probs_out[:, r0:r1] = probs
     return Reduction(labels, probs_out)
+
+
+def area_keep(counts: torch.Tensor, area_thd: float, background: bool = True) -> torch.Tensor:
+    """Per class 1 (kept) or 0 (dropped by ``area_thd``), from the ``(C,)`` pixel counts of each class's argmax.
+
+    The background (class 0, when ``background``) is always kept and not counted; without one, if every
+    class falls below the threshold the largest is kept.
+    """
+    first = 1 if background else 0
+    keep = torch.ones_like(counts)
+    candidates = counts[first:]
+    keep[first:] = (candidates > area_thd * candidates.sum()).float()
+    if not bool(keep.any()):
+        keep[counts.argmax()] = 1
+    return keep
+
+
+def refine_labels(method: Any, labels: torch.Tensor, contexts: Sequence[Any], n_classes: int) -> torch.Tensor:
+    """``method.refine_labels(labels, contexts)`` with :data:`UNLABELED` pixels shown to it as one more class
+    (``n_classes``), so a refinement that counts or closes label values sees no negative one; they come back
+    as :data:`UNLABELED`."""
+    unlabeled = labels < 0
+    if not bool(unlabeled.any()):
+        return method.refine_labels(labels, contexts)
+    refined = method.refine_labels(torch.where(unlabeled, n_classes, labels), contexts)
+    return torch.where(refined >= n_classes, UNLABELED, refined)
 
 
 def _reduce_tile(
@@ -139,10 +182,12 @@ def _reduce_tile(
     prob_thd: float,
     want_probs: bool,
     keep: torch.Tensor | None = None,
+    background: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Labels of one ``(Q, ...)`` tile of logits, and its class probabilities when wanted or needed.
 
-    ``keep`` (per class, 0 or 1) zeroes the probabilities of dropped classes before the argmax.
+    ``keep`` (per class, 0 or 1) zeroes the probabilities of dropped classes before the argmax; ``prob_thd``
+    sends pixels to class 0 with a ``background``, else to :data:`UNLABELED`.
     """
     if not want_probs and prob_thd <= 0 and keep is None:
         return q2c[tile.argmax(0)], None  # softmax and the synonym max keep the argmax: skip them
@@ -151,7 +196,7 @@ def _reduce_tile(
         probs = probs * keep[:, None, None]
     top, labels = probs.max(0)
     if prob_thd > 0:
-        labels[top < prob_thd] = 0
+        labels[top < prob_thd] = 0 if background else UNLABELED
     return labels, probs
 
 
@@ -167,7 +212,8 @@ class StreamingReduction:
 
     Args:
         src_size: ``(h, w)`` of the merged logits.
-        size, query_to_class, logit_scale, prob_thd, return_probs, tile_elements: as for :func:`reduce_logits`.
+        size, query_to_class, logit_scale, prob_thd, return_probs, tile_elements, background: as for
+            :func:`reduce_logits`.
         device: where the outputs live.
         axis: 0 to be fed bands of rows ``(Q, n, w)``, 1 for bands of columns ``(Q, h, n)``.
     """
@@ -183,6 +229,7 @@ class StreamingReduction:
         tile_elements: int = TILE_ELEMENTS,
         device: torch.device | str = "cpu",
         axis: int = 0,
+        background: bool = True,
     ) -> None:
         if axis not in (0, 1):
             raise ValueError(f"axis must be 0 (rows) or 1 (columns), got {axis}")
@@ -194,6 +241,7 @@ class StreamingReduction:
         self.n_classes = max(query_to_class) + 1
         self.q2c = torch.tensor(query_to_class, device=device)
         self.logit_scale, self.prob_thd, self.tile_elements = logit_scale, prob_thd, tile_elements
+        self.background = background
         self.rows_index = bilinear_indices(src_size[0], size[0], device)
         cols = bilinear_indices(src_size[1], size[1], device)
         self.cols_index = (cols[0], cols[1], cols[2][None, None, :])
@@ -249,7 +297,13 @@ class StreamingReduction:
             else:
                 tile = self._resize(lines, start, (o0, o1))
             labels, probs = _reduce_tile(
-                tile, self.q2c, self.n_classes, self.logit_scale, self.prob_thd, self.probs is not None
+                tile,
+                self.q2c,
+                self.n_classes,
+                self.logit_scale,
+                self.prob_thd,
+                self.probs is not None,
+                background=self.background,
             )
             self._store((o0, o1), labels, probs)
         self.done = end

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..io.images import ImageInput
 from ..methods import Method, WindowContext
 from .forward import encode, head, image_context, label_context
-from .postprocess import pamr
+from .postprocess import UNLABELED, pamr, refine_labels
 from .segmenter import Prepared, Segmenter
 from .windows import ImageWindows, plan_windows
 
@@ -147,12 +147,15 @@ def reference_labels(segmenter: Segmenter, image: ImageInput) -> np.ndarray:
     class_probs = torch.stack(
         [probs[[q for q, c in enumerate(q2c) if c == k]].max(dim=0).values for k in range(n_classes)]
     )
+    first = 1 if segmenter.classes.background else 0  # type: ignore[union-attr]  # class 0 is the background
     if s.area_thd and n_classes > 1:
         counts = torch.bincount(class_probs.argmax(0).flatten(), minlength=n_classes).float()
         keep = torch.ones(n_classes, device=counts.device)
-        keep[1:] = (counts[1:] > s.area_thd * counts[1:].sum()).float()
+        keep[first:] = (counts[first:] > s.area_thd * counts[first:].sum()).float()
+        if not keep.any():  # every class under the threshold (no background): keep the largest
+            keep[counts.argmax()] = 1
         class_probs = class_probs * keep[:, None, None]
     top, labels = class_probs.max(0)
     if s.prob_thd > 0:
-        labels[top < s.prob_thd] = 0
-    return segmenter.method.refine_labels(labels, contexts).to(torch.int32).cpu().numpy()
+        labels[top < s.prob_thd] = 0 if first else UNLABELED
+    return refine_labels(segmenter.method, labels, contexts, n_classes).to(torch.int32).cpu().numpy()

@@ -37,7 +37,7 @@ from ..methods import Method, WindowContext, get_method
 from ..text import ClassList, ClassSpec, TextEncoder, parse_classes
 from .canvas import BandCanvas, Canvas, WindowUpsample
 from .forward import encode, head, image_context, label_context, second_model, warm
-from .postprocess import TILE_ELEMENTS, StreamingReduction, pamr, reduce_logits
+from .postprocess import TILE_ELEMENTS, StreamingReduction, pamr, reduce_logits, refine_labels
 from .preprocess import Prepared, Preprocessor
 from .result import SegmentationResult
 from .windows import Window, plan_windows, tile
@@ -57,8 +57,10 @@ class Settings:
         padding: ``"symmetric"`` zero-pads a window to a patch multiple and cuts the pad from its logits
             (ClearCLIP); ``"none"`` drops the remainder pixels and stretches the logits (SCLIP, NACLIP).
         logit_scale: multiplies cosine logits before the softmax over queries.
-        prob_thd: pixels whose top probability is below this become class 0.
-        area_thd: classes 1.. covering less than this fraction of foreground pixels are dropped (``None``: off).
+        prob_thd: pixels whose top probability is below this become the background class, or unlabeled (``-1``)
+            when the class list has none (see :attr:`gclip.text.ClassList.background`).
+        area_thd: classes (but the background) covering less than this fraction of their pixels are dropped
+            (``None``: off).
         pamr_steps: PAMR refinement steps (0: off).
         pamr_dilations: PAMR's dilations.
         batch_size: windows per forward pass; ``None`` (the default): 16 on a GPU, 1 on a CPU, where the forward
@@ -384,8 +386,9 @@ class Segmenter:
             if self._streams(size, queries.shape[0]):
                 axis = self._stream_axis(size)
                 reducer = StreamingReduction(
-                    size, item.size, q2c, s.logit_scale, s.prob_thd, return_probs, device=self.device, axis=axis
-                )
+                    size, item.size, q2c, s.logit_scale, s.prob_thd, return_probs, device=self.device, axis=axis,
+                    background=self.classes.background,  # type: ignore[union-attr]
+                )  # fmt: skip
                 targets = [win.target for win in windows]
                 canvases.append(BandCanvas(queries.shape[0], size, targets, reducer, self.device, axis=axis))
             else:
@@ -406,9 +409,11 @@ class Segmenter:
         return results
 
     def _result(self, item: Prepared, reduced: Any, contexts: list[WindowContext]) -> SegmentationResult:
+        n_classes, background = len(self.classes), self.classes.background  # type: ignore[arg-type,union-attr]
         return SegmentationResult(
-            labels=self.method.refine_labels(reduced.labels, contexts).to(torch.int32).cpu().numpy(),
+            labels=refine_labels(self.method, reduced.labels, contexts, n_classes).to(torch.int32).cpu().numpy(),
             class_names=self.classes.names,  # type: ignore[union-attr]
+            background=background,
             probs=reduced.probs.cpu().numpy() if reduced.probs is not None else None,
             key=item.key,
         )
@@ -447,4 +452,5 @@ class Segmenter:
             prob_thd=s.prob_thd,
             area_thd=s.area_thd,
             return_probs=return_probs,
+            background=self.classes.background,  # type: ignore[union-attr]
         )

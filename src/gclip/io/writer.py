@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import ConfigError, OutputError
 from ..inference.result import SegmentationResult
 from .inputs import InputItem
-from .outputs import result_record, write_json, write_label_png, write_overlay, write_rle_json
+from .outputs import result_record, write_json, write_label_png, write_legend, write_overlay, write_rle_json
 
 __all__ = [
     "FORMATS",
@@ -30,7 +30,13 @@ __all__ = [
 ]
 
 #: Output file of each per-image format, as a suffix of the item's key.
-FILE_SUFFIXES = {"png": ".png", "overlay": ".overlay.png", "rle": ".rle.json", "json": ".json"}
+FILE_SUFFIXES = {
+    "png": ".png",
+    "overlay": ".overlay.png",
+    "legend": ".legend.png",
+    "rle": ".rle.json",
+    "json": ".json",
+}
 #: Every format: the per-image files and the run's JSON-lines ``manifest``.
 FORMATS = (*FILE_SUFFIXES, "manifest")
 _TMP = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]+\.tmp$")
@@ -66,6 +72,9 @@ class OutputWriter:
         overlay_alpha: opacity of the colours in overlays.
         weights: the weights files of the run (:func:`gclip.backbones.weights_used`), written into the per-image
             JSON and the manifest (not hashed: a copy of the same file elsewhere gives the same labels).
+        recipe_hash: a hash of how the Segmenter was asked for (model name, weights file identity, method,
+            settings, classes), known before the model loads; recorded so that a rerun with nothing to do can
+            tell without loading it (``None``: not recorded).
     """
 
     out: Path
@@ -73,6 +82,7 @@ class OutputWriter:
     description: dict[str, Any]
     overlay_alpha: float = 0.5
     weights: dict[str, Any] | None = None
+    recipe_hash: str | None = None
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -102,12 +112,15 @@ class OutputWriter:
     ) -> dict[str, Any]:
         """Write every per-image file of ``item`` (each atomically) and return its manifest record."""
         paths = self.paths(item)
+        names, background = result.class_names, result.background
         if "png" in paths:
-            write_label_png(result.labels, paths["png"])
+            write_label_png(result.labels, paths["png"], background)
         if "overlay" in paths:
             if image is None:
                 raise ValueError("the overlay format needs the decoded image")
-            write_overlay(image, result.labels, result.class_names, paths["overlay"], self.overlay_alpha)
+            write_overlay(image, result.labels, names, paths["overlay"], self.overlay_alpha, background)
+        if "legend" in paths:
+            write_legend(result.labels, names, paths["legend"], background)
         if "rle" in paths:
             write_rle_json(result, paths["rle"], image=item.name)
         if "json" in paths:
@@ -126,6 +139,7 @@ class OutputWriter:
             "method": self.description.get("method"),
             "settings_hash": self.hash,
             "weights": self.weights,
+            **({"recipe_hash": self.recipe_hash} if self.recipe_hash else {}),
             "seconds": round(seconds, 4),
         }
 

@@ -146,8 +146,11 @@ class Cass(Method):
         mean_vector_weight: how far each group's chosen class moves towards its two closest patches.
         h_threshold: the Ward distance at which the text clusters are cut.
         stretch_singular: stretch the DINO singular values (the authors: on for every dataset but VOC20, Cityscapes).
-        gaussian_std: NACLIP's prior (patches). scale_factor: DINO's weight (times the spectral distance).
-        k_eigen: eigenvalues compared per head. rank: the randomised SVD's rank. seed: its test matrix's seed.
+        gaussian_std: NACLIP's prior (patches).
+        scale_factor: DINO's weight (times the spectral distance).
+        k_eigen: eigenvalues compared per head.
+        rank: the randomised SVD's rank.
+        seed: the seed of the randomised SVD's test matrix, drawn afresh for every crop.
     """
 
     name = "cass"

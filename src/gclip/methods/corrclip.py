@@ -121,12 +121,15 @@ class CorrClip(Method):
         proxy, proxy_checkpoint: the DINO model and its weights file.
         masks: a folder of pre-generated instance masks, ``<image stem>.npz`` (``instance_mask``) or ``.png``.
         mask_generator, sam_checkpoint: or a SAM model (``sam_vitb``, ...) and its weights for SAM's automatic mask
-            generator (the authors use SAM2; segment-anything's SAM stands in), with ``points_per_side``,
-            ``pred_iou_thresh``, ``stability_score_thresh``.
-        tau: the temperature of the scope attention; dbscan_eps, dbscan_min_samples: the region merging.
-        spatial_weight, semantic_weight: the two extra branches; spatial_blocks: blocks the spatial branch averages
-            (``None``: the authors' rule by depth, 5 for ViT-B).
-        window_pad: windows are zero-padded to multiples of it; map_correction: the per-region mode labels.
+            generator (the authors use SAM2; segment-anything's SAM stands in).
+        points_per_side, pred_iou_thresh, stability_score_thresh: the generator's point grid and mask filters (the
+            authors' SAM2 settings).
+        tau: the temperature of the scope attention.
+        dbscan_eps, dbscan_min_samples: the region merging.
+        spatial_weight, semantic_weight: the two extra branches.
+        spatial_blocks: blocks the spatial branch averages (``None``: the authors' rule by depth, 5 for ViT-B).
+        window_pad: windows are zero-padded to multiples of it.
+        map_correction: the per-region mode labels.
     """
 
     name = "corrclip"

@@ -3,8 +3,8 @@
 Attention Map Fusion: the last block attends with a weighted mean of its query-query attention and the
 query-key attention of the "global-token emerging" blocks. Channel Suppression: in the blocks after
 emergence, the FFN output channel with the largest weight norm is scaled down to the norm of the others.
-Both are applied functionally: the model's weights are never modified. See docs in the README for the
-defaults and what is inferred about them.
+Both are applied functionally: the model's weights are never modified. The docs' GCLIP page says what the
+defaults are based on.
 """
 
 from __future__ import annotations

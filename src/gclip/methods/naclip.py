@@ -36,6 +36,13 @@ def cached_prior(cache: dict, grid: tuple[int, int], std: float, device: torch.d
 @register
 @dataclass
 class NaClip(Method):
+    """NACLIP's options.
+
+    Attributes:
+        gaussian_std: standard deviation (in patches) of the Gaussian neighbourhood prior Ω added to the key-key
+            scores.
+    """
+
     name = "naclip"
     protocol = "sclip"
     summary = "softmax(k kᵀ s + Gaussian prior, std in patches); residual and FFN dropped"

@@ -97,7 +97,8 @@ class ResClip(Method):
             (q-q + k-k) and ``"clip"`` (q-k), both with them.
         rcs, sfr: switch each part on.
         rcs_blocks: blocks whose attention maps are averaged (for 12 blocks; same relative depth otherwise).
-        rcs_weights: ``(tau_r, lam_r)``; sfr_weights: ``(tau_s, lam_s)``.
+        rcs_weights: ``(tau_r, lam_r)`` of RCS; the protocol sets them per dataset.
+        sfr_weights: ``(tau_s, lam_s)`` of SFR; the protocol sets them per dataset.
         temp_thd: first-pass pixels whose top probability is below it count as class 0.
         gaussian_std: NACLIP's prior's and the SFR row blur's standard deviation (in patches).
         delete_same_entity: decay same-class pairs that are not connected by a path of their class.

@@ -42,7 +42,8 @@ class Sfp(Method):
         top_k: outliers kept by SOM and L2.
         pre_block, post_block: blocks whose outputs give the similarity prior (repaired) and the smoothing.
         multi_start, multi_end: outputs of blocks ``[start, end)`` are summed for the second branch.
-        beta: affinities below it are dropped; prior_scale: temperature of the prior's masked softmax.
+        beta: affinities below it are dropped.
+        prior_scale: temperature of the prior's masked softmax.
     """
 
     name = "sfp"
