@@ -1,6 +1,6 @@
 """Backbones: the adapter every method walks a tower through (:mod:`.base`), open_clip's ViT (:mod:`.openclip`),
-loading CLIP models (:mod:`.models`), the second models some methods pair with CLIP (:mod:`.second_models`), and
-the per-tag presets (:mod:`.presets`)."""
+timm's ViT (:mod:`.timm_vit`), loading CLIP models (:mod:`.models`), the second models some methods pair with CLIP
+(:mod:`.second_models`), and the per-tag presets (:mod:`.presets`)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ from ..errors import WeightsError
 from .base import Backbone, fingerprint
 from .openclip import DenseViT
 from .presets import Preset, get_preset, list_presets
+from .timm_vit import TimmViT, is_timm_vit
 
 __all__ = [
     "Backbone",
     "DenseViT",
     "Preset",
+    "TimmViT",
     "backbone_for",
     "fingerprint",
     "get_preset",
@@ -37,9 +39,14 @@ def weights_used(model: Any, method_options: dict[str, Any] | None = None) -> di
 
 
 def backbone_for(visual: nn.Module, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):
-    """The :class:`Backbone` adapter of an image tower (``clip.visual``), with the normalisation of its inputs
-    (OpenAI's by default)."""
+    """The :class:`Backbone` adapter of an image tower: open_clip's ``VisionTransformer`` (``clip.visual``) ->
+    :class:`DenseViT`, timm's ``VisionTransformer`` -> :class:`TimmViT`; with the normalisation of its inputs
+    (by default OpenAI's for open_clip, the model's ``pretrained_cfg``'s or ImageNet's for timm)."""
     norm = {k: tuple(v) for k, v in (("mean", mean), ("std", std)) if v is not None}
     if all(hasattr(visual, a) for a in ("conv1", "class_embedding", "positional_embedding", "transformer")):
         return DenseViT(visual, **norm)
-    raise WeightsError(f"{type(visual).__name__}: no dense-walk adapter for this image tower (open_clip ViTs only)")
+    if is_timm_vit(visual):
+        return TimmViT(visual, **norm)
+    raise WeightsError(
+        f"{type(visual).__name__}: no dense-walk adapter for this image tower (open_clip and timm ViTs only)"
+    )

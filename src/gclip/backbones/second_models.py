@@ -3,9 +3,12 @@
 A proxy is loaded by name (:data:`SECOND_MODELS`) through timm, from a local checkpoint file, gclip's weights folder
 (``gclip download NAME``) or timm's cached pretrained weights, found, read and refused as CLIP's are
 (:mod:`.weights`: the same one-line errors), and cached per process: the Segmenter,
-``gclip eval``, bulk runs and the demo share one copy. Its forward is gclip's own walk over timm's modules, with
-the position embedding resampled as the authors' torch.hub models do it (DINO: bicubic by scale factor;
-DINOv2 with registers: bicubic to the size with antialias).
+``gclip eval``, bulk runs and the demo share one copy. A timm ViT (DINO, DINOv2, MAE) is walked through the same
+family of adapters as CLIP, :class:`~gclip.backbones.timm_vit.TimmViT` (``SecondModel.vit``), with the position
+embedding resampled as the authors' torch.hub models do it (DINO: bicubic by scale factor; DINOv2 with registers:
+bicubic to the size with antialias; MAE: bicubic to the size). SAM's image encoder (segment-anything's
+``ImageEncoderViT``: windowed attention, relative position biases, a convolutional neck) has no adapter yet: it runs
+as its own module (``SecondModel.vit`` is ``None``), and Trident reads its last attention itself.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError, WeightsError
 from .base import fingerprint
 from .models import resolve_device
-from .openclip import resample_pos_embed
+from .timm_vit import IMAGENET_MEAN, IMAGENET_STD, TimmViT
 from .weights import check_sidecar, find_weights, hub_cached, read_checkpoint, weights_record
 
 __all__ = [
@@ -35,9 +38,6 @@ __all__ = [
     "list_second_models",
     "second_model_weights",
 ]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -97,17 +97,25 @@ def list_second_models() -> list[str]:
 
 
 class SecondModel:
-    """A timm ``VisionTransformer`` (DINO's layout) that yields its last block's normalised patch tokens.
+    """A second model: a timm ``VisionTransformer`` walked through its :class:`~gclip.backbones.timm_vit.TimmViT`
+    adapter (the one family of adapters CLIP's towers use), or SAM's image encoder run as its module.
 
     Attributes:
-        name, spec: what was loaded; ``patch_size``, ``width``: read from the model.
+        name, spec: what was loaded; ``model``: the module; ``patch_size``, ``width``: read from the model.
+        vit: the :class:`~gclip.backbones.timm_vit.TimmViT` adapter of a timm ViT (its normalisation the spec's);
+            ``None`` for SAM's image encoder, which has no adapter.
     """
 
     def __init__(self, name: str, spec: SecondModelSpec, model: nn.Module, path: str | None = None) -> None:
         self.name, self.spec, self.model, self.path = name, spec, model, path
+        self.vit = None if spec.family == "sam" else TimmViT(model, spec.mean, spec.std)
         self.patch_size = int(model.patch_embed.proj.kernel_size[0])
         self.width = int(model.patch_embed.proj.out_channels)
-        self._pos: dict[tuple, torch.Tensor] = {}
+
+    def _adapter(self) -> TimmViT:
+        if self.vit is None:
+            raise ConfigError(f"proxy {self.name} is SAM's image encoder: it has no block-by-block walk here")
+        return self.vit
 
     @property
     def device(self) -> torch.device:
@@ -135,20 +143,14 @@ class SecondModel:
         )
         return (images * src_s + src_m - dst_m) / dst_s
 
-    def pos_embed(self, size: tuple[int, int]) -> torch.Tensor:
-        """The position embedding for ``(H, W)`` pixel inputs (the spec's resampling), computed once per size.
+    def pos_embed(self, size: tuple[int, int]) -> torch.Tensor | None:
+        """The position embedding for ``(H, W)`` pixel inputs (the spec's ``pos_rule``), computed once per size:
+        :meth:`TimmViT.pos_embed <gclip.backbones.timm_vit.TimmViT.pos_embed>`.
 
         Models whose embedding covers the patches only (timm's ``no_embed_class``, DINOv2 with registers) get
-        ``(N, C)``, the others ``(1 + N, C)`` with the CLS position first."""
+        ``(N, C)``, the others ``(P + N, C)`` with the CLS (and register) positions first."""
         grid = (int(size[0]) // self.patch_size, int(size[1]) // self.patch_size)
-        if grid not in self._pos:
-            pos = self.model.pos_embed.detach()[0]
-            patches_only = bool(getattr(self.model, "no_embed_class", False))
-            if patches_only:  # resample_pos_embed expects a CLS row first
-                pos = torch.cat([pos.new_zeros((1, pos.shape[-1])), pos])
-            out = resample_pos_embed(pos, grid, self.spec.pos_rule)
-            self._pos[grid] = (out[1:] if patches_only else out).to(self.dtype)
-        return self._pos[grid]
+        return self._adapter().pos_embed(grid, self.spec.pos_rule)
 
     def warm(self, size: tuple[int, int]) -> None:
         """Fill the position-embedding cache for ``(H, W)`` crops (before a compiled forward traces it)."""
@@ -180,25 +182,21 @@ class SecondModel:
             images = F.interpolate(images.to(self.dtype), size=(side, side), mode="bilinear", align_corners=False)
             if self.spec.family == "sam":
                 return m(images)  # SAM's ImageEncoderViT: blocks and neck
-        x, grid = self._walk(images, len(m.blocks))
-        x = m.norm(x)[:, m.num_prefix_tokens :]
+        vit = self._adapter()
+        x, grid = self._walk(images, vit.depth)
+        x = vit.patches(vit.final_norm(x))
         return x.transpose(1, 2).reshape(x.shape[0], -1, grid[0], grid[1])
 
     def last_qkv(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
         """``(B, 3, H, W)`` images normalised for this model -> the last block's patch queries, keys and values,
         each ``(B, heads, N, d)`` (``norm1`` then ``qkv``, prefix tokens dropped), and the patch grid."""
-        m = self.model
         if self.spec.input_size:
             raise ConfigError(f"proxy {self.name} resizes its input to a fixed size: choose a DINO or DINOv2 proxy")
-        x, grid = self._walk(images, len(m.blocks) - 1)
-        blk = m.blocks[-1]
-        attn = blk.attn
-        b, n, c = x.shape
-        qkv = attn.qkv(blk.norm1(x)).reshape(b, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)
-        q = attn.q_norm(qkv[0]) if hasattr(attn, "q_norm") else qkv[0]
-        k = attn.k_norm(qkv[1]) if hasattr(attn, "k_norm") else qkv[1]
-        keep = slice(m.num_prefix_tokens, None)
-        return q[:, :, keep], k[:, :, keep], qkv[2][:, :, keep], grid
+        vit = self._adapter()
+        x, grid = self._walk(images, vit.depth - 1)
+        keep = slice(vit.prefix_tokens, None)
+        q, k, v = vit.qkv(vit.depth - 1, x)
+        return q[:, :, keep], k[:, :, keep], v[:, :, keep], grid
 
     def last_keys(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """The last block's patch keys ``(B, heads, N, d)`` (CASS's ``qkv[1]``) and the patch grid
@@ -207,28 +205,17 @@ class SecondModel:
         return k, grid
 
     def _walk(self, images: torch.Tensor, blocks: int) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Tokens after the first ``blocks`` blocks (prefix tokens first) and the patch grid."""
-        m = self.model
+        """Tokens after the first ``blocks`` blocks (prefix tokens first) and the patch grid: the adapter's
+        :meth:`~gclip.backbones.timm_vit.TimmViT.embed` (the spec's ``pos_rule``) and unchanged blocks."""
+        vit = self._adapter()
         if images.shape[-2] % self.patch_size or images.shape[-1] % self.patch_size:
             raise ConfigError(
                 f"proxy {self.name} needs crops whose sides are multiples of its patch {self.patch_size}, got "
                 f"{images.shape[-2]}x{images.shape[-1]}: choose a crop such as {self.patch_size * 16} (and stride)"
             )
-        x = m.patch_embed.proj(images.to(self.dtype))
-        grid = (int(x.shape[-2]), int(x.shape[-1]))
-        x = x.flatten(2).transpose(1, 2)
-        b = x.shape[0]
-        prefix = [m.cls_token.expand(b, -1, -1).to(x.dtype)]
-        if getattr(m, "reg_token", None) is not None:
-            prefix.append(m.reg_token.expand(b, -1, -1).to(x.dtype))
-        pos = self.pos_embed((images.shape[-2], images.shape[-1]))
-        if getattr(m, "no_embed_class", False):  # DINOv2 with registers: CLS and registers carry no position
-            x = torch.cat([*prefix, x + pos], dim=1)
-        else:
-            x = torch.cat([*prefix, x], dim=1) + pos
-        x = m.norm_pre(m.pos_drop(x))
-        for blk in m.blocks[:blocks]:
-            x = blk(x)
+        x, grid = vit.embed(images, self.spec.pos_rule)
+        for i in range(blocks):
+            x = vit.block(i, x)
         return x, grid
 
 
