@@ -74,9 +74,11 @@ class EvalResult:
 
         text = io.StringIO()
         writer = csv.writer(text, lineterminator="\n")
-        writer.writerow(["method", "dataset", "class", "IoU", "Acc", "intersect", "union", "pred", "label"])
-        for r in results:
-            for row in r.per_class():
+        for i, r in enumerate(results):
+            rows = r.per_class()
+            if i == 0 and rows:
+                writer.writerow(["method", "dataset", *rows[0]])
+            for row in rows:
                 writer.writerow([r.method, r.dataset, *row.values()])
         return text.getvalue()
 
