@@ -27,6 +27,7 @@ __all__ = [
     "image_context",
     "label_context",
     "autocast_for",
+    "end_pass",
     "warm",
 ]
 
@@ -102,9 +103,18 @@ def head(vit: Backbone, method: Method, encoded: Encoded, text: torch.Tensor | N
     """
     x, trace = second_model(vit, method, encoded)
     trace.text = text
-    with autocast_for(vit):
-        feats = method.features(vit, x, trace).float()
-        return feats if text is None else method.logits(vit, feats, text, trace).float()
+    try:
+        with autocast_for(vit):
+            feats = method.features(vit, x, trace).float()
+            return feats if text is None else method.logits(vit, feats, text, trace).float()
+    finally:
+        end_pass(trace)
+
+
+def end_pass(trace: Trace) -> None:
+    """Drop the pass's block changes: their closures hold the trace, so until then the trace and its tensors
+    (kept block inputs, crops) form a reference cycle that only the cyclic garbage collector would free."""
+    trace.changes = {}
 
 
 @torch.no_grad()

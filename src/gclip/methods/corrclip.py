@@ -270,7 +270,7 @@ class CorrClip(Method):
         self, vit: Backbone, crops: torch.Tensor, masks: torch.Tensor, text: torch.Tensor, stage: Callable
     ) -> torch.Tensor:
         """``(B, 3, h, w)`` padded windows and their masks -> ``(B, Q, h, w)`` cosine logits."""
-        from ..inference.forward import autocast_for, encode
+        from ..inference.forward import autocast_for, encode, end_pass
 
         p = vit.patch_size
         grid = (crops.shape[-2] // p, crops.shape[-1] // p)
@@ -280,6 +280,7 @@ class CorrClip(Method):
             x, trace = encode(vit, self, crops, extras={"regions": regions})
         with stage("head"), autocast_for(vit):
             feats = self._features(vit, x, trace).float()
+            end_pass(trace)
             logits = cosine_logits(feats.reshape(feats.shape[0], *regions.size, -1), text)
             return F.interpolate(logits, size=crops.shape[-2:], mode="bilinear")
 
