@@ -183,3 +183,48 @@ def test_second_models_walk_through_the_same_adapter(name):
     second.warm((40, 56))
     assert second.pos_embed((40, 56)) is second.vit.pos_embed((5, 7), "antialias")
     assert second.fingerprint == second.vit.fingerprint()
+
+
+def test_sams_encoder_is_an_adapter_of_the_same_family():
+    """SAM's image encoder (windowed blocks, relative positions, a convolutional neck) through SamViT: the unmodified
+    walk and the neck are the module's forward, the global block taken apart (its own attention with the relative
+    positions) is the block, and a windowed block refuses a method's attention in one line."""
+    from conftest import make_tiny_sam
+    from gclip.backbones.sam_vit import SamViT
+
+    torch.manual_seed(0)
+    encoder = make_tiny_sam()
+    with torch.no_grad():
+        for name, p in encoder.named_parameters():  # the relative-position tables start at zero: give them values
+            if "rel_pos" in name:
+                p.normal_()
+        vit = SamViT(encoder)
+        assert isinstance(vit, Backbone) and (vit.prefix_tokens, vit.has_cls) == (0, False)
+        images = torch.randn(2, 3, 64, 64)
+        x, grid = vit.embed(images)
+        assert grid == (8, 8) and x.shape == (2, 64, 32)
+        for i in range(vit.depth):
+            x = vit.block(i, x)
+        out = vit.project(x).transpose(1, 2).reshape(2, -1, *grid)
+        assert torch.equal(out, encoder(images))
+        tokens, _ = vit.embed(images)
+        tokens = vit.block(0, tokens)
+        last = vit.depth - 1
+        same = vit.block(last, tokens)
+        apart = vit.block(last, tokens, overrides={"ffn_out_weight": vit.ffn_out_weight(last)})  # the path taken apart
+        torch.testing.assert_close(apart, same, rtol=0, atol=1e-5)
+        q, k, _ = vit.qkv(last, tokens)
+        plain = vit.block(last, tokens, attention=lambda q, k, v: F.scaled_dot_product_attention(q, k, v))
+        assert not torch.allclose(plain, same, atol=1e-3)  # the relative positions are in the block's own attention
+        with pytest.raises(ConfigError, match="attends within 4x4 windows"):
+            vit.block(0, vit.embed(images)[0], residual=False)
+    with pytest.raises(ConfigError, match="square inputs"):
+        vit.embed(torch.randn(1, 3, 48, 64))
+    from gclip.backbones.second_models import SecondModel, SecondModelSpec
+
+    second = SecondModel("tiny_sam", SecondModelSpec("vit_b", None, input_size=64, family="sam"), encoder)
+    assert isinstance(second.vit, SamViT)
+    crops = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        resized = F.interpolate(crops, size=(64, 64), mode="bilinear", align_corners=False)
+        assert torch.equal(second.features(crops), encoder(resized))

@@ -7,8 +7,8 @@ A proxy is loaded by name (:data:`SECOND_MODELS`) through timm, from a local che
 family of adapters as CLIP, :class:`~gclip.backbones.timm_vit.TimmViT` (``SecondModel.vit``), with the position
 embedding resampled as the authors' torch.hub models do it (DINO: bicubic by scale factor; DINOv2 with registers:
 bicubic to the size with antialias; MAE: bicubic to the size). SAM's image encoder (segment-anything's
-``ImageEncoderViT``: windowed attention, relative position biases, a convolutional neck) has no adapter yet: it runs
-as its own module (``SecondModel.vit`` is ``None``), and Trident reads its last attention itself.
+``ImageEncoderViT``: windowed attention, relative position biases, a convolutional neck) is walked through
+:class:`~gclip.backbones.sam_vit.SamViT`, the same family.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError, WeightsError
-from .base import fingerprint
+from .base import Backbone, fingerprint
 from .models import resolve_device
+from .sam_vit import SamViT
 from .timm_vit import IMAGENET_MEAN, IMAGENET_STD, TimmViT
 from .weights import check_sidecar, find_weights, hub_cached, read_checkpoint, weights_record
 
@@ -97,24 +98,25 @@ def list_second_models() -> list[str]:
 
 
 class SecondModel:
-    """A second model: a timm ``VisionTransformer`` walked through its :class:`~gclip.backbones.timm_vit.TimmViT`
-    adapter (the one family of adapters CLIP's towers use), or SAM's image encoder run as its module.
+    """A second model walked through its adapter (the one family CLIP's towers use): a timm ``VisionTransformer``
+    through :class:`~gclip.backbones.timm_vit.TimmViT`, SAM's image encoder through
+    :class:`~gclip.backbones.sam_vit.SamViT`.
 
     Attributes:
         name, spec: what was loaded; ``model``: the module; ``patch_size``, ``width``: read from the model.
-        vit: the :class:`~gclip.backbones.timm_vit.TimmViT` adapter of a timm ViT (its normalisation the spec's);
-            ``None`` for SAM's image encoder, which has no adapter.
+        vit: its adapter (normalisation the spec's): :class:`~gclip.backbones.timm_vit.TimmViT` or
+            :class:`~gclip.backbones.sam_vit.SamViT`.
     """
 
     def __init__(self, name: str, spec: SecondModelSpec, model: nn.Module, path: str | None = None) -> None:
         self.name, self.spec, self.model, self.path = name, spec, model, path
-        self.vit = None if spec.family == "sam" else TimmViT(model, spec.mean, spec.std)
+        self.vit: Backbone = SamViT(model) if spec.family == "sam" else TimmViT(model, spec.mean, spec.std)
         self.patch_size = int(model.patch_embed.proj.kernel_size[0])
         self.width = int(model.patch_embed.proj.out_channels)
 
     def _adapter(self) -> TimmViT:
-        if self.vit is None:
-            raise ConfigError(f"proxy {self.name} is SAM's image encoder: it has no block-by-block walk here")
+        if not isinstance(self.vit, TimmViT):
+            raise ConfigError(f"proxy {self.name} is SAM's image encoder: choose a DINO or DINOv2 proxy")
         return self.vit
 
     @property
@@ -176,12 +178,16 @@ class SecondModel:
         after the final norm (DINO's ``get_intermediate_layers(x, 1)``, MAE's ``forward_features``); for SAM the
         image encoder's output (neck included). A model with a fixed input gets the crop resized bilinearly to it,
         as ProxyCLIP feeds it."""
-        m = self.model
         if self.spec.input_size:
             side = self.spec.input_size
             images = F.interpolate(images.to(self.dtype), size=(side, side), mode="bilinear", align_corners=False)
-            if self.spec.family == "sam":
-                return m(images)  # SAM's ImageEncoderViT: blocks and neck
+            if self.spec.family == "sam":  # SAM's blocks (windows as the module runs them) and its neck
+                vit = self.vit
+                x, grid = vit.embed(images)
+                for i in range(vit.depth):
+                    x = vit.block(i, x)
+                out = vit.project(x)
+                return out.transpose(1, 2).reshape(out.shape[0], -1, grid[0], grid[1])
         vit = self._adapter()
         x, grid = self._walk(images, vit.depth)
         x = vit.patches(vit.final_norm(x))

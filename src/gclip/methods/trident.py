@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones.base import Backbone
+from ..backbones.sam_vit import SamViT
 from ..backbones.second_models import SecondModel, second_model_for
 from ..errors import ConfigError, WeightsError
 from ..inference.windows import ImageWindows
@@ -67,30 +68,21 @@ def sam_input(pixels: np.ndarray, side: int) -> tuple[torch.Tensor, tuple[int, i
     return F.pad(x, (0, side - size[1], 0, side - size[0])), size
 
 
-def sam_last_attention(encoder: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """SAM's image encoder up to its last (global) block: that block's attention probabilities ``(1, heads, N, N)``
-    (relative positions included) and values ``(1, heads, h, w, d)``."""
-    from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
-
-    x = encoder.patch_embed(x)
-    if encoder.pos_embed is not None:
-        x = x + encoder.pos_embed
-    for blk in encoder.blocks[:-1]:
-        x = blk(x)
-    last = encoder.blocks[-1]
-    if last.window_size > 0:
+def sam_last_attention(encoder: torch.nn.Module | SamViT, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's image encoder (its module, or its :class:`~gclip.backbones.sam_vit.SamViT` adapter) up to its last
+    (global) block: that block's attention probabilities ``(1, heads, N, N)`` (relative positions included) and values
+    ``(1, heads, h, w, d)``."""
+    vit = encoder if isinstance(encoder, SamViT) else SamViT(encoder)
+    last = vit.depth - 1
+    if vit.windowed(last):
         raise ConfigError("trident needs a SAM encoder whose last block attends globally")
-    attn_mod = last.attn
-    y = last.norm1(x)
-    b, h, w, _ = y.shape
-    heads = attn_mod.num_heads
-    qkv = attn_mod.qkv(y).reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.reshape(3, b * heads, h * w, -1).unbind(0)
-    attn = (q * attn_mod.scale) @ k.transpose(-2, -1)
-    if attn_mod.use_rel_pos:
-        attn = add_decomposed_rel_pos(attn, q, attn_mod.rel_pos_h, attn_mod.rel_pos_w, (h, w), (h, w))
-    attn = attn.softmax(dim=-1)
-    return attn.view(b, heads, h * w, h * w), v.view(b, heads, h, w, -1)
+    tokens, (h, w) = vit.embed(x)
+    for i in range(last):
+        tokens = vit.block(i, tokens)
+    q, k, v = vit.qkv(last, tokens)
+    attn = vit.attention_logits(last, q, k).softmax(dim=-1)
+    b, heads = v.shape[:2]
+    return attn, v.reshape(b, heads, h, w, -1)
 
 
 def sam_guidance(attn: torch.Tensor, v: torch.Tensor, grid: tuple[int, int], cos_fac: float, refine_neg_cos: bool):
@@ -200,7 +192,7 @@ class Trident(Method):
             guides = []
             for part in parts:
                 x, resized = sam_input(part, sam.spec.input_size)
-                attn, values = sam_last_attention(sam.model, x.to(vit.device, vit.dtype))
+                attn, values = sam_last_attention(sam.vit, x.to(vit.device, vit.dtype))
                 grid = (resized[0] // sam.patch_size, resized[1] // sam.patch_size)
                 guides.append(
                     (sam_guidance(attn.float(), values.float(), grid, self.cos_fac, self.refine_neg_cos), grid)
