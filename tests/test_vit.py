@@ -10,7 +10,9 @@ import torch.nn.functional as F
 
 from conftest import crop_methods, make_tiny, tiny_second_models
 from gclip.backbones.openclip import DenseViT, resample_pos_embed
+from gclip.inference.forward import dense_features
 from gclip.methods import Trace, get_method
+from gclip.methods.pieces import run_block
 
 
 def _tiny(block_type: str | None = None) -> torch.nn.Module:
@@ -31,16 +33,18 @@ def test_walk_and_clip_last_block_equal_open_clip_forward(tiny_vit):
     images = torch.randn(2, 3, 32, 32)
     x, grid = tiny_vit.embed(images)
     assert grid == (4, 4)
-    clip = get_method("clip")
-    trace = Trace(grid)
-    x = clip.encode(tiny_vit, x, trace)
-    tokens = clip.last_block(tiny_vit, x, trace)
+    for i in range(tiny_vit.depth - 1):  # the walk of blocks 0..L-2 (the engine's, for a method without changes)
+        x = run_block(tiny_vit, i, x, None, Trace(grid))
+    tokens = tiny_vit.block(tiny_vit.depth - 1, x)  # the unchanged last block: what vanilla CLIP reads
     # the manual last block equals open_clip's own module (nn.MultiheadAttention inside)
     reference = tiny_vit.blocks[-1](x)
     assert torch.allclose(tokens, reference, atol=1e-5)
     # and the CLS token through ln_post/proj is open_clip's image embedding
     cls = tiny_vit.visual.ln_post(tokens[:, 0]) @ tiny_vit.visual.proj
     assert torch.allclose(cls, tiny_vit.visual(images), atol=1e-5)
+    # and the clip method's features are those tokens' patches, projected
+    feats = tiny_vit.project(tiny_vit.patches(tokens)).reshape(2, 4, 4, -1)
+    torch.testing.assert_close(dense_features(tiny_vit, get_method("clip"), images), feats, rtol=0, atol=1e-5)
 
 
 @torch.no_grad()
