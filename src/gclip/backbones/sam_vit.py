@@ -52,14 +52,6 @@ class SamViT(Backbone):
         self.patch_size, self.width = int(proj.kernel_size[0]), int(proj.out_channels)
         self.depth, self.heads = len(model.blocks), int(model.blocks[0].attn.num_heads)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.module.patch_embed.proj.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.module.patch_embed.proj.weight.device
-
     @staticmethod
     def grid_of(tokens: torch.Tensor) -> tuple[int, int]:
         """The square ``(h, w)`` patch grid of ``(B, N, D)`` tokens (SAM's input is a padded square)."""
