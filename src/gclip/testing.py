@@ -99,7 +99,12 @@ def save_random_checkpoint(
 
 
 def random_model(
-    name: str, precision: str = "fp32", device: str | None = None, seed: int = 0, quick_gelu: bool = True
+    name: str,
+    precision: str = "fp32",
+    device: str | None = None,
+    seed: int = 0,
+    quick_gelu: bool = True,
+    tokenizer: str | Path | None = None,
 ) -> LoadedModel:
     """``name`` with the deterministic random weights of :func:`random_state_dict` (no file), loaded as
     :func:`gclip.load_model` loads a checkpoint (``pretrained`` reads ``random:<seed>``).
@@ -116,7 +121,7 @@ def random_model(
         raise ConfigError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     dev = resolve_device(device)
     warn_slow_precision(precision, dev)
-    model = load_model(name, None, "fp32", "cpu", quick_gelu=quick_gelu)
+    model = load_model(name, None, "fp32", "cpu", quick_gelu=quick_gelu, tokenizer=tokenizer)
     model.clip.load_state_dict(random_state_dict(model.clip, seed))
     model.clip.to(device=dev, dtype=PRECISIONS[precision])
     trim_heap()  # as load_model does after reading a checkpoint: the random state dict is garbage now

@@ -20,10 +20,19 @@ import torch
 
 from .backbones.models import LoadedModel
 from .cache import cache_dir as shared_cache_dir
-from .errors import ClassesError, ConfigError
+from .errors import ClassesError, ConfigError, WeightsError
 from .io.outputs import atomic_path
 
-__all__ = ["ClassList", "parse_classes", "read_class_file", "load_templates", "TextEncoder", "cache_dir"]
+__all__ = [
+    "ClassList",
+    "TextEncoder",
+    "cache_dir",
+    "load_templates",
+    "parse_classes",
+    "read_class_file",
+    "read_text_embeddings",
+    "write_text_embeddings",
+]
 
 ClassSpec = Union[str, Path, Sequence[Union[str, Sequence[str]]]]
 BACKGROUND = "background"
@@ -204,13 +213,27 @@ class TextEncoder:
     """Embeds class names with a model and a template set; one embedding per name, cached in memory and on disk.
 
     The embedding of a name: encode every template filled with it, L2-normalise each, average, L2-normalise.
+
+    Args:
+        model, templates: the model whose text tower embeds, and the prompt templates.
+        embeddings: a file of embeddings made beforehand with this model and templates
+            (:func:`write_text_embeddings`, ``gclip embed-text``); its names need no tokenizer.
     """
 
-    def __init__(self, model: LoadedModel, templates: str | Path | Sequence[str] = "openai_imagenet_80") -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        templates: str | Path | Sequence[str] = "openai_imagenet_80",
+        embeddings: str | Path | None = None,
+    ) -> None:
         self.model = model
         self.templates = load_templates(templates)
         digest = hashlib.sha1("\n".join(self.templates).encode()).hexdigest()[:12]
         text_proj = getattr(model.clip, "text_projection", None)
+        if text_proj is None:  # open_clip's CustomTextCLIP (SigLIP, PE-Core, EVA02): the text tower holds it
+            text_proj = getattr(getattr(model.clip, "text", None), "text_projection", None)
+        if isinstance(text_proj, torch.nn.Linear):
+            text_proj = text_proj.weight
         tower = hashlib.sha1()
         if isinstance(text_proj, torch.Tensor):
             tower.update(text_proj.detach().float().cpu().contiguous().numpy().tobytes())
@@ -219,6 +242,9 @@ class TextEncoder:
         self.disk_key = f"{model.name}-{model.fingerprint}-{tower.hexdigest()[:8]}-{precision}-{digest}"
         self._cache: dict[str, torch.Tensor] = {}
         self.disk_hits = 0
+        self.embeddings_file = None if embeddings is None else Path(embeddings)
+        self.given = {} if embeddings is None else read_text_embeddings(embeddings, self)
+        """Embeddings read from ``embeddings`` (:func:`write_text_embeddings`), used before the tokenizer."""
 
     @torch.no_grad()
     def _encode(self, name: str) -> torch.Tensor:
@@ -235,6 +261,8 @@ class TextEncoder:
         return root / self.disk_key / f"{hashlib.sha1(name.encode()).hexdigest()}.npy"
 
     def _load_or_encode(self, name: str) -> torch.Tensor:
+        if name in self.given:
+            return self.given[name]
         path = self._path(name)
         if path is not None and path.is_file():
             try:
@@ -242,7 +270,12 @@ class TextEncoder:
                 return torch.from_numpy(np.load(path, allow_pickle=False).astype(np.float32))
             except (OSError, ValueError):
                 self.disk_hits -= 1  # unreadable entry: compute it again and overwrite
-        embedding = self._encode(name)
+        try:
+            embedding = self._encode(name)
+        except (WeightsError, ConfigError) as e:
+            if self.embeddings_file is None:
+                raise
+            raise type(e)(f"{self.embeddings_file} has no embedding for {name!r}, and the tokenizer: {e}") from e
         if path is not None:
             try:
                 with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -273,3 +306,69 @@ class TextEncoder:
         if bar is not None:
             bar.close()
         return torch.stack([self._cache[n] for n in names])
+
+
+TEXT_EMBEDDINGS_FORMAT = 1
+"""The version of the files :func:`write_text_embeddings` writes."""
+
+
+def write_text_embeddings(path: str | Path, encoder: TextEncoder, names: Sequence[str]) -> Path:
+    """Embed ``names`` with ``encoder`` and write them to ``path`` (``.npz``, via a temporary name): the names, the
+    ``(N, E)`` float32 unit embeddings, and what made them (model name, weights fingerprint, templates), so that a
+    run on a machine without the tokenizer (SigLIP's from the Hugging Face hub) can use them
+    (``--text-embeddings``, :class:`TextEncoder` ``embeddings``). Returns the path written."""
+    names = list(dict.fromkeys(names))
+    if not names:
+        raise ClassesError("no class names to embed")
+    embeddings = encoder.embed(names).float().numpy()
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise ConfigError(f"text embeddings file {path}: name it *.npz")
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(
+            f,
+            format=np.array(TEXT_EMBEDDINGS_FORMAT),
+            names=np.array(names, dtype=np.str_),
+            embeddings=embeddings,
+            model=np.array(encoder.model.name),
+            fingerprint=np.array(encoder.model.fingerprint),
+            templates=np.array(encoder.templates, dtype=np.str_),
+        )
+    return path
+
+
+def read_text_embeddings(path: str | Path, encoder: TextEncoder) -> dict[str, torch.Tensor]:
+    """The ``{name: (E,) embedding}`` of a :func:`write_text_embeddings` file, checked to have been made with the
+    encoder's model (name and weights fingerprint, which includes the precision) and templates; one-line
+    :class:`~gclip.errors.ConfigError` otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--text-embeddings {path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            found = {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise ConfigError(f"--text-embeddings {path}: not a gclip text-embeddings file ({e})") from None
+    needed = ("format", "names", "embeddings", "model", "fingerprint", "templates")
+    missing = [k for k in needed if k not in found]
+    if missing:
+        raise ConfigError(f"--text-embeddings {path}: not a gclip text-embeddings file (no {', '.join(missing)})")
+    if int(found["format"]) != TEXT_EMBEDDINGS_FORMAT:
+        version = int(found["format"])
+        raise ConfigError(f"--text-embeddings {path}: format {version}, this gclip reads {TEXT_EMBEDDINGS_FORMAT}")
+    model = encoder.model
+    if str(found["model"]) != model.name or str(found["fingerprint"]) != model.fingerprint:
+        raise ConfigError(
+            f"--text-embeddings {path} was made with model {found['model']} (weights {found['fingerprint']}), not "
+            f"{model.name} (weights {model.fingerprint}): make it with `gclip embed-text` and the same --model, "
+            "--pretrained and --precision"
+        )
+    if [str(t) for t in found["templates"]] != encoder.templates:
+        raise ConfigError(
+            f"--text-embeddings {path} was made with other templates ({len(found['templates'])} of them): make it "
+            "with `gclip embed-text` and the same --templates"
+        )
+    names, vectors = found["names"], found["embeddings"]
+    if vectors.ndim != 2 or vectors.shape[0] != len(names):
+        raise ConfigError(f"--text-embeddings {path}: {len(names)} names but embeddings of shape {vectors.shape}")
+    return {str(n): torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for n, v in zip(names, vectors)}

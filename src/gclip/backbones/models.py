@@ -25,6 +25,7 @@ import torch
 
 from ..errors import WeightsError
 from .base import fingerprint
+from .tokenizer import LazyTokenizer
 from .weights import (
     Checkpoint,
     check_sidecar,
@@ -59,7 +60,8 @@ class LoadedModel:
 
     Attributes:
         clip: the open_clip ``CLIP`` module (eval mode, on ``device``, in ``dtype``).
-        tokenizer: open_clip tokenizer for the text tower.
+        tokenizer: the text tower's tokenizer (:class:`~gclip.backbones.tokenizer.LazyTokenizer`: found on its
+            first call).
         name: open_clip model name, e.g. ``"ViT-B-16"``.
         pretrained: the tag or the checkpoint path it was loaded from (``None``: random init).
         quick_gelu: whether the towers use QuickGELU.
@@ -314,6 +316,7 @@ def load_model(
     device: str | torch.device | None = None,
     quick_gelu: bool | None = None,
     cache_dir: str | None = None,
+    tokenizer: str | Path | None = None,
 ) -> LoadedModel:
     """Load an open_clip ViT by name and pretrained tag, or from a local checkpoint file.
 
@@ -329,6 +332,8 @@ def load_model(
             for a local file, its ``gclip download`` sidecar, else what the file is (:func:`checkpoint_activation`:
             OpenAI archives and state dicts, open_clip's published files, ``*-quickgelu`` model names).
         cache_dir: where open_clip caches downloaded weights.
+        tokenizer: a local folder with the text tower's tokenizer files, for models whose tokenizer comes from the
+            Hugging Face hub (SigLIP, SigLIP 2); found on first use, offline too (:mod:`gclip.backbones.tokenizer`).
 
     Returns:
         A :class:`LoadedModel`.
@@ -397,9 +402,12 @@ def load_model(
     std = tuple(float(v) for v in pp.get("std", open_clip.OPENAI_DATASET_STD))
     del state
     trim_heap()  # the checkpoint's tensors are freed: give their pages back
+    text_tokenizer = LazyTokenizer(name, tokenizer, cache_dir)
+    if tokenizer is not None:
+        text_tokenizer.check()  # a folder given is checked now, not at the first class name
     return LoadedModel(
         clip=model,
-        tokenizer=open_clip.get_tokenizer(name),
+        tokenizer=text_tokenizer,
         name=name,
         pretrained=str(pretrained) if pretrained is not None else None,
         quick_gelu=use_quick_gelu,

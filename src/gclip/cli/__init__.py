@@ -10,7 +10,7 @@ import warnings
 
 from ..errors import GclipError
 
-SUBCOMMANDS = ["segment", "eval", "data", "bench", "models", "inspect", "demo", "download"]
+SUBCOMMANDS = ["segment", "eval", "data", "bench", "models", "inspect", "demo", "download", "embed-text"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -44,6 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--model-config", action="append", default=[], metavar="DIR", help="extra open_clip configs")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     g.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    g.add_argument("--tokenizer", metavar="DIR", help="a local folder with a hub tokenizer's files (SigLIP, SigLIP 2)")
     add_method_args(p)
     add_settings_args(p)
     r = p.add_argument_group("run")
@@ -101,6 +102,7 @@ def _config(args: argparse.Namespace):
         pretrained=None if random_weights else args.pretrained,
         random_weights=random_weights,
         quick_gelu=args.quick_gelu if hasattr(args, "quick_gelu") else None,
+        tokenizer=args.tokenizer,
         method=args.method,
         method_options=method_options_from(args),
         precision=args.precision,

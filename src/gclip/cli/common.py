@@ -31,6 +31,22 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         help="force QuickGELU on/off (default: from the tag, the `gclip download` file, or OpenAI's files)",
     )
+    g.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="DIR",
+        help="a folder with the text tower's tokenizer files, for models whose tokenizer comes from the Hugging Face "
+        "hub (SigLIP, SigLIP 2), offline",
+    )
+
+
+def add_text_embeddings_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--text-embeddings",
+        default=None,
+        metavar="FILE",
+        help="class embeddings made beforehand with `gclip embed-text` (same model and templates): no tokenizer needed",
+    )
 
 
 def add_method_args(parser: argparse.ArgumentParser, multiple: bool = False) -> None:
@@ -154,7 +170,9 @@ def second_model_options(method: str, options: dict[str, Any]) -> dict[str, Any]
 def load_model_from(args: argparse.Namespace):
     from ..backbones.models import load_model
 
-    return load_model(args.model, args.pretrained, args.precision, args.device, quick_gelu=args.quick_gelu)
+    return load_model(
+        args.model, args.pretrained, args.precision, args.device, quick_gelu=args.quick_gelu, tokenizer=args.tokenizer
+    )
 
 
 def classes_from(args: argparse.Namespace):

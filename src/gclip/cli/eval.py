@@ -7,7 +7,14 @@ import os
 import sys
 from pathlib import Path
 
-from .common import add_method_args, add_model_args, add_settings_args, method_options_from, settings_from
+from .common import (
+    add_method_args,
+    add_model_args,
+    add_settings_args,
+    add_text_embeddings_arg,
+    method_options_from,
+    settings_from,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -39,6 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(CLIPtrase's protocol; its preset sets 336); 0: off",
     )
     add_model_args(p)
+    add_text_embeddings_arg(p)
     add_method_args(p, multiple=True)
     p.add_argument("--protocol", choices=list_protocols(), help="force a protocol preset (default: the method's own)")
     p.add_argument(
@@ -94,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
             precision=args.precision,
             device=device,
             quick_gelu=args.quick_gelu,
+            tokenizer=args.tokenizer,
+            text_embeddings=args.text_embeddings,
             method_options=options,
             settings=overrides,
             protocol=args.protocol,

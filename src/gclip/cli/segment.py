@@ -16,6 +16,7 @@ from .common import (
     add_method_args,
     add_model_args,
     add_settings_args,
+    add_text_embeddings_arg,
     classes_from,
     method_options_from,
     settings_from,
@@ -33,6 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--from-list", metavar="FILE", help="text file with one image path per line")
     p.add_argument("--wds", nargs="+", metavar="SHARD", default=[], help="webdataset .tar shards (files or globs)")
     add_class_args(p)
+    add_text_embeddings_arg(p)
     p.add_argument("--out", required=True, help="output folder (the input tree is mirrored below it)")
     p.add_argument(
         "--format",
@@ -69,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
         device=args.device,
         quick_gelu=args.quick_gelu,
+        tokenizer=args.tokenizer,
+        text_embeddings=args.text_embeddings,
         templates=args.templates,
         classes=classes_from(args),
         settings=settings_from(args),

@@ -33,9 +33,9 @@ class SegmenterSpec:
     Attributes:
         model: an open_clip model name (loaded by :meth:`build`) or a :class:`~gclip.LoadedModel` (used as it
             is; shipped whole to other processes, e.g. a model whose config was registered only in this one).
-        pretrained, precision, quick_gelu: as for :func:`gclip.load_model`.
+        pretrained, precision, quick_gelu, tokenizer: as for :func:`gclip.load_model`.
         device: ``None`` picks CUDA where the process has a GPU.
-        method, method_options, templates, classes: as for :class:`~gclip.Segmenter`.
+        method, method_options, templates, classes, text_embeddings: as for :class:`~gclip.Segmenter`.
         settings: fields of :class:`~gclip.Settings`; none of ``short_side``, ``crop``, ``stride``: the
             backbone's preset (with a :class:`~gclip.inference.segmenter.PresetNotice`).
         random_seed: instead of ``pretrained``, the deterministic random weights of this seed
@@ -54,6 +54,8 @@ class SegmenterSpec:
     precision: str = "fp32"
     device: str | None = None
     quick_gelu: bool | None = None
+    tokenizer: str | None = None
+    text_embeddings: str | None = None
     templates: str | Sequence[str] = "openai_imagenet_80"
     classes: ClassSpec | ClassList | None = None
     settings: dict[str, Any] = field(default_factory=dict)
@@ -85,9 +87,13 @@ class SegmenterSpec:
             from ..testing import random_model
 
             quick_gelu = self.quick_gelu is not False  # open_clip's OpenAI models use QuickGELU
-            return random_model(self.model, self.precision, self.device, self.random_seed, quick_gelu)
+            return random_model(
+                self.model, self.precision, self.device, self.random_seed, quick_gelu, tokenizer=self.tokenizer
+            )
         pretrained = str(self.pretrained) if isinstance(self.pretrained, Path) else self.pretrained
-        return load_model(self.model, pretrained, self.precision, self.device, quick_gelu=self.quick_gelu)
+        return load_model(
+            self.model, pretrained, self.precision, self.device, quick_gelu=self.quick_gelu, tokenizer=self.tokenizer
+        )
 
     def check_resources(self) -> None:
         """Load (into the per-process cache) or check what the method needs besides CLIP, its second models,
@@ -108,6 +114,7 @@ class SegmenterSpec:
             method=self.method,
             method_options=self.method_options,
             templates=self.templates,
+            text_embeddings=self.text_embeddings,
             **self.settings,
         )
         if text is not None:

@@ -66,6 +66,8 @@ def evaluate(
     precision: str = "fp32",
     device: str | None = None,
     quick_gelu: bool | None = None,
+    tokenizer: str | None = None,
+    text_embeddings: str | Path | None = None,
     method_options: Mapping[str, Mapping[str, Any]] | None = None,
     settings: Mapping[str, Any] | None = None,
     protocol: str | None = None,
@@ -89,7 +91,9 @@ def evaluate(
         datasets: names, comma-separated names, or ``"all"`` (the sets found under ``data_root``; named, a missing
             one is an error).
         data_root: the folder holding ``VOCdevkit/``, ``ade/``, ...
-        model, pretrained, precision, device, quick_gelu: the CLIP model (:func:`gclip.load_model`), or a loaded one.
+        model, pretrained, precision, device, quick_gelu, tokenizer: the CLIP model (:func:`gclip.load_model`), or a
+            loaded one.
+        text_embeddings: class embeddings made beforehand (``gclip embed-text``; :class:`gclip.text.TextEncoder`).
         method_options: per method name, its options (``{dataset}`` in a text value becomes each set's name).
         settings: settings that win over every preset (fields of :class:`gclip.Settings` and ``centre_crop``).
         protocol: force one protocol file for every method (default: each method's own).
@@ -134,9 +138,11 @@ def evaluate(
         raise ConfigError(f"no benchmark dataset found under {data_root}")
 
     if not isinstance(model, LoadedModel):
-        model = SegmenterSpec(model, pretrained, precision=precision, device=device, quick_gelu=quick_gelu).load()
+        model = SegmenterSpec(
+            model, pretrained, precision=precision, device=device, quick_gelu=quick_gelu, tokenizer=tokenizer
+        ).load()
     names = runnable_methods(names, options, [spec.name for spec, _ in plans], model, every_method, say)
-    text = TextEncoder(model, templates)  # one text-embedding cache for every method
+    text = TextEncoder(model, templates, text_embeddings)  # one text-embedding cache for every method
     results = []
     for method in names:
         for spec, samples in plans:

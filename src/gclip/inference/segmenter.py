@@ -23,6 +23,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -117,6 +118,8 @@ class Segmenter:
         method_options: options of the method, e.g. ``{"emerging_blocks": [6, 7]}``.
         device, precision: see :func:`~gclip.backbones.models.load_model`.
         templates: prompt templates (bundled name, file, or list).
+        text_embeddings: class embeddings made beforehand (:func:`gclip.text.write_text_embeddings`,
+            ``gclip embed-text``): their names need no tokenizer.
         classes: optional class list, as for :meth:`set_classes`.
         **settings: fields of :class:`Settings`.
 
@@ -140,12 +143,13 @@ class Segmenter:
         precision: str = "fp32",
         templates: str | Sequence[str] = "openai_imagenet_80",
         classes: ClassSpec | None = None,
+        text_embeddings: str | Path | None = None,
         **settings: Any,
     ) -> None:
         self.model = model if isinstance(model, LoadedModel) else load_model(model, pretrained, precision, device)
         self.vit = backbone_for(self.model.visual, self.model.mean, self.model.std)
         self.method = get_method(method, **(method_options or {}))
-        self.text = TextEncoder(self.model, templates)
+        self.text = TextEncoder(self.model, templates, text_embeddings)
         unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(Settings)})
         if unknown:
             raise ConfigError(f"unknown setting {unknown[0]!r}: see gclip.Settings for the settings")

@@ -22,6 +22,7 @@ class BenchConfig:
     pretrained: str | None = None
     random_weights: bool = True
     quick_gelu: bool | None = None
+    tokenizer: str | None = None
     method: str = "gclip"
     method_options: dict[str, Any] = field(default_factory=dict)
     precision: str = "fp32"
@@ -103,6 +104,7 @@ def recipe(config: BenchConfig) -> SegmenterSpec:
         precision=config.precision,
         device=config.device,
         quick_gelu=config.quick_gelu,
+        tokenizer=config.tokenizer,
         templates=config.templates,
         settings=config.settings,
         random_seed=config.seed if config.random_weights else None,
