@@ -215,6 +215,28 @@ def make_tiny(layers: int = 2, seed: int = 0, block_type: str | None = None, **v
     return model.eval()
 
 
+TINY_TOKENIZER_WORDS = ["a", "photo", "of", "the", "cat", "dog", "sky", "big", "small"]
+
+
+def make_tiny_hf_tokenizer(folder: Path) -> Path:
+    """A small Hugging Face tokenizer (word level over :data:`TINY_TOKENIZER_WORDS`, lower-casing, an end token,
+    padding) saved into ``folder`` as a hub repository's files are (tokenizer.json, tokenizer_config.json), for the
+    hub-tokenizer route of SigLIP's towers; skips the test without transformers."""
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(TINY_TOKENIZER_WORDS)}}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A <eos>", special_tokens=[("<eos>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    fast.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _text_cache_dir(tmp_path_factory):
     """Keep the text-embedding disk cache of a test session in a temporary folder."""

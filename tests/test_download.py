@@ -10,7 +10,7 @@ import open_clip
 import pytest
 import torch
 
-from conftest import TINY, TINY_SAM_MASKS, make_tiny_dino, make_tiny_full_sam
+from conftest import TINY, TINY_SAM_MASKS, make_tiny_dino, make_tiny_full_sam, make_tiny_hf_tokenizer
 from gclip.backbones import download as dl
 from gclip.backbones import second_models
 from gclip.backbones.models import load_model
@@ -163,3 +163,28 @@ def test_an_unreachable_network_is_one_line_without_retries(network, monkeypatch
     err = capsys.readouterr().err
     assert "download of CLIP gclip-tiny-test/tinytag failed (ConnectionError: connection reset)" in err
     assert err.count("\n") == 1
+
+
+def test_a_hub_tokenizer_is_downloaded_beside_the_weights_and_used_offline(network, tmp_path, monkeypatch):
+    """A model whose tokenizer comes from the hub (SigLIP's): `gclip download` saves the tokenizer's files beside the
+    weights and names them in the sidecar; the file alone then embeds class names offline."""
+    from gclip.backbones import tokenizer as tok
+    from gclip.text import TextEncoder
+
+    repo = "gclip/tiny-hub-tokenizer"
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS[TINY]["text_cfg"], "hf_tokenizer_name", repo)
+    source = make_tiny_hf_tokenizer(tmp_path / "hub-files")
+    real = tok.hf_tokenizer
+    monkeypatch.setattr(tok, "hf_tokenizer", lambda name, src: real(name, str(source) if src == repo else src))
+    assert main(["download", TINY, "tinytag", "--to", str(tmp_path / "w")]) == 0
+    folder = tmp_path / "w" / f"{TINY}.tinytag.tokenizer"
+    side = json.loads((tmp_path / "w" / f"{TINY}.tinytag.pt.json").read_text())
+    assert side["tokenizer"] == folder.name and (folder / "tokenizer.json").is_file()
+    assert not [p for p in (tmp_path / "w").iterdir() if p.name.startswith(".")]  # no temporaries left
+    monkeypatch.setattr(tok, "hf_tokenizer", real)
+    monkeypatch.setenv("GCLIP_OFFLINE", "1")
+    model = load_model(None, str(tmp_path / "w" / f"{TINY}.tinytag.pt"))
+    assert model.tokenizer.source == folder
+    tokens = model.tokenizer(["a photo of the cat"])
+    assert tokens[0, :6].tolist() == [3, 4, 5, 6, 7, 1]  # the tiny tokenizer's ids, then its end token
+    assert TextEncoder(model, ["a photo of the {c}"]).embed(["cat"]).shape == (1, model.clip.text_projection.shape[1])

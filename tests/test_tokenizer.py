@@ -8,34 +8,18 @@ import open_clip
 import pytest
 import torch
 
-from conftest import TINY
+from conftest import TINY, TINY_TOKENIZER_WORDS, make_tiny_hf_tokenizer
 from gclip.backbones.tokenizer import LazyTokenizer, hub_tokenizer_name, resolve_tokenizer
 from gclip.cli import main
 from gclip.errors import ConfigError, WeightsError
 from gclip.text import TextEncoder, encode_text, read_text_embeddings, write_text_embeddings
 
 SIGLIP2 = "ViT-B-16-SigLIP2"
-WORDS = ["a", "photo", "of", "the", "cat", "dog", "sky", "big", "small"]
 
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    """A small Hugging Face tokenizer (word level, lower-casing, an end token and padding) made here, saved as a hub
-    repository's files are (tokenizer.json and tokenizer_config.json)."""
-    pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A <eos>", special_tokens=[("<eos>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    folder = tmp_path_factory.mktemp("siglip2-tokenizer")
-    fast.save_pretrained(folder)
-    return folder
+    return make_tiny_hf_tokenizer(tmp_path_factory.mktemp("siglip2-tokenizer"))
 
 
 @pytest.fixture
@@ -56,7 +40,7 @@ def test_a_local_tokenizer_folder_gives_open_clips_tokens(tokenizer_dir):
     tokens = resolve_tokenizer(SIGLIP2, tokenizer_dir)(["A photo of the  CAT.", "sky"])
     context = open_clip.get_model_config(SIGLIP2)["text_cfg"]["context_length"]
     assert tokens.shape == (2, context) and tokens.dtype == torch.long
-    ids = {w: i + 3 for i, w in enumerate(WORDS)}
+    ids = {w: i + 3 for i, w in enumerate(TINY_TOKENIZER_WORDS)}
     # "canonicalize" cleaning (SigLIP 2's config) drops the punctuation and lower-cases; then the end token, padding
     expected = [ids["a"], ids["photo"], ids["of"], ids["the"], ids["cat"], 1]
     assert tokens[0, : len(expected)].tolist() == expected and not tokens[0, len(expected) :].any()

@@ -6,12 +6,15 @@ checkpoints, for the mask generator and the image encoder alike). Each is writte
 sidecar ``DIR/<file>.json`` (:func:`gclip.backbones.weights.write_weights`: what the weights are, the activation and
 normalisation they need, their SHA-256); loaders read the sidecar, so ``--pretrained DIR/ViT-L-14.openai.pt`` needs no
 ``--model`` or ``--quick-gelu``. Without ``--to`` the file goes to gclip's weights folder, where the loaders find it by
-name: ``gclip download ViT-B-16 openai`` makes ``--pretrained openai`` work offline.
+name: ``gclip download ViT-B-16 openai`` makes ``--pretrained openai`` work offline. A model whose tokenizer comes
+from the Hugging Face hub (SigLIP, SigLIP 2) gets its tokenizer files too (``DIR/<file stem>.tokenizer/``, named in
+the sidecar), so the file alone also embeds class names offline.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -77,7 +80,36 @@ def _clip(name: str, tag: str | None, folder: Path) -> Path:
         "std": list(cfg.get("std") or open_clip.OPENAI_DATASET_STD),
         "source": cfg.get("hf_hub") or cfg.get("url", ""),
     }
-    return write_weights(folder, download_filename(name, tag), meta, state=model.state_dict())
+    filename = download_filename(name, tag)
+    tokenizer = _tokenizer(name, folder, filename.removesuffix(".pt"))
+    if tokenizer:
+        meta["tokenizer"] = tokenizer
+    return write_weights(folder, filename, meta, state=model.state_dict())
+
+
+def _tokenizer(name: str, folder: Path, stem: str) -> str | None:
+    """For a model whose tokenizer comes from the Hugging Face hub (SigLIP, SigLIP 2): its files saved into
+    ``folder/<stem>.tokenizer/`` (through a temporary folder), returning that folder's name for the sidecar; a model
+    with open_clip's built-in tokenizer needs none (``None``)."""
+    from .tokenizer import hf_tokenizer, hub_tokenizer_name
+
+    repo = hub_tokenizer_name(name)
+    if repo is None:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    dest = folder / f"{stem}.tokenizer"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=folder))
+    try:
+        try:
+            hf_tokenizer(name, repo).save_pretrained(tmp)
+        except Exception as e:  # noqa: BLE001 - any failure of the fetch: one line
+            raise _failed(f"tokenizer {repo}", e, "huggingface.co") from e
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest.name
 
 
 def _second(name: str, folder: Path) -> Path:

@@ -375,6 +375,8 @@ def load_model(
                 "pass --pretrained /path/to/checkpoint"
             )
         side = _clip_sidecar(path, name)
+        if side is not None and side.get("tokenizer") and tokenizer is None:  # its hub tokenizer, saved beside it
+            tokenizer = path.parent / str(side["tokenizer"])
         if side is not None:  # a file from `gclip download`: its settings
             tag_cfg = open_clip.get_pretrained_cfg(side["model"], str(side.get("tag") or "")) or tag_cfg
             tag_cfg = {**tag_cfg, **{k: tuple(side[k]) for k in ("mean", "std") if side.get(k)}}

@@ -31,7 +31,7 @@ import torch
 from ..errors import ConfigError, WeightsError
 from .weights import hub_cached, hub_reachable
 
-__all__ = ["LazyTokenizer", "hub_tokenizer_name", "resolve_tokenizer"]
+__all__ = ["LazyTokenizer", "hf_tokenizer", "hub_tokenizer_name", "resolve_tokenizer"]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json")
 """Files of which a tokenizer folder has at least one (the fast tokenizer's JSON, or a SentencePiece model)."""
@@ -54,7 +54,7 @@ def hub_tokenizer_name(name: str) -> str | None:
     return _text_cfg(name).get("hf_tokenizer_name") or None
 
 
-def _hf_tokenizer(name: str, source: str) -> Callable[..., torch.Tensor]:
+def hf_tokenizer(name: str, source: str) -> Callable[..., torch.Tensor]:
     """open_clip's ``HFTokenizer`` for model ``name`` read from ``source`` (a folder or hub id), with the model
     config's context length, cleaning and mode."""
     try:
@@ -110,13 +110,13 @@ def resolve_tokenizer(
     if tokenizer is not None:
         folder = Path(tokenizer).expanduser()
         _check_folder(folder)
-        return _hf_tokenizer(name, str(folder))
+        return hf_tokenizer(name, str(folder))
     cached = hub_cached(repo, ["tokenizer_config.json", "tokenizer.json"], cache_dir)
     if cached is not None:
-        return _hf_tokenizer(name, str(Path(cached).parent))
+        return hf_tokenizer(name, str(Path(cached).parent))
     if not hub_reachable():
         raise WeightsError(f"model {name}'s tokenizer comes from huggingface.co/{repo}, not reachable here: {_REMEDY}")
-    return _hf_tokenizer(name, repo)
+    return hf_tokenizer(name, repo)
 
 
 class LazyTokenizer:
