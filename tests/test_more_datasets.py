@@ -94,7 +94,8 @@ def write_new_layout(root: Path, name: str, n: int = 3, size: tuple[int, int] = 
             label = np.kron(blocks, np.ones((8, 8), np.uint8))[:h, :w]
         else:
             label = rng.integers(0, spec["values"], (h, w))
-            label[0, :3] = spec.get("ignore", 255)
+            if spec["values"] > 2:  # the binary sets' converters write 0 and 1 only
+                label[0, :3] = spec.get("ignore", 255)
         if spec["kind"] == "tif16":
             Image.fromarray(label.astype(np.uint16)).save(label_path, format="TIFF")
         elif spec["kind"] == "P":
@@ -164,7 +165,8 @@ def test_sixteen_bit_labels_read_with_pil(tmp_path):
         ("potsdam", "size", "1 labels not the size of their image (2_13_2_0_512_512: image 34x25, label 39x25)"),
         ("isaid", "value", "label values outside 0..15 and 255: 40 (4 px)"),
         ("loveda", "grayscale", "1 images not RGB (2: L)"),
-        ("whu_aerial", "value", "label values outside 0..1 and 255: 2 (4 px)"),
+        ("whu_aerial", "value", "label values outside 0..1 (labels left at 0/255?): 2 (4 px)"),
+        ("spacenet", "unconverted", "label values outside 0..1 (labels left at 0/255?): 255 ("),
         ("udd5", "grayscale", "1 images not RGB (DJI_0002: L)"),
         ("wbs_si", "count", "3 images where the full validation split has 499"),
         ("isaid", "count", "3 images where the full validation split has 11,644"),
@@ -185,13 +187,16 @@ def test_check_finds_each_fault_on_the_new_sets(tmp_path, name, fault, expected)
         array[2:4, 2:4] = {"context459": 600, "isaid": 40, "whu_aerial": 2}[name]
         out = Image.fromarray(array)
         out.save(second.label, format=_format(second.label))
+    elif fault == "unconverted":  # a road mask left at 0/255: the metric would ignore every road pixel
+        array = np.asarray(Image.open(second.label)).copy()
+        Image.fromarray((array * 255).astype(np.uint8)).save(second.label)
     elif fault == "grayscale":
         with Image.open(second.image) as img:
             img.convert("L").save(second.image, format=_format(second.image))
     result = check_dataset(spec, tmp_path)
     line = result.verdict()
     assert expected in line and "\n" not in line
-    assert result.broken == (fault in ("missing", "size", "value"))
+    assert result.broken == (fault in ("missing", "size", "value", "unconverted"))
     assert line.startswith(f"{name}: {'BROKEN' if result.broken else 'OK with notices'} (3 images checked)")
 
 

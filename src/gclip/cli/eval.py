@@ -24,8 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--dataset",
         required=True,
         help="voc21, voc20, context60, context59, coco_stuff, coco_object, cityscapes, ade20k, ade847, context459, "
-        "a remote-sensing set (loveda, potsdam, ...; docs: Datasets) or a MESS set; a comma-separated list; 'all' "
-        "(the eight classic sets found under --data-root) or a family: large, remote, mess (its sets found there)",
+        "a remote-sensing set (loveda, potsdam, ...: docs, More datasets); a comma-separated list; 'all' "
+        "(the eight classic sets found under --data-root) or a family: large, remote (its sets found there)",
     )
     g.add_argument(
         "--data-root", required=True, help="folder holding VOCdevkit/, coco_stuff164k/, cityscapes/, ade/, LoveDA/, ..."

@@ -101,7 +101,9 @@ class SetCheck:
             )
         if self.values:
             found = ", ".join(f"{v} ({c:,} px)" for v, c in sorted(self.values.items())[:8])
-            valid = f"0..{self.spec.num_classes - 1} and {self.spec.ignore_index}"
+            valid = f"0..{self.spec.num_classes - 1}" + (
+                f" and {self.spec.ignore_index}" if self.spec.ignore_written else " (labels left at 0/255?)"
+            )
             out.append(
                 f"label values outside {valid}: {found} in {len(self.value_files)} images ({some(self.value_files)})"
             )
@@ -127,7 +129,7 @@ def check_samples(
     result = SetCheck(spec, images=len(samples), expected=expected)
     valid = np.zeros(max(spec.num_classes, spec.ignore_index) + 1, dtype=bool)
     valid[: spec.num_classes] = True
-    valid[spec.ignore_index] = True
+    valid[spec.ignore_index] = spec.ignore_written
 
     def one(sample: Sample) -> Callable[[SetCheck], None]:
         try:

@@ -65,8 +65,8 @@ class DatasetSpec:
         classes_file: class-name file name in the protocol's class folder.
         download: where to get the data (for error messages and the docs' dataset table).
         ignore_index: label value that is not scored.
-        family: ``classic``, ``large`` (ADE20K-847, PASCAL Context-459), ``remote`` (SegEarth-OV's remote-sensing
-            sets) or ``mess``; a family's name is also a ``--dataset`` value.
+        family: ``classic``, ``large`` (ADE20K-847, PASCAL Context-459) or ``remote`` (SegEarth-OV's
+            remote-sensing sets); a family's name is also a ``--dataset`` value.
         background_index: the background class's index when it is not 0 (SegEarth-OV's ``bg_idx``: Potsdam's and
             Vaihingen's ``clutter``, UDD5's ``other``); scoring moves it first (:func:`class_order`).
         protocol: the protocol file used for this set when the method's own preset has no table for it (``None``:
@@ -74,6 +74,9 @@ class DatasetSpec:
         classes_aliases: other names of its class file in a ``--classes-dir`` folder (CAT-Seg's ``ade847.json``).
         classes_from: where to get the class names when gclip ships none (the error message says it).
         image_modes: the PIL modes its images are expected in (``gclip data check`` reports the others).
+        ignore_written: whether the prepared labels may hold ``ignore_index``; the binary remote-sensing sets'
+            converters write only 0 and 1, so a 255 there is a label left unconverted (0/255), which the metric
+            would silently ignore: ``gclip data check`` reports it as out of range.
     """
 
     name: str
@@ -96,6 +99,7 @@ class DatasetSpec:
     classes_aliases: tuple[str, ...] = ()
     classes_from: str = ""
     image_modes: tuple[str, ...] = ("RGB",)
+    ignore_written: bool = True
 
 
 @dataclass(frozen=True)
@@ -185,6 +189,7 @@ _WHU = "http://gpcv.whu.edu.cn/data/building_dataset.html"
 
 
 def _remote(name, title, root, images, labels, suffixes, classes, n, download, **kw) -> DatasetSpec:
+    kw.setdefault("ignore_written", n > 2)  # the binary sets' converters write 0/1 only
     return DatasetSpec(
         name, title, root, images, labels, suffixes[0], suffixes[1], kw.pop("split", None), n,
         kw.pop("reduce_zero_label", False), True, classes, download, family="remote", protocol="segearth", **kw,
@@ -248,7 +253,7 @@ TABLE_ORDER = PAPER_ORDER + [name for name in DATASETS if name not in PAPER_ORDE
 #: ``--dataset`` names of whole families: ``all`` is the eight classic sets.
 FAMILIES = {
     family: [name for name, spec in DATASETS.items() if spec.family == family]
-    for family in ("classic", "large", "remote", "mess")
+    for family in ("classic", "large", "remote")
 }
 
 
@@ -258,7 +263,7 @@ def get_dataset(name: str) -> DatasetSpec:
     if key not in DATASETS:
         raise DatasetError(
             f"unknown dataset {name!r}: choose among {', '.join(TABLE_ORDER)} (or a family: all, "
-            f"{', '.join(f for f in FAMILIES if f != 'classic' and FAMILIES[f])})"
+            f"{', '.join(f for f in FAMILIES if f != 'classic')})"
         )
     return DATASETS[key]
 

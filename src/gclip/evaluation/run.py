@@ -39,7 +39,7 @@ def expand_methods(methods: str | Sequence[str]) -> list[str]:
 
 def expand_datasets(datasets: str | Sequence[str]) -> list[DatasetSpec]:
     """Comma-separated names (or a list); ``"all"``: the eight benchmarks in the papers' order; a family's name
-    (``large``, ``remote``, ``mess``: :data:`~gclip.evaluation.layouts.FAMILIES`): its sets. Each set once."""
+    (``large``, ``remote``: :data:`~gclip.evaluation.layouts.FAMILIES`): its sets. Each set once."""
     if isinstance(datasets, str):
         datasets = datasets.split(",")
     names: list[str] = []
@@ -95,7 +95,7 @@ def evaluate(
         methods: names, comma-separated names, or ``"all"`` (a method that cannot run here, e.g. without its
             second model's weights, is then skipped with a notice; named, it is an error).
         datasets: names, comma-separated names, ``"all"`` (the eight classic sets) or a family (``large``,
-            ``remote``, ``mess``); the sets of ``all`` or a family are those found under ``data_root`` (a missing one
+            ``remote``); the sets of ``all`` or a family are those found under ``data_root`` (a missing one
             is skipped with a notice; named alone, it is an error).
         data_root: the folder holding ``VOCdevkit/``, ``ade/``, ...
         model, pretrained, precision, device, quick_gelu: the CLIP model (:func:`gclip.load_model`), or a loaded one.
