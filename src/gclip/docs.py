@@ -393,6 +393,12 @@ def datasets_table() -> str:
         classes = f"{s.num_classes}" + (
             " with background" if s.has_background else " (label 0 ignored)" if s.reduce_zero_label else ""
         )
+        if s.has_background and s.background_index:
+            classes += f" (class {s.background_index})" + (", label 0 ignored" if s.reduce_zero_label else "")
+        elif s.has_background and s.reduce_zero_label:
+            classes += ", label 0 ignored"
+        if s.ignore_index != 255:
+            classes += f"; ignore {s.ignore_index}"
         lines.append(
             f"| `{s.name}` | `{s.root}` | `{s.image_dir}/*{s.image_suffix}` / `{s.label_dir}/*{s.label_suffix}` | "
             f"{f'`{s.split}`' if s.split else 'every image'} | {classes} | {_md(s.download)} |"

@@ -98,6 +98,9 @@ def _validate(synonyms: list[tuple[str, ...]], source: str, allow_duplicates: bo
 def read_class_file(path: str | Path, allow_duplicates: bool = False) -> ClassList:
     """One class per line; comma-separated synonyms on a line; blank lines and ``#`` comments skipped.
 
+    A ``.json`` file is a list with one entry per class: a string of comma-separated synonyms (CAT-Seg's
+    ``ade847.json``, ``pc459.json``) or a list of synonyms.
+
     ``allow_duplicates`` accepts a name listed under two classes (SCLIP's COCO-Object file lists ``bed``
     among the background synonyms and as a class); otherwise that is an error.
     """
@@ -106,6 +109,20 @@ def read_class_file(path: str | Path, allow_duplicates: bool = False) -> ClassLi
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ClassesError(f"cannot read class file {path}: {e.__class__.__name__}: {e}") from e
+    if path.suffix.lower() == ".json":
+        import json
+
+        try:
+            entries = json.loads(text)
+        except ValueError as e:
+            raise ClassesError(f"class file {path} is not valid JSON: {e}") from e
+        if not isinstance(entries, list) or not all(isinstance(x, (str, list)) for x in entries):
+            raise ClassesError(f"class file {path}: expected a JSON list with one string (or list) per class")
+        synonyms = [
+            _split_synonyms(x) if isinstance(x, str) else tuple(str(n).strip() for n in x if str(n).strip())
+            for x in entries
+        ]
+        return _validate(synonyms, str(path), allow_duplicates)
     lines = [ln.strip() for ln in text.splitlines()]
     return _validate(
         [_split_synonyms(ln) for ln in lines if ln and not ln.startswith("#")], str(path), allow_duplicates

@@ -20,8 +20,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "check",
         help="check a prepared dataset: image count, every label present and readable, sizes, label values, modes",
     )
-    k.add_argument("dataset", help="comma-separated datasets, or 'all' (the eight benchmarks)")
-    k.add_argument("--data-root", required=True, help="folder holding the datasets (mmsegmentation layouts)")
+    k.add_argument(
+        "dataset", help="comma-separated datasets, 'all' (the eight classic sets), or a family: large, remote"
+    )
+    k.add_argument("--data-root", required=True, help="folder holding the datasets (the layouts the docs show)")
     k.add_argument("--limit", type=int, help="check only the first N images of each set")
     k.add_argument("--workers", type=int, default=4, help="threads reading the files (default 4)")
     k.set_defaults(func=run_check)

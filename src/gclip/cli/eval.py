@@ -30,10 +30,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--dataset",
         required=True,
-        help="voc21, voc20, context60, context59, coco_stuff, coco_object, cityscapes, ade20k; "
-        "a comma-separated list; or 'all' (every set found under --data-root)",
+        help="voc21, voc20, context60, context59, coco_stuff, coco_object, cityscapes, ade20k, ade847, context459, "
+        "a remote-sensing set (loveda, potsdam, ...: docs, More datasets); a comma-separated list; 'all' "
+        "(the eight classic sets found under --data-root) or a family: large, remote (its sets found there)",
     )
-    g.add_argument("--data-root", required=True, help="folder holding VOCdevkit/, coco_stuff164k/, cityscapes/, ade/")
+    g.add_argument(
+        "--data-root", required=True, help="folder holding VOCdevkit/, coco_stuff164k/, cityscapes/, ade/, LoveDA/, ..."
+    )
     g.add_argument("--limit", type=int, help="score only the first N images of each dataset")
     g.add_argument("--skip-bad", action="store_true", help="skip unreadable or mismatched samples (with a warning)")
     g.add_argument(

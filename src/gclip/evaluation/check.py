@@ -3,10 +3,10 @@
 For each set: the number of images against the full validation split, every image paired with a readable label,
 label sizes equal to image sizes, label values within the set's range (after ``reduce_zero_label``: the scored
 classes and the ignore value; the values found outside it, with their pixel counts), and image modes (a grayscale
-file where the set's images are RGB). The result is one line per set (:meth:`SetCheck.verdict`); a set with a
-missing, unreadable or mismatched label or out-of-range values is broken, and ``gclip eval`` refuses it with that
-line (a count below the full split and grayscale images are reported, not refused: ``--limit`` and COCO's few
-grayscale photos are legitimate).
+file where the set's images are RGB: ``spec.image_modes``). The result is one line per set
+(:meth:`SetCheck.verdict`); a set with a missing, unreadable or mismatched label or out-of-range values is broken,
+and ``gclip eval`` refuses it with that line (a count below the full split and grayscale images are reported, not
+refused: ``--limit`` and COCO's few grayscale photos are legitimate).
 """
 
 from __future__ import annotations
@@ -33,8 +33,20 @@ EXPECTED_IMAGES = {
     "coco_object": 5000,
     "cityscapes": 500,
     "ade20k": 2000,
+    "ade847": 2000,  # ADE20K_2021_17_01's validation images
+    "context459": 5104,  # CAT-Seg's pascalcontext_val.txt
+    "loveda": 1669,  # Val.zip: 677 urban + 992 rural tiles
+    "isaid": 11644,  # 896 x 896 patches, overlap 384 (SegEarth-OV's dataset_prepare.md)
+    "potsdam": 2016,  # 512 x 512 clips, stride 256, 14 tiles (dataset_prepare.md)
+    "vaihingen": 398,  # 512 x 512 clips, stride 256, 17 areas (dataset_prepare.md)
+    "inria": 675,  # 27 split_test tiles of 5000 x 5000 in 1000 x 1000 clips
+    "deepglobe": 1530,  # GlobalRoadSet_Val's DeepGlobe_test_1530
+    "massachusetts": 49,  # Massachusetts_test_49
+    "spacenet": 567,  # SpaceNet_test_567
+    "wbs_si": 499,  # SegEarth-OV's wbs-si_val.txt
 }
-"""Images in each set's full validation split (the count every paper scores)."""
+"""Images in each set's full validation split (the count every paper scores; a set not listed is not counted:
+the conversion scripts do not say their output counts)."""
 
 _EXAMPLES = 3
 
@@ -48,7 +60,7 @@ class SetCheck:
         missing: (image, reason) for labels that are missing or cannot be read.
         sizes: (image, "image WxH, label WxH") for labels of another size than their image.
         values: ``{value: pixels}`` of label values outside the set's range; value_files: the images holding them.
-        modes: (image, mode) of images that are not RGB.
+        modes: (image, mode) of images in another mode than the set's (``spec.image_modes``: RGB for most).
         folders: the reason the set's folders cannot be listed at all (missing folder or split file); absent: the
             set's folders are not under the data root at all.
     """
@@ -89,12 +101,15 @@ class SetCheck:
             )
         if self.values:
             found = ", ".join(f"{v} ({c:,} px)" for v, c in sorted(self.values.items())[:8])
-            valid = f"0..{self.spec.num_classes - 1} and {self.spec.ignore_index}"
+            valid = f"0..{self.spec.num_classes - 1}" + (
+                f" and {self.spec.ignore_index}" if self.spec.ignore_written else " (labels left at 0/255?)"
+            )
             out.append(
                 f"label values outside {valid}: {found} in {len(self.value_files)} images ({some(self.value_files)})"
             )
         if self.modes:
-            out.append(f"{len(self.modes)} images not RGB ({some([f'{n}: {m}' for n, m in self.modes])})")
+            expected = " or ".join(self.spec.image_modes)
+            out.append(f"{len(self.modes)} images not {expected} ({some([f'{n}: {m}' for n, m in self.modes])})")
         if self.expected is not None and self.images != self.expected and not self.folders:
             out.append(f"{self.images:,} images where the full validation split has {self.expected:,}")
         return out
@@ -114,7 +129,7 @@ def check_samples(
     result = SetCheck(spec, images=len(samples), expected=expected)
     valid = np.zeros(max(spec.num_classes, spec.ignore_index) + 1, dtype=bool)
     valid[: spec.num_classes] = True
-    valid[spec.ignore_index] = True
+    valid[spec.ignore_index] = spec.ignore_written
 
     def one(sample: Sample) -> Callable[[SetCheck], None]:
         try:
@@ -143,7 +158,7 @@ def check_samples(
                 r.value_files.append(sample.name)
 
             found.append(values)
-        if mode != "RGB":
+        if mode not in spec.image_modes:
             found.append(lambda r: r.modes.append((sample.name, mode)))
         return lambda r: [f(r) for f in found]
 

@@ -1,8 +1,12 @@
-"""The eight benchmark datasets: where their files lie in the mmsegmentation layouts, and how to read them.
+"""The benchmark datasets: where their files lie in the layouts their preparation scripts write, and how to read them.
 
 Each :class:`DatasetSpec` is plain data (folders, suffixes, split file, classes, ignore index,
 ``reduce_zero_label``); :func:`list_samples` turns a spec and a data root into ``(image, label)`` pairs
-and :func:`read_label` reads a label map with PIL (palettized PNGs keep their indices).
+and :func:`read_label` reads a label map with PIL (palettized PNGs keep their indices, 16-bit TIFFs their values).
+
+The sets come in families (:data:`FAMILIES`): the eight classic ones (mmsegmentation layouts), the large-vocabulary
+ADE20K-847 and PASCAL Context-459 (CAT-Seg's ``prepare_ade20k_full.py`` and ``prepare_pascal_context_459.py``:
+16-bit TIFF labels), and the 17 remote-sensing sets of SegEarth-OV (its ``tools/dataset_converters``).
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ __all__ = [
     "Sample",
     "DATASETS",
     "PAPER_ORDER",
+    "FAMILIES",
+    "TABLE_ORDER",
     "get_dataset",
+    "class_order",
     "class_names",
     "list_samples",
     "read_label",
@@ -57,6 +64,19 @@ class DatasetSpec:
         has_background: class 0 is background (``prob_thd`` applies).
         classes_file: class-name file name in the protocol's class folder.
         download: where to get the data (for error messages and the docs' dataset table).
+        ignore_index: label value that is not scored.
+        family: ``classic``, ``large`` (ADE20K-847, PASCAL Context-459) or ``remote`` (SegEarth-OV's
+            remote-sensing sets); a family's name is also a ``--dataset`` value.
+        background_index: the background class's index when it is not 0 (SegEarth-OV's ``bg_idx``: Potsdam's and
+            Vaihingen's ``clutter``, UDD5's ``other``); scoring moves it first (:func:`class_order`).
+        protocol: the protocol file used for this set when the method's own preset has no table for it (``None``:
+            the method's own protocol's defaults).
+        classes_aliases: other names of its class file in a ``--classes-dir`` folder (CAT-Seg's ``ade847.json``).
+        classes_from: where to get the class names when gclip ships none (the error message says it).
+        image_modes: the PIL modes its images are expected in (``gclip data check`` reports the others).
+        ignore_written: whether the prepared labels may hold ``ignore_index``; the binary remote-sensing sets'
+            converters write only 0 and 1, so a 255 there is a label left unconverted (0/255), which the metric
+            would silently ignore: ``gclip data check`` reports it as out of range.
     """
 
     name: str
@@ -73,6 +93,13 @@ class DatasetSpec:
     classes_file: str
     download: str
     ignore_index: int = IGNORE_INDEX
+    family: str = "classic"
+    background_index: int = 0
+    protocol: str | None = None
+    classes_aliases: tuple[str, ...] = ()
+    classes_from: str = ""
+    image_modes: tuple[str, ...] = ("RGB",)
+    ignore_written: bool = True
 
 
 @dataclass(frozen=True)
@@ -130,15 +157,114 @@ DATASETS: dict[str, DatasetSpec] = {
     ]
 }  # fmt: skip
 
+_CATSEG = "CAT-Seg's datasets/{} (github.com/KU-CVLAB/CAT-Seg)"
+_CATSEG_CLASSES = (
+    "gclip ships no class names for {name}: pass --classes-dir <CAT-Seg clone>/datasets (its {file}, one class per "
+    "entry, comma-separated synonyms) or a folder with cls_{name}.txt"
+)
+_LARGE = [
+    DatasetSpec(
+        "ade847", "ADE-847", "ADE20K_2021_17_01", "images_detectron2/validation", "annotations_detectron2/validation",
+        ".jpg", ".tif", None, 847, False, False, "cls_ade847.txt",
+        "https://groups.csail.mit.edu/vision/datasets/ADE20K/ (ADE20K_2021_17_01), then "
+        + _CATSEG.format("prepare_ade20k_full.py"),
+        ignore_index=65535, family="large", protocol="clearclip", classes_aliases=("ade847.json",),
+        classes_from=_CATSEG_CLASSES.format(name="ade847", file="ade847.json"), image_modes=("RGB", "L"),
+    ),
+    DatasetSpec(
+        "context459", "Context-459", "VOCdevkit/VOC2010", "JPEGImages", "annotations_detectron2/pc459_val", ".jpg",
+        ".tif", "pascalcontext_val.txt", 459, False, False, "cls_context459.txt",
+        "VOC2010 images + https://www.cs.stanford.edu/~roozbeh/pascal-context/ (trainval.tar.gz, labels.txt; "
+        "pascalcontext_val.txt from CAT-Seg), then " + _CATSEG.format("prepare_pascal_context_459.py"),
+        ignore_index=459, family="large", protocol="clearclip", classes_aliases=("pc459.json",),
+        classes_from=_CATSEG_CLASSES.format(name="context459", file="pc459.json"),
+    ),
+]  # fmt: skip
+
+_SEGEARTH = "then SegEarth-OV's tools/dataset_converters/{} (github.com/likyoo/SegEarth-OV, dataset_prepare.md)"
+_GRSET = (
+    "https://github.com/xiaoyan07/GRNet_GRSet (GlobalRoadSet_Val: {}); labels 0/255 -> 0/1 as SegEarth-OV's roadval.py"
+)
+_WHU = "http://gpcv.whu.edu.cn/data/building_dataset.html"
+
+
+def _remote(name, title, root, images, labels, suffixes, classes, n, download, **kw) -> DatasetSpec:
+    kw.setdefault("ignore_written", n > 2)  # the binary sets' converters write 0/1 only
+    return DatasetSpec(
+        name, title, root, images, labels, suffixes[0], suffixes[1], kw.pop("split", None), n,
+        kw.pop("reduce_zero_label", False), True, classes, download, family="remote", protocol="segearth", **kw,
+    )  # fmt: skip
+
+
+_REMOTE = [
+    _remote("openearthmap", "OpenEarthMap", "OpenEarthMap", "img_dir/val", "ann_dir/val", (".tif", ".tif"),
+            "cls_openearthmap.txt", 9,
+            "https://open-earth-map.org (OpenEarthMap_wo_xBD), " + _SEGEARTH.format("openearthmap.py")),
+    _remote("loveda", "LoveDA", "LoveDA", "img_dir/val", "ann_dir/val", (".png", ".png"), "cls_loveda.txt", 7,
+            "https://zenodo.org/record/5706578 (Val.zip), " + _SEGEARTH.format("loveda.py"), reduce_zero_label=True),
+    _remote("isaid", "iSAID", "iSAID", "img_dir/val", "ann_dir/val", (".png", "_instance_color_RGB.png"),
+            "cls_iSAID.txt", 16,
+            "DOTA-v1.0 images + https://captain-whu.github.io/iSAID/ (val), " + _SEGEARTH.format("isaid.py")),
+    _remote("potsdam", "Potsdam", "potsdam", "img_dir/val", "ann_dir/val", (".png", ".png"), "cls_potsdam.txt", 6,
+            "ISPRS Potsdam (2_Ortho_RGB.zip, 5_Labels_all_noBoundary.zip), " + _SEGEARTH.format("potsdam.py"),
+            reduce_zero_label=True, background_index=5),
+    _remote("vaihingen", "Vaihingen", "vaihingen", "img_dir/val", "ann_dir/val", (".png", ".png"),
+            "cls_vaihingen.txt", 6, "ISPRS Vaihingen (ISPRS_semantic_labeling_Vaihingen.zip, "
+            "..._ground_truth_eroded_COMPLETE.zip), " + _SEGEARTH.format("vaihingen.py"),
+            reduce_zero_label=True, background_index=5),
+    _remote("uavid", "UAVid", "UAVid", "img_dir/test", "ann_dir/test", (".png", ".png"), "cls_uavid.txt", 7,
+            "https://uavid.nl, " + _SEGEARTH.format("uavid.py")),
+    _remote("udd5", "UDD5", "UDD/UDD/UDD5", "val/src", "val/gt", (".JPG", ".png"), "cls_udd5.txt", 5,
+            "https://github.com/MarcWong/UDD (UDD5, used as it is)", background_index=4),
+    _remote("vdd", "VDD", "VDD", "test/src", "test/gt", (".JPG", ".png"), "cls_vdd.txt", 7,
+            "https://github.com/RussRobin/VDD (used as it is)"),
+    _remote("whu_aerial", "WHU-Aerial", "WHU-BD", "val/image", "val/label_cvt", (".png", ".png"), "cls_whu.txt", 2,
+            _WHU + " (aerial, val), " + _SEGEARTH.format("whu.py")),
+    _remote("whu_sat2", "WHU-Sat.II", "WHU_Sat_II/Satellite_dataset_\u2161_East_Asia/1.cropped/test", "image",
+            "label_cvt", (".tif", ".tif"), "cls_whu.txt", 2,
+            _WHU + " (satellite II, test), labels 0/255 -> 0/1 as " + _SEGEARTH.format("whu.py")),
+    _remote("inria", "Inria", "Inria/AerialImageDataset/train", "img_dir/split_test", "ann_dir/split_test",
+            (".png", ".png"), "cls_inria.txt", 2,
+            "https://project.inria.fr/aerialimagelabeling/, " + _SEGEARTH.format("inria.py")),
+    _remote("xbd", "xBD-pre", "xBD/test", "images_pre", "targets_cvt_pre", (".png", ".png"), "cls_xBD.txt", 2,
+            "https://xview2.org (test), " + _SEGEARTH.format("xBD.py")
+            + "; the *_pre_disaster files moved to images_pre/ and targets_cvt_pre/"),
+    _remote("chn6_cug", "CHN6-CUG", "CHN6-CUG/val", "image_cvt", "label_cvt", (".jpg", ".png"), "cls_chn6-cug.txt", 2,
+            "https://grzy.cug.edu.cn/zhuqiqi/ (CHN6-CUG val), " + _SEGEARTH.format("chn6-cug.py")),
+    _remote("deepglobe", "DeepGlobe", "GlobalRoadSet_Val/DeepGlobe_test_1530", "image_cvt", "label_cvt",
+            (".jpg", ".png"), "cls_roadval.txt", 2, _GRSET.format("DeepGlobe_test_1530; images in image_cvt/")),
+    _remote("massachusetts", "Massachusetts", "GlobalRoadSet_Val/Massachusetts_test_49", "img", "label_cvt",
+            (".jpg", ".png"), "cls_roadval.txt", 2, _GRSET.format("Massachusetts_test_49")),
+    _remote("spacenet", "SpaceNet", "GlobalRoadSet_Val/SpaceNet_test_567", "img", "label_cvt", (".jpg", ".png"),
+            "cls_roadval.txt", 2, _GRSET.format("SpaceNet_test_567")),
+    _remote("wbs_si", "WBS-SI", "water-body-segmentation-in-satellite-images/WaterBodiesDatasetPreprocessed/"
+            "WaterBodiesDatasetPreprocessed", "Images", "Masks_cvt", (".jpg", ".jpg"), "cls_wbs-si.txt", 2,
+            "https://www.kaggle.com/datasets/shirshmall/water-body-segmentation-in-satellite-images, "
+            + _SEGEARTH.format("wbs-si.py") + "; copy its wbs-si_val.txt into the set's folder",
+            split="wbs-si_val.txt"),
+]  # fmt: skip
+
+DATASETS.update({spec.name: spec for spec in [*_LARGE, *_REMOTE]})
+
 #: Column order of the tables: the seed paper's five sets, then the three with background.
 PAPER_ORDER = ["voc20", "context59", "coco_stuff", "cityscapes", "ade20k", "voc21", "context60", "coco_object"]
+#: Every set in table order: the eight of :data:`PAPER_ORDER`, then the others as :data:`DATASETS` lists them.
+TABLE_ORDER = PAPER_ORDER + [name for name in DATASETS if name not in PAPER_ORDER]
+#: ``--dataset`` names of whole families: ``all`` is the eight classic sets.
+FAMILIES = {
+    family: [name for name, spec in DATASETS.items() if spec.family == family]
+    for family in ("classic", "large", "remote")
+}
 
 
 def get_dataset(name: str) -> DatasetSpec:
     """The spec of a dataset by name (``-`` and ``_`` are interchangeable)."""
     key = name.strip().lower().replace("-", "_")
     if key not in DATASETS:
-        raise DatasetError(f"unknown dataset {name!r}: choose among {', '.join(PAPER_ORDER)}")
+        raise DatasetError(
+            f"unknown dataset {name!r}: choose among {', '.join(TABLE_ORDER)} (or a family: all, "
+            f"{', '.join(f for f in FAMILIES if f != 'classic')})"
+        )
     return DATASETS[key]
 
 
@@ -159,6 +285,26 @@ NAME_FIXES: dict[str, dict[str, str]] = {
 }
 
 
+#: The class folder of the datasets' own names (the remote-sensing sets), used when a protocol's folder has no file.
+DATASET_CLASSES = "datasets"
+
+
+def class_order(spec: DatasetSpec) -> list[int] | None:
+    """The dataset classes in scored order when the background is not class 0 (``None``: as they are).
+
+    gclip's background is class 0 (``prob_thd`` sends uncertain pixels to it); a set whose background has another
+    index (``background_index``) is scored with that class moved first: :func:`read_label` maps the label values,
+    and scoring moves the class names and the areas back, so results and saved predictions are in the set's order.
+
+    >>> class_order(get_dataset("potsdam"))
+    [5, 0, 1, 2, 3, 4]
+    """
+    if not spec.has_background or spec.background_index == 0:
+        return None
+    others = [i for i in range(spec.num_classes) if i != spec.background_index]
+    return [spec.background_index, *others]
+
+
 def class_names(spec: DatasetSpec) -> list[str]:
     """The dataset's own class names, one per scored class (for tables: not the prompts a protocol uses).
 
@@ -168,9 +314,12 @@ def class_names(spec: DatasetSpec) -> list[str]:
     from importlib import resources
 
     path = resources.files("gclip") / "data" / "classes" / "clearclip" / spec.classes_file
+    if not path.is_file():
+        path = resources.files("gclip") / "data" / "classes" / DATASET_CLASSES / spec.classes_file
     if not path.is_file():  # a set gclip has no class file for: no names
         return []
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
     fixes = NAME_FIXES.get(spec.name, {})
     return [fixes.get(name, name) for name in (ln.split(",")[0].strip() for ln in lines)]
 
@@ -230,9 +379,10 @@ def reduce_zero_label(label: np.ndarray, ignore_index: int = IGNORE_INDEX) -> np
 
 
 def read_label(path: Path, spec: DatasetSpec | None = None) -> np.ndarray:
-    """A label map as ``(H, W)`` int32 values, reduced when the spec says so.
+    """A label map as ``(H, W)`` int32 values, reduced when the spec says so, its background moved to class 0
+    when the spec's is another (:func:`class_order`).
 
-    Palettized (``P``) PNGs give their palette indices, grayscale ones their values.
+    Palettized (``P``) PNGs give their palette indices, grayscale ones and 16-bit TIFFs their values.
 
     Raises:
         DatasetError: the file is missing, unreadable, or not a single-channel label map.
@@ -251,4 +401,10 @@ def read_label(path: Path, spec: DatasetSpec | None = None) -> np.ndarray:
         raise DatasetError(f"label {path} cannot be read ({reason})") from e
     if spec is not None and spec.reduce_zero_label:
         label = reduce_zero_label(label, spec.ignore_index)
+    order = class_order(spec) if spec is not None else None
+    if order is not None:  # the background first (values outside the classes are kept for the check)
+        lut = np.arange(spec.num_classes)  # type: ignore[union-attr]
+        lut[order] = np.arange(len(order))
+        inside = (label >= 0) & (label < len(lut))
+        label = np.where(inside, lut[np.clip(label, 0, len(lut) - 1)], label)
     return label

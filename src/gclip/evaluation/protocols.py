@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..inference.segmenter import Settings
 from ..methods import get_method, method_class
-from .layouts import DatasetSpec, get_dataset
+from .layouts import DATASET_CLASSES, DatasetSpec, get_dataset
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -102,6 +102,21 @@ def protocol_for(method: str) -> str:
     return method_class(method).protocol
 
 
+def _protocol_on(method: str, spec: DatasetSpec) -> str:
+    """The method's own protocol, unless the set names a protocol of its own (``spec.protocol``: ClearCLIP's for
+    ADE20K-847 and Context-459, SegEarth-OV's for the remote-sensing sets) and the method's file has no table for it.
+
+    >>> _protocol_on("sclip", get_dataset("ade847")), _protocol_on("sclip", get_dataset("loveda"))
+    ('clearclip', 'segearth')
+    """
+    own = protocol_for(method)
+    if spec.protocol is None:
+        return own
+    data = _load(own)
+    tables = [data.get("datasets", {}), data.get("method", {}).get(method, {}).get("datasets", {})]
+    return own if any(spec.name in t for t in tables) else spec.protocol
+
+
 def _check_keys(table: dict[str, Any], where: str) -> dict[str, Any]:
     unknown = sorted(set(table) - _SETTING_NAMES - set(EVAL_KEYS))
     if unknown:
@@ -122,13 +137,17 @@ def resolve_preset(
         method: a method name (``gclip``, ``sclip``, ...).
         dataset: a dataset name or spec.
         overrides: settings (and :data:`EVAL_KEYS`) that win over the preset (e.g. from the command line).
-        protocol: force a protocol file (default: the one listing ``method``).
+        protocol: force a protocol file (default: the method's own; on a set with a protocol of its own, e.g. the
+            remote-sensing sets' ``segearth``, that one unless the method's file has a table for the set).
         classes_dir: take the class-name file from this folder instead of the protocol's, e.g. a method
             repository's ``configs/`` (its own class names): the protocol's file name (``cls_voc21.txt``,
-            ``cls_city_scapes.txt``, ...), else ``cls_<dataset name>.txt`` (``cls_cityscapes.txt``).
+            ``cls_city_scapes.txt``, ...), else ``cls_<dataset name>.txt`` (``cls_cityscapes.txt``), else the set's
+            ``classes_aliases`` (CAT-Seg's ``ade847.json``). Without it, the protocol's class folder, else the
+            datasets' own names (``gclip/data/classes/datasets/``).
 
     Raises:
-        ConfigError: an unknown protocol or setting, a bad value, or no class file for the set in ``classes_dir``.
+        ConfigError: an unknown protocol or setting, a bad value, or no class file for the set in ``classes_dir``
+            (or, without it, none shipped: ADE20K-847's and Context-459's are not).
 
     >>> resolve_preset("sclip", "voc21").settings["logit_scale"]
     65.0
@@ -136,7 +155,7 @@ def resolve_preset(
     0
     """
     spec = dataset if isinstance(dataset, DatasetSpec) else get_dataset(dataset)
-    protocol = protocol or protocol_for(method)
+    protocol = protocol or _protocol_on(method, spec)
     if protocol not in list_protocols():
         raise ConfigError(f"unknown protocol {protocol!r}: choose among {', '.join(list_protocols())}")
     data = _load(protocol)
@@ -168,9 +187,17 @@ def resolve_preset(
         settings["pamr_dilations"] = tuple(int(d) for d in settings["pamr_dilations"])
     Settings(**settings).validate()
     if classes_dir is None:
-        classes = Path(str(resources.files("gclip") / "data" / "classes" / data["classes"] / spec.classes_file))
-    else:
-        names = list(dict.fromkeys([spec.classes_file, f"cls_{spec.name}.txt"]))  # cls_city_scapes / cls_cityscapes
+        shipped = resources.files("gclip") / "data" / "classes"
+        found = [
+            Path(str(shipped / folder / spec.classes_file))
+            for folder in dict.fromkeys((data["classes"], DATASET_CLASSES, "clearclip"))
+            if (shipped / folder / spec.classes_file).is_file()
+        ]
+        if not found:
+            raise ConfigError(spec.classes_from or f"{spec.name}: no class file {spec.classes_file} is shipped")
+        classes = found[0]
+    else:  # cls_city_scapes / cls_cityscapes; CAT-Seg's ade847.json
+        names = list(dict.fromkeys([spec.classes_file, f"cls_{spec.name}.txt", *spec.classes_aliases]))
         found = [Path(classes_dir) / n for n in names if (Path(classes_dir) / n).is_file()]
         if not found:
             raise ConfigError(f"classes folder {classes_dir}: no {' or '.join(names)} for {spec.name}")

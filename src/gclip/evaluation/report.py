@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .layouts import DATASETS, PAPER_ORDER
+from .layouts import DATASETS, TABLE_ORDER
 from .scoring import EvalResult
 
 __all__ = ["per_class_table", "summary_line", "markdown_table", "software_versions"]
@@ -39,8 +39,8 @@ def summary_line(result: EvalResult) -> str:
 
 
 def markdown_table(results: list[EvalResult]) -> str:
-    """Rows methods, columns datasets (paper order), then the mean over the columns of each row."""
-    datasets = [d for d in PAPER_ORDER if any(r.dataset == d for r in results)]
+    """Rows methods, columns datasets (paper order, then the other sets), then the mean over the columns of each row."""
+    datasets = [d for d in TABLE_ORDER if any(r.dataset == d for r in results)]
     methods = list(dict.fromkeys(r.method for r in results))
     score = {(r.method, r.dataset): r.summary["mIoU"] for r in results}
     header = "| method | " + " | ".join(DATASETS[d].title for d in datasets) + " | mean |"

@@ -19,7 +19,7 @@ from ..methods import get_method, list_methods
 from ..text import TextEncoder, read_class_file
 from .check import EXPECTED_IMAGES, check_samples
 from .distributed import DistContext
-from .layouts import PAPER_ORDER, DatasetError, DatasetMissing, DatasetSpec, get_dataset, list_samples
+from .layouts import FAMILIES, PAPER_ORDER, DatasetError, DatasetMissing, DatasetSpec, get_dataset, list_samples
 from .protocols import resolve_preset
 from .scoring import EvalResult, score
 
@@ -38,12 +38,20 @@ def expand_methods(methods: str | Sequence[str]) -> list[str]:
 
 
 def expand_datasets(datasets: str | Sequence[str]) -> list[DatasetSpec]:
-    """Comma-separated names (or a list), or ``"all"``: the eight benchmarks in the papers' order."""
+    """Comma-separated names (or a list); ``"all"``: the eight benchmarks in the papers' order; a family's name
+    (``large``, ``remote``: :data:`~gclip.evaluation.layouts.FAMILIES`): its sets. Each set once."""
     if isinstance(datasets, str):
-        if datasets.strip().lower() == "all":
-            return [get_dataset(d) for d in PAPER_ORDER]
         datasets = datasets.split(",")
-    return [get_dataset(d.strip()) for d in datasets if d.strip()]
+    names: list[str] = []
+    for d in (d.strip().lower() for d in datasets if d.strip()):
+        names += PAPER_ORDER if d == "all" else FAMILIES[d] if d in FAMILIES and d != "classic" else [d]
+    return list({spec.name: spec for spec in map(get_dataset, names)}.values())
+
+
+def _is_family(datasets: str | Sequence[str]) -> bool:
+    """Whether ``datasets`` names ``all`` or a family (then a set missing under the data root is skipped)."""
+    parts = datasets.split(",") if isinstance(datasets, str) else list(datasets)
+    return any(p.strip().lower() == "all" or p.strip().lower() in FAMILIES for p in parts)
 
 
 def for_dataset(options: Mapping[str, Any], dataset: str) -> dict[str, Any]:
@@ -88,8 +96,9 @@ def evaluate(
     Args:
         methods: names, comma-separated names, or ``"all"`` (a method that cannot run here, e.g. without its
             second model's weights, is then skipped with a notice; named, it is an error).
-        datasets: names, comma-separated names, or ``"all"`` (the sets found under ``data_root``; named, a missing
-            one is an error).
+        datasets: names, comma-separated names, ``"all"`` (the eight classic sets) or a family (``large``,
+            ``remote``); the sets of ``all`` or a family are those found under ``data_root`` (a missing one
+            is skipped with a notice; named alone, it is an error).
         data_root: the folder holding ``VOCdevkit/``, ``ade/``, ...
         model, pretrained, precision, device, quick_gelu, tokenizer: the CLIP model (:func:`gclip.load_model`), or a
             loaded one.
@@ -112,7 +121,7 @@ def evaluate(
         raise ConfigError("limit must be >= 1")
     names, specs = expand_methods(methods), expand_datasets(datasets)
     every_method = isinstance(methods, str) and methods.strip().lower() == "all"
-    every_set = isinstance(datasets, str) and datasets.strip().lower() == "all"
+    every_set = _is_family(datasets)
     if not names or not specs:
         raise ConfigError("give at least one method and one dataset")
     options = {m: dict((method_options or {}).get(m, {})) for m in names}
@@ -128,7 +137,8 @@ def evaluate(
             say(f"gclip: {spec.name} skipped: {e}", file=sys.stderr)
             continue
         samples = samples[:limit] if limit else samples
-        checked = check_samples(spec, samples, expected=min(limit or 10**9, EXPECTED_IMAGES.get(spec.name, 10**9)))
+        full = EXPECTED_IMAGES.get(spec.name)
+        checked = check_samples(spec, samples, expected=None if full is None else min(limit or full, full))
         if checked.broken and not skip_bad:
             raise DatasetError(f"{checked.verdict()} (see `gclip data check`; --skip-bad scores the rest)")
         if checked.broken or checked.modes:  # the count is in each run's header line

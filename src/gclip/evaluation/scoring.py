@@ -18,8 +18,9 @@ from ..engines.batch import infer_batch
 from ..errors import ConfigError
 from ..inference.segmenter import Segmenter
 from ..io.outputs import write_label_png
+from ..text import ClassList
 from .distributed import DistContext, shard
-from .layouts import DatasetError, DatasetSpec, Sample, class_names
+from .layouts import DatasetError, DatasetSpec, Sample, class_names, class_order
 from .loader import BenchmarkDataset, load_batches
 from .metric import Areas, image_areas, summarize
 
@@ -136,7 +137,9 @@ def score(
 
     The segmenter's class 0 is made a background class exactly when the set has one (``spec.has_background``:
     ``prob_thd`` sends uncertain pixels to it), whatever its prompt names (SCLIP's VOC21 file names it ``sky,
-    wall, ...``); on the other sets uncertain pixels stay unlabeled and count in no class.
+    wall, ...``); on the other sets uncertain pixels stay unlabeled and count in no class. A set whose background
+    is not class 0 (``spec.background_index``: Potsdam's clutter) is scored with that class moved first
+    (:func:`~gclip.evaluation.layouts.class_order`); the result and saved predictions are in the set's own order.
 
     Args:
         segmenter: the configured segmenter.
@@ -162,8 +165,13 @@ def score(
     if segmenter.classes is None or len(segmenter.classes) != spec.num_classes:
         got = 0 if segmenter.classes is None else len(segmenter.classes)
         raise ConfigError(f"{spec.name} has {spec.num_classes} classes but the segmenter has {got}")
-    if segmenter.classes.background != spec.has_background:  # type: ignore[union-attr]
+    order = class_order(spec)
+    if order is not None:  # the set's background is not class 0: score with it first (read_label maps the labels)
+        synonyms = segmenter.classes.synonyms  # type: ignore[union-attr]
+        segmenter.set_classes(ClassList(tuple(synonyms[i] for i in order), background=True))
+    elif segmenter.classes.background != spec.has_background:  # type: ignore[union-attr]
         segmenter.classes = dataclasses.replace(segmenter.classes, background=spec.has_background)  # type: ignore[arg-type]
+    back = np.argsort(order) if order is not None else None  # scored index of each of the set's classes
     if images_per_step < 1 or workers < 0 or centre_crop < 0:
         raise ConfigError("images per step must be >= 1, workers and centre crop >= 0")
     mine = shard(len(samples), ctx)
@@ -196,13 +204,18 @@ def score(
                 if save_dir is not None:
                     # the dataset's values in VOC colours; unlabeled pixels (-1) become its unscored value: 0
                     # with reduce_zero_label (-1 + 1), else 255 (write_label_png's unlabeled value)
-                    saved = result.labels + offset
+                    saved = result.labels
+                    if order is not None:  # scored index -> the set's class (-1 stays unlabeled)
+                        saved = np.where(saved < 0, -1, np.asarray(order)[saved])
+                    saved = saved + offset
                     write_label_png(saved, Path(save_dir) / f"{item.sample.name}.png", background=True)
                 scored += 1
             bar.update(min(len(batch) * ctx.world_size, len(samples) - bar.n))
     seconds = time.perf_counter() - start
     dataset_names, prompts = class_names(spec), list(segmenter.classes.names)  # type: ignore[union-attr]
     total = Areas.from_stack(ctx.sum(areas.stack()))
+    if back is not None:  # back in the set's class order
+        total, prompts = Areas.from_stack(total.stack()[:, back]), [prompts[i] for i in back]
     counts = ctx.sum(np.array([scored], dtype=np.int64))
     gathered = ctx.gather((skipped, seconds))
     return EvalResult(
