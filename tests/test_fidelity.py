@@ -27,6 +27,7 @@ UNMATCHED = {
     "gclip": "no official code: its defaults follow a third-party reading (docs/methods/gclip.md)",
     "trident": "runs whole images only: its dense logits are checked on the pipeline photos (pipelines.toml)",
     "corrclip": "runs whole images only: a window's logits in test_corrclip, the pipelines in pipelines.toml",
+    "freecp": "random weights make its affinity near-uniform: crop goldens with a local affinity in test_freecp",
 }
 
 
