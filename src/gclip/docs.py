@@ -401,7 +401,7 @@ def datasets_table() -> str:
             classes += f"; ignore {s.ignore_index}"
         lines.append(
             f"| `{s.name}` | `{s.root}` | `{s.image_dir}/*{s.image_suffix}` / `{s.label_dir}/*{s.label_suffix}` | "
-            f"{f'`{s.split}`' if s.split else 'every image'} | {classes} | {_md(s.download)} |"
+            f"{f'`{s.split}`' if s.split else f'every {s.listed_from[:-1]}'} | {classes} | {_md(s.download)} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -95,11 +95,32 @@ def _validate(synonyms: list[tuple[str, ...]], source: str, allow_duplicates: bo
     return ClassList(tuple(synonyms), background=synonyms[0][0].lower() == BACKGROUND)
 
 
-def read_class_file(path: str | Path, allow_duplicates: bool = False) -> ClassList:
+def _python_list(text: str, key: str, path: Path) -> list[str]:
+    """The module-level list (or tuple) of strings ``key = [...]`` in Python source, read without running it."""
+    import ast
+
+    try:
+        tree = ast.parse(text, filename=str(path))
+    except SyntaxError as e:
+        raise ClassesError(f"class file {path} is not valid Python: {e.msg} (line {e.lineno})") from e
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == key for t in node.targets):
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                value = None
+            if isinstance(value, (list, tuple)) and all(isinstance(x, str) for x in value):
+                return list(value)
+            raise ClassesError(f"class file {path}: {key} is not a list of class names")
+    raise ClassesError(f"class file {path} has no class list {key}")
+
+
+def read_class_file(path: str | Path, allow_duplicates: bool = False, key: str | None = None) -> ClassList:
     """One class per line; comma-separated synonyms on a line; blank lines and ``#`` comments skipped.
 
     A ``.json`` file is a list with one entry per class: a string of comma-separated synonyms (CAT-Seg's
-    ``ade847.json``, ``pc459.json``) or a list of synonyms.
+    ``ade847.json``, ``pc459.json``) or a list of synonyms. A ``.py`` file is Python source holding the list
+    ``key`` (default ``CLASSES``), one name per class, read without running the file (MESS's ``register_*.py``).
 
     ``allow_duplicates`` accepts a name listed under two classes (SCLIP's COCO-Object file lists ``bed``
     among the background synonyms and as a class); otherwise that is an error.
@@ -123,6 +144,10 @@ def read_class_file(path: str | Path, allow_duplicates: bool = False) -> ClassLi
             for x in entries
         ]
         return _validate(synonyms, str(path), allow_duplicates)
+    if path.suffix.lower() == ".py":
+        key = key or "CLASSES"
+        names = [(name.strip(),) for name in _python_list(text, key, path)]
+        return _validate(names, f"{path} ({key})", allow_duplicates)
     lines = [ln.strip() for ln in text.splitlines()]
     return _validate(
         [_split_synonyms(ln) for ln in lines if ln and not ln.startswith("#")], str(path), allow_duplicates

@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="check a prepared dataset: image count, every label present and readable, sizes, label values, modes",
     )
     k.add_argument(
-        "dataset", help="comma-separated datasets, 'all' (the eight classic sets), or a family: large, remote"
+        "dataset", help="comma-separated datasets, 'all' (the eight classic sets), or a family: large, remote, mess"
     )
     k.add_argument("--data-root", required=True, help="folder holding the datasets (the layouts the docs show)")
     k.add_argument("--limit", type=int, help="check only the first N images of each set")

@@ -23,7 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
         help="score methods on the benchmarks (mIoU, as mmseg computes it)",
-        description="Score methods on the benchmark datasets (mmsegmentation layouts) with the protocol presets. "
+        description="Score methods on the benchmark datasets (the layouts their preparation scripts "
+        "write) with the protocol presets. "
         "Runs under torchrun too: each process scores a disjoint shard and the areas are summed.",
     )
     g = p.add_argument_group("data")
@@ -31,11 +32,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--dataset",
         required=True,
         help="voc21, voc20, context60, context59, coco_stuff, coco_object, cityscapes, ade20k, ade847, context459, "
-        "a remote-sensing set (loveda, potsdam, ...: docs, More datasets); a comma-separated list; 'all' "
-        "(the eight classic sets found under --data-root) or a family: large, remote (its sets found there)",
+        "a remote-sensing set (loveda, potsdam, ...) or a MESS set (mess_dram, mess_paxray_lungs, ... or MESS's "
+        "own names: docs, More datasets); a comma-separated list; 'all' (the eight classic sets found under "
+        "--data-root) or a family: large, remote, mess (its sets found there)",
     )
     g.add_argument(
-        "--data-root", required=True, help="folder holding VOCdevkit/, coco_stuff164k/, cityscapes/, ade/, LoveDA/, ..."
+        "--data-root",
+        required=True,
+        help="folder holding VOCdevkit/, coco_stuff164k/, cityscapes/, ade/, LoveDA/, ... "
+        "(MESS's sets: its DETECTRON2_DATASETS folder)",
     )
     g.add_argument("--limit", type=int, help="score only the first N images of each dataset")
     g.add_argument("--skip-bad", action="store_true", help="skip unreadable or mismatched samples (with a warning)")

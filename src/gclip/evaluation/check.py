@@ -44,6 +44,29 @@ EXPECTED_IMAGES = {
     "massachusetts": 49,  # Massachusetts_test_49
     "spacenet": 567,  # SpaceNet_test_567
     "wbs_si": 499,  # SegEarth-OV's wbs-si_val.txt
+    # MESS: mess/prepare_all_datasets.py's expected_dataset_length (the four PAXRay sets share their 180 images)
+    "mess_bdd100k": 1000,
+    "mess_dark_zurich": 50,
+    "mess_mhp_v1": 980,
+    "mess_foodseg103": 2125,
+    "mess_atlantis": 1295,
+    "mess_dram": 718,
+    "mess_isaid": 4055,  # 1024 x 1024 tiles, zero-padded (labels padded with 255)
+    "mess_isprs_potsdam": 504,
+    "mess_worldfloods": 160,
+    "mess_floodnet": 5571,
+    "mess_uavid": 840,
+    "mess_kvasir_instrument": 118,
+    "mess_chase_db1": 20,
+    "mess_cryonuseg": 30,
+    **{f"mess_paxray_{part}": 180 for part in ("lungs", "bones", "mediastinum", "diaphragm")},
+    "mess_corrosion_cs": 44,
+    "mess_deepcrack": 237,
+    "mess_pst900": 288,
+    "mess_zerowaste": 929,
+    "mess_suim": 110,
+    "mess_cub_200": 5794,
+    "mess_cwfid": 21,
 }
 """Images in each set's full validation split (the count every paper scores; a set not listed is not counted:
 the conversion scripts do not say their output counts)."""

@@ -6,7 +6,9 @@ and :func:`read_label` reads a label map with PIL (palettized PNGs keep their in
 
 The sets come in families (:data:`FAMILIES`): the eight classic ones (mmsegmentation layouts), the large-vocabulary
 ADE20K-847 and PASCAL Context-459 (CAT-Seg's ``prepare_ade20k_full.py`` and ``prepare_pascal_context_459.py``:
-16-bit TIFF labels), and the 17 remote-sensing sets of SegEarth-OV (its ``tools/dataset_converters``).
+16-bit TIFF labels), the 17 remote-sensing sets of SegEarth-OV (its ``tools/dataset_converters``), and the 22 sets of
+MESS (blumenstiel/MESS, ``mess.prepare_datasets.prepare_*``; PAXRay-4 as its four registered sets), named
+``mess_<MESS name>`` (:data:`MESS_NAMES`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ __all__ = [
     "PAPER_ORDER",
     "FAMILIES",
     "TABLE_ORDER",
+    "MESS_NAMES",
     "get_dataset",
     "class_order",
     "class_names",
@@ -65,8 +68,8 @@ class DatasetSpec:
         classes_file: class-name file name in the protocol's class folder.
         download: where to get the data (for error messages and the docs' dataset table).
         ignore_index: label value that is not scored.
-        family: ``classic``, ``large`` (ADE20K-847, PASCAL Context-459) or ``remote`` (SegEarth-OV's
-            remote-sensing sets); a family's name is also a ``--dataset`` value.
+        family: ``classic``, ``large`` (ADE20K-847, PASCAL Context-459), ``remote`` (SegEarth-OV's
+            remote-sensing sets) or ``mess`` (the MESS benchmark); a family's name is also a ``--dataset`` value.
         background_index: the background class's index when it is not 0 (SegEarth-OV's ``bg_idx``: Potsdam's and
             Vaihingen's ``clutter``, UDD5's ``other``); scoring moves it first (:func:`class_order`).
         protocol: the protocol file used for this set when the method's own preset has no table for it (``None``:
@@ -77,6 +80,15 @@ class DatasetSpec:
         ignore_written: whether the prepared labels may hold ``ignore_index``; the binary remote-sensing sets'
             converters write only 0 and 1, so a 255 there is a label left unconverted (0/255), which the metric
             would silently ignore: ``gclip data check`` reports it as out of range.
+        listed_from: ``images`` (every image of ``image_dir`` is a sample) or ``labels`` (every label of
+            ``label_dir`` is: MESS's CWFID keeps all 60 photos in one folder and writes the 21 test labels only).
+        classes_key: the name of the class list in a Python class file (MESS's ``register_*.py``: ``CLASSES``,
+            PAXRay's ``LUNGS``, ...), read without importing it.
+        classes_package: ``<package>/<folder>`` of an installed package whose folder holds the class file
+            ``classes_aliases[0]`` (``mess/datasets``: the ``mess-benchmark`` package), used when gclip ships none
+            and no ``--classes-dir`` is given.
+        table_group: sets shown as one column of the tables, the mean of its members (MESS's ``PAXRay-4``, the
+            mean of its four binary sets).
     """
 
     name: str
@@ -100,6 +112,10 @@ class DatasetSpec:
     classes_from: str = ""
     image_modes: tuple[str, ...] = ("RGB",)
     ignore_written: bool = True
+    listed_from: str = "images"
+    classes_key: str = ""
+    classes_package: str = ""
+    table_group: str = ""
 
 
 @dataclass(frozen=True)
@@ -244,7 +260,98 @@ _REMOTE = [
             split="wbs-si_val.txt"),
 ]  # fmt: skip
 
-DATASETS.update({spec.name: spec for spec in [*_LARGE, *_REMOTE]})
+_MESS_PREPARE = "MESS (pip install mess-benchmark): python -m mess.prepare_datasets.prepare_{}"
+_MESS_MANUAL = " after the manual download of {} (MESS's DATASETS.md)"
+_MESS_CLASSES = (
+    "gclip ships no class names for MESS's sets: install MESS's package (pip install mess-benchmark; gclip reads "
+    "its mess/datasets/{file} without importing it) or pass --classes-dir <MESS clone>/mess/datasets, or a folder "
+    "with cls_{name}.txt"
+)
+#: gclip's name of each MESS set -> the name MESS registers it under (``mess.datasets``); the ``mess_`` prefix keeps
+#: MESS's sets apart from gclip's own ``isaid`` and ``uavid`` (SegEarth-OV's layouts), and MESS's names are
+#: accepted too (:func:`get_dataset`). PAXRay-4 is four registered sets, one per class, averaged in the tables.
+MESS_NAMES: dict[str, str] = {}
+
+
+def _mess(name, title, registered, root, images, labels, suffixes, n, prepare, **kw) -> DatasetSpec:
+    """A MESS set: its registration's folders and suffixes, ignore value 255, every class scored by its name
+    (MESS's mIoU counts its ``others``/``background`` class like the others: no background class in gclip's sense),
+    ClearCLIP's protocol unless a method's preset has a table for it."""
+    MESS_NAMES[name] = registered
+    register = kw.pop("register", f"register_{prepare}.py")
+    return DatasetSpec(
+        name, title, root, images, labels, suffixes[0], suffixes[1], None, n, False, False, f"cls_{name}.txt",
+        _MESS_PREPARE.format(prepare) + kw.pop("manual", ""), family="mess", protocol="clearclip",
+        classes_aliases=(register,), classes_from=_MESS_CLASSES.format(file=register, name=name),
+        classes_key=kw.pop("key", "CLASSES"), classes_package="mess/datasets", **kw,
+    )  # fmt: skip
+
+
+_D2 = "images_detectron2/{}", "annotations_detectron2/{}"
+# In MESS's result order (mess/evaluation/mess_evaluation.py's dataset_names); the folders, suffixes and class
+# counts are those of mess/datasets/register_*.py at blumenstiel/MESS cc701b5 (= mess-benchmark 0.2), the label
+# values those its mess/prepare_datasets/prepare_*.py write. ignore_written=False: the script writes no 255 (a mask
+# divided by 255, a boolean mask, a lookup that fails on other values), so a 255 is a mask left unconverted.
+_MESS = [
+    _mess("mess_bdd100k", "BDD100K", "bdd100k_sem_seg_val", "bdd100k", "images/10k/val",
+          "annotations_detectron2/val", (".jpg", ".png"), 19, "bdd100k",
+          manual=_MESS_MANUAL.format("bdd100k_images_10k.zip and bdd100k_sem_seg_labels_trainval.zip")),
+    _mess("mess_dark_zurich", "Dark Zurich", "dark_zurich_sem_seg_val", "Dark_Zurich", "rgb_anon/val/night/GOPR0356",
+          "annotations_detectron2/val", ("_rgb_anon.png", "_gt_labelIds.png"), 20, "dark_zurich"),
+    _mess("mess_mhp_v1", "MHP v1", "mhp_v1_sem_seg_test", "LV-MHP-v1", *[d.format("test") for d in _D2],
+          (".jpg", ".png"), 19, "mhp_v1"),
+    _mess("mess_foodseg103", "FoodSeg103", "foodseg103_sem_seg_test", "FoodSeg103", "Images/img_dir/test",
+          "Images/ann_dir/test", (".jpg", ".png"), 104, "foodseg"),
+    _mess("mess_atlantis", "ATLANTIS", "atlantis_sem_seg_test", "atlantis", *[d.format("test") for d in _D2],
+          (".jpg", ".png"), 56, "atlantis"),
+    _mess("mess_dram", "DRAM", "dram_sem_seg_test", "DRAM_processed", *[d.format("test") for d in _D2],
+          (".jpg", ".png"), 12, "dram"),
+    _mess("mess_isaid", "iSAID (MESS)", "isaid_sem_seg_val", "isaid", *[d.format("val") for d in _D2],
+          (".png", ".png"), 16, "isaid", image_modes=("RGB", "L")),  # DOTA's panchromatic images stay grayscale
+    _mess("mess_isprs_potsdam", "ISPRS Potsdam", "isprs_potsdam_sem_seg_test_irrg", "ISPRS_Potsdam",
+          "images_detectron2/test/irrg", "annotations_detectron2/test", (".png", ".png"), 6, "isprs_potsdam",
+          manual=_MESS_MANUAL.format("Potsdam.zip")),
+    _mess("mess_worldfloods", "WorldFloods", "worldfloods_sem_seg_test_irrg", "WorldFloods",
+          "images_detectron2/test/irrg", "annotations_detectron2/test", (".png", ".png"), 3, "worldfloods"),
+    _mess("mess_floodnet", "FloodNet", "floodnet_sem_seg_test", "FloodNet-Supervised_v1.0",
+          *[d.format("test") for d in _D2], (".jpg", ".png"), 10, "floodnet",
+          manual=_MESS_MANUAL.format("FloodNet-Supervised_v1.0")),
+    _mess("mess_uavid", "UAVid (MESS)", "uavid_sem_seg_val", "uavid_v1.5", *[d.format("val") for d in _D2],
+          (".png", ".png"), 8, "uavid", manual=_MESS_MANUAL.format("uavid_v1.5_official_release_image.zip")),
+    _mess("mess_kvasir_instrument", "Kvasir-Instrument", "kvasir_instrument_sem_seg_test", "kvasir-instrument",
+          *[d.format("test") for d in _D2], (".png", ".png"), 2, "kvasir_instrument", ignore_written=False),
+    _mess("mess_chase_db1", "CHASE DB1", "chase_db1_sem_seg_test", "CHASEDB1", *[d.format("test") for d in _D2],
+          (".jpg", ".png"), 2, "chase_db1", ignore_written=False),
+    _mess("mess_cryonuseg", "CryoNuSeg", "cryonuseg_sem_seg_test", "CryoNuSeg", "images_detectron2",
+          "annotations_detectron2", (".png", ".png"), 2, "cryonuseg", ignore_written=False,
+          manual=_MESS_MANUAL.format("the Kaggle folder archive/")),
+    *[
+        _mess(f"mess_paxray_{part}", f"PAXRay-{part.title()}", f"paxray_sem_seg_test_{part}", "paxray_dataset",
+              "images_detectron2/test", f"annotations_detectron2/test/{part}", (".png", ".png"), 2, "paxray",
+              key=key, ignore_written=False, table_group="PAXRay-4")
+        for part, key in [("lungs", "LUNGS"), ("bones", "BONES"), ("mediastinum", "MEDIANSTINUM"),
+                          ("diaphragm", "DIAPHRAGM")]
+    ],
+    _mess("mess_corrosion_cs", "Corrosion CS", "corrosion_cs_sem_seg_test", "Corrosion Condition State Classification",
+          "original/Test/images", "original/Test/masks", (".jpeg", ".png"), 4, "corrosion_cs"),
+    _mess("mess_deepcrack", "DeepCrack", "deepcrack_sem_seg_test", "DeepCrack", "test_img",
+          "annotations_detectron2/test", (".jpg", ".png"), 2, "deepcrack", ignore_written=False),
+    _mess("mess_pst900", "PST900", "pst900_sem_seg_test", "PST900_RGBT_Dataset", "test/thermal", "test/labels",
+          (".png", ".png"), 5, "pst900", image_modes=("L",)),  # the thermal images, 8-bit grayscale
+    _mess("mess_zerowaste", "ZeroWaste-f", "zerowaste_sem_seg_test", "zerowaste-f",
+          "splits_final_deblurred/test/data", "splits_final_deblurred/test/sem_seg", (".PNG", ".PNG"), 5,
+          "zerowaste"),
+    _mess("mess_suim", "SUIM", "suim_sem_seg_test", "SUIM", "TEST/images", "annotations_detectron2/test",
+          (".jpg", ".png"), 8, "suim", ignore_written=False),
+    _mess("mess_cub_200", "CUB-200", "cub_200_sem_seg_test", "CUB_200_2011", *[d.format("test") for d in _D2],
+          (".jpg", ".png"), 201, "cub_200", ignore_written=False),
+    _mess("mess_cwfid", "CWFID", "cwfid_sem_seg_test", "cwfid", "images", "annotations_detectron2/test",
+          ("image.png", "annotation.png"), 3, "cwfid", listed_from="labels"),
+]  # fmt: skip
+
+DATASETS.update({spec.name: spec for spec in [*_LARGE, *_REMOTE, *_MESS]})
+#: MESS's registered names -> gclip's.
+_MESS_ALIASES = {registered: name for name, registered in MESS_NAMES.items()}
 
 #: Column order of the tables: the seed paper's five sets, then the three with background.
 PAPER_ORDER = ["voc20", "context59", "coco_stuff", "cityscapes", "ade20k", "voc21", "context60", "coco_object"]
@@ -253,13 +360,14 @@ TABLE_ORDER = PAPER_ORDER + [name for name in DATASETS if name not in PAPER_ORDE
 #: ``--dataset`` names of whole families: ``all`` is the eight classic sets.
 FAMILIES = {
     family: [name for name, spec in DATASETS.items() if spec.family == family]
-    for family in ("classic", "large", "remote")
+    for family in ("classic", "large", "remote", "mess")
 }
 
 
 def get_dataset(name: str) -> DatasetSpec:
     """The spec of a dataset by name (``-`` and ``_`` are interchangeable)."""
     key = name.strip().lower().replace("-", "_")
+    key = _MESS_ALIASES.get(key, key)  # MESS's registered names (paxray_sem_seg_test_lungs)
     if key not in DATASETS:
         raise DatasetError(
             f"unknown dataset {name!r}: choose among {', '.join(TABLE_ORDER)} (or a family: all, "
@@ -327,13 +435,14 @@ def class_names(spec: DatasetSpec) -> list[str]:
 def _require_dir(path: Path, spec: DatasetSpec, what: str, sub: str) -> None:
     if not path.is_dir():
         raise DatasetMissing(
-            f"{spec.name}: {what} folder {path} does not exist (expected the mmsegmentation layout "
+            f"{spec.name}: {what} folder {path} does not exist (expected the prepared layout "
             f"<data-root>/{spec.root}/{sub}; data: {spec.download})"
         )
 
 
 def list_samples(spec: DatasetSpec, data_root: str | Path) -> list[Sample]:
-    """The validation pairs of ``spec`` under ``data_root``, in a fixed order (split-file order, else sorted).
+    """The validation pairs of ``spec`` under ``data_root``, in a fixed order (split-file order, else sorted):
+    the images of its image folder, or the labels of its label folder (``spec.listed_from``).
 
     Only the folders and the split file are checked here; a missing label file is reported when it is read,
     so that ``--skip-bad`` can skip it.
@@ -346,19 +455,16 @@ def list_samples(spec: DatasetSpec, data_root: str | Path) -> list[Sample]:
     image_dir, label_dir = root / spec.image_dir, root / spec.label_dir
     _require_dir(image_dir, spec, "image", spec.image_dir)
     _require_dir(label_dir, spec, "label", spec.label_dir)
+    folder, suffix = (label_dir, spec.label_suffix) if spec.listed_from == "labels" else (image_dir, spec.image_suffix)
     if spec.split is not None:
         split = root / spec.split
         if not split.is_file():
             raise DatasetError(f"{spec.name}: split file {split} does not exist")
         names = [ln.strip() for ln in split.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    else:
-        names = sorted(
-            str(p.relative_to(image_dir))[: -len(spec.image_suffix)]
-            for p in image_dir.rglob(f"*{spec.image_suffix}")
-            if p.is_file()
-        )
+    else:  # every image (or, listed from the labels, every label) found
+        names = sorted(str(p.relative_to(folder))[: -len(suffix)] for p in folder.rglob(f"*{suffix}") if p.is_file())
     if not names:
-        raise DatasetError(f"{spec.name}: no images found under {image_dir}")
+        raise DatasetError(f"{spec.name}: no {spec.listed_from} found under {folder}")
     if spec.name == "coco_object" and not any(label_dir.glob(f"*{spec.label_suffix}")):
         raise DatasetMissing(
             f"coco_object: no *{spec.label_suffix} labels in {label_dir}: build them from COCO-Stuff with "

@@ -49,6 +49,7 @@ class ProtocolSettings:
         method_options: the method's options on this dataset (the caller's options win over them).
         scoring: the evaluation-only keys (:data:`EVAL_KEYS`), every one of them, for :func:`gclip.evaluation.score`.
         classes_dir: the caller's class-name folder, if the class file came from one.
+        classes_key: the class list's name when the class file is Python source (MESS's ``register_*.py``).
     """
 
     protocol: str
@@ -60,13 +61,15 @@ class ProtocolSettings:
     method_options: dict[str, Any] = field(default_factory=dict)
     scoring: dict[str, Any] = field(default_factory=lambda: dict(EVAL_KEYS))
     classes_dir: str | None = None
+    classes_key: str | None = None
 
     def describe(self) -> dict[str, Any]:
         """Plain data for printing and JSON."""
         shipped = f"{self.protocol_classes}/{self.classes_file.name}"
+        where = str(self.classes_file) if self.classes_dir or self.classes_key else shipped
         return {
             "protocol": self.protocol,
-            "classes_file": str(self.classes_file) if self.classes_dir else shipped,
+            "classes_file": f"{where}:{self.classes_key}" if self.classes_key else where,
             "overridden": self.overridden,
             **self.settings,
             **{k: v for k, v in self.scoring.items() if v != EVAL_KEYS[k]},
@@ -142,12 +145,13 @@ def resolve_preset(
         classes_dir: take the class-name file from this folder instead of the protocol's, e.g. a method
             repository's ``configs/`` (its own class names): the protocol's file name (``cls_voc21.txt``,
             ``cls_city_scapes.txt``, ...), else ``cls_<dataset name>.txt`` (``cls_cityscapes.txt``), else the set's
-            ``classes_aliases`` (CAT-Seg's ``ade847.json``). Without it, the protocol's class folder, else the
-            datasets' own names (``gclip/data/classes/datasets/``).
+            ``classes_aliases`` (CAT-Seg's ``ade847.json``, MESS's ``register_paxray.py``). Without it, the
+            protocol's class folder, else the datasets' own names (``gclip/data/classes/datasets/``), else the
+            set's file in an installed package (``classes_package``: MESS's names from ``mess-benchmark``).
 
     Raises:
         ConfigError: an unknown protocol or setting, a bad value, or no class file for the set in ``classes_dir``
-            (or, without it, none shipped: ADE20K-847's and Context-459's are not).
+            (or, without it, none shipped: ADE20K-847's, Context-459's and MESS's are not, and no MESS package).
 
     >>> resolve_preset("sclip", "voc21").settings["logit_scale"]
     65.0
@@ -193,6 +197,7 @@ def resolve_preset(
             for folder in dict.fromkeys((data["classes"], DATASET_CLASSES, "clearclip"))
             if (shipped / folder / spec.classes_file).is_file()
         ]
+        found += _package_file(spec)
         if not found:
             raise ConfigError(spec.classes_from or f"{spec.name}: no class file {spec.classes_file} is shipped")
         classes = found[0]
@@ -203,7 +208,27 @@ def resolve_preset(
             raise ConfigError(f"classes folder {classes_dir}: no {' or '.join(names)} for {spec.name}")
         classes = found[0]
     own = None if classes_dir is None else str(classes_dir)
-    return ProtocolSettings(protocol, method, spec.name, settings, classes, changed, method_options, scoring, own)
+    key = (spec.classes_key or None) if classes.suffix == ".py" else None
+    return ProtocolSettings(protocol, method, spec.name, settings, classes, changed, method_options, scoring, own, key)
+
+
+def _package_file(spec: DatasetSpec) -> list[Path]:
+    """The set's class file in an installed package (``spec.classes_package``: MESS's ``mess/datasets``), found
+    without importing the package (importing ``mess.datasets`` registers every set and needs its dependencies)."""
+    if not spec.classes_package or not spec.classes_aliases:
+        return []
+    import importlib.util
+
+    package, _, folder = spec.classes_package.partition("/")
+    try:
+        found = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return []
+    for location in (found.submodule_search_locations or []) if found is not None else []:
+        path = Path(location) / folder / spec.classes_aliases[0]
+        if path.is_file():
+            return [path]
+    return []
 
 
 Preset = ProtocolSettings  # its name before Engine v3 (a backbone preset is gclip.backbones.Preset)

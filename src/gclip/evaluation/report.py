@@ -39,14 +39,29 @@ def summary_line(result: EvalResult) -> str:
 
 
 def markdown_table(results: list[EvalResult]) -> str:
-    """Rows methods, columns datasets (paper order, then the other sets), then the mean over the columns of each row."""
+    """Rows methods, columns datasets (paper order, then the other sets), then the mean over the columns of each row.
+
+    Sets of one ``table_group`` (MESS's four PAXRay sets) make one column, the mean of its members, when every
+    member was run (as MESS's ``PAXRay-4``); the row's mean is then MESS's mean over its 22 sets.
+    """
     datasets = [d for d in TABLE_ORDER if any(r.dataset == d for r in results)]
+    columns: dict[str, list[str]] = {}  # title -> its sets
+    for d in datasets:
+        group = DATASETS[d].table_group
+        members = [n for n in TABLE_ORDER if group and DATASETS[n].table_group == group]
+        if members and all(m in datasets for m in members):
+            columns.setdefault(group, members)
+        else:
+            columns[DATASETS[d].title] = [d]
     methods = list(dict.fromkeys(r.method for r in results))
     score = {(r.method, r.dataset): r.summary["mIoU"] for r in results}
-    header = "| method | " + " | ".join(DATASETS[d].title for d in datasets) + " | mean |"
-    lines = [header, "|---|" + "---|" * (len(datasets) + 1)]
+    header = "| method | " + " | ".join(columns) + " | mean |"
+    lines = [header, "|---|" + "---|" * (len(columns) + 1)]
     for m in methods:
-        values = [score.get((m, d)) for d in datasets]
+        values = []
+        for sets in columns.values():
+            found = [score.get((m, d)) for d in sets]
+            values.append(None if None in found else sum(found) / len(found))  # type: ignore[arg-type]
         known = [v for v in values if v is not None]
         mean = sum(known) / len(known) if known and len(known) == len(values) else None
         lines.append(f"| {m} | " + " | ".join(_fmt(v) for v in values) + f" | {_fmt(mean)} |")

@@ -162,7 +162,7 @@ def evaluate(
                 method=method,
                 method_options={**preset.method_options, **for_dataset(options[method], spec.name)},
                 templates=templates,
-                classes=read_class_file(preset.classes_file, allow_duplicates=True),
+                classes=read_class_file(preset.classes_file, allow_duplicates=True, key=preset.classes_key),
                 settings=preset.settings,
             )
             seg = recipe.build(text)
