@@ -27,6 +27,7 @@ UNMATCHED = {
     "gclip": "no official code: its defaults follow a third-party reading (docs/methods/gclip.md)",
     "trident": "runs whole images only: its dense logits are checked on the pipeline photos (pipelines.toml)",
     "corrclip": "runs whole images only: a window's logits in test_corrclip, the pipelines in pipelines.toml",
+    "cliper": "runs whole images only: its class maps against the authors' in test_cliper, pipelines in pipelines.toml",
 }
 
 
