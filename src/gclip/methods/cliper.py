@@ -32,6 +32,7 @@ this method: see ``docs/methods/notes/cliper.md``.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,7 @@ from ..backbones.base import Backbone
 from ..errors import ConfigError
 from ..inference.windows import ImageWindows, window_boxes
 from .base import Method, attention_map, register
-from .pieces import LabelRefinement, TextSide, WindowContext
+from .pieces import LabelRefinement, TextSide
 
 
 def fused_attention(summed: torch.Tensor) -> torch.Tensor:
@@ -60,6 +61,13 @@ def sinkhorn_step(summed: torch.Tensor) -> torch.Tensor:
     """Columns, then rows, of ``(..., N, N)`` maps summed to 1."""
     summed = summed / summed.sum(-2, keepdim=True)
     return summed / summed.sum(-1, keepdim=True)
+
+
+def _recorded_attention(maps: list[torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``softmax(q kᵀ s) v`` per head, its map appended to ``maps``."""
+    a = attention_map(q, k)
+    maps.append(a)
+    return (a @ v.float()).to(v.dtype)
 
 
 def early_fusion(
@@ -78,13 +86,7 @@ def early_fusion(
     for i in range(depth - 1):
         inputs.append(vit.pre_norm(i, x) if fuse or i == chosen else None)
         maps: list[torch.Tensor] = []
-
-        def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            a = attention_map(q, k)
-            maps.append(a)
-            return (a @ v.float()).to(v.dtype)
-
-        x = vit.block(i, x, attention=attention)
+        x = vit.block(i, x, attention=functools.partial(_recorded_attention, maps))
         summed = summed + maps[0]
     inputs.append(x if fuse or chosen == depth - 1 else None)
     last = depth - 1
