@@ -28,6 +28,7 @@ UNMATCHED = {
     "trident": "runs whole images only: its dense logits are checked on the pipeline photos (pipelines.toml)",
     "corrclip": "runs whole images only: a window's logits in test_corrclip, the pipelines in pipelines.toml",
     "freecp": "random weights make its affinity near-uniform: crop goldens with a local affinity in test_freecp",
+    "cliper": "runs whole images only: its class maps against the authors' in test_cliper, pipelines in pipelines.toml",
 }
 
 

@@ -27,7 +27,9 @@ TABLE = tomllib.loads((GOLDEN / "pipelines.toml").read_text(encoding="utf-8"))
 PHOTOS = ["2007_001288", "2007_001321", "2007_001458"]
 # CPU cost tiers, so that the default suite stays within minutes on 2 cores (seconds per photo on a 2-core AMD EPYC);
 # GCLIP_SLOW=1 runs every entry on every photo its file holds.
-FIRST_PHOTO = {"trident", "corrclip", "proxyclip", "proxyclip_dinov2", "proxyclip_mae", "cass"}  # 5 to 28 s each
+FIRST_PHOTO = {  # 5 to 28 s each
+    *("trident", "corrclip", "proxyclip", "proxyclip_dinov2", "proxyclip_mae", "cass", "cliper"),
+}
 SLOW_ONLY = {  # checked only with GCLIP_SLOW=1
     "itaclip",  # 115 s: 55 windows x 5 views, PAMR
     "proxyclip_sam",  # 60 s: SAM's encoder at 1024 px for every window
@@ -35,6 +37,8 @@ SLOW_ONLY = {  # checked only with GCLIP_SLOW=1
     "trident_ade",  # 33 s
     "trident_voc20",  # 25 s
     "corrclip_eps001",  # 15 s
+    "cliper_slide",  # 30 s: 12 forward passes of all 12 layers' last block a photo
+    "cliper_nobkg",  # 30 s: the same
 }
 SLOW = bool(os.environ.get("GCLIP_SLOW"))
 FIXTURES = {name: name for name in ("golden_dinov2", "golden_sam", "golden_mae", "golden_dino16")}  # else golden_dino
@@ -69,6 +73,8 @@ def test_pipeline_matches_the_authors_segmentor(model, text, sample_data, name, 
     seg = Segmenter(model, method=entry["method"], method_options=options, **entry["settings"])
     seg.classes = parse_classes(["background"] + [f"class {i}" for i in range(1, 10)])  # VOC21's: prob_thd -> 0
     seg._queries = text  # the random embeddings stand in for the prompt ensemble, as in the authors' run
+    if "text_rows" in entry:  # CLIPer: which query rows are the background texts (its text side marks them)
+        seg.method = dataclasses.replace(seg.method, _text_rows=tuple(entry["text_rows"]))
     golden = np.load(GOLDEN / "pipeline" / f"{name}.npz")
     photos = PHOTOS[:1] if name in FIRST_PHOTO and not SLOW else PHOTOS
     photos = [p for p in photos if f"{p}_labels" in golden]  # a file may hold fewer photos (SAM: the first)

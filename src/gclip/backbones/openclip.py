@@ -41,8 +41,8 @@ def resample_pos_embed(pos: torch.Tensor, grid: tuple[int, int], rule: str = "sc
     ``rule="sclip"``: the SCLIP/ClearCLIP rule, bicubic with ``scale_factor = (g + 0.1) / G``,
     ``align_corners=False``, no antialias. ``rule="antialias"``: timm's ``resample_abs_pos_embed`` as GEM uses
     it, bicubic to the size with ``antialias=True`` (a different cubic kernel, also when upsampling).
-    ``rule="size"``: bicubic to the size, no antialias (MAE's ``interpolate_pos_embed``). The CLS embedding is
-    kept as is.
+    ``rule="size"``: bicubic to the size, no antialias (MAE's ``interpolate_pos_embed``). ``rule="bilinear"``:
+    bilinear to the size, no antialias (CLIPer). The CLS embedding is kept as is.
 
     Returns:
         ``(1 + gh*gw, D)``.
@@ -62,8 +62,10 @@ def resample_pos_embed(pos: torch.Tensor, grid: tuple[int, int], rule: str = "sc
         resized = F.interpolate(grid_pos.float(), scale_factor=scale, mode="bicubic", align_corners=False)
     elif rule in ("antialias", "size"):
         resized = F.interpolate(grid_pos.float(), size=(gh, gw), mode="bicubic", antialias=rule == "antialias")
+    elif rule == "bilinear":
+        resized = F.interpolate(grid_pos.float(), size=(gh, gw), mode="bilinear", align_corners=False)
     else:
-        raise ValueError(f"position embedding rule must be 'sclip', 'antialias' or 'size', got {rule!r}")
+        raise ValueError(f"position embedding rule must be 'sclip', 'antialias', 'size' or 'bilinear', got {rule!r}")
     resized = resized.to(dtype)
     if resized.shape[-2:] != (gh, gw):  # guard against rounding surprises
         raise RuntimeError(f"resampled grid {tuple(resized.shape[-2:])} != {(gh, gw)}")
