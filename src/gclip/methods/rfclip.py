@@ -98,7 +98,7 @@ class RfClip(Method):
         """The distraction channels for this tower: ``sink_channels``, else the authors' list for its width (none,
         with a warning, for other widths); a one-line error for a channel the tower does not have."""
         if self.sink_channels is None:
-            if vit.width not in SINK_CHANNELS:
+            if vit.width not in SINK_CHANNELS and not torch.compiler.is_compiling():  # warned by the eager warm-up
                 _warn_no_channels(vit.width)
             return SINK_CHANNELS.get(vit.width, ())
         bad = [c for c in self.sink_channels if not 0 <= int(c) < vit.width]
