@@ -148,7 +148,10 @@ def test_describe_lists_everything(make):
     assert "emerging_blocks" in info["method_options"]
 
 
-GRAPH_BREAKS = {"cass": "scipy's Hungarian assignment and Ward clustering run on the CPU, between graphs"}
+GRAPH_BREAKS = {
+    "cass": "scipy's Hungarian assignment and Ward clustering run on the CPU, between graphs",
+    "rfclip": "scipy's complete-linkage clustering of the text runs on the CPU, between graphs",
+}
 
 
 @pytest.mark.parametrize("method", method_matrix(crop_methods()))  # the per-window forward

@@ -48,15 +48,16 @@ def _scipy():
 
 
 @functools.lru_cache(maxsize=32)
-def _clusters(digest: str, distances: bytes, n: int, threshold: float) -> tuple[int, ...]:
+def _clusters(digest: str, distances: bytes, n: int, threshold: float, method: str) -> tuple[int, ...]:
     linkage, fcluster, squareform, _ = _scipy()
     d = np.frombuffer(distances, dtype=np.float64).reshape(n, n)
-    return tuple(int(c) for c in fcluster(linkage(squareform(d), method="ward"), t=threshold, criterion="distance") - 1)
+    return tuple(int(c) for c in fcluster(linkage(squareform(d), method=method), t=threshold, criterion="distance") - 1)
 
 
 @torch.compiler.disable  # scipy on the CPU: a graph break, not traced
-def text_clusters(text: torch.Tensor, threshold: float) -> torch.Tensor:
-    """``(Q,)`` Ward-cluster ids (from 0) of ``(Q, E)`` embeddings by cosine distance, cut at ``threshold``."""
+def text_clusters(text: torch.Tensor, threshold: float, method: str = "ward") -> torch.Tensor:
+    """``(Q,)`` cluster ids (from 0) of ``(Q, E)`` embeddings by cosine distance: scipy's hierarchical clustering
+    with the linkage ``method`` (CASS: Ward; RF-CLIP: complete), cut at ``threshold``."""
     if text.shape[0] < 2:
         return torch.zeros(text.shape[0], dtype=torch.long)
     unit = F.normalize(text.detach().double().cpu(), dim=-1)
@@ -64,7 +65,7 @@ def text_clusters(text: torch.Tensor, threshold: float) -> torch.Tensor:
     d = (d + d.T) / 2
     d.fill_diagonal_(0.0)
     raw = d.numpy().tobytes()
-    return torch.tensor(_clusters(hashlib.sha1(raw).hexdigest(), raw, text.shape[0], float(threshold)))
+    return torch.tensor(_clusters(hashlib.sha1(raw).hexdigest(), raw, text.shape[0], float(threshold), method))
 
 
 def crop_pixels(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -271,33 +272,53 @@ class Cass(Method):
 
     def logits(self, vit: Backbone, feats: torch.Tensor, text: torch.Tensor, trace: Trace) -> torch.Tensor:
         """Per crop, object-level text (:meth:`object_queries`) and the global similarity mixed into every patch."""
-        b, gh, gw, e = feats.shape
-        unit = F.normalize(feats.reshape(b, gh * gw, e), dim=-1)
-        text = text.to(unit.device, torch.float32)
+        text = text.to(feats.device, torch.float32)
+        clusters = text_clusters(text, self.h_threshold).to(feats.device)
         g = trace.extras["global"] @ text.T  # (B, Q)
-        queries = self.object_queries(unit, text, g)  # (B, Q, E)
-        logits = unit @ queries.transpose(1, 2)  # (B, N, Q)
-        logits = logits * (1 - self.global_semantics_weight) + g[:, None] * self.global_semantics_weight
-        return logits.transpose(1, 2).reshape(b, -1, gh, gw)
+        return object_level_logits(feats, text, g, clusters, self.mean_vector_weight, self.global_semantics_weight)
 
     def object_queries(self, unit: torch.Tensor, text: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Per crop the text embeddings with, in every cluster, the class most similar to the global embedding
         moved towards the mean of its two most similar patches (``mean_vector_weight``)."""
         clusters = text_clusters(text, self.h_threshold).to(unit.device)
-        n_clusters = int(clusters.max()) + 1
-        b, q = g.shape
-        best = g.new_full((b, n_clusters), -math.inf).scatter_reduce(1, clusters.expand(b, q), g, reduce="amax")
-        hit = g == best.gather(1, clusters.expand(b, q))
-        order = torch.arange(q, device=g.device).expand(b, q)
-        earliest = torch.full((b, n_clusters), q, device=g.device).scatter_reduce(
-            1, clusters.expand(b, q), torch.where(hit, order, q), reduce="amin"
-        )
-        first = order == earliest.gather(1, clusters.expand(b, q))  # the first class at its cluster's best (np.argmax)
-        top = torch.topk(unit @ text.T, k=min(2, unit.shape[1]), dim=1).indices  # (B, k, Q) patch indices
-        picked = unit.gather(1, top.reshape(b, -1, 1).expand(-1, -1, unit.shape[-1])).reshape(b, top.shape[1], q, -1)
-        means = F.normalize(picked.mean(dim=1), dim=-1)  # (B, Q, E)
-        moved = F.normalize((1 - self.mean_vector_weight) * text + self.mean_vector_weight * means, dim=-1)
-        return torch.where(first[..., None], moved, text.expand(b, -1, -1))
+        return object_queries(unit, text, g, clusters, self.mean_vector_weight)
+
+
+def object_level_logits(
+    feats: torch.Tensor, text: torch.Tensor, g: torch.Tensor, clusters: torch.Tensor, moved: float, mixed: float
+) -> torch.Tensor:
+    """CASS's object-level logits (RF-CLIP's too): ``(B, gh, gw, E)`` features, ``(Q, E)`` unit text, ``(B, Q)``
+    global similarities and ``(Q,)`` text clusters -> ``(B, Q, gh, gw)``: each patch against the crop's
+    :func:`object_queries` (``moved``: their ``mean_vector_weight``), then the global similarity mixed in with weight
+    ``mixed`` (``global_semantics_weight``)."""
+    b, gh, gw, e = feats.shape
+    unit = F.normalize(feats.reshape(b, gh * gw, e), dim=-1)
+    queries = object_queries(unit, text, g, clusters, moved)  # (B, Q, E)
+    logits = unit @ queries.transpose(1, 2)  # (B, N, Q)
+    logits = logits * (1 - mixed) + g[:, None] * mixed
+    return logits.transpose(1, 2).reshape(b, -1, gh, gw)
+
+
+def object_queries(
+    unit: torch.Tensor, text: torch.Tensor, g: torch.Tensor, clusters: torch.Tensor, weight: float
+) -> torch.Tensor:
+    """``(B, N, E)`` unit patch features, ``(Q, E)`` unit text, ``(B, Q)`` global similarities, ``(Q,)`` cluster ids
+    -> ``(B, Q, E)``: in every cluster the first class at the cluster's highest global similarity (``np.argmax``)
+    moved by ``weight`` towards the normalised mean of its two most similar patches, the others unchanged."""
+    n_clusters = int(clusters.max()) + 1
+    b, q = g.shape
+    best = g.new_full((b, n_clusters), -math.inf).scatter_reduce(1, clusters.expand(b, q), g, reduce="amax")
+    hit = g == best.gather(1, clusters.expand(b, q))
+    order = torch.arange(q, device=g.device).expand(b, q)
+    earliest = torch.full((b, n_clusters), q, device=g.device).scatter_reduce(
+        1, clusters.expand(b, q), torch.where(hit, order, q), reduce="amin"
+    )
+    first = order == earliest.gather(1, clusters.expand(b, q))  # the first class at its cluster's best (np.argmax)
+    top = torch.topk(unit @ text.T, k=min(2, unit.shape[1]), dim=1).indices  # (B, k, Q) patch indices
+    picked = unit.gather(1, top.reshape(b, -1, 1).expand(-1, -1, unit.shape[-1])).reshape(b, top.shape[1], q, -1)
+    means = F.normalize(picked.mean(dim=1), dim=-1)  # (B, Q, E)
+    moved = F.normalize((1 - weight) * text + weight * means, dim=-1)
+    return torch.where(first[..., None], moved, text.expand(b, -1, -1))
 
 
 def global_cls(vit: Backbone, x: torch.Tensor) -> torch.Tensor:
