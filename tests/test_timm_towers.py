@@ -211,3 +211,61 @@ def test_a_timm_tower_the_walk_does_not_cover_is_refused_in_one_line():
     with pytest.raises(WeightsError, match=r"^open_clip timm tower ResNet: no dense-walk adapter \(timm") as error:
         backbone_for(visual)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param("EVA02-B-16", marks=pytest.mark.heavy), pytest.param("PE-Core-B-16", marks=[pytest.mark.slow, SLOW])],
+)
+def test_segment_runs_from_a_local_random_checkpoint(name, tmp_path, rgb_image):
+    """``gclip segment --model NAME --pretrained FILE`` end to end on a timm tower (default method: GCLIP), from a
+    random-weight state dict saved to a file (PE-Core-B-16's is 1.8 GB: only with ``GCLIP_SLOW=1``)."""
+    import json
+
+    from PIL import Image
+
+    from gclip.cli import main
+    from gclip.io.outputs import read_label_png
+    from gclip.testing import save_random_checkpoint
+
+    checkpoint = save_random_checkpoint(tmp_path / f"{name}.pt", name, seed=0)
+    Image.fromarray(rgb_image).save(tmp_path / "photo.jpg")
+    (tmp_path / "templates.txt").write_text("a photo of a {c}.\n")
+    args = ["segment", str(tmp_path / "photo.jpg"), "--classes", "cat,dog,sky", "--model", name]
+    args += [
+        "--pretrained",
+        str(checkpoint),
+        "--out",
+        str(tmp_path / "out"),
+        "--templates",
+        str(tmp_path / "templates.txt"),
+    ]
+    assert main([*args, "--short-side", "64", "--crop", "64", "--stride", "32"]) == 0
+    record = json.loads((tmp_path / "out" / "photo.json").read_text())
+    assert record["settings"]["model"] == name and record["settings"]["method"] == "gclip"
+    assert set(record["present"]) <= {"cat", "dog", "sky"} and read_label_png(tmp_path / "out" / "photo.png").shape == (
+        61,
+        83,
+    )
+
+
+@pytest.mark.heavy
+def test_the_segmenter_runs_siglip2_with_a_local_tokenizer_stand_in(monkeypatch, rgb_image):
+    """SigLIP 2's tokenizer comes from the Hugging Face hub: here a stand-in that gives every prompt the same token ids,
+    so that the image side (its walk, its MAP head read per patch) runs in the Segmenter; a method that reads the CLS
+    token refuses in one line."""
+    from gclip import Segmenter
+    from gclip.backbones.models import load_model
+
+    monkeypatch.setattr(open_clip, "get_tokenizer", lambda name, **kw: lambda texts: torch.ones(len(texts), 64).long())
+    model = load_model("ViT-B-16-SigLIP2", None, device="cpu")
+    seg = Segmenter(model, method="clip", templates=["a {c}."], short_side=64, crop=64, stride=32)
+    assert isinstance(seg.vit, TimmClipViT) and seg.vit.prefix_tokens == 0
+    seg.set_classes(["cat", "dog"])
+    result = seg.predict(rgb_image)
+    assert result.labels.shape == (61, 83) and set(result.labels.flatten().tolist()) <= {0, 1}
+    refusing = Segmenter(model, method="cliptrase", templates=["a {c}."], short_side=64, crop=64, stride=32)
+    refusing.set_classes(["cat", "dog"])
+    with pytest.raises(ConfigError, match="no CLS token") as error:
+        refusing.predict(rgb_image)
+    assert "\n" not in str(error.value)
