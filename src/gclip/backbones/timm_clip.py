@@ -95,6 +95,13 @@ class _TimmClip:
         """The position embedding of a grid by the tower's rule (:attr:`tower_pos_rule`), whatever ``rule``."""
         return super().pos_embed(grid, self.tower_pos_rule or rule)  # type: ignore[misc]
 
+    def embed(self, images: torch.Tensor, pos_rule: str = "sclip"):
+        """:meth:`TimmViT.embed <gclip.backbones.timm_vit.TimmViT.embed>` of the whole patches of the images: pixels
+        past the last whole patch are ignored, as open_clip's ViT ignores them (its stride-``patch`` convolution)."""
+        p = self.patch_size  # type: ignore[attr-defined]
+        h, w = images.shape[-2] // p * p, images.shape[-1] // p * p
+        return super().embed(images[..., :h, :w], pos_rule)  # type: ignore[misc]
+
     def cls(self, tokens: torch.Tensor) -> torch.Tensor:
         if not self.has_cls:
             raise ConfigError(

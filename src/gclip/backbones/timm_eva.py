@@ -21,9 +21,9 @@ embeddings resampled to any grid, pre- and post-norm blocks, layer scale, the fi
 What it does not cover is refused in one line when the adapter is built: gated attention, per-depth ("mixed") RoPE,
 RoPE modules without a grid rule gclip knows.
 
-The rotation needs the patch grid of the tokens a block is given; :meth:`TimmEva.embed` records it per token count,
-so tokens must come from :meth:`~TimmEva.embed` (the latest grid of a token count wins; a square grid is assumed for
-a count never embedded).
+The rotation needs the patch grid of the tokens a block is given; :meth:`TimmEva.embed` records it per token count
+(:meth:`~TimmEva.token_layout`: the latest grid of a count wins; tokens with their prefix or the patch tokens alone;
+a square grid is assumed for a count never embedded).
 """
 
 from __future__ import annotations
@@ -122,15 +122,19 @@ class TimmEva(TimmViT):
         self._grids[grid[0] * grid[1]] = grid
         return x, grid
 
-    def grid_of(self, tokens: torch.Tensor) -> tuple[int, int]:
-        """The patch grid of ``(B, P+N, D)`` tokens: the latest :meth:`embed` of ``N`` patches, else a square."""
-        n = tokens.shape[1] - self.prefix_tokens
-        if n in self._grids:
-            return self._grids[n]
-        side = int(round(math.sqrt(n)))
-        if side * side != n:
-            raise ConfigError(f"{n} patch tokens that no embed() made: their grid, which RoPE needs, is unknown")
-        return side, side
+    def token_layout(self, tokens: torch.Tensor) -> tuple[int, tuple[int, int]]:
+        """``(prefix, grid)`` of ``(B, T, D)`` tokens: ``T = prefix_tokens + N`` tokens of a grid of ``N`` patches
+        that :meth:`embed` made (the latest such grid), else ``T = N`` patch tokens alone (a method's purified or
+        pooled patches, prefix 0), else a square grid after the prefix tokens; a one-line error otherwise."""
+        t, p = tokens.shape[1], self.prefix_tokens
+        if t - p in self._grids:
+            return p, self._grids[t - p]
+        if t in self._grids:
+            return 0, self._grids[t]
+        side = int(round(math.sqrt(t - p)))
+        if side * side != t - p:
+            raise ConfigError(f"{t} tokens that no embed() made: their patch grid, which RoPE needs, is unknown")
+        return p, (side, side)
 
     def rotation(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor | None:
         """The rotary embedding of a grid (:func:`rope_embed`), once per grid and device; ``None`` without RoPE."""
@@ -144,7 +148,7 @@ class TimmEva(TimmViT):
     # --- one block ----------------------------------------------------------------------------------------
     def _module_block(self, index: int, x: torch.Tensor, overrides: Mapping[str, torch.Tensor]) -> torch.Tensor:
         blk = self.blocks[index]
-        rope = self.rotation(self.grid_of(x), x.device)
+        rope = self.rotation(self.token_layout(x)[1], x.device)
         if overrides:
             return torch.func.functional_call(blk, dict(overrides), (x,), {"rope": rope})
         return blk(x, rope=rope)
@@ -152,8 +156,9 @@ class TimmEva(TimmViT):
     def qkv(self, index: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v of block ``index`` for its input tokens ``x``, each ``(B, heads, P+N, head_dim)``: ``norm1``
         (pre-norm blocks), the fused ``qkv`` (with Eva's separate biases) or ``q_proj``/``k_proj``/``v_proj``,
-        ``q_norm``/``k_norm``, then RoPE on the patch tokens' q and k (:meth:`rotation` of :meth:`grid_of` ``x``);
-        grouped key/value heads repeated to every head."""
+        ``q_norm``/``k_norm``, then RoPE on the patch tokens' q and k (:meth:`rotation` of their grid,
+        :meth:`token_layout`: patch tokens without their prefix, as some methods attend among, are rotated by their
+        grid positions as well); grouped key/value heads repeated to every head."""
         from timm.layers import apply_rot_embed_cat
 
         attn = self.blocks[index].attn
@@ -175,9 +180,10 @@ class TimmEva(TimmViT):
             k = attn.k_proj(y).reshape(b, n, kv_heads, -1).transpose(1, 2)
             v = attn.v_proj(y).reshape(b, n, kv_heads, -1).transpose(1, 2)
         q, k = attn.q_norm(q), attn.k_norm(k)
-        rope = self.rotation(self.grid_of(x), x.device)
+        p, grid = self.token_layout(x)
+        rope = self.rotation(grid, x.device)
         if rope is not None:
-            p, half = attn.num_prefix_tokens, bool(getattr(attn, "rotate_half", False))
+            half = bool(getattr(attn, "rotate_half", False))
             q = torch.cat([q[:, :, :p], apply_rot_embed_cat(q[:, :, p:], rope, half=half)], dim=2).type_as(v)
             k = torch.cat([k[:, :, :p], apply_rot_embed_cat(k[:, :, p:], rope, half=half)], dim=2).type_as(v)
         if kv_heads != heads:

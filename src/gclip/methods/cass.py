@@ -301,8 +301,11 @@ class Cass(Method):
 
 
 def global_cls(vit: Backbone, x: torch.Tensor) -> torch.Tensor:
-    """Tokens entering the last block -> ``(B, E)`` CLS embeddings through the unchanged last block."""
-    return vit.project(vit.cls(vit.block(vit.depth - 1, x))[:, None])[:, 0].float()
+    """Tokens entering the last block -> ``(B, E)`` global embeddings through the unchanged last block: the tower's
+    own image embedding (:meth:`~gclip.backbones.base.Backbone.pooled`), which on a CLIP ViT is the CLS token's
+    projection, as CASS reads it; on a tower that pools with an attention head (SigLIP 2, PE-Core) the head's
+    output, SigLIP 2 having no CLS token."""
+    return vit.pooled(vit.block(vit.depth - 1, x)).float()
 
 
 @dataclass(frozen=True)
