@@ -269,3 +269,57 @@ def test_the_segmenter_runs_siglip2_with_a_local_tokenizer_stand_in(monkeypatch,
     with pytest.raises(ConfigError, match="no CLS token") as error:
         refusing.predict(rgb_image)
     assert "\n" not in str(error.value)
+
+
+def tower_table() -> dict:
+    from importlib import resources
+
+    import tomllib
+
+    return tomllib.loads((resources.files("gclip") / "data" / "timm_towers.toml").read_text(encoding="utf-8"))
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("name", ["ViT-B-16-SigLIP2", "PE-Core-B-16", "EVA02-B-16"])
+def test_every_method_runs_or_refuses_as_the_table_says(name, monkeypatch, rgb_image):
+    """Every registered method through the Segmenter on the tower (random weights, 64-pixel windows, tiny second
+    models; CASS with a DINO of the tower's width and heads): it runs, or it refuses in one line with the reason
+    ``data/timm_towers.toml`` gives, and the table names no method that is not registered."""
+    import warnings
+
+    from conftest import tiny_second_models
+    from gclip import Segmenter
+    from gclip.backbones.models import load_model
+    from gclip.methods import list_methods
+    from test_backbone_presets import dino_like
+
+    table = tower_table()
+    entry = table["towers"][name]
+    assert set(entry["refuses"]) | set(table["adaptations"]) <= set(list_methods())
+    if "SigLIP" in name:  # its tokenizer is on the hub: a stand-in (see the Segmenter test above)
+        monkeypatch.setattr(
+            open_clip, "get_tokenizer", lambda _n, **kw: lambda texts: torch.ones(len(texts), 64).long()
+        )
+    model = load_model(name, None, device="cpu")
+    ran, refused = [], {}
+    small = dict(templates=["a {c}."], short_side=64, crop=64, stride=32)
+    for method in list_methods():
+        options = tiny_second_models(method)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            seg = Segmenter(model, method=method, method_options=options, **small)
+            if method == "cass":
+                seg = Segmenter(model, method="cass", method_options={"proxy": dino_like(seg.vit)}, **small)
+            seg.set_classes(["cat", "dog"])
+            try:
+                labels = seg.predict(rgb_image).labels
+            except ConfigError as error:
+                assert "\n" not in str(error), method
+                refused[method] = str(error)
+                continue
+        assert labels.shape == (61, 83), method
+        ran.append(method)
+    assert sorted(refused) == sorted(entry["refuses"])
+    for method, reason in entry["refuses"].items():
+        assert reason in refused[method], (method, refused[method])
+    assert entry["cls_token"] == backbone_for(model.visual).has_cls and ("rope" in dir(seg.vit)) == entry["rope"]

@@ -252,11 +252,12 @@ class Cass(Method):
         """Patch tokens only, through the last block's mixed attention; with text, the global embedding too."""
         index = vit.depth - 1
         q, k, v = vit.qkv(index, x)
-        q, k, v = q[:, :, 1:], k[:, :, 1:], v[:, :, 1:]
+        p = vit.prefix_tokens  # CLS (and registers): the patches follow
+        q, k, v = q[:, :, p:], k[:, :, p:], v[:, :, p:]
         if self.attention == "vanilla":
             logits = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
         else:
-            prior = cached_prior(self._cache, trace.grid, self.gaussian_std, x.device)[1:, 1:]
+            prior = cached_prior(self._cache, trace.grid, self.gaussian_std, x.device, 0)
             logits = self._mixed_maps(k.float(), trace.extras["dino_keys"].float()) + prior
         heads = (torch.softmax(logits, dim=-1) @ v.float()).to(x.dtype)
         if trace.text is not None:
