@@ -12,12 +12,17 @@ from ..errors import WeightsError
 from .base import Backbone, fingerprint
 from .openclip import DenseViT
 from .presets import Preset, get_preset, list_presets
+from .timm_clip import TimmClipEva, TimmClipViT, is_timm_clip, timm_clip_backbone
+from .timm_eva import TimmEva, is_timm_eva
 from .timm_vit import TimmViT, is_timm_vit
 
 __all__ = [
     "Backbone",
     "DenseViT",
     "Preset",
+    "TimmClipEva",
+    "TimmClipViT",
+    "TimmEva",
     "TimmViT",
     "backbone_for",
     "fingerprint",
@@ -40,13 +45,19 @@ def weights_used(model: Any, method_options: dict[str, Any] | None = None) -> di
 
 def backbone_for(visual: nn.Module, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):
     """The :class:`Backbone` adapter of an image tower: open_clip's ``VisionTransformer`` (``clip.visual``) ->
-    :class:`DenseViT`, timm's ``VisionTransformer`` -> :class:`TimmViT`; with the normalisation of its inputs
-    (by default OpenAI's for open_clip, the model's ``pretrained_cfg``'s or ImageNet's for timm)."""
+    :class:`DenseViT`; open_clip's ``TimmModel`` (SigLIP 2, PE-Core, EVA-02) -> :class:`TimmClipViT` or
+    :class:`TimmClipEva` by its trunk; timm's ``VisionTransformer`` -> :class:`TimmViT`, timm's ``Eva`` ->
+    :class:`TimmEva`; with the normalisation of its inputs (by default OpenAI's for open_clip's ViT, the tower's
+    ``preprocess_cfg``'s for a ``TimmModel``, the model's ``pretrained_cfg``'s or ImageNet's for timm)."""
     norm = {k: tuple(v) for k, v in (("mean", mean), ("std", std)) if v is not None}
     if all(hasattr(visual, a) for a in ("conv1", "class_embedding", "positional_embedding", "transformer")):
         return DenseViT(visual, **norm)
+    if is_timm_clip(visual):
+        return timm_clip_backbone(visual, **norm)
     if is_timm_vit(visual):
         return TimmViT(visual, **norm)
+    if is_timm_eva(visual):
+        return TimmEva(visual, **norm)
     raise WeightsError(
         f"{type(visual).__name__}: no dense-walk adapter for this image tower (open_clip and timm ViTs only)"
     )

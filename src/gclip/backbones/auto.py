@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -133,13 +132,14 @@ class AutoSettings:
 
 def native_size(vit: Backbone) -> int:
     """The image side the model was trained at (its position-embedding grid times the patch size)."""
-    n = vit.visual.positional_embedding.shape[0] - 1
-    return int(round(math.sqrt(n))) * vit.patch_size
+    return int(vit.native_grid[0]) * vit.patch_size
 
 
 def _norm_constants(vit: Backbone) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    cfg = getattr(vit.visual, "preprocess_cfg", None) or {}
-    return tuple(cfg.get("mean", OPENAI_MEAN)), tuple(cfg.get("std", OPENAI_STD))
+    """The tower's own normalisation (open_clip's ``preprocess_cfg`` on it), else the adapter's."""
+    cfg = getattr(vit.module, "preprocess_cfg", None) or {}
+    mean, std = getattr(vit, "mean", OPENAI_MEAN), getattr(vit, "std", OPENAI_STD)
+    return tuple(cfg.get("mean", mean)), tuple(cfg.get("std", std))
 
 
 def bundled_calibration_files() -> list[Path]:

@@ -7,15 +7,16 @@ A method never reads a tower's modules; it asks its :class:`Backbone` for the pi
   method's own attention is positioned as the tower's), :meth:`~Backbone.out_proj`,
   :meth:`~Backbone.attn_residual`, :meth:`~Backbone.ffn`, and :meth:`~Backbone.block`, which composes them
   with any attention, with or without residual and FFN;
-- :meth:`~Backbone.project`: patch tokens -> the image-text embedding space (final norm and projection).
+- :meth:`~Backbone.project`: patch tokens -> the image-text embedding space (final norm and projection);
+  :meth:`~Backbone.pooled`: the last block's tokens -> the tower's own image embedding (``encode_image``).
 
 Tokens are ``(B, P + N, D)``: ``P = prefix_tokens`` tokens (CLS and register tokens, ``P = 0`` for a tower
 without them) followed by the ``N = gh * gw`` patches in row-major order. :meth:`~Backbone.patches` and
 :meth:`~Backbone.cls` read them; a method that needs a CLS token on a tower without one gets a one-line
 :class:`~gclip.errors.ConfigError` from :meth:`~Backbone.cls`.
 
-open_clip's ``VisionTransformer`` is :class:`gclip.backbones.openclip.DenseViT`; :func:`backbone_for` picks the
-adapter of a tower.
+open_clip's ``VisionTransformer`` is :class:`gclip.backbones.openclip.DenseViT`, open_clip's timm towers (SigLIP 2,
+PE-Core, EVA-02) are :mod:`gclip.backbones.timm_clip`'s; :func:`backbone_for` picks the adapter of a tower.
 """
 
 from __future__ import annotations
@@ -168,6 +169,12 @@ class Backbone(abc.ABC):
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
         """Patch tokens ``(B, N, D)`` -> embedding space ``(B, N, E)``: :meth:`final_norm`, then :meth:`projection`."""
         return self.projection(self.final_norm(tokens))
+
+    def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The tower's own image embedding ``(B, E)`` from the last block's ``(B, P+N, D)`` tokens (what its CLIP's
+        ``encode_image`` gives): here the projection of the CLS token; a tower that pools otherwise (an
+        attention-pool head) says so in its adapter. A one-line error where there is neither."""
+        return self.project(self.cls(tokens)[:, None])[:, 0]
 
     def fingerprint(self) -> str:
         """A short hash of the tower's weights (:func:`fingerprint`)."""

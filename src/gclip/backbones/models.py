@@ -270,6 +270,11 @@ def _without_random_init_notice(active: bool = True):
 
 def _check_vit(model: torch.nn.Module, name: str) -> None:
     visual = getattr(model, "visual", None)
+    if visual is not None and getattr(visual, "trunk", None) is not None:  # open_clip's TimmModel (SigLIP 2, PE-Core)
+        from . import backbone_for
+
+        backbone_for(visual)  # its adapter, or a one-line WeightsError
+        return
     needed = ("conv1", "class_embedding", "positional_embedding", "transformer", "ln_post", "proj")
     if visual is None or not all(hasattr(visual, a) for a in needed):
         raise WeightsError(f"model {name} has no open_clip ViT image tower: gclip supports ViT models only")

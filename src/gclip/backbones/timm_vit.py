@@ -2,7 +2,7 @@
 adapter, and the walk of the second models (:mod:`.second_models`: DINO, DINOv2 with registers, MAE).
 
 What it covers of timm's ViT: fused ``qkv`` with ``q_norm``/``k_norm``, an optional CLS token
-(``has_class_token``), register tokens (``num_prefix_tokens``), position embeddings that cover the patches only
+(``cls_token``), register tokens (``num_prefix_tokens``), position embeddings that cover the patches only
 (``no_embed_class``) or also every prefix token, or no position embedding at all; layer scale (``ls1``/``ls2``), the
 attention's inner norm (``attn.norm``), an MLP with or without its inner norm (``Mlp``, ``GluMlp``, ``SwiGLU``:
 anything with an ``fc2``), ``Block`` and ``ResPostBlock`` layouts, ``norm_pre`` and the final ``norm``. A tower has no
@@ -39,7 +39,17 @@ def is_timm_vit(module: nn.Module) -> bool:
     return vision_transformer is not None and isinstance(module, vision_transformer.VisionTransformer)
 
 
-def _layout(block: nn.Module) -> str:
+def layer_scale(block: nn.Module, branch: int, y: torch.Tensor) -> torch.Tensor:
+    """A block's layer scale of branch 1 (attention) or 2 (FFN): timm ViT's ``ls1``/``ls2`` modules or Eva's
+    ``gamma_1``/``gamma_2`` parameters; none: ``y`` as it is."""
+    module = getattr(block, f"ls{branch}", None)
+    if module is not None:
+        return module(y)
+    gamma = getattr(block, f"gamma_{branch}", None)
+    return y if gamma is None else gamma * y
+
+
+def _vit_layout(block: nn.Module) -> str:
     """``"pre"`` (timm's ``Block``) or ``"post"`` (``ResPostBlock``); a one-line error for any other block."""
     from timm.layers import Attention as TimmAttention
     from timm.models.vision_transformer import Block, ResPostBlock
@@ -68,7 +78,7 @@ class TimmViT(Backbone):
 
     Attributes:
         patch_size, width, depth, heads: read from the model; ``prefix_tokens``: its ``num_prefix_tokens`` (CLS and
-        register tokens); ``has_cls``: its ``has_class_token``.
+        register tokens); ``has_cls``: whether it has a ``cls_token``.
     """
 
     def __init__(
@@ -78,37 +88,42 @@ class TimmViT(Backbone):
         std: tuple[float, ...] | None = None,
         projection: torch.Tensor | nn.Module | None = None,
     ) -> None:
-        self.module = model
+        self.module = self.trunk = model
         cfg = getattr(model, "pretrained_cfg", None) or {}
         self.mean = tuple(mean if mean is not None else cfg.get("mean", IMAGENET_MEAN))
         self.std = tuple(std if std is not None else cfg.get("std", IMAGENET_STD))
         self.blocks: nn.Sequential = model.blocks
-        self._layouts = [_layout(b) for b in self.blocks]
+        self._layouts = [self._layout(b) for b in self.blocks]
+        """``"pre"`` or ``"post"`` per block (:meth:`_layout`)."""
         proj = model.patch_embed.proj
         ph, pw = proj.kernel_size
         if (ph, pw) != tuple(proj.stride) or ph != pw:
             raise WeightsError(f"timm ViT with {ph}x{pw} patches at stride {tuple(proj.stride)}: square patches only")
         self.patch_size, self.width, self.depth = int(ph), int(model.embed_dim), len(self.blocks)
         self.heads = int(self.blocks[0].attn.num_heads)
-        self.prefix_tokens, self.has_cls = int(model.num_prefix_tokens), bool(model.has_class_token)
+        self.prefix_tokens = int(model.num_prefix_tokens)
+        self.has_cls = getattr(model, "cls_token", None) is not None
         self.pos_prefix = 0 if getattr(model, "no_embed_class", False) else self.prefix_tokens
         """Rows of the position embedding before the patches' (0: the prefix tokens carry no position)."""
         self._projection = projection
         self._pos_cache: dict[tuple[int, int, str, torch.dtype, torch.device], torch.Tensor] = {}
 
+    _layout = staticmethod(_vit_layout)
+    """A block's layout, ``"pre"`` or ``"post"``; a one-line error for a block the walk does not reproduce."""
+
     @property
     def dtype(self) -> torch.dtype:
-        return self.module.patch_embed.proj.weight.dtype
+        return self.trunk.patch_embed.proj.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.module.patch_embed.proj.weight.device
+        return self.trunk.patch_embed.proj.weight.device
 
     @property
     def native_grid(self) -> tuple[int, int]:
-        pos = self.module.pos_embed
+        pos = self.trunk.pos_embed
         if pos is None:
-            gh, gw = self.module.patch_embed.grid_size
+            gh, gw = self.trunk.patch_embed.grid_size
             return int(gh), int(gw)
         side = int(round(math.sqrt(pos.shape[1] - self.pos_prefix)))
         return side, side
@@ -118,7 +133,7 @@ class TimmViT(Backbone):
         """The position embedding for a ``(gh, gw)`` patch grid, ``(pos_prefix + gh*gw, D)``: the prefix tokens'
         rows as they are, the patches' resampled by ``rule`` (:func:`~gclip.backbones.openclip.resample_pos_embed`);
         resampled once per grid, rule, dtype and device. ``None`` for a tower without one."""
-        pos = self.module.pos_embed
+        pos = self.trunk.pos_embed
         if pos is None:
             return None
         key = (int(grid[0]), int(grid[1]), rule, pos.dtype, pos.device)
@@ -134,7 +149,7 @@ class TimmViT(Backbone):
         """Normalised ``(B, 3, H, W)`` images (H, W multiples of the patch) -> ``(B, P+N, D)`` tokens after
         ``norm_pre`` (CLS, registers, then the patches), the position embedding resampled by ``pos_rule``
         (:meth:`pos_embed`), and the ``(gh, gw)`` grid."""
-        m = self.module
+        m = self.trunk
         if images.shape[-2] % self.patch_size or images.shape[-1] % self.patch_size:
             raise ConfigError(
                 f"a timm ViT with {self.patch_size}-pixel patches needs image sides that are multiples of "
@@ -168,17 +183,21 @@ class TimmViT(Backbone):
         parameter of the timm block (``"mlp.fc2.weight"`` is the FFN output weight). The unchanged block is the
         module itself (timm's attention is ``scaled_dot_product_attention`` already), with ``overrides`` through
         ``torch.func.functional_call``; a changed one is the walk."""
-        blk = self.blocks[index]
         overrides = dict(overrides or {})
         out_weight = overrides.pop(FFN_OUT_WEIGHT, overrides.pop(_MODULE_CS_NAME, None))
         if attention is None and residual and ffn:
             if out_weight is not None:
                 overrides[_MODULE_CS_NAME] = out_weight
-            return torch.func.functional_call(blk, overrides, (x,)) if overrides else blk(x)
+            return self._module_block(index, x, overrides)
         if overrides:
             raise ValueError(f"block {index}: only {FFN_OUT_WEIGHT!r} can be overridden in a changed block")
         cs = None if out_weight is None else {FFN_OUT_WEIGHT: out_weight}
         return super().block(index, x, attention, residual, ffn, cs)
+
+    def _module_block(self, index: int, x: torch.Tensor, overrides: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The timm block ``index`` called as it is, its parameters ``overrides`` replaced."""
+        blk = self.blocks[index]
+        return torch.func.functional_call(blk, dict(overrides), (x,)) if overrides else blk(x)
 
     def pre_norm(self, index: int, x: torch.Tensor) -> torch.Tensor:
         return self.blocks[index].norm1(x) if self._layouts[index] == "pre" else x
@@ -202,18 +221,18 @@ class TimmViT(Backbone):
         return attn.proj(attn.norm(heads_out))
 
     def attn_residual(self, index: int, attn_out: torch.Tensor) -> torch.Tensor:
-        """Layer scale ``ls1`` (``Block``) or the post-norm ``norm1`` (``ResPostBlock``)."""
+        """Layer scale (:func:`layer_scale`) of a pre-norm block, or the post-norm ``norm1`` (``ResPostBlock``)."""
         blk = self.blocks[index]
-        return blk.ls1(attn_out) if self._layouts[index] == "pre" else blk.norm1(attn_out)
+        return layer_scale(blk, 1, attn_out) if self._layouts[index] == "pre" else blk.norm1(attn_out)
 
     def ffn(self, index: int, x: torch.Tensor, out_weight: torch.Tensor | None = None) -> torch.Tensor:
-        """``ls2(mlp(norm2(x)))`` (``Block``) or ``norm2(mlp(x))`` (``ResPostBlock``), optionally with the MLP's
-        ``fc2.weight`` replaced (Channel Suppression)."""
+        """``ls2(mlp(norm2(x)))`` (a pre-norm block, :func:`layer_scale`) or ``norm2(mlp(x))`` (``ResPostBlock``),
+        optionally with the MLP's ``fc2.weight`` replaced (Channel Suppression)."""
         blk = self.blocks[index]
         pre = self._layouts[index] == "pre"
         y = blk.norm2(x) if pre else x
         y = blk.mlp(y) if out_weight is None else torch.func.functional_call(blk.mlp, {"fc2.weight": out_weight}, (y,))
-        return blk.ls2(y) if pre else blk.norm2(y)
+        return layer_scale(blk, 2, y) if pre else blk.norm2(y)
 
     def ffn_out_weight(self, index: int) -> torch.Tensor:
         return self.blocks[index].mlp.fc2.weight
@@ -225,7 +244,7 @@ class TimmViT(Backbone):
     def final_norm(self, tokens: torch.Tensor) -> torch.Tensor:
         """timm's final ``norm`` (what ``forward_features`` ends with; an ``fc_norm`` of pooled features is not
         applied)."""
-        return self.module.norm(tokens)
+        return self.trunk.norm(tokens)
 
     def projection(self, tokens: torch.Tensor) -> torch.Tensor:
         p = self._projection

@@ -253,11 +253,12 @@ class Cass(Method):
         """Patch tokens only, through the last block's mixed attention; with text, the global embedding too."""
         index = vit.depth - 1
         q, k, v = vit.qkv(index, x)
-        q, k, v = q[:, :, 1:], k[:, :, 1:], v[:, :, 1:]
+        p = vit.prefix_tokens  # CLS (and registers): the patches follow
+        q, k, v = q[:, :, p:], k[:, :, p:], v[:, :, p:]
         if self.attention == "vanilla":
             logits = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
         else:
-            prior = cached_prior(self._cache, trace.grid, self.gaussian_std, x.device)[1:, 1:]
+            prior = cached_prior(self._cache, trace.grid, self.gaussian_std, x.device, 0)
             logits = self._mixed_maps(k.float(), trace.extras["dino_keys"].float()) + prior
         heads = (torch.softmax(logits, dim=-1) @ v.float()).to(x.dtype)
         if trace.text is not None:
@@ -322,8 +323,11 @@ def object_queries(
 
 
 def global_cls(vit: Backbone, x: torch.Tensor) -> torch.Tensor:
-    """Tokens entering the last block -> ``(B, E)`` CLS embeddings through the unchanged last block."""
-    return vit.project(vit.cls(vit.block(vit.depth - 1, x))[:, None])[:, 0].float()
+    """Tokens entering the last block -> ``(B, E)`` global embeddings through the unchanged last block: the tower's
+    own image embedding (:meth:`~gclip.backbones.base.Backbone.pooled`), which on a CLIP ViT is the CLS token's
+    projection, as CASS reads it; on a tower that pools with an attention head (SigLIP 2, PE-Core) the head's
+    output, SigLIP 2 having no CLS token."""
+    return vit.pooled(vit.block(vit.depth - 1, x)).float()
 
 
 @dataclass(frozen=True)

@@ -65,8 +65,11 @@ def _paths_valid(classes: torch.Tensor, rows: int = 64) -> tuple[torch.Tensor, t
     return valid, steps, most
 
 
-def feedback_matrix(classes: torch.Tensor, gaussian_std: float, delete_same_entity: bool = True) -> torch.Tensor:
-    """SFR's ``(1+N, 1+N)`` attention matrix from ``(gh, gw)`` patch classes (zero CLS row and column)."""
+def feedback_matrix(
+    classes: torch.Tensor, gaussian_std: float, delete_same_entity: bool = True, prefix: int = 1
+) -> torch.Tensor:
+    """SFR's ``(P+N, P+N)`` attention matrix from ``(gh, gw)`` patch classes (zero rows and columns for the ``P``
+    prefix tokens: the CLS token, registers; none on a tower without them)."""
     gh, gw = classes.shape
     n = gh * gw
     flat = classes.reshape(-1)
@@ -81,8 +84,8 @@ def feedback_matrix(classes: torch.Tensor, gaussian_std: float, delete_same_enti
     kernel = torch.exp(-(x**2) / (2 * gaussian_std**2))
     kernel = kernel / kernel.sum()
     blurred = F.relu(F.conv1d(same.unsqueeze(1), kernel.view(1, 1, -1), padding=size // 2).squeeze(1))
-    out = torch.zeros((n + 1, n + 1), device=classes.device)
-    out[1:, 1:] = blurred / (blurred.sum(dim=1, keepdim=True) + 1e-8)
+    out = torch.zeros((prefix + n, prefix + n), device=classes.device)
+    out[prefix:, prefix:] = blurred / (blurred.sum(dim=1, keepdim=True) + 1e-8)
     return out
 
 
@@ -201,6 +204,8 @@ class ResClip(Method):
             first = pamr(images, first, self.first_pamr_steps, tuple(self.first_pamr_dilations))
         probs = torch.softmax(first * self.first_logit_scale, dim=1)
         classes = [patch_classes(p, vit.patch_size, self.temp_thd) for p in probs]
-        sfr = torch.stack([feedback_matrix(c, self.gaussian_std, self.delete_same_entity) for c in classes])
+        sfr = torch.stack(
+            [feedback_matrix(c, self.gaussian_std, self.delete_same_entity, vit.prefix_tokens) for c in classes]
+        )
         last = vit.depth - 1
         return grid_features(vit, run_block(vit, last, x, self._last(vit, trace, sfr), trace), trace.grid)

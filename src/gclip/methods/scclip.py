@@ -72,20 +72,21 @@ class ScClip(Method):
 
     def features(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         blocks, last = self._blocks(vit), vit.depth - 1
+        p = vit.prefix_tokens  # CLS (and registers): the patches follow
         pre = blocks.output(blocks.pre, vit.depth, x, trace.inputs)
         post = blocks.output(blocks.post, vit.depth, x, trace.inputs)
         multi_sum = blocks.multi_sum(vit.depth, x, trace.inputs)
         rows = []
         for b in range(x.shape[0]):
-            patches = x[b, 1:]
+            patches = x[b, p:]
             outliers = lof_outliers(patches, self.lof_neighbours, self.lof_contamination)
             repaired = fill_outliers(patches, outliers, trace.grid)
-            sim = cosine_affinity(fill_outliers(pre[b, 1:], outliers, trace.grid))
+            sim = cosine_affinity(fill_outliers(pre[b, p:], outliers, trace.grid))
             prior = masked_softmax(sim, self.prior_scale)
-            smooth = threshold(cosine_affinity(post[b, 1:]), self.beta)
+            smooth = threshold(cosine_affinity(post[b, p:]), self.beta)
             pooled = aggregate(threshold(sim, self.beta), repaired)
-            main = self._attend(vit, last, pooled, prior) + self.res_cls * x[b, :1]
-            deep = self._attend(vit, last, multi_sum[b, 1:], prior) + self.res_cls * multi_sum[b, :1]
+            main = self._attend(vit, last, pooled, prior) + self.res_cls * vit.cls(x)[b : b + 1]
+            deep = self._attend(vit, last, multi_sum[b, p:], prior) + self.res_cls * vit.cls(multi_sum)[b : b + 1]
             rows.append(aggregate(smooth, main) + aggregate(smooth, deep))
         return patch_grid_features(vit, rows, trace.grid)
 

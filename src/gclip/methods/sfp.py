@@ -95,19 +95,20 @@ class Sfp(Method):
 
     def features(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         blocks, last = self._blocks(vit), vit.depth - 1
+        p = vit.prefix_tokens  # CLS (and registers): the patches follow
         pre = blocks.output(blocks.pre, vit.depth, x, trace.inputs)
         post = blocks.output(blocks.post, vit.depth, x, trace.inputs)
         multi_sum = blocks.multi_sum(vit.depth, x, trace.inputs)
         rows = []
         for b, outliers in enumerate(self._outliers(vit, x, trace)):
-            sim = threshold(cosine_affinity(fill_outliers(pre[b, 1:], outliers, trace.grid)), self.beta)
+            sim = threshold(cosine_affinity(fill_outliers(pre[b, p:], outliers, trace.grid)), self.beta)
             prior = masked_softmax(sim, self.prior_scale)
-            smooth = threshold(cosine_affinity(post[b, 1:]), self.beta)
-            purified = aggregate(sim, fill_outliers(x[b, 1:], outliers, trace.grid))
+            smooth = threshold(cosine_affinity(post[b, p:]), self.beta)
+            purified = aggregate(sim, fill_outliers(x[b, p:], outliers, trace.grid))
             q, k, v = vit.qkv(last, purified[None])
             heads = (attend(k, k, v) + attend(q, q, v) + prior.to(v.dtype) @ v) / 3
-            main = vit.out_proj(last, heads)[0] + self.res_cls * x[b, :1]
-            _, _, v = vit.qkv(last, multi_sum[b : b + 1, 1:])
-            deep = vit.out_proj(last, prior.to(v.dtype) @ v)[0] + self.res_cls * multi_sum[b, :1]
+            main = vit.out_proj(last, heads)[0] + self.res_cls * vit.cls(x)[b : b + 1]
+            _, _, v = vit.qkv(last, multi_sum[b : b + 1, p:])
+            deep = vit.out_proj(last, prior.to(v.dtype) @ v)[0] + self.res_cls * vit.cls(multi_sum)[b : b + 1]
             rows.append(aggregate(smooth, main) + aggregate(smooth, deep))
         return patch_grid_features(vit, rows, trace.grid)
