@@ -27,6 +27,7 @@ UNMATCHED = {
     "gclip": "no official code: its defaults follow a third-party reading (docs/methods/gclip.md)",
     "trident": "runs whole images only: its dense logits are checked on the pipeline photos (pipelines.toml)",
     "corrclip": "runs whole images only: a window's logits in test_corrclip, the pipelines in pipelines.toml",
+    "textregion": "runs whole images only: a crop's logits in test_textregion, the pipelines in pipelines.toml",
 }
 
 
