@@ -43,7 +43,9 @@ class SamViT(Backbone):
     prefix_tokens = 0
     has_cls = False
 
-    def __init__(self, model: nn.Module, mean: tuple[float, ...] = SAM_MEAN, std: tuple[float, ...] = SAM_STD) -> None:
+    def __init__(
+        self, model: nn.Module, mean: tuple[float, ...] = SAM_MEAN, std: tuple[float, ...] = SAM_STD
+    ) -> None:
         self.module = model
         self.mean, self.std = tuple(mean), tuple(std)
         proj = model.patch_embed.proj
