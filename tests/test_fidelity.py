@@ -29,6 +29,7 @@ UNMATCHED = {
     "corrclip": "runs whole images only: a window's logits in test_corrclip, the pipelines in pipelines.toml",
     "freecp": "random weights make its affinity near-uniform: crop goldens with a local affinity in test_freecp",
     "cliper": "runs whole images only: its class maps against the authors' in test_cliper, pipelines in pipelines.toml",
+    "textregion": "runs whole images only: a crop's logits in test_textregion, the pipelines in pipelines.toml",
 }
 
 

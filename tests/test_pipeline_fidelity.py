@@ -28,7 +28,8 @@ PHOTOS = ["2007_001288", "2007_001321", "2007_001458"]
 # CPU cost tiers, so that the default suite stays within minutes on 2 cores (seconds per photo on a 2-core AMD EPYC);
 # GCLIP_SLOW=1 runs every entry on every photo its file holds.
 FIRST_PHOTO = {  # the first photo only (5 to 28 s each)
-    *("trident", "corrclip", "proxyclip", "proxyclip_dinov2", "proxyclip_mae", "cass", "cliper", "rfclip_slide"),
+    *("trident", "corrclip", "textregion", "proxyclip", "proxyclip_dinov2", "proxyclip_mae", "cass", "cliper"),
+    "rfclip_slide",
 }
 SLOW_ONLY = {  # checked only with GCLIP_SLOW=1
     "itaclip",  # 115 s: 55 windows x 5 views, PAMR
@@ -62,10 +63,10 @@ SLOW_MARKS = [pytest.mark.slow, pytest.mark.skipif(not SLOW, reason="a slow pipe
 def test_pipeline_matches_the_authors_segmentor(model, text, sample_data, name, request, tmp_path):
     entry = TABLE[name]
     options = dict(entry.get("options", {}))
-    if "masks" in entry:  # CorrCLIP: the golden's instance masks, as <stem>.npz files
+    if "masks" in entry:  # CorrCLIP, TextRegion: the golden's instance (or region) masks, as <stem>.npz files
         with np.load(GOLDEN / "pipeline" / entry["masks"]) as stored:
             for stem in stored.files:
-                np.savez(tmp_path / f"{stem}.npz", instance_mask=stored[stem])
+                np.savez(tmp_path / f"{stem}.npz", **{entry.get("masks_array", "instance_mask"): stored[stem]})
         options["masks"] = str(tmp_path)
     for key in ("proxy", "sam"):  # registers the random second models the golden was made with
         if key in options:

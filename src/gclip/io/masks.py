@@ -1,10 +1,14 @@
-"""Instance masks for the methods that need class-agnostic regions of an image (CorrCLIP).
+"""Instance and region masks for the methods that need class-agnostic regions of an image (CorrCLIP, TextRegion).
 
 An instance mask is an ``(H, W)`` integer map at the image's size: each region one value, the smallest value the
 union of the unsegmented pixels. It comes from a folder of pre-generated masks (``<stem>.npz`` with an
 ``instance_mask`` array, CorrCLIP's published SAM2 masks, or ``<stem>.png`` with the ids as grey levels) or from
 SAM's automatic mask generator (Meta's ``segment-anything`` package, extra ``sam``), its masks painted from the
 smallest area up, as CorrCLIP paints SAM2's.
+
+Region masks are an ``(R, H, W)`` float stack that may overlap and be soft (TextRegion's SAM 2 masks): a
+``<stem>.npz`` with a ``region_masks`` array, or any instance-mask file (one 0/1 mask per region but the
+unsegmented one); or the generator's masks, most confident first, overlapping ones fused (:func:`fuse_masks`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ __all__ = [
     "paint_masks",
     "load_sam",
     "generate_instance_mask",
+    "read_region_masks",
+    "generate_region_masks",
+    "fuse_masks",
 ]
 
 MASK_MODELS: dict[str, str | Callable[[], nn.Module]] = {"sam_vitb": "vit_b", "sam_vitl": "vit_l", "sam_vith": "vit_h"}
@@ -48,6 +55,28 @@ def read_instance_mask(folder: str | Path, key: Any, size: tuple[int, int]) -> n
     Raises:
         ImageError: no file for the image, an unreadable file, or a mask of another size than ``size`` (one line).
     """
+    mask = _read_mask_file(folder, key, size, "instance_mask")
+    if mask.ndim != 2:
+        raise ImageError(f"instance mask of {key} has {mask.ndim} axes: expected an (H, W) map")
+    return mask.astype(np.int64)
+
+
+def read_region_masks(folder: str | Path, key: Any, size: tuple[int, int]) -> np.ndarray:
+    """The pre-generated ``(R, H, W)`` float32 region masks of the image ``key`` in ``folder``: a ``region_masks``
+    array, or an instance mask split into one 0/1 mask per region (the unsegmented, smallest value, left out).
+
+    Raises:
+        ImageError: as :func:`read_instance_mask`.
+    """
+    masks = _read_mask_file(folder, key, size, "region_masks", "instance_mask")
+    if masks.ndim == 3:
+        return masks.astype(np.float32)
+    values = np.unique(masks)[1:]
+    return (masks[None] == values[:, None, None]).astype(np.float32)
+
+
+def _read_mask_file(folder: str | Path, key: Any, size: tuple[int, int], *arrays: str) -> np.ndarray:
+    """The first of ``arrays`` in the image's ``<stem>.npz`` (or its ``.png``), checked to be at ``size``."""
     folder = mask_folder(folder)
     if key is None or not isinstance(key, (str, Path, int)):
         raise ImageError(
@@ -57,12 +86,14 @@ def read_instance_mask(folder: str | Path, key: Any, size: tuple[int, int]) -> n
     path = _find_mask(folder, stem)
     if path is None:
         raise ImageError(
-            f"no instance mask for {stem} in {folder}: expected {stem}.npz (array 'instance_mask') or .png"
+            f"no instance mask for {stem} in {folder}: expected {stem}.npz (array {' or '.join(map(repr, arrays))}) "
+            "or .png"
         )
     try:
         if path.suffix == ".npz":
             with np.load(path) as data:
-                mask = np.asarray(data["instance_mask"])
+                name = next((a for a in arrays if a in data.files), arrays[0])
+                mask = np.asarray(data[name])
         else:
             from PIL import Image
 
@@ -70,9 +101,9 @@ def read_instance_mask(folder: str | Path, key: Any, size: tuple[int, int]) -> n
                 mask = np.asarray(im)
     except Exception as e:  # noqa: BLE001 - any unreadable file: one line
         raise ImageError(f"instance mask {path} is unreadable ({type(e).__name__}: {e})") from None
-    if mask.ndim != 2 or tuple(mask.shape) != tuple(size):
+    if mask.ndim not in (2, 3) or tuple(mask.shape[-2:]) != tuple(size):
         raise ImageError(f"instance mask {path} is {'x'.join(map(str, mask.shape))}, its image {size[0]}x{size[1]}")
-    return mask.astype(np.int64)
+    return mask
 
 
 def mask_folder(folder: str | Path) -> Path:
@@ -166,3 +197,70 @@ def generate_instance_mask(
     with torch.no_grad():
         masks = generator.generate(np.ascontiguousarray(pixels))
     return paint_masks(masks, pixels.shape[:2])
+
+
+def generate_region_masks(
+    sam: nn.Module,
+    pixels: np.ndarray,
+    points_per_side: int,
+    pred_iou_thresh: float,
+    stability_score_thresh: float,
+    box_nms_thresh: float,
+    fuse_threshold: float | None,
+) -> np.ndarray:
+    """``HxWx3 uint8`` pixels -> ``(R, H, W)`` float32 0/1 region masks from ``SamAutomaticMaskGenerator``, the most
+    confident (predicted IoU) first, overlapping ones fused (:func:`fuse_masks`) unless ``fuse_threshold`` is
+    ``None``."""
+    from segment_anything import SamAutomaticMaskGenerator
+
+    generator = SamAutomaticMaskGenerator(
+        sam,
+        points_per_side=points_per_side,
+        points_per_batch=points_per_side * points_per_side,
+        pred_iou_thresh=pred_iou_thresh,
+        stability_score_thresh=stability_score_thresh,
+        box_nms_thresh=box_nms_thresh,
+    )
+    with torch.no_grad():
+        records = generator.generate(np.ascontiguousarray(pixels))
+    records = sorted(records, key=lambda r: -r["predicted_iou"])
+    if not records:
+        return np.zeros((0, *pixels.shape[:2]), np.float32)
+    masks = torch.from_numpy(np.stack([np.asarray(r["segmentation"], np.float32) for r in records]))
+    if fuse_threshold is not None:
+        masks = fuse_masks(masks, torch.tensor([r["bbox"] for r in records], dtype=torch.float32), fuse_threshold)
+    return masks.numpy()
+
+
+def fuse_masks(masks: torch.Tensor, boxes: torch.Tensor, threshold: float) -> torch.Tensor:
+    """TextRegion's fusion of overlapping masks: in order, each mask not yet taken takes the later ones whose box
+    overlaps its own (IoU > 0.2) and which it contains, or is contained in, by more than ``threshold`` (the
+    intersection over the smaller area), and becomes their pixel-wise maximum. Empty masks are dropped.
+
+    Args:
+        masks: ``(R, H, W)`` masks, in order of preference.
+        boxes: ``(R, 4)`` their boxes, ``(x, y, w, h)``.
+    """
+    keep = masks.abs().sum(dim=(1, 2)) > 0
+    masks, boxes = masks[keep], boxes[keep]
+    corners = torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], dim=1)
+    low = torch.maximum(corners[:, None, :2], corners[None, :, :2])
+    high = torch.minimum(corners[:, None, 2:], corners[None, :, 2:])
+    inter = (high - low).clamp(min=0).prod(dim=-1)
+    area = (corners[:, 2:] - corners[:, :2]).clamp(min=0).prod(dim=-1)
+    iou = inter / (area[:, None] + area[None, :] - inter + 1e-8)
+    sizes = masks.sum(dim=(1, 2))
+    free = torch.ones(len(masks), dtype=torch.bool)
+    fused = []
+    for i in range(len(masks)):
+        if not free[i]:
+            continue
+        free[i] = False
+        group = [i]
+        for j in torch.nonzero((iou[i] > 0.2) & free).flatten().tolist():
+            smaller = torch.minimum(sizes[i], sizes[j])
+            if smaller >= 1e-8 and torch.minimum(masks[i], masks[j]).sum() / smaller > threshold:
+                group.append(j)
+        free[group] = False
+        fused.append(masks[group].amax(dim=0))
+    return torch.stack(fused) if fused else masks

@@ -324,12 +324,13 @@ class MapCorrection(LabelRefinement):
 
 @dataclass(frozen=True)
 class InstanceMasks(SecondModelPass):
-    """CorrCLIP's instance masks, from a folder of pre-generated ones or SAM's automatic mask generator: checked or
-    loaded before any image (its per-image use is in :meth:`CorrClip.image_logits`)."""
+    """Instance masks from a folder of pre-generated ones or SAM's automatic mask generator: checked or loaded before
+    any image (their per-image use is in :meth:`CorrClip.image_logits`, and TextRegion's)."""
 
     folder: str | None
     generator: str | None
     checkpoint: str | None
+    missing: str = NO_MASKS  # the one-line error without either (the method's own)
 
     def check(self, device: Any, dtype: torch.dtype) -> None:
         if self.folder is not None:
@@ -337,4 +338,4 @@ class InstanceMasks(SecondModelPass):
         elif self.generator is not None:
             load_sam(self.generator, self.checkpoint, device, torch.float32)
         else:
-            raise ConfigError(NO_MASKS)
+            raise ConfigError(self.missing)

@@ -1,0 +1,154 @@
+"""TextRegion: its steps (views, global-patch removal, mask fusion), the region-mask sources, the engine path and its
+errors, and a crop's logits against the authors' code. Pipelines: test_pipeline_fidelity (textregion)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_second_models
+from gclip import Segmenter
+from gclip.errors import ConfigError, ImageError
+from gclip.inference.reference import reference_labels
+from gclip.io.masks import fuse_masks, read_region_masks
+from gclip.methods import get_method
+from gclip.methods.textregion import NO_MASKS, Views, combine, remove_global_patches, view_images
+
+GOLDEN = Path(__file__).parent / "data" / "fidelity"
+
+
+def _masks(shape=(61, 83)) -> np.ndarray:
+    """Three soft, overlapping masks; the bottom-right corner in none."""
+    out = np.zeros((3, *shape), np.float16)
+    out[0, :30, :40] = 3.0
+    out[1, 20:, :50] = 0.5
+    out[2, 10:40, 30:70] = 1.0
+    return out
+
+
+@pytest.fixture
+def photo(tmp_path, rgb_image):
+    Image.fromarray(rgb_image).save(tmp_path / "photo.png")
+    (tmp_path / "masks").mkdir()
+    np.savez(tmp_path / "masks" / "photo.npz", region_masks=_masks())
+    return tmp_path / "photo.png"
+
+
+def _segmenter(model, **options) -> Segmenter:
+    seg = Segmenter(
+        model, method="textregion", method_options={"crop_size": 16, **options}, short_side=40, crop=0, padding="none"
+    )
+    seg.set_classes(["cat", "dog", "grass"])
+    return seg
+
+
+def test_views_resize_as_torchvision_and_cut_the_authors_grid():
+    from torchvision.transforms import InterpolationMode, v2
+
+    pixels = torch.rand(1, 3, 70, 100)
+    views = view_images(pixels, 32, True, False, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    assert (views.wholes, views.rows, views.cols) == (1, 2, 3)  # 70 // 32, 100 // 32
+    resize = v2.Resize((32, 32), interpolation=InterpolationMode.BICUBIC)
+    assert torch.allclose(views.images[0], resize(pixels[0]), atol=1e-6)
+    # tiles of ceil(70 / 2) x ceil(100 / 3) = 35 x 34, the last column shifted back to end at the border
+    assert torch.allclose(views.images[1 + 2], resize(pixels[0, :, :35, 66:100]), atol=1e-6)
+    assert torch.allclose(views.images[1 + 3], resize(pixels[0, :, 35:70, :34]), atol=1e-6)
+    halves = view_images(pixels, 32, False, True, (0.0,) * 3, (1.0,) * 3)
+    assert halves.wholes == 2 and halves.rows == 0 and torch.allclose(halves.images[1], resize(pixels[0, :, :, 50:]))
+
+
+def test_combine_adds_each_tile_to_the_resized_whole():
+    maps = torch.rand(5, 2, 3, 3)
+    out = combine(maps, Views(torch.empty(0), 1, 2, 2))
+    whole = torch.nn.functional.interpolate(maps[:1], size=(6, 6), mode="bilinear")[0]
+    assert torch.allclose(out[:, 3:, :3], whole[:, 3:, :3] + maps[3])  # tile (1, 0): the fourth view
+    assert torch.equal(combine(maps[:1], Views(torch.empty(0), 1, 0, 0)), maps[0])
+
+
+def test_remove_global_patches_drops_patches_as_close_to_other_regions():
+    values = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.7, 0.7]])
+    masks = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]])
+    out = remove_global_patches(masks, values, 0.2)
+    # patch 3 (between both directions) is about as close to region 0 as to its own region 1: taken out of both
+    assert out[:, 3].tolist() == [0.0, 0.0] and torch.equal(out[:, :3], masks[:, :3])
+
+
+def test_fuse_masks_merges_contained_masks_in_order():
+    a = torch.zeros(3, 10, 10)
+    a[0, :5, :5] = 1  # kept first, takes mask 1 (inside it)
+    a[1, :3, :3] = 1
+    a[2, 6:, 6:] = 1  # apart
+    boxes = torch.tensor([[0, 0, 5, 5], [0, 0, 3, 3], [6, 6, 4, 4]], dtype=torch.float32)
+    out = fuse_masks(a, boxes, 0.8)
+    assert len(out) == 2 and torch.equal(out[0], a[0]) and torch.equal(out[1], a[2])
+    assert len(fuse_masks(a, boxes, 1.0)) == 3  # containment 1.0 is not above 1.0
+
+
+def test_read_region_masks_stacks_and_instance_masks(tmp_path):
+    np.savez(tmp_path / "a.npz", region_masks=_masks((2, 3)))
+    np.savez(tmp_path / "b.npz", instance_mask=np.array([[0, 4, 4], [7, 0, 4]]))
+    assert read_region_masks(tmp_path, "a.jpg", (2, 3)).shape == (3, 2, 3)
+    split = read_region_masks(tmp_path, "b", (2, 3))
+    assert split.tolist() == [[[0, 1, 1], [0, 0, 1]], [[0, 0, 0], [1, 0, 0]]]  # 0: unsegmented, no mask
+    with pytest.raises(ImageError, match="is 3x2x3, its image 3x3"):
+        read_region_masks(tmp_path, "a", (3, 3))
+
+
+def test_textregion_engine_equals_its_reference(tiny_model, photo):
+    seg = _segmenter(tiny_model, masks=str(photo.parent / "masks"))
+    got = seg.predict(photo, return_probs=True)
+    assert got.labels.shape == (61, 83) and np.isfinite(got.probs).all()
+    assert np.array_equal(got.labels, reference_labels(seg, photo))
+
+
+def test_textregion_a_region_alone_carries_one_label(tiny_model, photo):
+    seg = _segmenter(tiny_model, masks=str(photo.parent / "masks"), remove_global_patch=False, mask_type="hard")
+    labels = seg.predict(photo).labels
+    inside = _masks().astype(np.float32) > 0
+    only = inside[0] & ~inside[1] & ~inside[2]  # one region: one label
+    assert len(np.unique(labels[only])) == 1
+
+
+def test_textregion_errors_are_one_line(tiny_model, photo, tmp_path):
+    with pytest.raises(ConfigError, match="textregion needs region masks") as e:
+        _segmenter(tiny_model).predict(photo)
+    assert str(e.value) == NO_MASKS
+    with pytest.raises(ConfigError, match="multiple of the patch"):
+        _segmenter(tiny_model, masks=str(photo.parent / "masks"), crop_size=12).predict(photo)
+    with pytest.raises(ConfigError, match="masks folder"):
+        _segmenter(tiny_model, masks=str(tmp_path / "nope")).predict(photo)
+    with pytest.raises(ConfigError, match="resize_method must be one of"):
+        get_method("textregion", resize_method="tiles")
+
+
+def test_textregion_with_sams_mask_generator(tiny_model, rgb_image):
+    seg = _segmenter(tiny_model, **tiny_second_models("textregion"))
+    item = seg.prepare(rgb_image)
+    assert len(seg.method.region_masks(seg.vit, item)) >= 1  # the generator found regions
+    got = seg.predict(rgb_image, return_probs=True)
+    assert got.labels.shape == rgb_image.shape[:2] and np.isfinite(got.probs).all()
+
+
+@pytest.mark.golden
+@pytest.mark.parametrize("threshold, stored", [(0.004, "logits"), (0.07, "logits_default")])
+def test_crop_logits_match_the_authors_predict(vitb16_checkpoint, threshold, stored):
+    """The authors' predict on the shared 448 x 448 input as one view (resize_method 'single', crop_size 448) with
+    seven soft overlapping masks: the logits its softmax sees, every 8th pixel (tests/data/fidelity/README.md). At
+    the default threshold random weights drop every region (SCLIP's logits everywhere); at 0.004 none is."""
+    from gclip.backbones.models import load_model
+    from gclip.backbones.openclip import DenseViT
+
+    vit = DenseViT(load_model("ViT-B-16", str(vitb16_checkpoint), device="cpu", quick_gelu=True).visual)
+    golden = np.load(GOLDEN / "textregion_crop.npz")
+    image = torch.from_numpy(np.random.default_rng(1).standard_normal((1, 3, 448, 448), dtype=np.float32))
+    text = np.random.default_rng(2).standard_normal((10, 512), dtype=np.float32)
+    text = torch.from_numpy(text / np.linalg.norm(text, axis=1, keepdims=True))
+    pixels = image * torch.tensor(vit.std).view(1, 3, 1, 1) + torch.tensor(vit.mean).view(1, 3, 1, 1)
+    method = get_method("textregion", resize_method="single", crop_size=448, global_patch_threshold=threshold)
+    with torch.no_grad():
+        out = method.pixel_logits(vit, pixels, torch.from_numpy(golden["masks"]).float(), text)
+    assert np.abs(out[None, :, ::8, ::8].numpy() - golden[stored]).max() <= 1e-4
