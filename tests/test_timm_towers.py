@@ -250,15 +250,15 @@ def test_segment_runs_from_a_local_random_checkpoint(name, tmp_path, rgb_image):
 
 
 @pytest.mark.heavy
-def test_the_segmenter_runs_siglip2_with_a_local_tokenizer_stand_in(monkeypatch, rgb_image):
-    """SigLIP 2's tokenizer comes from the Hugging Face hub: here a stand-in that gives every prompt the same token ids,
-    so that the image side (its walk, its MAP head read per patch) runs in the Segmenter; a method that reads the CLS
-    token refuses in one line."""
+def test_the_segmenter_runs_siglip2_with_a_local_tokenizer(tmp_path, rgb_image):
+    """SigLIP 2's tokenizer comes from the Hugging Face hub: here a small one made by the tests, given as a local
+    folder (``--tokenizer DIR``), so that the text and image sides (its walk, its MAP head read per patch) run in the
+    Segmenter; a method that reads the CLS token refuses in one line."""
+    from conftest import make_tiny_hf_tokenizer
     from gclip import Segmenter
     from gclip.backbones.models import load_model
 
-    monkeypatch.setattr(open_clip, "get_tokenizer", lambda name, **kw: lambda texts: torch.ones(len(texts), 64).long())
-    model = load_model("ViT-B-16-SigLIP2", None, device="cpu")
+    model = load_model("ViT-B-16-SigLIP2", None, device="cpu", tokenizer=make_tiny_hf_tokenizer(tmp_path / "tok"))
     seg = Segmenter(model, method="clip", templates=["a {c}."], short_side=64, crop=64, stride=32)
     assert isinstance(seg.vit, TimmClipViT) and seg.vit.prefix_tokens == 0
     seg.set_classes(["cat", "dog"])
@@ -281,7 +281,7 @@ def tower_table() -> dict:
 
 @pytest.mark.heavy
 @pytest.mark.parametrize("name", ["ViT-B-16-SigLIP2", "PE-Core-B-16", "EVA02-B-16"])
-def test_every_method_runs_or_refuses_as_the_table_says(name, monkeypatch, rgb_image):
+def test_every_method_runs_or_refuses_as_the_table_says(name, tmp_path, rgb_image):
     """Every registered method through the Segmenter on the tower (random weights, 64-pixel windows, tiny second
     models; CASS with a DINO of the tower's width and heads): it runs, or it refuses in one line with the reason
     ``data/timm_towers.toml`` gives, and the table names no method that is not registered."""
@@ -296,11 +296,10 @@ def test_every_method_runs_or_refuses_as_the_table_says(name, monkeypatch, rgb_i
     table = tower_table()
     entry = table["towers"][name]
     assert set(entry["refuses"]) | set(table["adaptations"]) <= set(list_methods())
-    if "SigLIP" in name:  # its tokenizer is on the hub: a stand-in (see the Segmenter test above)
-        monkeypatch.setattr(
-            open_clip, "get_tokenizer", lambda _n, **kw: lambda texts: torch.ones(len(texts), 64).long()
-        )
-    model = load_model(name, None, device="cpu")
+    from conftest import make_tiny_hf_tokenizer
+
+    tokenizer = make_tiny_hf_tokenizer(tmp_path / "tok") if "SigLIP" in name else None  # its tokenizer is on the hub
+    model = load_model(name, None, device="cpu", tokenizer=tokenizer)
     ran, refused = [], {}
     small = dict(templates=["a {c}."], short_side=64, crop=64, stride=32)
     for method in list_methods():

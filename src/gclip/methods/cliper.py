@@ -74,8 +74,8 @@ def early_fusion(
     vit: Backbone, images: torch.Tensor, fuse: bool = True, select_layer: int = -1
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CLIPer's encoder (module doc) on ``(1, 3, H, W)`` images -> ``(L, gh, gw, E)`` projected patch features, one
-    per layer (zeros for the layers not used without ``fuse``), and the ``(N, N)`` last attention (mean over heads,
-    with the prefix tokens)."""
+    per layer (zeros for the layers not used without ``fuse``), and the ``(N, N)`` last attention between the patches
+    (mean over heads; the prefix tokens' rows and columns left out)."""
     depth = vit.depth
     if not -depth <= select_layer < depth:
         raise ConfigError(f"cliper select_layer {select_layer} is out of range for a tower of {depth} blocks")
@@ -103,7 +103,8 @@ def early_fusion(
         feats.append(vit.project(vit.patches(out)).float())
     shape = next(f for f in feats if f is not None).shape
     stacked = torch.stack([torch.zeros(shape, device=x.device) if f is None else f for f in feats])
-    return stacked[:, 0].reshape(depth, grid[0], grid[1], -1), attention_k[0].mean(0)
+    p = vit.prefix_tokens
+    return stacked[:, 0].reshape(depth, grid[0], grid[1], -1), attention_k[0].mean(0)[p:, p:]
 
 
 def authors_resize(original: np.ndarray, short_side: int, patch: int) -> np.ndarray:
@@ -243,7 +244,7 @@ class CLIPer(Method):
                 wf, wa = early_fusion(vit, image[..., y1:y2, x1:x2], self.fuse_feature, self.select_layer)
                 ys, xs = slice(y1 // p, y2 // p), slice(x1 // p, x2 // p)
                 ch, cw = wf.shape[1:3]
-                attns[ys, xs, ys, xs] += wa[1:, 1:].reshape(ch, cw, ch, cw)
+                attns[ys, xs, ys, xs] += wa.reshape(ch, cw, ch, cw)
                 counts[ys, xs, ys, xs] += 1
                 preds[..., ys, xs] += logits(wf)
                 count[..., ys, xs] += 1
@@ -253,7 +254,7 @@ class CLIPer(Method):
             seg = slide.softmax(1)[:, :n] * 0.5 + seg * 0.5
         chosen = seg[self.select_layer]
         chosen[chosen < chosen.amax((-1, -2), keepdim=True) * self.attention_thr] = 0
-        spread = (chosen.flatten(-2) @ attn[1:, 1:]).unflatten(-1, (gh, gw))
+        spread = (chosen.flatten(-2) @ attn).unflatten(-1, (gh, gw))
         return spread + seg.mean(0) if self.fuse_feature else spread
 
     def labels_scores(self, maps: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
