@@ -43,6 +43,7 @@ SLOW_ONLY = {  # checked only with GCLIP_SLOW=1
     "trident_ade",  # 33 s
     "trident_voc20",  # 25 s
     "corrclip_eps001",  # 15 s
+    "lposs_plus",  # 130 to 160 s a photo under load: the pixel propagation over about 290,000 pixels
 }
 SLOW = bool(os.environ.get("GCLIP_SLOW"))
 FIXTURES = {name: name for name in ("golden_dinov2", "golden_sam", "golden_mae", "golden_dino16")}  # else golden_dino
