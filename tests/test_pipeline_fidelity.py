@@ -40,6 +40,8 @@ SLOW_ONLY = {  # checked only with GCLIP_SLOW=1
     "corrclip_eps001",  # 15 s
     "cliper_slide",  # 30 s: 12 forward passes of all 12 layers' last block a photo
     "cliper_nobkg",  # 30 s: the same
+    "lposs",  # 40 s for the first photo on idle cores (107 s under load): the kNN graph over 9 windows' patches
+    "lposs_plus",  # 130 to 160 s a photo under load: the pixel propagation over about 290,000 pixels
 }
 SLOW = bool(os.environ.get("GCLIP_SLOW"))
 FIXTURES = {name: name for name in ("golden_dinov2", "golden_sam", "golden_mae", "golden_dino16")}  # else golden_dino
