@@ -138,7 +138,7 @@ def save_random_stable_diffusion(path: str | Path, seed: int = 0, sharpen: float
     """A tiny Stable Diffusion folder in diffusers' layout (``model_index.json``, ``unet/``, ``vae/``,
     ``text_encoder/``, ``tokenizer/``, ``scheduler/``) at ``path``: SD 2.1 base's block layout (three cross-attention
     down blocks and a plain one, its mirror on the way up, two layers per block, linear projections, the latent at an
-    eighth of a 512 input, PNDM scheduling with 2.1 base's settings) at tiny widths, every weight from
+    eighth of a 512 input, PNDM scheduling with SD's usual betas) at tiny widths, every weight from
     :func:`random_state_dict`; the UNet's self-attention query and key weights are multiplied by ``sharpen`` so that
     its maps are not near-uniform. The tokenizer holds only CLIP's byte tokens and its two special tokens. Needs
     ``diffusers`` and ``transformers`` (``pip install 'gclip[sd]'``).

@@ -186,7 +186,12 @@ def load_stable_diffusion(folder: str, device: str, dtype: torch.dtype) -> Any:
         with warnings.catch_warnings():  # newer diffusers call torch_dtype "dtype" (a FutureWarning); older know one
             warnings.simplefilter("ignore", FutureWarning)
             pipe = StableDiffusionPipeline.from_pretrained(
-                folder, torch_dtype=dtype, local_files_only=True, safety_checker=None, requires_safety_checker=False
+                folder,
+                torch_dtype=dtype,
+                local_files_only=True,
+                safety_checker=None,
+                requires_safety_checker=False,
+                low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None,  # without it: diffusers' notice
             )
     except Exception as e:  # diffusers' and transformers' many load errors: one line
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
