@@ -1,5 +1,6 @@
 """CLIPer: its class maps against the authors' (linsun449/cliper.code @ c05fa41, tests/data/fidelity/README.md), its
-text rows, its label rule and its one-line errors."""
+text rows, its label rule and its one-line errors; its Stable Diffusion refinement against theirs on a tiny random
+Stable Diffusion (gclip.testing.save_random_stable_diffusion)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from gclip.errors import ConfigError
+from gclip.errors import ConfigError, WeightsError
 from gclip.methods import get_method
-from gclip.methods.cliper import fused_attention, sinkhorn_step
+from gclip.methods.cliper import fused_attention, refine_with_attention, sinkhorn_step
 
 GOLDEN = Path(__file__).parent / "data" / "fidelity"
 
@@ -119,3 +120,142 @@ def test_segmenter_runs_and_leaves_uncovered_pixels_unlabeled(tiny_model, rgb_im
     seg.method = dataclasses.replace(seg.method, _text_rows=None)
     with pytest.raises(ConfigError, match="set_classes"):
         seg.predict(rgb_image)
+
+
+# golden file -> options of the refinement; the authors' Pipeline.forward (refinement on) with the first VOC photo as
+# their ori_img and the shared 448 input as the CLIP input, the tiny SD's noise from torch.manual_seed(0)
+SD_CASES = {
+    "cliper_sfsa": {},
+    "cliper_sfsa_mean": {"refinement": "mean", "attention_thr": 0.1, "time_step": 30,
+                         "attention_layers_to_use": [-2, -4, -6]},
+    "cliper_sfsa_selection": {"refinement": "selection", "attention_idx": 1, "attention_layers_to_use": [-2]},
+}  # fmt: skip
+PHOTOS = ["2007_001288", "2007_001321", "2007_001458"]
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from gclip.testing import save_random_stable_diffusion
+
+    return str(save_random_stable_diffusion(tmp_path_factory.mktemp("sd") / "tiny-sd", seed=0))
+
+
+def _photo(sample_data, stem=PHOTOS[0]):
+    from PIL import Image
+
+    return np.asarray(Image.open(sample_data / "VOCdevkit" / "VOC2012" / "JPEGImages" / f"{stem}.jpg").convert("RGB"))
+
+
+@pytest.mark.golden
+@pytest.mark.parametrize("golden", [n if n == "cliper_sfsa" else pytest.param(n, marks=SLOW) for n in sorted(SD_CASES)])
+def test_refined_maps_match_the_authors(vitb16, tiny_sd, sample_data, golden):
+    image = torch.from_numpy(np.random.default_rng(1).standard_normal((1, 3, 448, 448), dtype=np.float32))
+    t = np.random.default_rng(2).standard_normal((10, 512), dtype=np.float32)
+    text = torch.from_numpy(t / np.linalg.norm(t, axis=1, keepdims=True))
+    method = get_method("cliper", **{"refinement": "sfsa", "sd_checkpoint": tiny_sd, **SD_CASES[golden]})
+    with torch.no_grad():
+        maps = method.class_maps(vitb16, image, text[1:], text[:1])
+        refined, score = method.refined(vitb16, _photo(sample_data), maps)
+    expected = np.load(GOLDEN / f"{golden}.npz")
+    assert refined.shape == expected["maps"].shape == (9, 64, 64)
+    assert np.abs(refined.numpy() - expected["maps"]).max() <= 1e-4
+    assert np.abs(score.numpy() - expected["score"]).max() <= 1e-4
+    unrefined = torch.nn.functional.interpolate(maps[None], size=(64, 64), mode="bilinear")[0]
+    assert (refined - unrefined).abs().max() > 0.05  # the refinement changes the maps
+
+
+@pytest.mark.pipeline
+def test_sfsa_pipeline_matches_the_authors(vitb16_checkpoint, tiny_sd, sample_data):
+    """main_ovs.py's loop with SFSA on the VOC photos (ovs_context59's thresholds, whole image): labels and values."""
+    import dataclasses
+
+    from gclip import Segmenter
+    from gclip.backbones.models import load_model
+    from gclip.text import parse_classes
+
+    model = load_model("ViT-B-16", str(vitb16_checkpoint), device="cpu", quick_gelu=True)
+    options = {"refinement": "sfsa", "sd_checkpoint": tiny_sd, "score_threshold": 0.3, "bkg_thre": 0.3}
+    seg = Segmenter(model, method="cliper", method_options=options, short_side=336, crop=0, logit_scale=1.0,
+                    prob_thd=0.0)  # fmt: skip
+    seg.classes = parse_classes(["background"] + [f"class {i}" for i in range(1, 10)])
+    t = np.random.default_rng(2).standard_normal((10, 512), dtype=np.float32)
+    seg._queries = torch.from_numpy(t / np.linalg.norm(t, axis=1, keepdims=True))
+    seg.method = dataclasses.replace(seg.method, _text_rows=(1, 0))
+    golden = np.load(GOLDEN / "pipeline" / "cliper_sfsa.npz")
+    for stem in PHOTOS if os.environ.get("GCLIP_SLOW") else PHOTOS[:1]:
+        result = seg.predict(_photo(sample_data, stem), True)
+        assert (result.labels != golden[f"{stem}_labels"]).mean() <= 1e-4, stem
+        probs = torch.softmax(torch.from_numpy(golden[f"{stem}_logits"].astype(np.float32)), dim=0)
+        assert np.abs(result.probs[:, ::4, ::4] - probs.numpy()).max() <= 2e-3, stem  # fp16-stored values
+
+
+@pytest.mark.heavy
+def test_refinement_options_change_the_maps(tiny_sd, rgb_image):
+    maps = torch.rand(3, 7, 9, generator=torch.Generator().manual_seed(0))
+    vit = type("Vit", (), {"dtype": torch.float32})()
+    base, score = get_method("cliper", refinement="sfsa", sd_checkpoint=tiny_sd).refined(vit, rgb_image, maps)
+    assert base.shape == (3, 64, 64)
+    assert torch.allclose(score, base.amax((-1, -2)) * 0.5 + maps.amax((-1, -2)) * 0.5)
+    for options in ({"noise_seed": 1}, {"time_step": 10}, {"attention_layers_to_use": (-6,)}):
+        other, _ = get_method("cliper", refinement="sfsa", sd_checkpoint=tiny_sd, **options).refined(
+            vit, rgb_image, maps
+        )
+        assert (other - base).abs().max() > 1e-3, options
+    same, same_score = get_method("cliper").refined(vit, rgb_image, maps)  # "none": the maps and their maxima
+    assert same is maps and torch.equal(same_score, maps.amax((-1, -2)))
+    for options, match in (
+        ({"attention_layers_to_use": (-1,)}, "self-attention"),  # the last cross-attention
+        ({"attention_layers_to_use": (40,)}, "attention layers"),
+        ({"time_step": 60}, "time_step"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            get_method("cliper", refinement="sfsa", sd_checkpoint=tiny_sd, **options).refined(vit, rgb_image, maps)
+
+
+def test_refinement_arithmetic():
+    a = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(1))
+    maps = torch.rand(2, 4, 4, generator=torch.Generator().manual_seed(2))
+    cross = maps.flatten(-2).T  # 4 x 4 maps resized to 4 x 4: unchanged
+    norm = a / (a.amax(-2, keepdim=True) + 1e-5)
+    norm = torch.where(norm < 0.5, torch.zeros_like(norm), norm)
+    norm = norm / (norm.sum(-1, keepdim=True) + 1e-5)
+    product = (norm[0] @ norm[1] @ norm[2] @ cross).T.reshape(2, 4, 4)
+    assert torch.allclose(refine_with_attention(a, maps, "sfsa", 0.5), product, atol=1e-6)
+    assert torch.allclose(refine_with_attention(a, maps, "mean", 0.5), (norm.mean(0) @ cross).T.reshape(2, 4, 4))
+    assert torch.allclose(refine_with_attention(a, maps, "selection", 0.5, 2), (norm[2] @ cross).T.reshape(2, 4, 4))
+    with pytest.raises(ConfigError, match="attention_idx"):
+        refine_with_attention(a, maps, "selection", 0.5, 3)
+
+
+def test_refinement_without_diffusers_is_a_one_line_error(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "diffusers" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"refinement 'sfsa' needs diffusers .*gclip\[sd\]"):
+        get_method("cliper", refinement="sfsa")
+    assert get_method("cliper").refinement == "none"  # the default needs neither
+
+
+def test_refinement_needs_a_local_checkpoint(tmp_path, monkeypatch):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    import huggingface_hub
+
+    from gclip.methods.cliper import load_stable_diffusion
+
+    with pytest.raises(WeightsError, match="sd_checkpoint .*model_index.json"):
+        get_method("cliper", refinement="sfsa", sd_checkpoint=str(tmp_path / "missing"))
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)  # an empty cache
+    with pytest.raises(
+        WeightsError, match="not in the local Hugging Face cache: pass its local folder .*sd_checkpoint"
+    ):
+        get_method("cliper", refinement="mean")
+    with pytest.raises(ConfigError, match="sd_version"):
+        get_method("cliper", refinement="sfsa", sd_version="v3")
+    index = '{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}'
+    (tmp_path / "model_index.json").write_text(index)
+    with pytest.raises(WeightsError, match="diffusers cannot load it"):
+        load_stable_diffusion(str(tmp_path), "cpu", torch.float32)

@@ -18,7 +18,7 @@ import torch
 if TYPE_CHECKING:
     from .backbones.models import LoadedModel
 
-__all__ = ["random_model", "random_state_dict", "save_random_checkpoint"]
+__all__ = ["random_model", "random_state_dict", "save_random_checkpoint", "save_random_stable_diffusion"]
 
 
 def _init_tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
@@ -132,3 +132,107 @@ def random_model(
         dtype=PRECISIONS[precision],
         fingerprint=fingerprint(model.clip),
     )
+
+
+def save_random_stable_diffusion(path: str | Path, seed: int = 0, sharpen: float = 4.0) -> Path:
+    """A tiny Stable Diffusion folder in diffusers' layout (``model_index.json``, ``unet/``, ``vae/``,
+    ``text_encoder/``, ``tokenizer/``, ``scheduler/``) at ``path``: SD 2.1 base's block layout (three cross-attention
+    down blocks and a plain one, its mirror on the way up, two layers per block, linear projections, the latent at an
+    eighth of a 512 input, PNDM scheduling with SD's usual betas) at tiny widths, every weight from
+    :func:`random_state_dict`; the UNet's self-attention query and key weights are multiplied by ``sharpen`` so that
+    its maps are not near-uniform. The tokenizer holds only CLIP's byte tokens and its two special tokens. Needs
+    ``diffusers`` and ``transformers`` (``pip install 'gclip[sd]'``).
+
+    >>> save_random_stable_diffusion("/tmp/tiny-sd")  # doctest: +SKIP
+    """
+    import json
+    import tempfile
+
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    path = Path(path)
+    width = 16  # the text encoder's width, the UNet's cross-attention width
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=2,
+        norm_num_groups=4,
+        attention_head_dim=2,  # diffusers' legacy name: two heads per attention
+        cross_attention_dim=width,
+        use_linear_projection=True,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(4, 4, 8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=512,
+    )
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=514,
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            projection_dim=width,
+            hidden_act="gelu",
+            bos_token_id=512,
+            eos_token_id=513,
+            pad_token_id=0,
+        )
+    )
+    for i, module in enumerate((unet, vae, text)):
+        state = random_state_dict(module, seed + i)
+        for name in state:
+            if ".attn1.to_q." in name or ".attn1.to_k." in name:
+                state[name] = state[name] * sharpen
+        module.load_state_dict(state)
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
+        prediction_type="epsilon",
+    )
+    # CLIP's byte-level alphabet (as its BPE writes it) and its two special tokens; no merges
+    chars = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    alphabet, extra = list(chars), 0
+    for b in range(256):
+        if b not in chars:
+            chars.append(b)
+            alphabet.append(256 + extra)
+            extra += 1
+    byte_chars = [chr(c) for c in alphabet]
+    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["<|startoftext|>", "<|endoftext|>"]
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+        tokenizer = CLIPTokenizer(
+            str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), pad_token="!", model_max_length=77
+        )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(path))
+    return path

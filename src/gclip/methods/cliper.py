@@ -25,25 +25,36 @@ complement of the highest value is higher). Without a background class those pix
 The windows are cut from the photo resized as the authors do it: PIL bicubic, the short side to the engine's short
 side, each side rounded to a multiple of the patch; the position embedding is resampled bilinearly.
 
-Fine-grained compensation (the authors' ``SFSA`` refinement with Stable Diffusion's self-attention) is not part of
-this method: see ``docs/methods/notes/cliper.md``.
+Fine-grained compensation (``refinement``, the authors' default ``SFSA``; off by default here: it needs Stable
+Diffusion). The photo (``[0, 1]``) goes through the pipeline's image processor at 512 x 512 (its nearest resize, then
+``2x - 1``), the VAE's posterior mean (times its scaling factor) is noised to the scheduler's ``time_step``-th of 50
+timesteps (noise drawn from ``noise_seed``; the authors' is unseeded) and the UNet runs once on it with the empty
+prompt's embedding. The self-attention maps of ``attention_layers_to_use`` (indices into the UNet's attention layers:
+down blocks, mid block, up blocks, each transformer's self- then cross-attention; ``-4, -6``: the last up block's
+second and first) are taken per head, each divided by its column maxima, zeroed below ``attention_thr`` (the option
+the CLIP part uses too) and its rows summed to 1. ``sfsa``: their product over all heads and layers in that order;
+``mean``: their mean; ``selection``: the ``attention_idx``-th. The class maps, resized bilinearly to the latent's
+64 x 64, are multiplied by it; each class's score becomes the mean of its refined and its unrefined maximum, and the
+refined maps are the ones resized to the photo.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable
+import importlib.util
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..backbones.base import Backbone
-from ..errors import ConfigError
+from ..errors import ConfigError, WeightsError
 from ..inference.windows import ImageWindows, window_boxes
 from .base import Method, attention_map, register
 from .pieces import LabelRefinement, TextSide
@@ -118,6 +129,174 @@ def authors_resize(original: np.ndarray, short_side: int, patch: int) -> np.ndar
     return np.asarray(Image.fromarray(original).resize(size, Image.BICUBIC))
 
 
+# the authors' ``sd_version`` names -> the Hugging Face repositories they load (from the local cache only)
+SD_VERSIONS = {
+    "v2.1": "stabilityai/stable-diffusion-2-1-base",
+    "v1.5": "runwayml/stable-diffusion-v1-5",
+    "v1.4": "CompVis/stable-diffusion-v1-4",
+}
+SD_SIZE = 512  # the side the photo is resized to before the VAE (the latent: an eighth of it)
+SD_STEPS = 50  # the scheduler's number of inference steps; ``time_step`` indexes its timesteps
+
+
+def stable_diffusion_folder(checkpoint: str, version: str, refinement: str) -> str:
+    """The local folder (diffusers' layout) of the Stable Diffusion that ``refinement`` uses: ``checkpoint``, else
+    ``version``'s repository in the local Hugging Face cache (never downloaded).
+
+    Raises:
+        ConfigError: diffusers or transformers missing, or an unknown version. WeightsError: no such folder.
+    """
+    if not all(importlib.util.find_spec(m) for m in ("diffusers", "transformers")):
+        raise ConfigError(
+            f"cliper refinement {refinement!r} needs diffusers and transformers: pip install 'gclip[sd]' (or set "
+            "refinement 'none')"
+        )
+    if checkpoint:
+        path = Path(checkpoint).expanduser()
+        if not (path / "model_index.json").is_file():
+            raise WeightsError(
+                f"cliper sd_checkpoint {checkpoint}: not a Stable Diffusion folder in diffusers' layout (no "
+                "model_index.json)"
+            )
+        return str(path)
+    if version not in SD_VERSIONS:
+        raise ConfigError(f"cliper sd_version must be one of {', '.join(SD_VERSIONS)}, got {version!r}")
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(SD_VERSIONS[version], "model_index.json")
+    if not isinstance(found, str):
+        raise WeightsError(
+            f"cliper refinement {refinement!r} needs Stable Diffusion {version} ({SD_VERSIONS[version]}), not in the "
+            "local Hugging Face cache: pass its local folder (diffusers' layout) as sd_checkpoint (gclip does not "
+            "download it)"
+        )
+    return str(Path(found).parent)
+
+
+@functools.lru_cache(maxsize=2)
+def load_stable_diffusion(folder: str, device: str, dtype: torch.dtype) -> Any:
+    """diffusers' ``StableDiffusionPipeline`` from a local ``folder`` (no network) on ``device`` in ``dtype``, once
+    per process and arguments (no safety checker: no image is generated).
+
+    Raises:
+        WeightsError: the folder does not hold a pipeline diffusers can read (one line).
+    """
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        with warnings.catch_warnings():  # newer diffusers call torch_dtype "dtype" (a FutureWarning); older know one
+            warnings.simplefilter("ignore", FutureWarning)
+            pipe = StableDiffusionPipeline.from_pretrained(
+                folder,
+                torch_dtype=dtype,
+                local_files_only=True,
+                safety_checker=None,
+                requires_safety_checker=False,
+                low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None,  # without it: diffusers' notice
+            )
+    except Exception as e:  # diffusers' and transformers' many load errors: one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise WeightsError(f"cliper sd_checkpoint {folder}: diffusers cannot load it: {first}") from e
+    pipe.set_progress_bar_config(disable=True)
+    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+        part.requires_grad_(False).eval()
+    return pipe.to(torch.device(device))
+
+
+def unet_attention_layers(unet: Any) -> list[Any]:
+    """The UNet's attention modules in the authors' order (their ``DIFFUSION_LAYERS``): the down blocks, the mid block
+    and the up blocks, for each of their transformers its first block's self-attention, then its cross-attention."""
+    out = []
+    for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+        for transformer in getattr(block, "attentions", None) or ():
+            first = transformer.transformer_blocks[0]
+            out += [first.attn1, first.attn2]
+    return out
+
+
+@contextlib.contextmanager
+def recorded_attention(unet: Any, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Within the block, the attention ``layers`` of :func:`unet_attention_layers` run diffusers' plain
+    ``AttnProcessor`` and their ``(heads, Q, K)`` maps (the first image's) land in the dict yielded."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    modules = unet_attention_layers(unet)
+    if not modules or not all(-len(modules) <= i < len(modules) for i in layers):
+        raise ConfigError(
+            f"cliper attention_layers_to_use {list(layers)}: the UNet has {len(modules)} attention layers"
+        )
+    maps: dict[int, torch.Tensor] = {}
+    saved = {}
+    for i in dict.fromkeys(layers):
+        attn = modules[i]
+        saved[i] = attn.processor
+
+        def scores(query, key, mask=None, _attn=attn, _i=i, _get=attn.get_attention_scores):
+            probs = _get(query, key, mask)
+            maps[_i] = probs.reshape(-1, _attn.heads, *probs.shape[1:])[0]
+            return probs
+
+        attn.set_processor(AttnProcessor())
+        attn.get_attention_scores = scores
+    try:
+        yield maps
+    finally:
+        for i, processor in saved.items():
+            del modules[i].get_attention_scores
+            modules[i].set_processor(processor)
+
+
+def sd_self_attention(pipe: Any, photo: torch.Tensor, layers: Sequence[int], time_step: int, seed: int) -> torch.Tensor:
+    """The ``(M, N, N)`` float32 self-attention maps (all heads of ``layers``, in that order) of one denoising step of
+    ``pipe``'s UNet on a ``(1, 3, H, W)`` photo in ``[0, 1]`` (module doc)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    unet = pipe.unet
+    device, dtype = unet.device, unet.dtype
+    image = pipe.image_processor.preprocess(photo.to(device), height=SD_SIZE, width=SD_SIZE).to(dtype)
+    latent = pipe.vae.encode(image)[0].mean * pipe.vae.config.scaling_factor
+    pipe.scheduler.set_timesteps(SD_STEPS, device=device)
+    if not -len(pipe.scheduler.timesteps) <= time_step < len(pipe.scheduler.timesteps):
+        raise ConfigError(f"cliper time_step {time_step}: the scheduler has {len(pipe.scheduler.timesteps)} timesteps")
+    t = pipe.scheduler.timesteps[time_step]
+    noise = randn_tensor(latent.shape, generator=torch.Generator("cpu").manual_seed(seed), device=device, dtype=dtype)
+    latent = pipe.scheduler.add_noise(latent, noise, t)
+    prompt, _ = pipe.encode_prompt("", device, 1, False)
+    with recorded_attention(unet, layers) as maps:
+        unet(latent, t, encoder_hidden_states=prompt, return_dict=False)
+    out = torch.cat([maps[i] for i in layers]).float()
+    if out.shape[-1] != out.shape[-2] or int(out.shape[-1] ** 0.5) ** 2 != out.shape[-1]:
+        raise ConfigError(
+            f"cliper attention_layers_to_use {list(layers)}: give self-attention layers (their maps are "
+            f"{tuple(out.shape[-2:])})"
+        )
+    return out
+
+
+def refine_with_attention(
+    attention: torch.Tensor, maps: torch.Tensor, refinement: str, attention_thr: float, attention_idx: int = 1
+) -> torch.Tensor:
+    """``(C, gh, gw)`` class maps refined by ``(M, N, N)`` self-attention maps (module doc) -> ``(C, s, s)`` with
+    ``s² = N``."""
+    side = int(attention.shape[-1] ** 0.5)
+    cross = F.interpolate(maps[None].float(), size=(side, side), mode="bilinear", align_corners=False)[0]
+    cross = cross.flatten(-2).transpose(0, 1)
+    a = attention / (attention.amax(-2, keepdim=True) + 1e-5)
+    a = torch.where(a < attention_thr, torch.zeros_like(a), a)
+    a = a / (a.sum(-1, keepdim=True) + 1e-5)
+    if refinement == "mean":
+        out = a.mean(0) @ cross
+    elif refinement == "selection":
+        if not -a.shape[0] <= attention_idx < a.shape[0]:
+            raise ConfigError(f"cliper attention_idx {attention_idx}: the layers give {a.shape[0]} maps (all heads)")
+        out = a[attention_idx] @ cross
+    else:  # the product a[0] @ a[1] @ ... applied to the maps, right to left
+        out = cross
+        for i in range(a.shape[0] - 1, -1, -1):
+            out = a[i] @ out
+    return out.transpose(0, 1).reshape(-1, side, side)
+
+
 @dataclass
 class _Background(LabelRefinement):
     """Pixels no class reaches are left unlabeled (the class list has no background class)."""
@@ -168,6 +347,19 @@ class CLIPer(Method):
         background_words: the background texts when the class list has no background class (with one, its
             queries are the background texts): comma-separated words, or the path of a file whose first line
             holds them (the authors' class files, e.g. ``data/voc/cls_voc21.txt`` of a clone of their repository).
+        refinement: the fine-grained compensation with Stable Diffusion's self-attention (module doc): ``"none"``
+            (gclip's default: the CLIP part only), ``"sfsa"`` (the authors' default ``SFSA``: the product of the
+            maps), ``"mean"`` or ``"selection"``. Needs ``pip install 'gclip[sd]'`` and a local checkpoint.
+        sd_version: the Stable Diffusion the authors name (``v2.1``: stabilityai/stable-diffusion-2-1-base, their
+            default; ``v1.5``, ``v1.4``), looked up in the local Hugging Face cache when ``sd_checkpoint`` is empty.
+        sd_checkpoint: a local Stable Diffusion folder in diffusers' layout (``model_index.json``, ``unet/``,
+            ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``); nothing is downloaded.
+        attention_layers_to_use: the UNet's attention layers whose self-attention refines the maps, in the order
+            of their product (indices into the down, mid and up blocks' attentions, self- then cross-attention
+            each; ``-4, -6``: the last up block's second and first self-attention, 64 x 64).
+        time_step: which of the scheduler's 50 timesteps the latent is noised to and the UNet run at.
+        attention_idx: with ``"selection"``, the map used (counting every head of every layer in order).
+        noise_seed: the seed of the latent's noise (the authors draw it without one).
     """
 
     name = "cliper"
@@ -191,6 +383,13 @@ class CLIPer(Method):
     bkg_thre: float = 0.3
     is_normalize: bool = False
     background_words: str = "background"
+    refinement: Literal["none", "sfsa", "mean", "selection"] = "none"
+    sd_version: str = "v2.1"
+    sd_checkpoint: str = ""
+    attention_layers_to_use: tuple[int, ...] = (-4, -6)
+    time_step: int = 45
+    attention_idx: int = 1
+    noise_seed: int = 0
     _text_rows: tuple[int, int] | None = None
 
     window_mode = "image"
@@ -199,6 +398,11 @@ class CLIPer(Method):
         super().__post_init__()
         if self.softmax_scale <= 0 or not 0 <= self.attention_thr <= 1 or self.bkg_thre < 0:
             raise ConfigError("cliper softmax_scale must be > 0, attention_thr in [0, 1], bkg_thre >= 0")
+        self.attention_layers_to_use = tuple(int(i) for i in self.attention_layers_to_use)
+        if self.refinement != "none":
+            if not self.attention_layers_to_use:
+                raise ConfigError("cliper attention_layers_to_use is empty: name at least one UNet attention layer")
+            stable_diffusion_folder(self.sd_checkpoint, self.sd_version, self.refinement)
 
     @property
     def text_side(self) -> TextSide:  # type: ignore[override]
@@ -257,10 +461,26 @@ class CLIPer(Method):
         spread = (chosen.flatten(-2) @ attn).unflatten(-1, (gh, gw))
         return spread + seg.mean(0) if self.fuse_feature else spread
 
-    def labels_scores(self, maps: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(C, gh, gw)`` class maps -> ``(C, H, W)`` per-pixel class values at ``size`` (0 where dropped) and the
-        ``(H, W)`` background value (module doc: the authors' ``cam_to_label``)."""
+    def refined(self, vit: Backbone, photo: np.ndarray, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(C, gh, gw)`` class maps of an ``HxWx3 uint8`` photo -> the maps after :attr:`refinement` (``(C, 64,
+        64)`` with SD's 512 input; unchanged with ``"none"``) and the ``(C,)`` class scores (module doc)."""
         score = maps.amax((-1, -2))
+        if self.refinement == "none":
+            return maps, score
+        folder = stable_diffusion_folder(self.sd_checkpoint, self.sd_version, self.refinement)
+        pipe = load_stable_diffusion(folder, str(maps.device), vit.dtype)
+        tensor = torch.from_numpy(np.array(photo, dtype=np.float32)).permute(2, 0, 1).div(255)[None]
+        attention = sd_self_attention(pipe, tensor, self.attention_layers_to_use, self.time_step, self.noise_seed)
+        out = refine_with_attention(attention, maps, self.refinement, self.attention_thr, self.attention_idx)
+        return out, out.amax((-1, -2)) * 0.5 + score * 0.5
+
+    def labels_scores(
+        self, maps: torch.Tensor, size: tuple[int, int], score: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(C, gh, gw)`` class maps -> ``(C, H, W)`` per-pixel class values at ``size`` (0 where dropped) and the
+        ``(H, W)`` background value (module doc: the authors' ``cam_to_label``); ``score``: the ``(C,)`` class
+        scores (default: the maps' maxima)."""
+        score = maps.amax((-1, -2)) if score is None else score
         up = F.interpolate(maps[None], size=size, mode="bilinear", align_corners=False)[0]
         cam = up / (up.amax((-1, -2), keepdim=True) + 1e-5) * score[:, None, None]
         if self.is_normalize:
@@ -283,8 +503,9 @@ class CLIPer(Method):
         stage: Callable[[str], contextlib.AbstractContextManager],
     ) -> tuple[torch.Tensor, torch.Tensor | None] | torch.Tensor:
         """The photo resized as the authors do it, its class maps (:meth:`class_maps`, with sliding windows of
-        the engine's ``crop`` and ``stride`` when ``crop > 0``) and their per-pixel values (:meth:`labels_scores`)
-        at the photo's size, one row per query (the background class's rows carry the background value)."""
+        the engine's ``crop`` and ``stride`` when ``crop > 0``; then :meth:`refined`) and their per-pixel values
+        (:meth:`labels_scores`) at the photo's size, one row per query (the background class's rows carry the
+        background value)."""
         if self._text_rows is None:
             raise ConfigError("cliper: set its classes with Segmenter.set_classes (its text side marks the background)")
         lead, trail = self._text_rows
@@ -300,7 +521,8 @@ class CLIPer(Method):
         with stage("encoder"):
             maps = self.class_maps(vit, image, fg, bg, windows.crop, windows.stride)
         with stage("head"):
-            cam, background = self.labels_scores(maps, tuple(int(s) for s in item.size))
+            maps, score = self.refined(vit, np.asarray(item.original), maps)
+            cam, background = self.labels_scores(maps, tuple(int(s) for s in item.size), score)
             out = torch.cat([background[None].expand(lead, -1, -1), cam])
             if lead:
                 return out
