@@ -333,8 +333,9 @@ class FreeCP(Method):
         return kept[torch.tensor(sorted(set(valid)), device=kept.device)]
 
     def _cls(self, vit: Backbone, pixels: torch.Tensor) -> torch.Tensor:
-        """CLIP's own unit ``(E,)`` CLS embedding of one ``(1, 3, s, s)`` image (every block unchanged)."""
+        """CLIP's own unit ``(E,)`` image embedding of one ``(1, 3, s, s)`` image (every block unchanged): the CLS
+        token's projection, or the tower's own pooling where it has no CLS token (:meth:`Backbone.pooled`)."""
         x, _ = vit.embed(pixels, self.pos_rule)
         for i in range(vit.depth):
             x = vit.block(i, x)
-        return F.normalize(vit.project(vit.cls(x)[:, None]).float()[0, 0], dim=-1)
+        return F.normalize(vit.pooled(x).float()[0], dim=-1)

@@ -144,7 +144,7 @@ class RfClip(Method):
         last, p = vit.depth - 1, vit.prefix_tokens
         x = self.denoise(vit, x, trace.grid)
         out = self.denoise(vit, vit.block(last, x), trace.grid)
-        trace.extras["global"] = vit.project(vit.cls(out)[:, None])[:, 0].float()  # the crop's own CLS embedding
+        trace.extras["global"] = vit.pooled(out).float()  # the crop's own CLS embedding (a tower's own pooling)
         guide = torch.stack([trace.inputs[i] for i in range(1, last)] + [x, out]).mean(dim=0)
         kk = trace.extras.pop("rfclip_kk")
         first = self.last_attention(vit, self.enhance(x, guide, p), kk)
@@ -218,4 +218,4 @@ class WholeImageCls(ImageContext):
         x, trace = encode(vit, self.method, image, extras={_GLOBAL_ONLY: True})
         end_pass(trace)
         out = vit.block(vit.depth - 1, self.method.denoise(vit, x, trace.grid))
-        return vit.project(vit.cls(out)[:, None])[:, 0].float()
+        return vit.pooled(out).float()
