@@ -17,6 +17,7 @@ from open_clip.model import _build_vision_tower
 
 from conftest import SECOND_MODELS_DIR, crop_methods, tiny_second_models
 from gclip import Segmenter
+from gclip.backbones import backbone_for
 from gclip.backbones.openclip import DenseViT
 from gclip.backbones.presets import get_preset, list_presets, tag_family
 from gclip.cli import main
@@ -30,10 +31,22 @@ FAST = {"ViT-B/16", "ViT-B/32"}
 SLOW = pytest.mark.skipif(not os.environ.get("GCLIP_SLOW"), reason="set GCLIP_SLOW=1 to run the large backbones")
 
 
-def test_preset_list_covers_the_issue():
-    assert list(PRESETS) == ["ViT-B/16", "ViT-B/32", "ViT-L/14", "ViT-L/14-336", "ViT-H/14"]
+def test_preset_list_covers_the_issues():
+    assert list(PRESETS) == [
+        *("ViT-B/16", "ViT-B/32", "ViT-L/14", "ViT-L/14-336", "ViT-H/14"),
+        *("SigLIP2-B/16", "PE-Core-B/16", "PE-Core-L/14-336", "EVA02-B/16"),  # open_clip's timm towers (issue 20)
+    ]
     families = {t.family for p in PRESETS.values() for t in p.tags}
-    assert families == {"OpenAI", "LAION", "DataComp", "MetaCLIP", "DFN"}
+    assert families == {"OpenAI", "LAION", "DataComp", "MetaCLIP", "DFN", "WebLI", "Meta PE", "Merged-2B"}
+    towers = {p.name: p.tower for p in PRESETS.values() if p.tower != "open_clip"}
+    assert towers == {
+        "SigLIP2-B/16": "VisionTransformer",
+        "PE-Core-B/16": "Eva",
+        "PE-Core-L/14-336": "Eva",
+        "EVA02-B/16": "Eva",
+    }
+    tokenizers = {p.name: p.tokenizer for p in PRESETS.values() if p.tokenizer}
+    assert tokenizers == {"SigLIP2-B/16": "timm/ViT-B-16-SigLIP2"}  # the others use open_clip's BPE tokenizer
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -48,6 +61,12 @@ def test_preset_tags_and_settings(name):
     for key in ("crop", "stride"):
         assert preset.settings[key] % preset.patch_size == 0
     assert get_preset(preset.model) is preset and get_preset(preset.quickgelu_model) is preset
+
+
+def test_timm_tower_normalisation_and_settings_come_from_their_configs():
+    assert PRESETS["SigLIP2-B/16"].tags[0].mean == PRESETS["PE-Core-B/16"].tags[0].std == (0.5, 0.5, 0.5)
+    assert PRESETS["EVA02-B/16"].tags[0].mean[0] == pytest.approx(0.48145466)
+    assert PRESETS["PE-Core-L/14-336"].settings == {"short_side": 336, "crop": 336, "stride": 168}
 
 
 def test_laion_l14_normalisation_comes_from_its_config():
@@ -66,9 +85,10 @@ def test_preset_architecture_on_meta(name):
     preset = PRESETS[name]
     with torch.device("meta"):
         model = open_clip.create_model(preset.model, pretrained=None, device="meta")
-    vit = DenseViT(model.visual)
+    vit = backbone_for(model.visual)
+    assert isinstance(vit, DenseViT) == (preset.tower == "open_clip")
     assert (vit.patch_size, vit.depth, vit.width) == (preset.patch_size, preset.depth, preset.width)
-    assert model.visual.positional_embedding.shape[0] == 1 + (preset.image_size // preset.patch_size) ** 2
+    assert vit.native_grid == (preset.image_size // preset.patch_size,) * 2
 
 
 def dino_like(vit: DenseViT) -> str:
@@ -123,8 +143,8 @@ def test_fast_preset_forward_every_method(name):
 
 @pytest.mark.slow
 @SLOW
-@pytest.mark.parametrize("name", [n for n in PRESETS if n not in FAST])
-def test_large_preset_forward_every_method(name):
+@pytest.mark.parametrize("name", [n for n in PRESETS if n not in FAST and PRESETS[n].tower == "open_clip"])
+def test_large_preset_forward_every_method(name):  # the timm towers: tests/test_timm_towers.py
     _forward_all_methods(name)
 
 

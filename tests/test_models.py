@@ -148,3 +148,19 @@ def test_loading_a_checkpoint_drops_open_clips_random_init_notice(tiny_checkpoin
     with caplog.at_level(logging.WARNING):
         load_model(TINY, None, device="cpu")
     assert [r for r in caplog.records if "initialized randomly" in r.getMessage()]
+
+
+def test_weights_that_do_not_name_their_tag_get_the_normalisation_all_its_tags_share(tmp_path):
+    """SigLIP 2's and PE-Core's tags normalise with 0.5 (not OpenAI's CLIP mean): random weights and a local file
+    without a `gclip download` sidecar get it too; a model whose tags differ (ViT-L-14) keeps the model's default."""
+    from gclip.backbones.models import _shared_normalisation
+
+    assert _shared_normalisation("PE-Core-B-16") == {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    assert _shared_normalisation("ViT-L-14") == {}
+    assert _shared_normalisation("ViT-B-16")["mean"][0] == pytest.approx(0.48145466)
+    model = load_model("ViT-B-16-SigLIP2", None, device="cpu", tokenizer=None)
+    assert model.mean == model.std == (0.5, 0.5, 0.5)
+    path = tmp_path / "siglip2.pt"
+    torch.save(model.clip.state_dict(), path)
+    local = load_model("ViT-B-16-SigLIP2", str(path), device="cpu")
+    assert local.mean == local.std == (0.5, 0.5, 0.5)

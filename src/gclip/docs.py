@@ -367,16 +367,49 @@ def backbones_table() -> str:
     lines = [
         GENERATED,
         "",
-        "| preset | `--model` | patch | blocks | width | native px | tags (QuickGELU marked `*`) | settings | notes |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| preset | `--model` | tower | patch | blocks | width | native px | tags (QuickGELU marked `*`) | settings | "
+        "tokenizer | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in list_presets():
         tags = ", ".join(f"`{t.tag}`" + ("*" if t.quick_gelu else "") for t in p.tags)
         settings = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in p.settings.items())
+        tower = "open_clip ViT" if p.tower == "open_clip" else f"timm {p.tower}"
+        tokenizer = f"hub: `{p.tokenizer}`" if p.tokenizer else "built-in BPE"
         lines.append(
-            f"| {p.name} | `{p.model}` | {p.patch_size} | {p.depth} | {p.width} | {p.image_size} | {tags} | "
-            f"{settings} | {_md(p.notes)} |"
+            f"| {p.name} | `{p.model}` | {tower} | {p.patch_size} | {p.depth} | {p.width} | {p.image_size} | {tags} | "
+            f"{settings} | {tokenizer} | {_md(p.notes)} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def towers_table() -> str:
+    """What each registered method does on open_clip's timm towers (``data/timm_towers.toml``, which
+    tests/test_timm_towers.py checks against what happens): runs or refuses, and the adaptation used."""
+    from importlib import resources
+
+    from .methods import list_methods
+
+    table = tomllib.loads((resources.files("gclip") / "data" / "timm_towers.toml").read_text(encoding="utf-8"))
+    towers = table["towers"]
+    heads = {"map": "MAP attention pool", "token": "CLS token"}
+    lines = [
+        GENERATED,
+        "",
+        "| tower | RoPE on q, k | CLS token | pooling head |",
+        "|---|---|---|---|",
+        *(
+            f"| `{name}` | {'yes' if t['rope'] else 'no'} | {'yes' if t['cls_token'] else 'no'} | "
+            f"{heads.get(t['head'], t['head'])} |"
+            for name, t in towers.items()
+        ),
+        "",
+        "| method | " + " | ".join(f"`{name}`" for name in towers) + " | adaptation on these towers |",
+        "|---|" + "---|" * len(towers) + "---|",
+    ]
+    for method in list_methods():
+        cells = [f"refuses: {_md(t['refuses'][method])}" if method in t["refuses"] else "runs" for t in towers.values()]
+        lines.append(f"| `{method}` | " + " | ".join(cells) + f" | {_md(table['adaptations'].get(method, ''))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -500,6 +533,7 @@ def generate(root: Path) -> dict[str, str]:
         "docs/generated/methods-table.md": methods_markdown() + "\n",
         "docs/generated/fidelity.md": fidelity_table(root),
         "docs/generated/backbones.md": backbones_table(),
+        "docs/generated/towers.md": towers_table(),
         "docs/generated/datasets.md": datasets_table(),
         "docs/generated/results.md": results_summary(root),
         "docs/generated/published.md": published_table(),

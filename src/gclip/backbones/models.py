@@ -403,6 +403,8 @@ def load_model(
     dtype = PRECISIONS[precision]
     model = model.to(device=dev, dtype=dtype)
     pp = dict(open_clip.get_model_preprocess_cfg(model))
+    if not tag_cfg:  # random weights, or a file that says nothing: the normalisation all of the model's tags share
+        tag_cfg = _shared_normalisation(name)
     pp.update({k: tag_cfg[k] for k in ("mean", "std") if tag_cfg.get(k)})  # e.g. ViT-L-14 laion2b_s32b_b82k: 0.5
     open_clip.set_model_preprocess_cfg(model, pp)  # the image tower carries its own normalisation
     mean = tuple(float(v) for v in pp.get("mean", open_clip.OPENAI_DATASET_MEAN))
@@ -425,6 +427,23 @@ def load_model(
         fingerprint=fingerprint(model),
         path=str(path) if path is not None else None,
     )
+
+
+def _shared_normalisation(name: str) -> dict[str, Any]:
+    """``{"mean", "std"}`` that every pretrained tag of open_clip model ``name`` uses (SigLIP 2's and PE-Core's 0.5),
+    for weights that do not name their tag; ``{}`` when the tags differ (ViT-L-14) or there are none."""
+    import open_clip
+
+    found = set()
+    for tag in open_clip.list_pretrained_tags_by_model(name):
+        cfg = open_clip.get_pretrained_cfg(name, tag)
+        mean = tuple(cfg.get("mean") or open_clip.OPENAI_DATASET_MEAN)
+        std = tuple(cfg.get("std") or open_clip.OPENAI_DATASET_STD)
+        found.add((mean, std))
+    if len(found) != 1:
+        return {}
+    mean, std = found.pop()
+    return {"mean": mean, "std": std}
 
 
 def _clip_sidecar(path: Path, name: str) -> dict[str, Any] | None:

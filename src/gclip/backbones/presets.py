@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import ConfigError
 
-__all__ = ["TagInfo", "Preset", "list_presets", "get_preset", "preset_settings", "tag_family"]
+__all__ = ["TagInfo", "Preset", "architecture", "list_presets", "get_preset", "preset_settings", "tag_family"]
 
 _FAMILIES = (
     ("openai", "OpenAI"),
@@ -27,11 +27,15 @@ _FAMILIES = (
     ("datacomp", "DataComp"),
     ("metaclip", "MetaCLIP"),
     ("dfn", "DFN"),
+    ("webli", "WebLI"),
+    ("meta", "Meta PE"),
+    ("merged2b", "Merged-2B"),
 )
 
 
 def tag_family(tag: str) -> str:
-    """``"openai"`` -> ``"OpenAI"``, ``"laion2b_s34b_b88k"`` -> ``"LAION"``, ...; ``"other"`` otherwise."""
+    """``"openai"`` -> ``"OpenAI"``, ``"laion2b_s34b_b88k"`` -> ``"LAION"``, ``"webli"`` -> ``"WebLI"`` (SigLIP),
+    ``"meta"`` -> ``"Meta PE"`` (PE-Core), ``"merged2b_*"`` -> ``"Merged-2B"`` (EVA02), ...; ``"other"`` otherwise."""
     for prefix, family in _FAMILIES:
         if tag.startswith(prefix):
             return family
@@ -44,7 +48,7 @@ class TagInfo:
 
     Attributes:
         tag: the open_clip tag (``--pretrained``).
-        family: OpenAI, LAION, DataComp, MetaCLIP or DFN.
+        family: OpenAI, LAION, DataComp, MetaCLIP, DFN, WebLI, Meta PE or Merged-2B (:func:`tag_family`).
         quick_gelu: the weights were trained with QuickGELU (``load_model`` switches it on by itself; the
             ``<model>-quickgelu`` name is the same architecture).
         mean, std: image normalisation in 0..1 units.
@@ -70,6 +74,10 @@ class Preset:
         tags: the supported pretrained tags.
         settings: :class:`gclip.Settings` overrides this backbone needs (crop and stride multiples of the patch).
         notes: what differs from ViT-B/16.
+        tower: ``"open_clip"`` (open_clip's ``VisionTransformer``) or the timm class of a ``TimmModel`` tower
+            (``"VisionTransformer"``, ``"Eva"``).
+        tokenizer: the Hugging Face repository of its tokenizer (``--tokenizer DIR`` offline), ``""`` for
+            open_clip's built-in one.
     """
 
     name: str
@@ -81,6 +89,8 @@ class Preset:
     tags: list[TagInfo] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     notes: str = ""
+    tower: str = "open_clip"
+    tokenizer: str = ""
 
     @property
     def quickgelu_model(self) -> str:
@@ -104,16 +114,45 @@ def _tag_info(model: str, tag: str) -> TagInfo:
     )
 
 
+def architecture(model: str) -> dict[str, Any]:
+    """``{patch_size, depth, width, image_size, tower}`` of open_clip model ``model``'s image tower: from its model
+    config, or for a timm tower (SigLIP 2, PE-Core, EVA02) from the timm model built on the meta device (no memory,
+    no weights)."""
+    import open_clip
+
+    vision = open_clip.get_model_config(model)["vision_cfg"]
+    if not vision.get("timm_model_name"):
+        return {
+            "patch_size": int(vision["patch_size"]),
+            "depth": int(vision["layers"]),
+            "width": int(vision["width"]),
+            "image_size": int(vision["image_size"]),
+            "tower": "open_clip",
+        }
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        trunk = timm.create_model(vision["timm_model_name"], pretrained=False, img_size=vision["image_size"])
+    return {
+        "patch_size": int(trunk.patch_embed.patch_size[0]),
+        "depth": len(trunk.blocks),
+        "width": int(trunk.embed_dim),
+        "image_size": int(vision["image_size"]),
+        "tower": type(trunk).__name__,
+    }
+
+
 @lru_cache(maxsize=1)
 def list_presets() -> list[Preset]:
     """The supported backbones, in the order of ``data/backbones.json``."""
-    import open_clip
+    from .tokenizer import hub_tokenizer_name
 
     text = (resources.files("gclip") / "data" / "backbones.json").read_text()
     presets = []
     for entry in json.loads(text)["presets"]:
-        vision = open_clip.get_model_config(entry["model"])["vision_cfg"]
-        patch = int(vision["patch_size"])
+        arch = architecture(entry["model"])
+        patch = arch["patch_size"]
         settings = dict(entry.get("settings", {}))
         for key in ("crop", "stride"):
             if settings.get(key, 0) % patch:
@@ -122,13 +161,11 @@ def list_presets() -> list[Preset]:
             Preset(
                 name=entry["name"],
                 model=entry["model"],
-                patch_size=patch,
-                depth=int(vision["layers"]),
-                width=int(vision["width"]),
-                image_size=int(vision["image_size"]),
+                **arch,
                 tags=[_tag_info(entry["model"], t) for t in entry["tags"]],
                 settings=settings,
                 notes=entry.get("notes", ""),
+                tokenizer=hub_tokenizer_name(entry["model"]) or "",
             )
         )
     return presets

@@ -66,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
             f"(patch {p.patch_size}, {p.depth} blocks, width {p.width}, {p.image_size} px)"
         )
         print(f"    settings: {settings}; {p.notes}")
+        if p.tokenizer:
+            print(f"    tokenizer: huggingface.co/{p.tokenizer} (offline: --tokenizer DIR or --text-embeddings FILE)")
         for t in p.tags:
             gelu = "QuickGELU" if t.quick_gelu else "GELU"
             extra = "" if t.resize_mode == "shortest" else f", resize {t.resize_mode}"
