@@ -12,9 +12,9 @@ embedding, a CLS and 4 register tokens, layer scale, no absolute positions) is w
 (coordinates normalised to [-1, 1] per side, so any grid has its own rotation, no resampling); its weights are gated:
 a local file only (:attr:`SecondModelSpec.gated`). Checkpoints in the authors' layouts load as they are:
 DINOv2's hub files (``register_tokens``, the CLS position in ``pos_embed``) through timm's ViT converter, DINOv3's
-(``storage_tokens``, ``ls1.gamma``, a k-masked ``qkv.bias``) through timm's Eva converter. SAM's image encoder (segment-anything's
-``ImageEncoderViT``: windowed attention, relative position biases, a convolutional neck) is walked through
-:class:`~gclip.backbones.sam_vit.SamViT`, the same family.
+(``storage_tokens``, ``ls1.gamma``, a k-masked ``qkv.bias``) through timm's Eva converter. SAM's image encoder
+(segment-anything's ``ImageEncoderViT``: windowed attention, relative position biases, a convolutional neck) is
+walked through :class:`~gclip.backbones.sam_vit.SamViT`, the same family.
 """
 
 from __future__ import annotations
