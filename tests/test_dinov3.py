@@ -20,7 +20,7 @@ from conftest import TINY_DINOV3, make_tiny_dinov3, tiny_second_models
 from gclip import Segmenter
 from gclip.backbones import second_models as proxy
 from gclip.backbones.timm_eva import TimmEva
-from gclip.errors import WeightsError
+from gclip.errors import ConfigError, WeightsError
 from gclip.testing import random_state_dict
 
 torch.set_grad_enabled(False)
@@ -86,6 +86,17 @@ def test_dinov3_without_a_file_is_one_line_naming_the_flag(monkeypatch, tiny_mod
     with pytest.raises(WeightsError, match="--proxy-checkpoint PATH") as e:
         seg.predict(np.zeros((32, 32, 3), np.uint8))
     assert "\n" not in str(e.value)
+
+
+def test_dinov3_is_listed_as_gated_and_not_downloaded(capsys):
+    from gclip.backbones.download import download
+    from gclip.cli import main
+
+    with pytest.raises(ConfigError, match="dinov3_vitb16's weights are gated: request them at https://ai.meta"):
+        download("dinov3_vitb16", to="/nonexistent")
+    assert main(["models"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "dinov3_vitb16" in x)
+    assert "vit_base_patch16_dinov3 (gated weights: a local file, authors' or timm's layout)" in line
 
 
 def test_dinov3_authors_layout_and_timms_load_the_same_tensors(tmp_path):
@@ -156,7 +167,7 @@ def test_last_qkv_are_the_rotated_q_k_and_v_of_timms_last_block(monkeypatch):
     assert not torch.allclose(k, unrotated.reshape(2, -1, 3, 4, 16)[:, 5:, 1].transpose(1, 2), atol=1e-3)
 
 
-@pytest.mark.parametrize("method", ["proxyclip", "cass", "trident", "corrclip"])
+@pytest.mark.parametrize("method", ["proxyclip", "cass", "trident", "corrclip", "lposs"])
 def test_methods_run_with_a_dinov3_proxy(tiny_model, rgb_image, method):
     options = {**tiny_second_models(method), "proxy": TINY_DINOV3}
     seg = Segmenter(tiny_model, method=method, method_options=options, short_side=32, crop=32, stride=16)

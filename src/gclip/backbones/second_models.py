@@ -118,13 +118,14 @@ def list_second_models() -> list[str]:
 
 class SecondModel:
     """A second model walked through its adapter (the one family CLIP's towers use): a timm ``VisionTransformer``
-    through :class:`~gclip.backbones.timm_vit.TimmViT`, SAM's image encoder through
-    :class:`~gclip.backbones.sam_vit.SamViT`.
+    through :class:`~gclip.backbones.timm_vit.TimmViT`, a timm ``Eva`` (DINOv3) through
+    :class:`~gclip.backbones.timm_eva.TimmEva` (q and k of :meth:`last_qkv` carry its rotary positions, as its
+    attention sees them), SAM's image encoder through :class:`~gclip.backbones.sam_vit.SamViT`.
 
     Attributes:
         name, spec: what was loaded; ``model``: the module; ``patch_size``, ``width``: read from the model.
-        vit: its adapter (normalisation the spec's): :class:`~gclip.backbones.timm_vit.TimmViT` or
-            :class:`~gclip.backbones.sam_vit.SamViT`.
+        vit: its adapter (normalisation the spec's): :class:`~gclip.backbones.timm_vit.TimmViT`,
+            :class:`~gclip.backbones.timm_eva.TimmEva` or :class:`~gclip.backbones.sam_vit.SamViT`.
     """
 
     def __init__(self, name: str, spec: SecondModelSpec, model: nn.Module, path: str | None = None) -> None:
