@@ -22,6 +22,7 @@ logging.getLogger().setLevel(logging.ERROR)
 
 
 TINY_DINO = "gclip-tiny-dino"  # second-model registry: a tiny DINO-layout timm ViT (random_state_dict seed 7)
+TINY_DINOV3 = "gclip-tiny-dinov3"  # second-model registry: a tiny DINOv3-layout timm Eva (random_state_dict seed 9)
 TINY_SAM = "gclip-tiny-sam"  # second-model registry: a tiny SAM image encoder (seed 8)
 TINY_SAM_MASKS = "gclip-tiny-sam-masks"  # mask-generator registry: a whole tiny SAM (seed 3)
 TINY_BY_FAMILY = {"timm": TINY_DINO, "sam": TINY_SAM}  # SecondModelSpec.family -> the test model standing for it
@@ -33,6 +34,16 @@ def make_tiny_dino():
     from timm.models.vision_transformer import VisionTransformer
 
     return VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, num_classes=0).eval()
+
+
+def make_tiny_dinov3():
+    """A tiny DINOv3 (timm ``vit_base_patch16_dinov3``'s code: Eva with DINOv3's RoPE, a CLS and 4 register tokens,
+    layer scale, no absolute positions): patch 4, width 64 and 4 heads (CLIP-tiny's, as CASS needs), 2 blocks."""
+    import timm
+
+    return timm.create_model(
+        "vit_base_patch16_dinov3", num_classes=0, img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4
+    ).eval()
 
 
 def make_tiny_sam():
@@ -71,10 +82,10 @@ def make_tiny_full_sam():
 
 def _register_tiny_second_models() -> Path:
     """The suite has no DINO or SAM weights: tiny random models are registered under their own names
-    (:data:`TINY_DINO`, :data:`TINY_SAM` as second models, :data:`TINY_SAM_MASKS` as a mask generator), their
-    checkpoints saved to a temporary folder (removed at exit), as the tiny open_clip config stands in for CLIP. The
-    real entries (``dino_vitb8``, ``sam_vitb``, ...) are left as they are: a test asks for a tiny model by name
-    (:func:`tiny_second_models`). Returns the folder."""
+    (:data:`TINY_DINO`, :data:`TINY_DINOV3`, :data:`TINY_SAM` as second models, :data:`TINY_SAM_MASKS` as a mask
+    generator), their checkpoints saved to a temporary folder (removed at exit), as the tiny open_clip config stands
+    in for CLIP. The real entries (``dino_vitb8``, ``sam_vitb``, ...) are left as they are: a test asks for a tiny
+    model by name (:func:`tiny_second_models`). Returns the folder."""
     import atexit
     import shutil
     import tempfile
@@ -89,6 +100,11 @@ def _register_tiny_second_models() -> Path:
     torch.save(random_state_dict(make_tiny_dino(), seed=7), dino)
     second_models.register_second_model(
         TINY_DINO, second_models.SecondModelSpec(TINY_DINO, build=make_tiny_dino, checkpoint=str(dino))
+    )
+    dinov3 = folder / "tiny-dinov3.pth"
+    torch.save(random_state_dict(make_tiny_dinov3(), seed=9), dinov3)
+    second_models.register_second_model(
+        TINY_DINOV3, second_models.SecondModelSpec(TINY_DINOV3, build=make_tiny_dinov3, checkpoint=str(dinov3))
     )
     try:
         sam = make_tiny_sam()

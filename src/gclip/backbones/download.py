@@ -118,6 +118,11 @@ def _second(name: str, folder: Path) -> Path:
     from .second_models import SECOND_MODELS
 
     spec = SECOND_MODELS[name]
+    if spec.gated:
+        raise ConfigError(
+            f"second model {name}'s weights are gated: request them at {spec.gated} (or take timm's "
+            f"huggingface.co/timm/{spec.arch}.lvd1689m), then pass the file with --proxy-checkpoint"
+        )
     if not spec.tag:
         raise ConfigError(f"second model {name} has no published weights to download: pass a local file instead")
     what = f"second model {name} ({spec.arch}.{spec.tag})"

@@ -6,9 +6,15 @@ A proxy is loaded by name (:data:`SECOND_MODELS`) through timm, from a local che
 ``gclip eval``, bulk runs and the demo share one copy. A timm ViT (DINO, DINOv2, MAE) is walked through the same
 family of adapters as CLIP, :class:`~gclip.backbones.timm_vit.TimmViT` (``SecondModel.vit``), with the position
 embedding resampled as the authors' torch.hub models do it (DINO: bicubic by scale factor; DINOv2 with registers:
-bicubic to the size with antialias; MAE: bicubic to the size). SAM's image encoder (segment-anything's
-``ImageEncoderViT``: windowed attention, relative position biases, a convolutional neck) is walked through
-:class:`~gclip.backbones.sam_vit.SamViT`, the same family.
+bicubic to the size with antialias; MAE: bicubic to the size). DINOv3 (timm ``Eva`` with DINOv3's rotary position
+embedding, a CLS and 4 register tokens, layer scale, no absolute positions) is walked through
+:class:`~gclip.backbones.timm_eva.TimmEva`, its rotation built for each grid by timm's ``RotaryEmbeddingDinoV3``
+(coordinates normalised to [-1, 1] per side, so any grid has its own rotation, no resampling); its weights are gated:
+a local file only (:attr:`SecondModelSpec.gated`). Checkpoints in the authors' layouts load as they are:
+DINOv2's hub files (``register_tokens``, the CLS position in ``pos_embed``) through timm's ViT converter, DINOv3's
+(``storage_tokens``, ``ls1.gamma``, a k-masked ``qkv.bias``) through timm's Eva converter. SAM's image encoder
+(segment-anything's ``ImageEncoderViT``: windowed attention, relative position biases, a convolutional neck) is
+walked through :class:`~gclip.backbones.sam_vit.SamViT`, the same family.
 """
 
 from __future__ import annotations
@@ -26,8 +32,9 @@ from ..errors import ConfigError, WeightsError
 from .base import Backbone, fingerprint
 from .models import resolve_device
 from .sam_vit import SamViT
+from .timm_eva import TimmEva, is_timm_eva
 from .timm_vit import IMAGENET_MEAN, IMAGENET_STD, TimmViT
-from .weights import check_sidecar, find_weights, hub_cached, read_checkpoint, weights_record
+from .weights import check_sidecar, find_weights, hub_cached, option_flag, read_checkpoint, weights_record
 
 __all__ = [
     "SECOND_MODELS",
@@ -54,7 +61,10 @@ class SecondModelSpec:
         pos_rule: how the position embedding is resampled (:func:`gclip.backbones.openclip.resample_pos_embed`).
         input_size: a fixed input side the crops are resized to, bilinearly (SAM's image encoder: 1024; MAE: 336,
             ProxyCLIP's crop); 0: the crop's size.
-        family: ``"timm"`` (a timm ViT), ``"mae"`` (a timm ViT from an MAE checkpoint: its decoder is dropped) or
+        gated: where the weights are requested (their licence is accepted there), for weights that cannot be
+            downloaded for the user (DINOv3): only a local file is read (the option's, or ``checkpoint``), never the
+            weights folder, a cache or the network, and a missing one is a one-line error saying where to get it.
+        family: ``"timm"`` (a timm ViT or Eva), ``"mae"`` (a timm ViT from an MAE checkpoint: its decoder is dropped) or
             ``"sam"`` (``arch`` names a ``segment_anything.sam_model_registry`` entry; its image encoder, from the
             ``segment-anything`` package).
     """
@@ -68,6 +78,12 @@ class SecondModelSpec:
     pos_rule: str = "sclip"
     input_size: int = 0
     family: str = "timm"
+    gated: str | None = None
+
+
+DINOV3_WEIGHTS = "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/"
+"""Where DINOv3's gated weights are requested: the authors' ``dinov3_vit*16_pretrain_lvd1689m-*.pth`` files (the same
+weights in timm's layout are timm's ``vit_*_patch16_dinov3.lvd1689m`` on the Hugging Face hub)."""
 
 
 SECOND_MODELS: dict[str, SecondModelSpec] = {
@@ -77,6 +93,9 @@ SECOND_MODELS: dict[str, SecondModelSpec] = {
     "dino_vits16": SecondModelSpec("vit_small_patch16_224", "dino"),
     "dinov2_vitb14_reg": SecondModelSpec("vit_base_patch14_reg4_dinov2", "lvd142m", pos_rule="antialias"),
     "dinov2_vits14_reg": SecondModelSpec("vit_small_patch14_reg4_dinov2", "lvd142m", pos_rule="antialias"),
+    "dinov3_vits16": SecondModelSpec("vit_small_patch16_dinov3", gated=DINOV3_WEIGHTS),
+    "dinov3_vitb16": SecondModelSpec("vit_base_patch16_dinov3", gated=DINOV3_WEIGHTS),
+    "dinov3_vitl16": SecondModelSpec("vit_large_patch16_dinov3", gated=DINOV3_WEIGHTS),
     "mae_vitb16": SecondModelSpec("vit_base_patch16_224", "mae", pos_rule="size", input_size=336, family="mae"),
     "sam_vitb": SecondModelSpec("vit_b", None, input_size=1024, family="sam"),
 }
@@ -99,18 +118,22 @@ def list_second_models() -> list[str]:
 
 class SecondModel:
     """A second model walked through its adapter (the one family CLIP's towers use): a timm ``VisionTransformer``
-    through :class:`~gclip.backbones.timm_vit.TimmViT`, SAM's image encoder through
-    :class:`~gclip.backbones.sam_vit.SamViT`.
+    through :class:`~gclip.backbones.timm_vit.TimmViT`, a timm ``Eva`` (DINOv3) through
+    :class:`~gclip.backbones.timm_eva.TimmEva` (q and k of :meth:`last_qkv` carry its rotary positions, as its
+    attention sees them), SAM's image encoder through :class:`~gclip.backbones.sam_vit.SamViT`.
 
     Attributes:
         name, spec: what was loaded; ``model``: the module; ``patch_size``, ``width``: read from the model.
-        vit: its adapter (normalisation the spec's): :class:`~gclip.backbones.timm_vit.TimmViT` or
-            :class:`~gclip.backbones.sam_vit.SamViT`.
+        vit: its adapter (normalisation the spec's): :class:`~gclip.backbones.timm_vit.TimmViT`,
+            :class:`~gclip.backbones.timm_eva.TimmEva` or :class:`~gclip.backbones.sam_vit.SamViT`.
     """
 
     def __init__(self, name: str, spec: SecondModelSpec, model: nn.Module, path: str | None = None) -> None:
         self.name, self.spec, self.model, self.path = name, spec, model, path
-        self.vit: Backbone = SamViT(model) if spec.family == "sam" else TimmViT(model, spec.mean, spec.std)
+        if spec.family == "sam":
+            self.vit: Backbone = SamViT(model)
+        else:
+            self.vit = (TimmEva if is_timm_eva(model) else TimmViT)(model, spec.mean, spec.std)
         self.patch_size = int(model.patch_embed.proj.kernel_size[0])
         self.width = int(model.patch_embed.proj.out_channels)
 
@@ -253,6 +276,13 @@ def _weights_file(name: str, spec: SecondModelSpec, checkpoint: str | None, opti
     cache, a download from the hub; SAM's encoder has no download here: `gclip download` fetches it)."""
     if checkpoint or spec.checkpoint:
         return str(checkpoint or spec.checkpoint)
+    if spec.gated:
+        raise WeightsError(
+            f"proxy {name}'s weights are gated (they are not downloaded for you): request the authors' file "
+            f"(e.g. {name}_pretrain_lvd1689m-*.pth) at {spec.gated}, or take timm's model.safetensors of "
+            f"huggingface.co/timm/{spec.arch}.lvd1689m, then pass it as {option}=PATH ({option_flag(option)} PATH on "
+            "the command line)"
+        )
 
     def fetch() -> str:
         from huggingface_hub import hf_hub_download
@@ -274,6 +304,29 @@ def _check_sidecar(path: str, name: str, spec: SecondModelSpec, option: str) -> 
         ),
         f"pass {name}'s file to {option} (`gclip download {name}` fetches it)",
     )
+
+
+def _dinov3_to_timm(state: dict[str, torch.Tensor], model: nn.Module, path: str, name: str) -> dict[str, torch.Tensor]:
+    """A checkpoint in DINOv3's own layout (facebookresearch/dinov3: ``storage_tokens``, ``ls1.gamma``, a fused
+    ``qkv.bias`` with its k-masking ``bias_mask``, ``rope_embed.periods``, ``mask_token``) -> timm's names, by timm's
+    own converter (``timm.models.eva.checkpoint_filter_fn``). A model without q/v biases (timm's
+    ``vit_*_patch16_dinov3``: the released ViT-S/B/L files hold all-zero ones) drops the file's ``qkv.bias``, which is
+    refused unless its q and v parts are zero (the k part is masked out by the authors' model)."""
+    import contextlib
+    import io
+
+    from timm.models.eva import checkpoint_filter_fn
+
+    if not hasattr(model.blocks[0].attn, "q_bias") or model.blocks[0].attn.q_bias is None:
+        for key, bias in state.items():
+            if key.endswith("attn.qkv.bias"):
+                q, _, v = bias.chunk(3, dim=-1)
+                if q.any() or v.any():
+                    raise WeightsError(
+                        f"checkpoint {path} has non-zero q/v biases ({key}) that proxy {name} has no place for"
+                    )
+    with contextlib.redirect_stdout(io.StringIO()):  # the converter prints each bias it drops
+        return checkpoint_filter_fn(state, model)
 
 
 @functools.lru_cache(maxsize=4)
@@ -301,6 +354,9 @@ def load_second_model(
     model = _bare_model(name, spec)
     if spec.family == "mae":  # MAE's pre-training checkpoint also holds its decoder and mask token
         state = {k: v for k, v in state.items() if not k.startswith("decoder") and k != "mask_token"}
+    elif is_timm_eva(model):
+        if "storage_tokens" in state:  # DINOv3's own checkpoint names -> timm's
+            state = _dinov3_to_timm(state, model, path, name)
     elif "register_tokens" in state or "mask_token" in state:  # DINOv2's own checkpoint names -> timm's
         from timm.models.vision_transformer import checkpoint_filter_fn
 

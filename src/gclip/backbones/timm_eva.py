@@ -13,7 +13,9 @@ embeddings resampled to any grid, pre- and post-norm blocks, layer scale, the fi
   v is never rotated, so v-v attention carries no rotary position, as in the tower. The rotation of a ``(gh, gw)``
   grid is timm's: the tower's cached one at its native grid, elsewhere the one timm builds for a tower of that
   size (``RotaryEmbeddingCat``: the same frequency bands on the new grid, with the tower's ``ref_feat_shape``
-  scaling, what ``dynamic_img_size`` and ``set_input_size`` give);
+  scaling, what ``dynamic_img_size`` and ``set_input_size`` give); a module without a cache, such as DINOv3's
+  ``RotaryEmbeddingDinoV3`` (coordinates normalised to [-1, 1] per side), builds the rotation of each grid itself
+  (``get_embed(shape=...)``, what timm's ``dynamic_img_size`` forward does);
 - MLP: ``Mlp``, ``GluMlp`` and ``SwiGLU`` with or without its inner norm (EVA-02's sub-norm): the output weight
   ``fc2`` is the FFN output weight Channel Suppression replaces (:meth:`~TimmEva.ffn_out_weight`);
 - layer scale: ``gamma_1``/``gamma_2`` (:func:`~gclip.backbones.timm_vit.layer_scale`).

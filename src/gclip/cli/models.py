@@ -56,7 +56,10 @@ def run(args: argparse.Namespace) -> int:
     print("`gclip download NAME` fetches their weights, `gclip download MODEL TAG` a CLIP's, for an offline machine):")
     for name, spec in sorted(SECOND_MODELS.items()):
         source = "segment-anything sam_model_registry" if spec.family == "sam" else "timm"
-        print(f"  {name:18s} {source} {spec.arch}" + (f" ({spec.tag} weights)" if spec.tag else ""))
+        weights = f" ({spec.tag} weights)" if spec.tag else ""
+        if spec.gated:
+            weights = " (gated weights: a local file, authors' or timm's layout)"
+        print(f"  {name:18s} {source} {spec.arch}{weights}")
     print("\nbackbone presets (--model NAME --pretrained TAG):")
     presets = list_presets()
     for p in presets:
