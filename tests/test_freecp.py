@@ -46,24 +46,35 @@ def inputs():
     return image, torch.from_numpy(text / np.linalg.norm(text, axis=1, keepdims=True))
 
 
-def local_affinity() -> torch.Tensor:
-    """The golden's stand-in for the mean attention: ``exp(-|p_i - p_j|² / 8)`` over the 28 x 28 patch grid."""
-    idx = torch.arange(784)
-    r, c = (idx // 28).double(), (idx % 28).double()
+def local_affinity(rows: int = 28, cols: int = 28) -> torch.Tensor:
+    """The goldens' stand-in for the mean attention: ``exp(-|p_i - p_j|² / 8)`` over a ``rows x cols`` patch grid
+    (positions in row-major order, as the patch tokens)."""
+    idx = torch.arange(rows * cols)
+    r, c = (idx // cols).double(), (idx % cols).double()
     return torch.exp(-((r[:, None] - r[None]) ** 2 + (c[:, None] - c[None]) ** 2) / 8.0).float()
+
+
+def substitute_local_affinity(monkeypatch: pytest.MonkeyPatch, record: bool = False) -> dict:
+    """Make ``FreeCP._affinity`` return :func:`local_affinity` of each window's patch grid, as the goldens were made
+    (crop goldens here, the pipeline golden in test_pipeline_fidelity.py); with ``record``, the returned dict's
+    ``"affinity"`` holds the last real mean attention it replaced."""
+    seen: dict = {}
+    original = FreeCP._affinity
+
+    def substituted(self, vit, trace):
+        if record:
+            seen["affinity"] = original(self, vit, trace)
+        b, _, h, w = trace.images.shape
+        return local_affinity(h // vit.patch_size, w // vit.patch_size)[None].expand(b, -1, -1)
+
+    monkeypatch.setattr(FreeCP, "_affinity", substituted)
+    return seen
 
 
 @pytest.mark.golden
 @pytest.mark.parametrize("golden", sorted(CASES))
 def test_crop_matches_the_authors(vitb16, inputs, golden, monkeypatch):
-    seen = {}
-    original = FreeCP._affinity
-
-    def substituted(self, vit, trace):
-        seen["affinity"] = original(self, vit, trace)
-        return local_affinity()[None]
-
-    monkeypatch.setattr(FreeCP, "_affinity", substituted)
+    seen = substitute_local_affinity(monkeypatch, record=True)
     got = dense_logits(vitb16, get_method("freecp", logit_scale=SCALE, **CASES[golden]), *inputs).numpy()
     expected = np.load(GOLDEN / f"{golden}.npy")
     assert got.shape == expected.shape == (1, 10, 28, 28)
