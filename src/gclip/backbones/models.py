@@ -429,6 +429,19 @@ def load_model(
     )
 
 
+def any_tag_quick_gelu(name: str) -> bool:
+    """Whether one of open_clip model ``name``'s pretrained tags uses QuickGELU (OpenAI's ViTs: the random weights of
+    tests and benchmarks are built that way); ``False`` for the timm towers (SigLIP 2, PE-Core, EVA02), whose text
+    towers take no QuickGELU."""
+    import open_clip
+
+    if name.endswith("-quickgelu"):
+        return True
+    return any(
+        open_clip.get_pretrained_cfg(name, t).get("quick_gelu") for t in open_clip.list_pretrained_tags_by_model(name)
+    )
+
+
 def _shared_normalisation(name: str) -> dict[str, Any]:
     """``{"mean", "std"}`` that every pretrained tag of open_clip model ``name`` uses (SigLIP 2's and PE-Core's 0.5),
     for weights that do not name their tag; ``{}`` when the tags differ (ViT-L-14) or there are none."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..backbones.models import LoadedModel, load_model
+from ..backbones.models import LoadedModel, any_tag_quick_gelu, load_model
 from ..inference.segmenter import Segmenter
 from ..methods import Method, get_method
 from ..text import ClassList, ClassSpec, TextEncoder
@@ -86,7 +86,9 @@ class SegmenterSpec:
         if self.random_seed is not None:
             from ..testing import random_model
 
-            quick_gelu = self.quick_gelu is not False  # open_clip's OpenAI models use QuickGELU
+            quick_gelu = self.quick_gelu
+            if quick_gelu is None:  # as the model's own weights: QuickGELU where one of its tags uses it (OpenAI's)
+                quick_gelu = any_tag_quick_gelu(self.model)
             return random_model(
                 self.model, self.precision, self.device, self.random_seed, quick_gelu, tokenizer=self.tokenizer
             )
