@@ -27,7 +27,7 @@ TABLE = tomllib.loads((GOLDEN / "pipelines.toml").read_text(encoding="utf-8"))
 PHOTOS = ["2007_001288", "2007_001321", "2007_001458"]
 # CPU cost tiers, so that the default suite stays within minutes on 2 cores (seconds per photo on a 2-core AMD EPYC);
 # GCLIP_SLOW=1 runs every entry on every photo its file holds.
-FIRST_PHOTO = {"trident", "corrclip", "proxyclip", "proxyclip_dinov2", "proxyclip_mae", "cass"}  # 5 to 28 s each
+FIRST_PHOTO = {"trident", "corrclip", "proxyclip", "proxyclip_dinov2", "proxyclip_mae", "cass", "glaclip"}  # 5 to 28 s
 SLOW_ONLY = {  # checked only with GCLIP_SLOW=1
     "itaclip",  # 115 s: 55 windows x 5 views, PAMR
     "proxyclip_sam",  # 60 s: SAM's encoder at 1024 px for every window
