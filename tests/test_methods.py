@@ -42,7 +42,7 @@ def test_registry_finds_every_method_module():
 def test_dense_features_shape_and_finite(deep_model, method):
     m, vit = get_method(method, **tiny_second_models(method)), DenseViT(deep_model.visual)
     feats = dense_features(vit, m, torch.randn(2, 3, 40, 24))
-    expected = (5, 3) if m.name != "proxyclip" else (10, 6)  # a second model's features are on its grid (patch 4)
+    expected = (10, 6) if m.name in ("proxyclip", "glaclip") else (5, 3)  # on the second model's grid (patch 4)
     assert m.output_grid(vit, (40, 24)) == expected
     assert feats.shape == (2, *expected, 32)
     assert torch.isfinite(feats).all()
@@ -54,7 +54,10 @@ def test_batch_equals_one_at_a_time(deep_model, method):
     images = torch.randn(3, 3, 32, 32)
     together = dense_features(vit, m, images)
     alone = torch.cat([dense_features(vit, m, images[i : i + 1]) for i in range(3)])
-    assert (together - alone).abs().max() <= 1e-5
+    if m.cross_window:  # a pass is the windows of one image, and they see each other
+        assert (together - alone).abs().max() > 1e-3
+    else:
+        assert (together - alone).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("method", CROP_METHODS)
@@ -212,5 +215,8 @@ def test_dihclip_selection_is_per_window(deep_model):
     images = torch.randn(3, 3, 32, 32)
     together = dense_features(vit, m, images)
     alone = torch.cat([dense_features(vit, m, images[i : i + 1]) for i in range(3)])
-    assert (together - alone).abs().max() <= 1e-5
+    if m.cross_window:  # a pass is the windows of one image, and they see each other
+        assert (together - alone).abs().max() > 1e-3
+    else:
+        assert (together - alone).abs().max() <= 1e-5
     assert (together - dense_features(vit, get_method("dihclip"), images)).abs().max() > 1e-3  # a choice is made

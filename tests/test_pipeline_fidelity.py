@@ -29,7 +29,7 @@ PHOTOS = ["2007_001288", "2007_001321", "2007_001458"]
 # GCLIP_SLOW=1 runs every entry on every photo its file holds.
 FIRST_PHOTO = {  # the first photo only (5 to 28 s each)
     *("trident", "corrclip", "textregion", "proxyclip", "proxyclip_dinov2", "proxyclip_mae", "cass", "cliper"),
-    *("rfclip_slide", "freecp"),
+    *("rfclip_slide", "freecp", "glaclip"),
 }
 SLOW_ONLY = {  # checked only with GCLIP_SLOW=1
     "itaclip",  # 115 s: 55 windows x 5 views, PAMR
@@ -100,15 +100,16 @@ def test_pipeline_matches_the_authors_segmentor(model, text, sample_data, name, 
         labels = golden[f"{stem}_labels"]
         assert result.labels.shape == labels.shape
         assert (result.labels != labels).mean() <= 1e-4, stem
+        atol = entry.get("atol", {}).get(stem, 0.0)  # a photo whose logits move at random-weight near-ties (README)
         probs = torch.from_numpy(golden_array(golden, f"{stem}_logits", entry))
         if entry.get("stored") == "logits":  # the authors' argmax sees logits: compare their softmax
             probs = torch.softmax(probs, dim=0)
-        assert np.abs(result.probs[:, ::4, ::4] - probs.numpy()).max() <= 2e-3, stem  # fp16-stored values
+        assert np.abs(result.probs[:, ::4, ::4] - probs.numpy()).max() <= max(2e-3, atol), stem  # fp16-stored values
         if f"{stem}_dense" in golden:  # the cosine logits themselves, resized to the photo, stored in float32
             assert len(reduced) == 1  # the logits the labels above were made from (one pass, not a second one)
             dense = torch.nn.functional.interpolate(reduced[0][None], size=labels.shape, mode="bilinear")[0]
             difference = np.abs(dense[:, ::4, ::4].numpy() - golden_array(golden, f"{stem}_dense", entry)).max()
-            assert difference <= entry.get("dense_atol", 1e-4), stem
+            assert difference <= max(entry.get("dense_atol", 1e-4), atol), stem
 
 
 class Embedded:

@@ -37,11 +37,17 @@ def values_attention(
     """A second model's attention over CLIP's values: block ``index``'s values ``v`` ``(B, H, P+N, d)`` on CLIP's
     patch ``grid``, bilinearly resized to the second model's grid ``size``, mixed by ``attn`` ``(B, M, M)`` (the
     same for every head), then ``out_proj`` -> ``(B, M, D)`` (no residual, no FFN)."""
+    heads = (attn[:, None] @ resized_values(vit, v, grid, size)).to(v.dtype)  # (B, H, M, d)
+    return vit.out_proj(index, heads)
+
+
+def resized_values(vit: Backbone, v: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """A block's values ``v`` ``(B, H, P+N, d)`` on CLIP's patch ``grid`` -> its patch values bilinearly resized to a
+    second model's grid ``size``: ``(B, H, M, d)`` float32."""
     b, h, _, d = v.shape
     values = v[:, :, vit.prefix_tokens :].reshape(b * h, grid[0], grid[1], d).permute(0, 3, 1, 2)
     values = F.interpolate(values.float(), size=size, mode="bilinear", align_corners=False)
-    heads = (attn[:, None] @ values.permute(0, 2, 3, 1).reshape(b, h, -1, d)).to(v.dtype)  # (B, H, M, d)
-    return vit.out_proj(index, heads)
+    return values.permute(0, 2, 3, 1).reshape(b, h, -1, d)
 
 
 @register
@@ -75,7 +81,7 @@ class ProxyClip(Method):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.gamma <= 0:
-            raise ConfigError(f"proxyclip gamma must be > 0, got {self.gamma}")
+            raise ConfigError(f"{self.name} gamma must be > 0, got {self.gamma}")
 
     @property
     def second_model(self) -> ProxyAttention:  # type: ignore[override]
@@ -104,16 +110,20 @@ class ProxyAttention(SecondModelPass):
         return second_model_for(vit, self.name, self.checkpoint)
 
     def __call__(self, vit: Backbone, trace: Trace) -> None:
+        feats = self.proxy_features(vit, trace)
+        trace.extras["proxy_attention"] = proxy_attention(feats, self.beta, self.gamma)  # (B, M, M)
+        trace.extras["proxy_grid"] = tuple(feats.shape[-2:])
+
+    def proxy_features(self, vit: Backbone, trace: Trace, method: str = "proxyclip") -> torch.Tensor:
+        """The second model's ``(B, C, h, w)`` features of the pass's crops, renormalised for it."""
         if trace.images is None:
-            raise ConfigError("proxyclip needs the crops' pixels (trace.images) for its second model")
+            raise ConfigError(f"{method} needs the crops' pixels (trace.images) for its second model")
         proxy = self.model(vit)
         images = trace.images
         p = proxy.window_patch
         h, w = images.shape[-2] // p * p, images.shape[-1] // p * p
         images = images[..., :h, :w]  # unpadded windows: the pixels past the last whole patch are ignored, as by CLIP
-        feats = proxy.features(proxy.renormalise(images.to(vit.dtype), vit.mean, vit.std))
-        trace.extras["proxy_attention"] = proxy_attention(feats, self.beta, self.gamma)  # (B, M, M)
-        trace.extras["proxy_grid"] = tuple(feats.shape[-2:])
+        return proxy.features(proxy.renormalise(images.to(vit.dtype), vit.mean, vit.std))
 
     def multiple(self, vit: Backbone) -> int:
         return self.model(vit).window_patch
