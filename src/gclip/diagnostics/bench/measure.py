@@ -54,8 +54,8 @@ def encoder_flops(vit: Backbone, grid: tuple[int, int]) -> int:
     """FLOPs of the image encoder (patch embedding + blocks ``0..L-2``) on one window (see the module doc)."""
     gh, gw = grid
     d = vit.width
-    m = int(vit.blocks[0].mlp.c_fc.out_features)
-    n = 1 + gh * gw
+    m = int(vit.ffn_out_weight(0).shape[1])  # the MLP's hidden width (a gated MLP's extra product is not counted)
+    n = vit.prefix_tokens + gh * gw
     embed = 2 * gh * gw * 3 * vit.patch_size**2 * d
     block = 2 * n * 3 * d * d + 4 * n * n * d + 2 * n * d * d + 4 * n * d * m
     return embed + (vit.depth - 1) * block
