@@ -164,3 +164,12 @@ def test_weights_that_do_not_name_their_tag_get_the_normalisation_all_its_tags_s
     torch.save(model.clip.state_dict(), path)
     local = load_model("ViT-B-16-SigLIP2", str(path), device="cpu")
     assert local.mean == local.std == (0.5, 0.5, 0.5)
+
+
+def test_random_weights_fill_scalar_parameters():
+    """SigLIP's logit_bias is a 0-d parameter: the random weights of tests and benchmarks fill it too (it crashed)."""
+    module = torch.nn.Module()
+    module.bias = torch.nn.Parameter(torch.zeros(()))
+    module.weight = torch.nn.Parameter(torch.zeros(3, 4))
+    state = random_state_dict(module, seed=0)
+    assert state["bias"].shape == () and state["weight"].shape == (3, 4) and state["weight"].abs().sum() > 0

@@ -38,7 +38,7 @@ def _init_tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator) ->
         return noise / math.sqrt(shape[-1])
     if leaf == "token_embedding" or name.endswith("token_embedding.weight"):
         return 0.02 * noise
-    fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else shape[0]
+    fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else (shape[0] if shape else 1)  # () : SigLIP's logit_bias
     return noise / math.sqrt(fan_in)
 
 
@@ -68,7 +68,7 @@ def random_state_dict(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.
             out[name] = value.clone()
             continue
         values = _init_tensor(name, tuple(value.shape), rng).astype(np.float16).astype(np.float32)
-        out[name] = torch.from_numpy(values)
+        out[name] = torch.from_numpy(np.asarray(values, dtype=np.float32).reshape(tuple(value.shape)))
     return out
 
 
