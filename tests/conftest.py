@@ -231,6 +231,33 @@ def make_tiny(layers: int = 2, seed: int = 0, block_type: str | None = None, **v
     return model.eval()
 
 
+def plant_fault(sample, fault: str, bad_value: int = 12) -> None:
+    """Break one sample of a tiny dataset layout as `gclip data check` must notice: ``missing`` (label deleted),
+    ``size`` (label 5 px wider), ``value`` (a 2x2 patch of ``bad_value``), ``unconverted`` (a 0/1 mask left at 0/255),
+    ``grayscale`` / ``rgb`` (the image in the other mode); anything else (e.g. ``count``) changes nothing. Files keep
+    their format (the suffix's, so 16-bit TIFF labels stay TIFF)."""
+    from PIL import Image
+
+    def save(image, path):
+        image.save(path, format=Image.registered_extensions()[path.suffix.lower()])
+
+    if fault == "missing":
+        sample.label.unlink()
+    elif fault == "size":
+        with Image.open(sample.label) as img:
+            save(img.resize((img.width + 5, img.height)), sample.label)
+    elif fault == "value":
+        array = np.asarray(Image.open(sample.label)).copy()
+        array[2:4, 2:4] = bad_value
+        save(Image.fromarray(array), sample.label)
+    elif fault == "unconverted":  # a mask copied as it was downloaded (0/255): the metric would ignore the class
+        array = np.asarray(Image.open(sample.label)).copy()
+        save(Image.fromarray((array * 255).astype(np.uint8)), sample.label)
+    elif fault in ("grayscale", "rgb"):
+        with Image.open(sample.image) as img:
+            save(img.convert("L" if fault == "grayscale" else "RGB"), sample.image)
+
+
 TINY_TOKENIZER_WORDS = ["a", "photo", "of", "the", "cat", "dog", "sky", "big", "small"]
 
 

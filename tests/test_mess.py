@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import plant_fault
 from gclip.cli import main
 from gclip.errors import ConfigError
 from gclip.evaluation import DATASETS, expand_datasets, get_dataset, list_samples, read_label, resolve_preset
@@ -185,22 +186,7 @@ def test_cwfid_is_listed_from_its_labels(tmp_path):
 def test_check_finds_each_fault_on_mess_sets(tmp_path, name, fault, expected):
     write_mess_layout(tmp_path, name)
     spec = get_dataset(name)
-    second = list_samples(spec, tmp_path)[1]
-    if fault == "missing":
-        second.label.unlink()
-    elif fault == "size":
-        with Image.open(second.label) as img:
-            img.resize((img.width + 5, img.height)).save(second.label)
-    elif fault == "value":
-        array = np.asarray(Image.open(second.label)).copy()
-        array[2:4, 2:4] = 12
-        Image.fromarray(array).save(second.label)
-    elif fault == "unconverted":  # a mask copied as it was downloaded (0/255): the metric would ignore the class
-        array = np.asarray(Image.open(second.label)).copy()
-        Image.fromarray((array * 255).astype(np.uint8)).save(second.label)
-    elif fault in ("grayscale", "rgb"):
-        with Image.open(second.image) as img:
-            img.convert("L" if fault == "grayscale" else "RGB").save(second.image, format=img.format)
+    plant_fault(list_samples(spec, tmp_path)[1], fault)
     line = check_dataset(spec, tmp_path).verdict()
     broken = fault in ("missing", "size", "value", "unconverted")
     assert expected in line and "\n" not in line

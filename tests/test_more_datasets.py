@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import plant_fault
 from gclip.cli import main
 from gclip.errors import ConfigError
 from gclip.evaluation import DATASETS, get_dataset, list_samples, read_label, resolve_preset
@@ -176,23 +177,8 @@ def test_sixteen_bit_labels_read_with_pil(tmp_path):
 def test_check_finds_each_fault_on_the_new_sets(tmp_path, name, fault, expected):
     write_new_layout(tmp_path, name)
     spec = get_dataset(name)
-    second = list_samples(spec, tmp_path)[1]
-    if fault == "missing":
-        second.label.unlink()
-    elif fault == "size":
-        with Image.open(second.label) as img:
-            img.resize((img.width + 5, img.height)).save(second.label)
-    elif fault == "value":
-        array = np.asarray(Image.open(second.label)).copy()
-        array[2:4, 2:4] = {"context459": 600, "isaid": 40, "whu_aerial": 2}[name]
-        out = Image.fromarray(array)
-        out.save(second.label, format=_format(second.label))
-    elif fault == "unconverted":  # a road mask left at 0/255: the metric would ignore every road pixel
-        array = np.asarray(Image.open(second.label)).copy()
-        Image.fromarray((array * 255).astype(np.uint8)).save(second.label)
-    elif fault == "grayscale":
-        with Image.open(second.image) as img:
-            img.convert("L").save(second.image, format=_format(second.image))
+    bad = {"context459": 600, "isaid": 40, "whu_aerial": 2}.get(name, 12)
+    plant_fault(list_samples(spec, tmp_path)[1], fault, bad)
     result = check_dataset(spec, tmp_path)
     line = result.verdict()
     assert expected in line and "\n" not in line
