@@ -215,11 +215,16 @@ def test_a_timm_tower_the_walk_does_not_cover_is_refused_in_one_line():
 
 @pytest.mark.parametrize(
     "name",
-    [pytest.param("EVA02-B-16", marks=pytest.mark.heavy), pytest.param("PE-Core-B-16", marks=[pytest.mark.slow, SLOW])],
+    [
+        pytest.param("EVA02-B-16", marks=pytest.mark.heavy),
+        pytest.param("PE-Core-B-16", marks=[pytest.mark.slow, SLOW]),
+        pytest.param("PE-Core-L-14-336", marks=[pytest.mark.slow, SLOW]),
+    ],
 )
 def test_segment_runs_from_a_local_random_checkpoint(name, tmp_path, rgb_image):
     """``gclip segment --model NAME --pretrained FILE`` end to end on a timm tower (default method: GCLIP), from a
-    random-weight state dict saved to a file (PE-Core-B-16's is 1.8 GB: only with ``GCLIP_SLOW=1``)."""
+    random-weight state dict saved to a file (PE-Core-B-16's is 1.8 GB, PE-Core-L-14-336's larger: only with
+    ``GCLIP_SLOW=1``)."""
     import json
 
     from PIL import Image
@@ -280,7 +285,15 @@ def tower_table() -> dict:
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize("name", ["ViT-B-16-SigLIP2", "PE-Core-B-16", "EVA02-B-16"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ViT-B-16-SigLIP2",
+        "PE-Core-B-16",
+        "EVA02-B-16",
+        pytest.param("PE-Core-L-14-336", marks=[pytest.mark.slow, SLOW]),
+    ],
+)
 def test_every_method_runs_or_refuses_as_the_table_says(name, tmp_path, rgb_image):
     """Every registered method through the Segmenter on the tower (random weights, 64-pixel windows, tiny second
     models; CASS with a DINO of the tower's width and heads): it runs, or it refuses in one line with the reason

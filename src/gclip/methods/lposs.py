@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -103,7 +104,10 @@ def patch_graph(
     rows = torch.arange(n, device=feats.device).repeat_interleave(k)
     cols = cols.flatten()
     graph = torch.sparse_coo_tensor(
-        torch.stack([torch.cat([rows, cols]), torch.cat([cols, rows])]), torch.cat([weights, weights]), (n, n)
+        torch.stack([torch.cat([rows, cols]), torch.cat([cols, rows])]),
+        torch.cat([weights, weights]),
+        (n, n),
+        check_invariants=False,  # built from valid indices; said explicitly, so torch does not warn
     ).coalesce()
     (rows, cols), values = graph.indices(), graph.values()
     off = rows != cols
@@ -115,7 +119,10 @@ def _normalised(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n:
     degree = torch.zeros(n, device=values.device, dtype=values.dtype).index_add_(0, rows, values)
     inv = _inverse_sqrt(degree)
     scaled = alpha * (inv[rows] * values * inv[cols])
-    return torch.sparse_coo_tensor(torch.stack([rows, cols]), scaled.double(), (n, n)).coalesce().to_sparse_csr()
+    graph = torch.sparse_coo_tensor(torch.stack([rows, cols]), scaled.double(), (n, n), check_invariants=False)
+    with warnings.catch_warnings():  # torch calls its CSR support beta, once per process, on every user's run
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return graph.coalesce().to_sparse_csr()
 
 
 def _inverse_sqrt(degree: torch.Tensor) -> torch.Tensor:
