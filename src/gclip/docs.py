@@ -4,9 +4,9 @@ What the code knows is never kept by hand: the methods table and one page per me
 docstring, options with their defaults and meanings, protocol preset, goldens), the backbone table
 (``data/backbones.json`` through open_clip), the dataset table (:data:`gclip.evaluation.layouts.DATASETS`) and the
 performance summary (the JSON records of ``gclip bench`` in ``benchmarks/``) and the published numbers
-(``data/published.toml``, :func:`gclip.evaluation.published`: the Evaluation page's two tables and each method page's
-section). ``--check`` lists the stale files
-instead of writing them (``tests/test_docs_generated.py`` runs it).
+(``data/published.toml``, :func:`gclip.evaluation.published`: the Evaluation page's two tables of the classic sets, one
+table file per family of the other sets (large vocabulary, remote sensing, MESS) and each method page's section).
+``--check`` lists the stale files instead of writing them (``tests/test_docs_generated.py`` runs it).
 """
 
 from __future__ import annotations
@@ -271,16 +271,25 @@ def published_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _classic(dataset: str) -> bool:
+    from .evaluation.layouts import DATASETS
+
+    return DATASETS[dataset].family == "classic"
+
+
 def published_other() -> str:
-    """Every published row that the main table does not show whole: its numbers on the other sets (with the mean of
-    the eight where all eight are given), or what its source says in words."""
+    """Every published row that the main table does not show whole: its numbers on the other classic sets (with the
+    mean of the eight where all eight are given), or what its source says in words. Rows with numbers on no classic
+    set are in their family's table (:func:`published_family`)."""
     from .evaluation.layouts import DATASETS, PAPER_ORDER
     from .evaluation.published import SEED_SETS, published
 
     lines = [GENERATED, "", "| method | published | gclip |", "|---|---|---|"]
     for row in published():
+        if row.miou and not any(_classic(d) for d in row.miou):
+            continue
         main = _in_main_table(row)
-        shown = [d for d in row.miou if not (main and d in SEED_SETS)]
+        shown = [d for d in row.miou if _classic(d) and not (main and d in SEED_SETS)]
         parts = [", ".join(f"{DATASETS[d].title} {_number(row.miou[d])}" for d in shown)] if shown else []
         if not main and row.mean(PAPER_ORDER) is not None:
             parts.append(f"mean of the eight {_mean_cell(row.mean(PAPER_ORDER))}")
@@ -291,6 +300,70 @@ def published_other() -> str:
     return "\n".join(lines) + "\n"
 
 
+#: The families of sets beyond the classic eight whose published numbers get tables of their own.
+PUBLISHED_FAMILIES = ("large", "remote", "mess")
+
+
+def published_groups(family: str) -> list[tuple[str, tuple[str, ...], str]]:
+    """The published tables of a family: ``(title, sets in table order, what the numbers are)``; the remote-sensing
+    sets are two, the multi-class sets (mIoU) and the single-class ones, whose sources report the foreground
+    class's IoU."""
+    from .evaluation.layouts import DATASETS, TABLE_ORDER
+
+    def sets(keep: Any = lambda spec: True) -> tuple[str, ...]:
+        return tuple(d for d in TABLE_ORDER if DATASETS[d].family == family and keep(DATASETS[d]))
+
+    if family == "large":
+        return [("ADE20K-847 and PASCAL Context-459", sets(), "mIoU")]
+    if family == "remote":
+        return [
+            ("Remote sensing, multi-class sets", sets(lambda s: s.num_classes > 2), "mIoU"),
+            (
+                "Remote sensing, single-class sets (building, road, water)",
+                sets(lambda s: s.num_classes == 2),
+                "IoU of the foreground class, as the sources report it",
+            ),
+        ]
+    if family == "mess":
+        return [("MESS", sets(), "mIoU")]
+    raise ValueError(f"no published tables for the family {family!r}")
+
+
+def _group_rows(sets: tuple[str, ...], rows: Any) -> tuple[list[Any], list[str]]:
+    """The rows with a number on one of ``sets``, and the sets (columns) that one of them gives."""
+    shown = [r for r in rows if any(d in r.miou for d in sets)]
+    return shown, [d for d in sets if any(d in r.miou for r in shown)]
+
+
+def published_family(family: str) -> str:
+    """A family's published tables (one per :func:`published_groups` entry): every row with numbers on its sets, the
+    mean computed where the row gives every column, then the shown rows' notes."""
+    from .evaluation.layouts import DATASETS
+    from .evaluation.published import published
+
+    lines = [GENERATED, ""]
+    for title, sets, metric in published_groups(family):
+        rows, columns = _group_rows(sets, published())
+        if not rows:
+            lines += [f"**{title}.** No published numbers are recorded in `src/gclip/data/published.toml`.", ""]
+            continue
+        lines += [
+            f"**{title}** ({metric}, percent, as published; the mean is computed where a row gives every column):",
+            "",
+            "| method | " + " | ".join(DATASETS[d].title for d in columns) + " | mean | gclip |",
+            "|---|" + "---|" * (len(columns) + 2),
+        ]
+        for r in rows:
+            cells = [_number(r.miou[d]) if d in r.miou else "—" for d in columns]
+            lines.append(
+                f"| {_row_link(r)} | " + " | ".join(cells) + f" | {_mean_cell(r.mean(columns))} | {NOT_MEASURED} |"
+            )
+        lines.append("")
+        lines += [f"- {_row_link(r)}: {_md(r.note)}" for r in rows if r.note]
+        lines += [f"- sources: {_md('; '.join(dict.fromkeys(r.source for r in rows)))}", ""]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
 def _published_section(name: str) -> list[str]:
     """A method page's published rows: a table of its numbers (means computed), then what its sources say in words."""
     from .evaluation.layouts import DATASETS, PAPER_ORDER
@@ -299,7 +372,7 @@ def _published_section(name: str) -> list[str]:
     rows = published(name)
     title = _method_title(name)
     lines: list[str] = []
-    numbered = [r for r in rows if r.miou]
+    numbered = [r for r in rows if any(_classic(d) for d in r.miou)]
     if numbered:
         sets = [d for d in PAPER_ORDER if any(d in r.miou for r in numbered)]
         means = [
@@ -322,6 +395,25 @@ def _published_section(name: str) -> list[str]:
             cells += [_mean_cell(r.mean(ds)) for _, ds in means]
             lines.append(f"| {r.title(title)} | {_md(r.source)} | " + " | ".join(cells) + " |")
         lines.append("")
+    for family in PUBLISHED_FAMILIES:
+        for group, group_sets, metric in published_groups(family):
+            shown, columns = _group_rows(group_sets, rows)
+            if not shown:
+                continue
+            lines += [
+                f"{group} ({metric}, percent; the mean is computed where a row gives every column):",
+                "",
+                "| row | source | " + " | ".join(DATASETS[d].title for d in columns) + " | mean |",
+                "|---|---|" + "---|" * (len(columns) + 1),
+            ]
+            for r in shown:
+                cells = [_number(r.miou[d]) if d in r.miou else "—" for d in columns]
+                lines.append(
+                    f"| {r.title(title)} | {_md(r.source)} | "
+                    + " | ".join(cells)
+                    + f" | {_mean_cell(r.mean(columns))} |"
+                )
+            lines.append("")
     for r in rows:
         if not r.miou:
             lines.append(f"- {r.title(title)}, {r.source}: {r.note or 'no numbers'}")
@@ -538,6 +630,7 @@ def generate(root: Path) -> dict[str, str]:
         "docs/generated/results.md": results_summary(root),
         "docs/generated/published.md": published_table(),
         "docs/generated/published-other.md": published_other(),
+        **{f"docs/generated/published-{family}.md": published_family(family) for family in PUBLISHED_FAMILIES},
     }
     for name in list_methods():
         out[f"docs/methods/{name}.md"] = method_page(name, root)

@@ -13,7 +13,7 @@ from functools import cache
 from importlib import resources
 
 from ..errors import ConfigError
-from .layouts import DATASETS, PAPER_ORDER
+from .layouts import DATASETS, PAPER_ORDER, TABLE_ORDER
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -36,8 +36,10 @@ class Published:
         method: the registry name of the method.
         label: what kind of publication (``"paper"``, ``"repository README"``, ``"ClearCLIP re-run"``).
         source: where the numbers are (an arXiv id, the repository's README or log).
-        miou: ``{dataset: mIoU in percent}`` with gclip's dataset names, in paper order; empty when the source gives
-            no numbers that could be read.
+        miou: ``{dataset: mIoU in percent}`` with gclip's dataset names, in table order (``TABLE_ORDER``: the
+            eight classic sets in paper order, then the large-vocabulary, remote-sensing and MESS sets); empty when
+            the source gives no numbers that could be read. On the single-class remote-sensing sets the number is
+            what their sources report there, the IoU of the foreground class (the row's variant says so).
         variant: what sets this row apart from the method's other rows (``"on NACLIP"``, ``"no PAMR"``).
         backbone: the model and weights where not CLIP ViT-B/16 with OpenAI's weights (``""``).
         note: what the source says in words, or why it gives no numbers here.
@@ -86,7 +88,7 @@ def _entry(i: int, raw: dict) -> Published:
             raise ConfigError(f"{where}: unknown dataset {dataset!r}")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
             raise ConfigError(f"{where}: {dataset} = {value!r} is not an mIoU in 0..100")
-    ordered = {d: float(miou[d]) for d in PAPER_ORDER if d in miou}
+    ordered = {d: float(miou[d]) for d in TABLE_ORDER if d in miou}
     return Published(**{**raw, "miou": ordered})
 
 
