@@ -120,6 +120,11 @@ def test_segmenter_runs_and_leaves_uncovered_pixels_unlabeled(tiny_model, rgb_im
     seg.method = dataclasses.replace(seg.method, _text_rows=None)
     with pytest.raises(ConfigError, match="set_classes"):
         seg.predict(rgb_image)
+    odd = Segmenter(tiny_model, method="cliper", short_side=64, crop=36, stride=16)  # 36: not whole patches
+    odd.set_classes(["cat", "dog"])
+    with pytest.raises(ConfigError, match=r"^cliper: its sliding windows need crop and stride multiples") as error:
+        odd.predict(rgb_image)
+    assert "\n" not in str(error.value) and "--crop 32 --stride 16" in str(error.value)
 
 
 # golden file -> options of the refinement; the authors' Pipeline.forward (refinement on) with the first VOC photo as

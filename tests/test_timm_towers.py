@@ -314,7 +314,8 @@ def test_every_method_runs_or_refuses_as_the_table_says(name, tmp_path, rgb_imag
     tokenizer = make_tiny_hf_tokenizer(tmp_path / "tok") if "SigLIP" in name else None  # its tokenizer is on the hub
     model = load_model(name, None, device="cpu", tokenizer=tokenizer)
     ran, refused = [], {}
-    small = dict(templates=["a {c}."], short_side=64, crop=64, stride=32)
+    p = backbone_for(model.visual).patch_size  # windows of whole patches (CLIPer's tile the image's patch grid)
+    small = dict(templates=["a {c}."], short_side=64, crop=4 * p, stride=2 * p)
     for method in list_methods():
         options = tiny_second_models(method)
         with warnings.catch_warnings():

@@ -439,6 +439,11 @@ class CLIPer(Method):
         gh, gw = feats.shape[1:3]
         seg = logits(feats).softmax(1)[:, :n]
         if crop > 0:
+            if crop % p or stride % p:  # the windows' patch grids must tile the image's (as the authors' always do)
+                raise ConfigError(
+                    f"cliper: its sliding windows need crop and stride multiples of the patch ({p}), got crop {crop} "
+                    f"and stride {stride} (e.g. --crop {max(crop // p, 1) * p} --stride {max(stride // p, 1) * p})"
+                )
             h, w = image.shape[-2:]
             preds = torch.zeros((vit.depth, texts.shape[0], gh, gw), device=image.device)
             count = torch.zeros((1, gh, gw), device=image.device)
