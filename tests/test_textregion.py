@@ -176,7 +176,8 @@ def test_siglip2_crop_logits_match_the_authors_predict(golden_siglip2, monkeypat
 
     model = golden_siglip2
     vit = backbone_for(model.visual, model.mean, model.std, model.clip)
-    assert isinstance(vit, TimmClipViT) and vit.sigmoid_logits is not None and model.mean == (0.5, 0.5, 0.5)
+    assert isinstance(vit, TimmClipViT) and model.mean == (0.5, 0.5, 0.5)
+    assert vit.sigmoid_logits == (pytest.approx(1 / 0.07), -10.0)  # the model's exp(logit_scale), logit_bias
     golden = np.load(GOLDEN / "textregion_siglip_crop.npz")
     masks = torch.from_numpy(np.load(GOLDEN / "textregion_crop.npz")["masks"]).float()
     pixels, text = _siglip2_inputs(model)
