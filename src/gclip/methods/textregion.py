@@ -356,10 +356,11 @@ def _is_siglip(vit: Backbone) -> bool:
 def _siglip_region_tokens(vit: Backbone, feature: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """``(R, M)`` region masks on the map and the map's ``(M, D)`` final-normed tokens -> ``(R, E)`` region
     features, as the authors read a region through the MAP head: its latent query over the map with every key
-    replaced by one constant (the mean key), masked to the region's support (``mask > 0``). Equal keys make the
-    attention uniform over the support, so the head's output is its value projection of the support's mean token
-    (the value projection is affine, the weights sum to one); then the head's ``proj``, ``fc_norm`` and the tower's
-    heads, with no residual MLP: :meth:`TimmClipViT.projection <gclip.backbones.timm_clip.TimmClipViT.projection>`."""
+    replaced by one constant (each head's mean over all keys and their entries), masked to the region's support
+    (``mask > 0``). Equal keys make the attention uniform over the support, so the head's output is its value
+    projection of the support's mean token (the value projection is affine, the weights sum to one); then the head's
+    ``proj``, ``fc_norm`` and the tower's heads, with no residual MLP: :meth:`TimmClipViT.projection
+    <gclip.backbones.timm_clip.TimmClipViT.projection>`."""
     support = (feature > 0).float()
     mean = (support / support.sum(dim=1, keepdim=True)) @ tokens
     return vit.projection(mean[None].to(vit.dtype))[0].float()
