@@ -323,6 +323,17 @@ def vitb16_checkpoint(tmp_path_factory) -> Path:
     return save_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "vit-b-16.pt", "ViT-B-16", seed=0, quick_gelu=True)
 
 
+@pytest.fixture(scope="session")
+def golden_siglip2():
+    """The random ``ViT-B-16-SigLIP2`` (224) of TextRegion's SigLIP 2 goldens: open_clip's own init (so its logit
+    scale and bias, ``exp`` 1/0.07 and -10), the image tower filled by ``random_state_dict(visual, seed=0)``, no text
+    tower (the goldens give their text embeddings)."""
+    model = load_model("ViT-B-16-SigLIP2", None, device="cpu")
+    model.clip.text = None
+    model.clip.visual.load_state_dict(random_state_dict(model.clip.visual, seed=0))
+    return model
+
+
 @pytest.fixture
 def rgb_image() -> np.ndarray:
     """A 61x83 RGB uint8 test image (odd sizes on purpose)."""

@@ -28,7 +28,17 @@ PHOTOS = ["2007_001288", "2007_001321", "2007_001458"]
 # CPU cost tiers, so that the default suite stays within minutes on 2 cores (seconds per photo on a 2-core AMD EPYC);
 # GCLIP_SLOW=1 runs every entry on every photo its file holds.
 FIRST_PHOTO = {  # the first photo only (5 to 28 s each)
-    *("trident", "corrclip", "textregion", "proxyclip", "proxyclip_dinov2", "proxyclip_mae", "cass", "cliper"),
+    *(
+        "trident",
+        "corrclip",
+        "textregion",
+        "textregion_siglip",
+        "proxyclip",
+        "proxyclip_dinov2",
+        "proxyclip_mae",
+        "cass",
+        "cliper",
+    ),
     *("rfclip_slide", "freecp", "glaclip"),
 }
 SLOW_ONLY = {  # checked only with GCLIP_SLOW=1
@@ -55,10 +65,18 @@ def model(vitb16_checkpoint):
     return load_model("ViT-B-16", str(vitb16_checkpoint), device="cpu", quick_gelu=True)
 
 
+MODELS = {"ViT-B-16-SigLIP2": "golden_siglip2"}  # an entry's `model`: the fixture of its random model (conftest)
+
+
+def random_text(width: int = 512) -> torch.Tensor:
+    """The 10 random unit text embeddings of the goldens (``default_rng(2)``), ``width`` wide."""
+    t = np.random.default_rng(2).standard_normal((10, width), dtype=np.float32)
+    return torch.from_numpy(t / np.linalg.norm(t, axis=1, keepdims=True))
+
+
 @pytest.fixture(scope="module")
 def text():
-    t = np.random.default_rng(2).standard_normal((10, 512), dtype=np.float32)
-    return torch.from_numpy(t / np.linalg.norm(t, axis=1, keepdims=True))
+    return random_text()
 
 
 SLOW_MARKS = [pytest.mark.slow, pytest.mark.skipif(not SLOW, reason="a slow pipeline golden (GCLIP_SLOW=1 runs it)")]
@@ -80,6 +98,9 @@ def test_pipeline_matches_the_authors_segmentor(model, text, sample_data, name, 
     for key in ("proxy", "sam"):  # registers the random second models the golden was made with
         if key in options:
             request.getfixturevalue(FIXTURES.get(options[key], "golden_dino"))
+    if "model" in entry:  # another tower (TextRegion's SigLIP 2 path), with text of its embedding width
+        model = request.getfixturevalue(MODELS[entry["model"]])
+        text = random_text(entry["text_width"])
     seg = Segmenter(model, method=entry["method"], method_options=options, **entry["settings"])
     seg.classes = parse_classes(["background"] + [f"class {i}" for i in range(1, 10)])  # VOC21's: prob_thd -> 0
     # the random embeddings stand in for the prompt ensemble, as in the authors' run; a method's text side still runs

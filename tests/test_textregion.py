@@ -152,3 +152,62 @@ def test_crop_logits_match_the_authors_predict(vitb16_checkpoint, threshold, sto
     with torch.no_grad():
         out = method.pixel_logits(vit, pixels, torch.from_numpy(golden["masks"]).float(), text)
     assert np.abs(out[None, :, ::8, ::8].numpy() - golden[stored]).max() <= 1e-4
+
+
+def _siglip2_inputs(model):
+    """The shared 448 x 448 input as SigLIP 2's pixels (its normalisation: 0.5, 0.5) and the 10 x 768 random text."""
+    image = torch.from_numpy(np.random.default_rng(1).standard_normal((1, 3, 448, 448), dtype=np.float32))
+    pixels = image * torch.tensor(model.std).view(1, 3, 1, 1) + torch.tensor(model.mean).view(1, 3, 1, 1)
+    text = np.random.default_rng(2).standard_normal((10, 768), dtype=np.float32)
+    return pixels, torch.from_numpy(text / np.linalg.norm(text, axis=1, keepdims=True))
+
+
+@pytest.mark.golden
+@pytest.mark.parametrize("threshold, stored", [(0.016, "logits"), (0.07, "logits_default")])
+def test_siglip2_crop_logits_match_the_authors_predict(golden_siglip2, monkeypatch, threshold, stored):
+    """TextRegion's SigLIP 2 path (the authors' predict with ``clip_pretrained='siglip2'``, ViT-B-16-SigLIP2 at its
+    native 224, multi-resolution: the whole 448 x 448 input and 2 x 2 tiles) with the seven soft masks of
+    ``textregion_crop.npz``: each region's SigLIP logits (``exp(logit_scale) cos + logit_bias``) and the logits its
+    softmax sees, every 8th pixel (tests/data/fidelity/README.md). At 0.016 every region is kept (about half the
+    patches taken out of them); at the default 0.07 random weights drop every region, and the logits stay zero
+    (this path has no SCLIP fallback)."""
+    import gclip.methods.textregion as textregion
+    from gclip.backbones import TimmClipViT, backbone_for
+
+    model = golden_siglip2
+    vit = backbone_for(model.visual, model.mean, model.std, model.clip)
+    assert isinstance(vit, TimmClipViT) and model.mean == (0.5, 0.5, 0.5)
+    assert vit.sigmoid_logits == (pytest.approx(1 / 0.07), -10.0)  # the model's exp(logit_scale), logit_bias
+    golden = np.load(GOLDEN / "textregion_siglip_crop.npz")
+    masks = torch.from_numpy(np.load(GOLDEN / "textregion_crop.npz")["masks"]).float()
+    pixels, text = _siglip2_inputs(model)
+    regions = []
+    real = textregion._siglip_region_tokens
+    monkeypatch.setattr(textregion, "_siglip_region_tokens", lambda *a: regions.append(real(*a)) or regions[-1])
+    method = get_method("textregion", global_patch_threshold=threshold)
+    with torch.no_grad():
+        out = method.pixel_logits(vit, pixels, masks, text)
+    assert np.abs(out[None, :, ::8, ::8].numpy() - golden[stored]).max() <= 1e-4
+    scale, bias = vit.sigmoid_logits
+    region = scale * torch.nn.functional.normalize(regions[0], dim=-1) @ text.T + bias
+    assert region.shape == (7 if stored == "logits" else 0, 10)
+    if stored == "logits":
+        assert np.abs(region.numpy() - golden["region"]).max() <= 1e-4
+        assert np.abs(golden["logits"]).max() > 10  # non-trivial logits
+    else:
+        assert not out.any()
+
+
+def test_siglip2_path_errors_are_one_line(golden_siglip2):
+    from gclip.backbones import backbone_for
+
+    model = golden_siglip2
+    pixels, text = _siglip2_inputs(model)
+    masks = torch.ones(1, 448, 448)
+    with pytest.raises(ConfigError, match="needs the model's logit scale and bias"):
+        get_method("textregion").pixel_logits(backbone_for(model.visual, model.mean, model.std), pixels, masks, text)
+    vit = backbone_for(model.visual, model.mean, model.std, model.clip)
+    with pytest.raises(ConfigError, match="no split_halves"):
+        get_method("textregion", split_halves=True).pixel_logits(vit, pixels, masks, text)
+    with pytest.raises(ConfigError, match="multiple of the patch 16"):
+        get_method("textregion", crop_size=200).pixel_logits(vit, pixels, masks, text)

@@ -43,17 +43,28 @@ def weights_used(model: Any, method_options: dict[str, Any] | None = None) -> di
     return {"clip": record() if record else None, **second_model_weights(method_options or {})}
 
 
-def backbone_for(visual: nn.Module, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):
+def backbone_for(
+    visual: nn.Module,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    clip: nn.Module | None = None,
+):
     """The :class:`Backbone` adapter of an image tower: open_clip's ``VisionTransformer`` (``clip.visual``) ->
     :class:`DenseViT`; open_clip's ``TimmModel`` (SigLIP 2, PE-Core, EVA-02) -> :class:`TimmClipViT` or
     :class:`TimmClipEva` by its trunk; timm's ``VisionTransformer`` -> :class:`TimmViT`, timm's ``Eva`` ->
     :class:`TimmEva`; with the normalisation of its inputs (by default OpenAI's for open_clip's ViT, the tower's
-    ``preprocess_cfg``'s for a ``TimmModel``, the model's ``pretrained_cfg``'s or ImageNet's for timm)."""
+    ``preprocess_cfg``'s for a ``TimmModel``, the model's ``pretrained_cfg``'s or ImageNet's for timm). ``clip``: the
+    CLIP model holding ``visual``; a ``TimmModel`` adapter reads a sigmoid-loss model's (SigLIP's) logit scale and
+    bias from it (:attr:`TimmClipViT.sigmoid_logits`)."""
     norm = {k: tuple(v) for k, v in (("mean", mean), ("std", std)) if v is not None}
     if all(hasattr(visual, a) for a in ("conv1", "class_embedding", "positional_embedding", "transformer")):
         return DenseViT(visual, **norm)
     if is_timm_clip(visual):
-        return timm_clip_backbone(visual, **norm)
+        vit = timm_clip_backbone(visual, **norm)
+        bias = getattr(clip, "logit_bias", None)
+        if bias is not None:  # SigLIP: scale * cosine + bias
+            vit.sigmoid_logits = (float(clip.logit_scale.detach().exp()), float(bias.detach()))
+        return vit
     if is_timm_vit(visual):
         return TimmViT(visual, **norm)
     if is_timm_eva(visual):

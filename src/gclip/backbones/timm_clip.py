@@ -63,6 +63,11 @@ class _TimmClip:
     tower_pos_rule: str | None = "antialias"
     """The position-embedding rule of every walk on this tower (timm's own); ``None``: the method's."""
 
+    sigmoid_logits: tuple[float, float] | None = None
+    """A sigmoid-loss tower's (SigLIP 2's) image-text logits, ``exp(logit_scale)`` and ``logit_bias`` of its CLIP
+    model (``scale * cosine + bias``), set by :func:`~gclip.backbones.backbone_for` from the model; ``None``: not
+    known (an adapter built from the tower alone) or a contrastive tower (no bias)."""
+
     trunk: nn.Module
     module: nn.Module
     has_cls: bool

@@ -147,7 +147,7 @@ class Segmenter:
         **settings: Any,
     ) -> None:
         self.model = model if isinstance(model, LoadedModel) else load_model(model, pretrained, precision, device)
-        self.vit = backbone_for(self.model.visual, self.model.mean, self.model.std)
+        self.vit = backbone_for(self.model.visual, self.model.mean, self.model.std, self.model.clip)
         self.method = get_method(method, **(method_options or {}))
         self.text = TextEncoder(self.model, templates, text_embeddings)
         unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(Settings)})

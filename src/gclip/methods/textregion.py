@@ -18,6 +18,20 @@ Per image (``window_mode = "image"``):
 - the logits at the image's size: the sum over regions of a region's cosines times its mask (clamped); pixels no
   region covers take SCLIP's logits (the last block with ``softmax(q qᵀ) + softmax(k kᵀ)``, residual and FFN kept)
   combined over the views as the values are, resized to the image.
+
+On SigLIP 2 (an open_clip timm ``VisionTransformer`` tower pooling with a MAP head,
+:class:`~gclip.backbones.timm_clip.TimmClipViT`) the authors' ``siglip_value_with_sam2_attn`` path instead:
+
+- views of the tower's native size (``crop_size=None``; 224 for ``ViT-B-16-SigLIP2``), no ``split_halves``;
+- the map holds the last block's output tokens after the final norm (what the MAP head reads), the whole view's
+  resized at half weight under every tile; the global-patch test runs on those tokens;
+- one feature per region: the MAP head's latent query over the map with every key replaced by one constant, masked
+  to the region's support (``mask > 0``), so uniform weights: the head's value projection of the support's mean
+  token, its ``proj``, ``fc_norm`` and the tower's heads, without the head's residual MLP
+  (:meth:`~gclip.backbones.timm_clip.TimmClipViT.projection`);
+- SigLIP's logits ``exp(logit_scale) cos + logit_bias`` (the model's: the adapter's ``sigmoid_logits``) summed
+  over the regions times their masks; no fallback: pixels no region covers keep zero logits (uniform
+  probabilities).
 """
 
 from __future__ import annotations
@@ -129,7 +143,9 @@ class TextRegion(Method):
             mask filters (the authors' base config).
         fuse_mask, fuse_mask_threshold: fuse overlapping generated masks (box IoU > 0.2, containment above the
             threshold) into their maximum.
-        crop_size: the side every view is resized to.
+        crop_size: the side every view is resized to. ``None``: the authors' choice for the tower: 336 on CLIP, the
+            tower's native input size on SigLIP 2 (224 for ``ViT-B-16-SigLIP2``; their code resizes to it whatever
+            ``crop_size`` says).
         resize_method: ``multi_resolution`` (the whole image and a grid of tiles) or ``single`` (the whole image).
         split_halves: the whole image as its left and right halves (the authors' Cityscapes setting).
         remove_global_patch, global_patch_threshold: take patches that are no closer to their regions than to the
@@ -159,7 +175,7 @@ class TextRegion(Method):
     box_nms_thresh: float = 0.9
     fuse_mask: bool = True
     fuse_mask_threshold: float = 0.8
-    crop_size: int = 336
+    crop_size: int | None = None
     resize_method: Literal["multi_resolution", "single"] = "multi_resolution"
     split_halves: bool = False
     remove_global_patch: bool = True
@@ -216,11 +232,14 @@ class TextRegion(Method):
         from ..inference.forward import autocast_for, encode, end_pass
 
         stage = stage or (lambda _: contextlib.nullcontext())
-        if self.crop_size % vit.patch_size:
+        if _is_siglip(vit):
+            return self._siglip_pixel_logits(vit, pixels, masks, text, stage)
+        crop = 336 if self.crop_size is None else self.crop_size
+        if crop % vit.patch_size:
             raise ConfigError(f"textregion crop_size must be a multiple of the patch {vit.patch_size}")
         views = view_images(
             pixels.float(),
-            self.crop_size,
+            crop,
             self.resize_method == "multi_resolution",
             self.split_halves,
             vit.mean,
@@ -274,3 +293,74 @@ class TextRegion(Method):
         s = torch.tensor(std, device=windows.image.device).view(1, 3, 1, 1)
         pixels = (windows.image.float() * s + m) / 255.0
         return self.pixel_logits(vit, pixels, masks, text, stage)
+
+    # --- the SigLIP 2 path (the authors' ``siglip_value_with_sam2_attn``) ------------------------------------------
+    def _siglip_pixel_logits(
+        self,
+        vit: Backbone,
+        pixels: torch.Tensor,
+        masks: torch.Tensor,
+        text: torch.Tensor,
+        stage: Callable[[str], contextlib.AbstractContextManager],
+    ) -> torch.Tensor:
+        """:meth:`pixel_logits` on a tower that pools with a MAP head (SigLIP 2): see the module docstring."""
+        from ..inference.forward import autocast_for, encode, end_pass
+
+        if vit.sigmoid_logits is None:  # type: ignore[attr-defined]
+            raise ConfigError(
+                "textregion on SigLIP 2 needs the model's logit scale and bias: build the backbone with "
+                "backbone_for(model.visual, clip=model) (the Segmenter does)"
+            )
+        if self.split_halves:
+            raise ConfigError(
+                "textregion's SigLIP 2 path has no split_halves (the authors' SigLIP 2 code reads one whole view)"
+            )
+        crop = vit.native_grid[0] * vit.patch_size if self.crop_size is None else self.crop_size
+        if crop % vit.patch_size:
+            raise ConfigError(f"textregion crop_size must be a multiple of the patch {vit.patch_size}")
+        multi = self.resize_method == "multi_resolution"
+        views = view_images(pixels.float(), crop, multi, False, vit.mean, vit.std)
+        with stage("encoder"):
+            x, trace = encode(vit, self, views.images.to(vit.dtype))
+            end_pass(trace)
+        with stage("head"), autocast_for(vit):
+            tokens = vit.patches(vit.final_norm(vit.block(vit.depth - 1, x)))  # what the MAP head reads
+            maps = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *trace.grid).float()  # (V, D, g, g)
+            if multi:  # the whole view at half weight under every tile
+                maps = torch.cat([0.5 * maps[:1], maps[1:]])
+            tokens = combine(maps, views)  # (D, h, w)
+            size = tuple(tokens.shape[-2:])
+            tokens = tokens.flatten(1).T  # (M, D)
+            feature = self._clamp(F.interpolate(masks[None], size=size, mode="bilinear")[0]).flatten(1)  # (R, M)
+            seen = feature.sum(dim=1) > 0
+            feature, masks = feature[seen], masks[seen]
+            if self.remove_global_patch and len(feature):
+                feature = remove_global_patches(feature, tokens, self.global_patch_threshold)
+            if self.unit_values:
+                tokens = tokens / tokens.norm(dim=-1, keepdim=True)
+            kept = feature.sum(dim=1) > 0
+            feature, masks = feature[kept], self._clamp(masks[kept])
+            region = _siglip_region_tokens(vit, feature, tokens)  # (R, E)
+            scale, bias = vit.sigmoid_logits  # type: ignore[attr-defined]
+            region = scale * cosine_logits(region[None, :, None], text)[0, :, :, 0].T + bias  # (R, Q)
+            return torch.einsum("rq,rhw->qhw", region, masks)
+
+
+def _is_siglip(vit: Backbone) -> bool:
+    """Whether TextRegion's SigLIP 2 path applies: an open_clip timm ``VisionTransformer`` tower with a MAP head."""
+    from ..backbones.timm_clip import TimmClipViT
+
+    return isinstance(vit, TimmClipViT) and vit.pools_with_attention
+
+
+def _siglip_region_tokens(vit: Backbone, feature: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``(R, M)`` region masks on the map and the map's ``(M, D)`` final-normed tokens -> ``(R, E)`` region
+    features, as the authors read a region through the MAP head: its latent query over the map with every key
+    replaced by one constant (each head's mean over all keys and their entries), masked to the region's support
+    (``mask > 0``). Equal keys make the attention uniform over the support, so the head's output is its value
+    projection of the support's mean token (the value projection is affine, the weights sum to one); then the head's
+    ``proj``, ``fc_norm`` and the tower's heads, with no residual MLP: :meth:`TimmClipViT.projection
+    <gclip.backbones.timm_clip.TimmClipViT.projection>`."""
+    support = (feature > 0).float()
+    mean = (support / support.sum(dim=1, keepdim=True)) @ tokens
+    return vit.projection(mean[None].to(vit.dtype))[0].float()
