@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones.base import Backbone
+from ..backbones.timm_clip import TimmClipEva
 from ..errors import ConfigError
 from ..inference.preprocess import pixel_constants
 from ..inference.windows import ImageWindows
@@ -58,9 +59,9 @@ class Views:
     cols: int
 
 
-def view_images(pixels: torch.Tensor, crop: int, multi: bool, halves: bool, mean, std) -> Views:
-    """``(1, 3, H, W)`` pixels on the 0..1 scale -> the :class:`Views` (each resized to ``crop`` square with bicubic
-    antialias, then normalised with ``mean``/``std``)."""
+def view_images(pixels: torch.Tensor, crop: int, multi: bool, halves: bool, mean, std, mode: str = "bicubic") -> Views:
+    """``(1, 3, H, W)`` pixels on the 0..1 scale -> the :class:`Views` (each resized to ``crop`` square with ``mode``
+    interpolation and antialias, then normalised with ``mean``/``std``)."""
     h, w = int(pixels.shape[-2]), int(pixels.shape[-1])
     parts = [pixels[..., : w // 2], pixels[..., w // 2 :]] if halves else [pixels]
     rows, cols = (max(h // crop, 1), max(w // crop, 1)) if multi else (0, 0)
@@ -71,9 +72,7 @@ def view_images(pixels: torch.Tensor, crop: int, multi: bool, halves: bool, mean
                 y2, x2 = min(r * ch + ch, h), min(c * cw + cw, w)
                 parts.append(pixels[..., max(y2 - ch, 0) : y2, max(x2 - cw, 0) : x2])
     size = (crop, crop)
-    resized = torch.cat(
-        [F.interpolate(p, size=size, mode="bicubic", align_corners=False, antialias=True) for p in parts]
-    )
+    resized = torch.cat([F.interpolate(p, size=size, mode=mode, align_corners=False, antialias=True) for p in parts])
     m = torch.tensor(mean, dtype=resized.dtype, device=resized.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=resized.dtype, device=resized.device).view(1, 3, 1, 1)
     return Views((resized - m) / s, 2 if halves else 1, rows, cols)
@@ -216,6 +215,8 @@ class TextRegion(Method):
         from ..inference.forward import autocast_for, encode, end_pass
 
         stage = stage or (lambda _: contextlib.nullcontext())
+        if is_pe_core(vit):
+            return self._pe_pixel_logits(vit, pixels, masks, text, stage)
         if self.crop_size % vit.patch_size:
             raise ConfigError(f"textregion crop_size must be a multiple of the patch {vit.patch_size}")
         views = view_images(
@@ -274,3 +275,85 @@ class TextRegion(Method):
         s = torch.tensor(std, device=windows.image.device).view(1, 3, 1, 1)
         pixels = (windows.image.float() * s + m) / 255.0
         return self.pixel_logits(vit, pixels, masks, text, stage)
+
+    # --- PE-Core: TextRegion's clip_pretrained == "meta" path ------------------------------------------------------
+
+    def _pe_pixel_logits(
+        self,
+        vit: Backbone,
+        pixels: torch.Tensor,
+        masks: torch.Tensor,
+        text: torch.Tensor,
+        stage: Callable[[str], contextlib.AbstractContextManager],
+    ) -> torch.Tensor:
+        """:meth:`pixel_logits` on PE-Core, as the authors' ``pe_value_with_sam2_attn``: views of the tower's native
+        size (bilinear), the final-normed output tokens of the last block (not its values) on one map with the whole
+        view weighing half, regions pooled by :func:`pe_region_tokens`, and pixels no region covers at 0 (no SCLIP
+        fallback); when the global-patch test empties every region, every logit is 0."""
+        from ..inference.forward import autocast_for, encode, end_pass
+
+        if self.split_halves:
+            raise ConfigError("textregion split_halves: not on PE-Core (the authors' PE path reads one whole view)")
+        views = view_images(
+            pixels.float(),
+            vit.native_grid[0] * vit.patch_size,  # the authors' crop size on PE: the tower's image size
+            self.resize_method == "multi_resolution",
+            False,
+            vit.mean,
+            vit.std,
+            mode="bilinear",
+        )
+        with stage("encoder"):
+            x, trace = encode(vit, self, views.images.to(vit.dtype))
+            end_pass(trace)
+        with stage("head"), autocast_for(vit):
+            last, grid = vit.depth - 1, trace.grid
+            tokens = vit.patches(vit.final_norm(vit.block(last, x)))  # (V, N, D)
+            maps = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grid).float()
+            if views.rows:  # the resized whole view is added at half weight to each tile's cell
+                maps = torch.cat([0.5 * maps[:1], maps[1:]])
+            tokens = combine(maps, views).flatten(1).T  # (M, D)
+            size = (grid[0] * max(views.rows, 1), grid[1] * max(views.cols, 1))
+            feature = self._clamp(F.interpolate(masks[None], size=size, mode="bilinear")[0]).flatten(1)  # (R, M)
+            seen = feature.sum(dim=1) > 0
+            feature, masks = feature[seen], masks[seen]
+            if self.remove_global_patch and len(feature):
+                feature = remove_global_patches(feature, tokens, self.global_patch_threshold)
+            kept = feature.sum(dim=1) > 0
+            out = torch.zeros(len(text), *masks.shape[-2:], device=masks.device)
+            if not kept.any():
+                return out
+            if self.unit_values:
+                tokens = tokens / tokens.norm(dim=-1, keepdim=True)
+            region = pe_region_tokens(vit, feature[kept], tokens.to(vit.dtype))  # (R, E)
+            region = cosine_logits(region[None, :, None].float(), text)[0, :, :, 0].T  # (R, Q)
+            return torch.einsum("rq,rhw->qhw", region, self._clamp(masks[kept]))
+
+
+def is_pe_core(vit: Backbone) -> bool:
+    """Whether ``vit`` is a PE-Core tower (open_clip's timm ``Eva`` pooling with a MAP head): TextRegion's PE path."""
+    return isinstance(vit, TimmClipEva) and vit.pools_with_attention
+
+
+def pe_region_tokens(vit: TimmClipEva, masks: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """TextRegion's PE-Core region tokens: ``(R, M)`` masks on the map and its ``(M, D)`` tokens -> ``(R, E)``.
+
+    The tower's MAP head (timm ``attn_pool``) with its latent query (``q``), one key for every token (the pool's
+    ``norm`` of the tokens' mean through the key half of ``kv``), the value half of ``kv`` per token, and attention
+    only to the tokens a region covers (mask > 0, as a key padding mask: a soft mask's value does not weight them);
+    one key makes the weights uniform over them. Then the pool's output projection ``proj`` (no pool MLP) and the
+    heads (:meth:`~gclip.backbones.timm_clip.TimmClipEva.post_pool`: PE-Core's projection)."""
+    pool = vit.trunk.attn_pool
+    h, d = pool.num_heads, pool.head_dim
+    width = h * d
+    weight, bias = pool.kv.weight, pool.kv.bias
+    key = F.linear(pool.norm(tokens.mean(dim=0, keepdim=True)), weight[:width], None if bias is None else bias[:width])
+    value = F.linear(tokens, weight[width:], None if bias is None else bias[width:])
+    q = pool.q_norm(pool.q(pool.latent).reshape(-1, h, d).transpose(0, 1))  # (h, L, d)
+    k = pool.k_norm(key.reshape(1, h, d).transpose(0, 1))  # (h, 1, d): the key of every token
+    score = (q @ k.transpose(-2, -1) * pool.scale)[None]  # (1, h, L, 1)
+    inside = (masks > 0)[:, None, None, :]  # (R, 1, 1, M)
+    weights = torch.softmax(score.expand(len(masks), -1, -1, masks.shape[1]).masked_fill(~inside, -math.inf), dim=-1)
+    heads = torch.einsum("rhlm,hmd->rhld", weights, value.reshape(-1, h, d).transpose(0, 1))
+    pooled = pool.proj(heads.permute(0, 2, 1, 3).reshape(len(masks), -1, width))  # (R, L, D)
+    return vit.post_pool(pooled)[:, 0]
