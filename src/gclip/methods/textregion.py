@@ -18,6 +18,18 @@ Per image (``window_mode = "image"``):
 - the logits at the image's size: the sum over regions of a region's cosines times its mask (clamped); pixels no
   region covers take SCLIP's logits (the last block with ``softmax(q qᵀ) + softmax(k kᵀ)``, residual and FFN kept)
   combined over the views as the values are, resized to the image.
+
+On PE-Core (open_clip's timm ``Eva`` with a MAP head), the authors' PE path (their ``pe_value_with_sam2_attn``):
+
+- the views are the tower's native size (their code sets ``crop_size`` to it; the option is not read), resized
+  bilinearly (with antialias), the image split into ``rows x cols`` tiles as above (no ``split_halves``);
+- the map holds the last block's final-normed output tokens (not its values), the whole view's resized map at half
+  weight plus each tile's on its cell; the global-patch test runs on these tokens;
+- a region's token: the MAP head's latent query over the region's tokens (mask > 0) with one key for every token
+  (the pool's norm of the tokens' mean), so uniform weights; the pool's value and output projections, no pool MLP,
+  then the projection (:func:`pe_region_tokens`); raw tokens are pooled (``unit_values=None``);
+- pixels no region covers get logit 0 (no SCLIP fallback); when the global-patch test empties every region, every
+  logit is 0, as in their code.
 """
 
 from __future__ import annotations
@@ -128,7 +140,7 @@ class TextRegion(Method):
             mask filters (the authors' base config).
         fuse_mask, fuse_mask_threshold: fuse overlapping generated masks (box IoU > 0.2, containment above the
             threshold) into their maximum.
-        crop_size: the side every view is resized to.
+        crop_size: the side every view is resized to (on PE-Core the tower's native size, as the authors' code).
         resize_method: ``multi_resolution`` (the whole image and a grid of tiles) or ``single`` (the whole image).
         split_halves: the whole image as its left and right halves (the authors' Cityscapes setting).
         remove_global_patch, global_patch_threshold: take patches that are no closer to their regions than to the
@@ -136,7 +148,8 @@ class TextRegion(Method):
         mask_type: ``soft`` (masks clamped to 0..1) or ``hard`` (0/1).
         unit_values: pool unit-normalised values. ``None``: as the authors' code does, which normalises the values
             it pools in the multi-resolution mode with ``remove_global_patch`` (the global-patch test normalises
-            them in place, and there they share memory with the pooled ones) and pools the raw values otherwise.
+            them in place, and there they share memory with the pooled ones) and pools the raw values otherwise; on
+            PE-Core, raw tokens.
     """
 
     name = "textregion"
