@@ -324,6 +324,25 @@ def vitb16_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def golden_pe_core():
+    """PE-Core-B/16 (open_clip's timm Eva) with ``random_state_dict(visual, seed=0)`` weights, the trunk head's bias
+    zero (Meta's PE layout has none: its projection is a bare matrix) and mean = std = 0.5 (the ``meta`` tag's): the
+    tower of the PE-Core goldens (tests/data/fidelity/README.md). The text tower is dropped: the goldens take random
+    text embeddings."""
+    import torch
+
+    torch.manual_seed(0)
+    model = load_model("PE-Core-B-16", None, device="cpu")
+    model.text = None
+    state = random_state_dict(model.visual, seed=0)
+    state["trunk.head.bias"].zero_()
+    model.visual.load_state_dict(state)
+    half = {"mean": (0.5,) * 3, "std": (0.5,) * 3}
+    open_clip.set_model_preprocess_cfg(model, {**open_clip.get_model_preprocess_cfg(model), **half})
+    return model
+
+
+@pytest.fixture(scope="session")
 def golden_siglip2():
     """The random ``ViT-B-16-SigLIP2`` (224) of TextRegion's SigLIP 2 goldens: open_clip's own init (so its logit
     scale and bias, ``exp`` 1/0.07 and -10), the image tower filled by ``random_state_dict(visual, seed=0)``, no text

@@ -33,6 +33,7 @@ FIRST_PHOTO = {  # the first photo only (5 to 28 s each)
         "corrclip",
         "textregion",
         "textregion_siglip",
+        "textregion_pe",
         "proxyclip",
         "proxyclip_dinov2",
         "proxyclip_mae",
@@ -65,7 +66,10 @@ def model(vitb16_checkpoint):
     return load_model("ViT-B-16", str(vitb16_checkpoint), device="cpu", quick_gelu=True)
 
 
-MODELS = {"ViT-B-16-SigLIP2": "golden_siglip2"}  # an entry's `model`: the fixture of its random model (conftest)
+MODELS = {
+    "ViT-B-16-SigLIP2": "golden_siglip2",
+    "PE-Core-B-16": "golden_pe_core",
+}  # an entry's `model`: the fixture of its random model (conftest)
 
 
 def random_text(width: int = 512) -> torch.Tensor:
@@ -98,7 +102,7 @@ def test_pipeline_matches_the_authors_segmentor(model, text, sample_data, name, 
     for key in ("proxy", "sam"):  # registers the random second models the golden was made with
         if key in options:
             request.getfixturevalue(FIXTURES.get(options[key], "golden_dino"))
-    if "model" in entry:  # another tower (TextRegion's SigLIP 2 path), with text of its embedding width
+    if "model" in entry:  # another tower (TextRegion's SigLIP 2 and PE-Core paths), with text of its embedding width
         model = request.getfixturevalue(MODELS[entry["model"]])
         text = random_text(entry["text_width"])
     seg = Segmenter(model, method=entry["method"], method_options=options, **entry["settings"])

@@ -1,5 +1,6 @@
 """TextRegion: its steps (views, global-patch removal, mask fusion), the region-mask sources, the engine path and its
-errors, and a crop's logits against the authors' code. Pipelines: test_pipeline_fidelity (textregion)."""
+errors, and a crop's logits against the authors' code. Pipelines: test_pipeline_fidelity (textregion); the PE-Core
+path's crop and pipeline goldens are here (the pipeline's on the first photo, all three with ``GCLIP_SLOW=1``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from conftest import tiny_second_models
@@ -182,20 +184,19 @@ def test_siglip2_crop_logits_match_the_authors_predict(golden_siglip2, monkeypat
     masks = torch.from_numpy(np.load(GOLDEN / "textregion_crop.npz")["masks"]).float()
     pixels, text = _siglip2_inputs(model)
     regions = []
-    real = textregion._siglip_region_tokens
-    monkeypatch.setattr(textregion, "_siglip_region_tokens", lambda *a: regions.append(real(*a)) or regions[-1])
+    real = textregion.map_head_region_tokens
+    monkeypatch.setattr(textregion, "map_head_region_tokens", lambda *a: regions.append(real(*a)) or regions[-1])
     method = get_method("textregion", global_patch_threshold=threshold)
     with torch.no_grad():
         out = method.pixel_logits(vit, pixels, masks, text)
     assert np.abs(out[None, :, ::8, ::8].numpy() - golden[stored]).max() <= 1e-4
-    scale, bias = vit.sigmoid_logits
-    region = scale * torch.nn.functional.normalize(regions[0], dim=-1) @ text.T + bias
-    assert region.shape == (7 if stored == "logits" else 0, 10)
     if stored == "logits":
-        assert np.abs(region.numpy() - golden["region"]).max() <= 1e-4
+        scale, bias = vit.sigmoid_logits
+        region = scale * torch.nn.functional.normalize(regions[0], dim=-1) @ text.T + bias
+        assert region.shape == (7, 10) and np.abs(region.numpy() - golden["region"]).max() <= 1e-4
         assert np.abs(golden["logits"]).max() > 10  # non-trivial logits
-    else:
-        assert not out.any()
+    else:  # every region emptied: none reaches the head, every logit 0
+        assert regions == [] and not out.any()
 
 
 def test_siglip2_path_errors_are_one_line(golden_siglip2):
@@ -211,3 +212,91 @@ def test_siglip2_path_errors_are_one_line(golden_siglip2):
         get_method("textregion", split_halves=True).pixel_logits(vit, pixels, masks, text)
     with pytest.raises(ConfigError, match="multiple of the patch 16"):
         get_method("textregion", crop_size=200).pixel_logits(vit, pixels, masks, text)
+
+
+# --- the PE-Core path (TextRegion's clip_pretrained='meta') ---------------------------------------------------------
+
+
+def _pe_text() -> torch.Tensor:
+    """The PE goldens' text: the goldens' random unit rows, 1024 wide (PE-Core-B/16's embedding width)."""
+    from test_pipeline_fidelity import random_text
+
+    return random_text(1024)
+
+
+@pytest.mark.heavy
+def test_map_head_region_tokens_are_the_heads_attention_with_one_key(golden_pe_core):
+    """The region token as the authors compute it on PE-Core, written out here with the tower's timm attention pool:
+    its latent query, ONE key for every token (the pool's norm of the tokens' mean through the key half of ``kv``),
+    the value half of ``kv`` per token, attention only where the mask is > 0 (whatever its soft value), then the
+    pool's ``proj`` and what follows the pool. gclip's shortcut (the projection of the support's mean token) must
+    equal it; regions differ."""
+    import math
+
+    from gclip.backbones import backbone_for
+    from gclip.methods.textregion import _pools_with_map_head, map_head_region_tokens
+
+    vit = backbone_for(golden_pe_core.visual)
+    assert _pools_with_map_head(vit)
+    pool = vit.trunk.attn_pool
+    h, d = pool.num_heads, pool.head_dim
+    width = h * d
+    with torch.no_grad():
+        tokens = vit.final_norm(torch.randn(30, vit.width))
+        masks = torch.zeros(2, 30)
+        masks[0, [1, 4, 5, 11]] = torch.tensor([0.2, 1.0, 0.7, 0.05])
+        masks[1, 20:] = 1.0
+        w, b = pool.kv.weight, pool.kv.bias
+        key = F.linear(pool.norm(tokens.mean(dim=0, keepdim=True)), w[:width], None if b is None else b[:width])
+        value = F.linear(tokens, w[width:], None if b is None else b[width:]).reshape(-1, h, d).transpose(0, 1)
+        q = pool.q_norm(pool.q(pool.latent).reshape(-1, h, d).transpose(0, 1))  # (h, L, d)
+        k = pool.k_norm(key.reshape(1, h, d).transpose(0, 1))  # (h, 1, d)
+        score = (q @ k.transpose(-2, -1) * pool.scale)[None].expand(2, -1, -1, 30)
+        weights = torch.softmax(score.masked_fill(~(masks > 0)[:, None, None, :], -math.inf), dim=-1)
+        heads = torch.einsum("rhlm,hmd->rhld", weights, value)
+        expected = vit.post_pool(pool.proj(heads.permute(0, 2, 1, 3).reshape(2, -1, width)))[:, 0]
+        region = map_head_region_tokens(vit, masks, tokens)
+    torch.testing.assert_close(region, expected, rtol=0, atol=1e-5)
+    assert (region[0] - region[1]).abs().max() > 1e-3
+
+
+@pytest.mark.heavy
+def test_pe_core_refuses_split_halves_in_one_line(golden_pe_core):
+    from gclip.backbones import backbone_for
+
+    method = get_method("textregion", split_halves=True)
+    with pytest.raises(ConfigError, match="split_halves: not on PE-Core"):
+        method.pixel_logits(
+            backbone_for(golden_pe_core.visual), torch.rand(1, 3, 64, 64), torch.ones(1, 64, 64), _pe_text()
+        )
+
+
+@pytest.mark.golden
+@pytest.mark.parametrize("resize", ["single", "multi_resolution"])
+def test_pe_core_crop_logits_match_the_authors_predict(golden_pe_core, resize, monkeypatch):
+    """The authors' predict on PE-Core-B16-224 (their ``pe_value_with_sam2_attn``) on the shared 448 x 448 input
+    (its pixels: the input at mean = std = 0.5) with the seven soft masks of ``textregion_crop.npz``: the logits its
+    softmax sees every 8th pixel and the per-region cosines, at ``global_patch_threshold=0.015`` (some patches
+    taken out of every region, all regions kept); at the default 0.07 every region is dropped and every logit is 0,
+    as theirs (tests/data/fidelity/README.md)."""
+    import gclip.methods.textregion as textregion
+    from gclip.backbones import backbone_for
+
+    vit = backbone_for(golden_pe_core.visual)
+    golden = np.load(GOLDEN / "textregion_pe_crop.npz")
+    masks = torch.from_numpy(np.load(GOLDEN / "textregion_crop.npz")["masks"]).float()
+    image = torch.from_numpy(np.random.default_rng(1).standard_normal((1, 3, 448, 448), dtype=np.float32))
+    text = _pe_text()
+    regions: list[torch.Tensor] = []
+    real = textregion.map_head_region_tokens
+    monkeypatch.setattr(textregion, "map_head_region_tokens", lambda *a: regions.append(real(*a)) or regions[-1])
+    with torch.no_grad():
+        out = get_method("textregion", resize_method=resize, global_patch_threshold=0.015).pixel_logits(
+            vit, image * 0.5 + 0.5, masks, text
+        )
+        default = get_method("textregion", resize_method=resize).pixel_logits(vit, image * 0.5 + 0.5, masks, text)
+    assert np.abs(out[:, ::8, ::8].numpy() - golden[resize]).max() <= 1e-4
+    assert len(regions) == 1 and regions[0].shape == (7, 1024)
+    cosines = F.normalize(regions[0], dim=-1) @ text.T
+    assert np.abs(cosines.numpy() - golden[f"{resize}_regions"]).max() <= 1e-4
+    assert not golden[f"{resize}_default"].any() and not default.any()

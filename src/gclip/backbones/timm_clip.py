@@ -124,6 +124,12 @@ class _TimmClip:
             width = pool.proj.in_features
             bias = None if pool.kv.bias is None else pool.kv.bias[width:]
             tokens = pool.proj(F.linear(tokens, pool.kv.weight[width:], bias))
+        return self.post_pool(tokens)
+
+    def post_pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """What follows the trunk's pool: ``fc_norm``, the trunk's ``head`` and open_clip's ``head`` (PE-Core's
+        projection is the trunk's ``head``)."""
+        trunk = self.trunk
         return self.module.head(trunk.head(trunk.head_drop(trunk.fc_norm(tokens))))
 
     def pooled(self, tokens: torch.Tensor) -> torch.Tensor:

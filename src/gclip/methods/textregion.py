@@ -19,19 +19,23 @@ Per image (``window_mode = "image"``):
   region covers take SCLIP's logits (the last block with ``softmax(q qᵀ) + softmax(k kᵀ)``, residual and FFN kept)
   combined over the views as the values are, resized to the image.
 
-On SigLIP 2 (an open_clip timm ``VisionTransformer`` tower pooling with a MAP head,
-:class:`~gclip.backbones.timm_clip.TimmClipViT`) the authors' ``siglip_value_with_sam2_attn`` path instead:
+On the towers that pool with a MAP head, SigLIP 2 (an open_clip timm ``VisionTransformer`` tower,
+:class:`~gclip.backbones.timm_clip.TimmClipViT`) and PE-Core (a timm ``Eva`` tower,
+:class:`~gclip.backbones.timm_clip.TimmClipEva`), the authors' path for that tower (their
+``siglip_value_with_sam2_attn`` and ``pe_value_with_sam2_attn``: one reading of the head) instead:
 
-- views of the tower's native size (``crop_size=None``; 224 for ``ViT-B-16-SigLIP2``), no ``split_halves``;
+- views of the tower's native size (``crop_size=None``; 224 for the B/16 towers, 336 for ``PE-Core-L-14-336``),
+  resized bicubically on SigLIP 2 and bilinearly on PE-Core, no ``split_halves``;
 - the map holds the last block's output tokens after the final norm (what the MAP head reads), the whole view's
   resized at half weight under every tile; the global-patch test runs on those tokens;
-- one feature per region: the MAP head's latent query over the map with every key replaced by one constant, masked
-  to the region's support (``mask > 0``), so uniform weights: the head's value projection of the support's mean
-  token, its ``proj``, ``fc_norm`` and the tower's heads, without the head's residual MLP
-  (:meth:`~gclip.backbones.timm_clip.TimmClipViT.projection`);
-- SigLIP's logits ``exp(logit_scale) cos + logit_bias`` (the model's: the adapter's ``sigmoid_logits``) summed
-  over the regions times their masks; no fallback: pixels no region covers keep zero logits (uniform
-  probabilities).
+- one feature per region: the MAP head's latent query over the map with one key shared by every token (SigLIP 2:
+  the mean key; PE-Core: the pool's norm of the mean token), masked to the region's support (``mask > 0``), so
+  uniform weights: the head's value projection of the support's mean token, its ``proj``, ``fc_norm`` and the
+  tower's heads, without the head's residual MLP (:meth:`~gclip.backbones.timm_clip.TimmClipViT.projection`);
+- logits: SigLIP's ``exp(logit_scale) cos + logit_bias`` on SigLIP 2 (the model's: the adapter's
+  ``sigmoid_logits``), the cosine on PE-Core; summed over the regions times their masks; no fallback: pixels no
+  region covers keep zero logits (uniform probabilities), and every logit is 0 when the global-patch test empties
+  every region.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones.base import Backbone
+from ..backbones.timm_clip import TimmClipEva, TimmClipViT
 from ..errors import ConfigError
 from ..inference.preprocess import pixel_constants
 from ..inference.windows import ImageWindows
@@ -72,9 +77,9 @@ class Views:
     cols: int
 
 
-def view_images(pixels: torch.Tensor, crop: int, multi: bool, halves: bool, mean, std) -> Views:
-    """``(1, 3, H, W)`` pixels on the 0..1 scale -> the :class:`Views` (each resized to ``crop`` square with bicubic
-    antialias, then normalised with ``mean``/``std``)."""
+def view_images(pixels: torch.Tensor, crop: int, multi: bool, halves: bool, mean, std, mode: str = "bicubic") -> Views:
+    """``(1, 3, H, W)`` pixels on the 0..1 scale -> the :class:`Views` (each resized to ``crop`` square with ``mode``
+    interpolation and antialias, then normalised with ``mean``/``std``)."""
     h, w = int(pixels.shape[-2]), int(pixels.shape[-1])
     parts = [pixels[..., : w // 2], pixels[..., w // 2 :]] if halves else [pixels]
     rows, cols = (max(h // crop, 1), max(w // crop, 1)) if multi else (0, 0)
@@ -85,9 +90,7 @@ def view_images(pixels: torch.Tensor, crop: int, multi: bool, halves: bool, mean
                 y2, x2 = min(r * ch + ch, h), min(c * cw + cw, w)
                 parts.append(pixels[..., max(y2 - ch, 0) : y2, max(x2 - cw, 0) : x2])
     size = (crop, crop)
-    resized = torch.cat(
-        [F.interpolate(p, size=size, mode="bicubic", align_corners=False, antialias=True) for p in parts]
-    )
+    resized = torch.cat([F.interpolate(p, size=size, mode=mode, align_corners=False, antialias=True) for p in parts])
     m = torch.tensor(mean, dtype=resized.dtype, device=resized.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=resized.dtype, device=resized.device).view(1, 3, 1, 1)
     return Views((resized - m) / s, 2 if halves else 1, rows, cols)
@@ -144,8 +147,8 @@ class TextRegion(Method):
         fuse_mask, fuse_mask_threshold: fuse overlapping generated masks (box IoU > 0.2, containment above the
             threshold) into their maximum.
         crop_size: the side every view is resized to. ``None``: the authors' choice for the tower: 336 on CLIP, the
-            tower's native input size on SigLIP 2 (224 for ``ViT-B-16-SigLIP2``; their code resizes to it whatever
-            ``crop_size`` says).
+            tower's native input size on SigLIP 2 and PE-Core (224 for the B/16 towers; their code resizes to it
+            whatever ``crop_size`` says).
         resize_method: ``multi_resolution`` (the whole image and a grid of tiles) or ``single`` (the whole image).
         split_halves: the whole image as its left and right halves (the authors' Cityscapes setting).
         remove_global_patch, global_patch_threshold: take patches that are no closer to their regions than to the
@@ -153,7 +156,8 @@ class TextRegion(Method):
         mask_type: ``soft`` (masks clamped to 0..1) or ``hard`` (0/1).
         unit_values: pool unit-normalised values. ``None``: as the authors' code does, which normalises the values
             it pools in the multi-resolution mode with ``remove_global_patch`` (the global-patch test normalises
-            them in place, and there they share memory with the pooled ones) and pools the raw values otherwise.
+            them in place, and there they share memory with the pooled ones) and pools the raw values otherwise; on
+            PE-Core, raw tokens.
     """
 
     name = "textregion"
@@ -232,8 +236,8 @@ class TextRegion(Method):
         from ..inference.forward import autocast_for, encode, end_pass
 
         stage = stage or (lambda _: contextlib.nullcontext())
-        if _is_siglip(vit):
-            return self._siglip_pixel_logits(vit, pixels, masks, text, stage)
+        if _pools_with_map_head(vit):
+            return self._map_head_pixel_logits(vit, pixels, masks, text, stage)
         crop = 336 if self.crop_size is None else self.crop_size
         if crop % vit.patch_size:
             raise ConfigError(f"textregion crop_size must be a multiple of the patch {vit.patch_size}")
@@ -294,8 +298,8 @@ class TextRegion(Method):
         pixels = (windows.image.float() * s + m) / 255.0
         return self.pixel_logits(vit, pixels, masks, text, stage)
 
-    # --- the SigLIP 2 path (the authors' ``siglip_value_with_sam2_attn``) ------------------------------------------
-    def _siglip_pixel_logits(
+    # --- SigLIP 2 and PE-Core: the authors' siglip_value_with_sam2_attn / pe_value_with_sam2_attn -------------------
+    def _map_head_pixel_logits(
         self,
         vit: Backbone,
         pixels: torch.Tensor,
@@ -303,23 +307,27 @@ class TextRegion(Method):
         text: torch.Tensor,
         stage: Callable[[str], contextlib.AbstractContextManager],
     ) -> torch.Tensor:
-        """:meth:`pixel_logits` on a tower that pools with a MAP head (SigLIP 2): see the module docstring."""
+        """:meth:`pixel_logits` on a tower that pools with a MAP head (SigLIP 2, PE-Core): see the module docstring."""
         from ..inference.forward import autocast_for, encode, end_pass
 
-        if vit.sigmoid_logits is None:  # type: ignore[attr-defined]
+        siglip = isinstance(vit, TimmClipViT)  # else PE-Core (a timm Eva)
+        tower = "SigLIP 2" if siglip else "PE-Core"
+        if siglip and vit.sigmoid_logits is None:  # type: ignore[attr-defined]
             raise ConfigError(
                 "textregion on SigLIP 2 needs the model's logit scale and bias: build the backbone with "
                 "backbone_for(model.visual, clip=model) (the Segmenter does)"
             )
         if self.split_halves:
             raise ConfigError(
-                "textregion's SigLIP 2 path has no split_halves (the authors' SigLIP 2 code reads one whole view)"
+                f"textregion split_halves: not on {tower} (the authors' {tower} code reads one whole view, no "
+                "split_halves)"
             )
         crop = vit.native_grid[0] * vit.patch_size if self.crop_size is None else self.crop_size
         if crop % vit.patch_size:
             raise ConfigError(f"textregion crop_size must be a multiple of the patch {vit.patch_size}")
         multi = self.resize_method == "multi_resolution"
-        views = view_images(pixels.float(), crop, multi, False, vit.mean, vit.std)
+        mode = "bicubic" if siglip else "bilinear"  # each tower's own transform in the authors' code
+        views = view_images(pixels.float(), crop, multi, False, vit.mean, vit.std, mode=mode)
         with stage("encoder"):
             x, trace = encode(vit, self, views.images.to(vit.dtype))
             end_pass(trace)
@@ -336,30 +344,32 @@ class TextRegion(Method):
             feature, masks = feature[seen], masks[seen]
             if self.remove_global_patch and len(feature):
                 feature = remove_global_patches(feature, tokens, self.global_patch_threshold)
+            kept = feature.sum(dim=1) > 0
+            if not kept.any():  # every region emptied: every logit 0, as the authors' code
+                return torch.zeros(len(text), *masks.shape[-2:], device=masks.device)
             if self.unit_values:
                 tokens = tokens / tokens.norm(dim=-1, keepdim=True)
-            kept = feature.sum(dim=1) > 0
             feature, masks = feature[kept], self._clamp(masks[kept])
-            region = _siglip_region_tokens(vit, feature, tokens)  # (R, E)
-            scale, bias = vit.sigmoid_logits  # type: ignore[attr-defined]
-            region = scale * cosine_logits(region[None, :, None], text)[0, :, :, 0].T + bias  # (R, Q)
+            region = map_head_region_tokens(vit, feature, tokens)  # (R, E)
+            region = cosine_logits(region[None, :, None], text)[0, :, :, 0].T  # (R, Q)
+            if siglip:
+                scale, bias = vit.sigmoid_logits  # type: ignore[attr-defined]
+                region = scale * region + bias
             return torch.einsum("rq,rhw->qhw", region, masks)
 
 
-def _is_siglip(vit: Backbone) -> bool:
-    """Whether TextRegion's SigLIP 2 path applies: an open_clip timm ``VisionTransformer`` tower with a MAP head."""
-    from ..backbones.timm_clip import TimmClipViT
-
-    return isinstance(vit, TimmClipViT) and vit.pools_with_attention
+def _pools_with_map_head(vit: Backbone) -> bool:
+    """Whether TextRegion's SigLIP 2 / PE-Core path applies: an open_clip timm tower pooling with a MAP head."""
+    return isinstance(vit, (TimmClipViT, TimmClipEva)) and vit.pools_with_attention
 
 
-def _siglip_region_tokens(vit: Backbone, feature: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def map_head_region_tokens(vit: Backbone, feature: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """``(R, M)`` region masks on the map and the map's ``(M, D)`` final-normed tokens -> ``(R, E)`` region
-    features, as the authors read a region through the MAP head: its latent query over the map with every key
-    replaced by one constant (each head's mean over all keys and their entries), masked to the region's support
-    (``mask > 0``). Equal keys make the attention uniform over the support, so the head's output is its value
-    projection of the support's mean token (the value projection is affine, the weights sum to one); then the head's
-    ``proj``, ``fc_norm`` and the tower's heads, with no residual MLP: :meth:`TimmClipViT.projection
+    features, as the authors read a region through the MAP head (SigLIP 2 and PE-Core alike): its latent query over
+    the map with one key shared by every token, attending only to the region's support (``mask > 0``). Equal keys
+    make the attention uniform over the support, so the head's output is its value projection of the support's mean
+    token (the value projection is affine, the weights sum to one); then the head's ``proj``, ``fc_norm`` and the
+    tower's heads, with no residual MLP: :meth:`TimmClipViT.projection
     <gclip.backbones.timm_clip.TimmClipViT.projection>`."""
     support = (feature > 0).float()
     mean = (support / support.sum(dim=1, keepdim=True)) @ tokens
