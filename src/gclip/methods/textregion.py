@@ -36,7 +36,7 @@ from ..backbones.base import Backbone
 from ..errors import ConfigError
 from ..inference.preprocess import pixel_constants
 from ..inference.windows import ImageWindows
-from ..io.masks import generate_region_masks, load_sam, read_region_masks
+from ..io.masks import generate_region_masks, is_sam2, load_sam, read_region_masks
 from .base import Method, cosine_logits, grid_features, register
 from .corrclip import InstanceMasks
 from .sclip import correlative
@@ -176,25 +176,32 @@ class TextRegion(Method):
     def second_model(self) -> InstanceMasks:  # type: ignore[override]
         return InstanceMasks(self.masks, self.mask_generator, self.sam_checkpoint, NO_MASKS)
 
-    def region_masks(self, vit: Backbone, item: Any) -> torch.Tensor:
-        """The image's ``(R, H, W)`` float32 region masks at its original size."""
+    def region_masks(self, vit: Backbone, item: Any, pixels: torch.Tensor | None = None) -> torch.Tensor:
+        """The image's ``(R, H, W)`` float32 region masks at its original size. A SAM 2 generator sees the model
+        input ``pixels`` (``(1, 3, h, w)``, 0..1 scale) where given, as in the authors' code; SAM the decoded
+        pixels."""
         size = tuple(item.size)
         if self.masks is not None:
             masks = read_region_masks(self.masks, item.key, size)
         elif self.mask_generator is not None:
-            if item.original is None:
+            sam = load_sam(self.mask_generator, self.sam_checkpoint, vit.device, torch.float32)
+            if is_sam2(sam) and pixels is not None:
+                source = (pixels[0].permute(1, 2, 0).float() * 255.0).round().cpu().numpy()
+            elif item.original is None:
                 raise ConfigError(
                     "textregion's mask generator needs the decoded pixels: prepare images with the Segmenter"
                 )
-            sam = load_sam(self.mask_generator, self.sam_checkpoint, vit.device, torch.float32)
+            else:
+                source = np.asarray(item.original)
             masks = generate_region_masks(
                 sam,
-                np.asarray(item.original),
+                source,
                 self.points_per_side,
                 self.pred_iou_thresh,
                 self.stability_score_thresh,
                 self.box_nms_thresh,
                 self.fuse_mask_threshold if self.fuse_mask else None,
+                size=size,
             )
         else:
             raise ConfigError(NO_MASKS)
@@ -267,10 +274,10 @@ class TextRegion(Method):
         text: torch.Tensor,
         stage: Callable[[str], contextlib.AbstractContextManager],
     ) -> torch.Tensor:
-        with stage("masks"):
-            masks = self.region_masks(vit, item)
         mean, std = pixel_constants(vit.mean, vit.std)  # the model input back to its 0..1 pixels
         m = torch.tensor(mean, device=windows.image.device).view(1, 3, 1, 1)
         s = torch.tensor(std, device=windows.image.device).view(1, 3, 1, 1)
         pixels = (windows.image.float() * s + m) / 255.0
+        with stage("masks"):
+            masks = self.region_masks(vit, item, pixels)
         return self.pixel_logits(vit, pixels, masks, text, stage)
