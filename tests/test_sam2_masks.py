@@ -94,6 +94,7 @@ def test_region_masks_match_textregions_generator(sam2_checkpoint, photo, fuse, 
         assert np.array_equal(public, got)
 
 
+@pytest.mark.heavy
 def test_region_masks_are_empty_when_nothing_passes(sam2_checkpoint, photo):
     """TextRegion's own thresholds keep nothing of random weights (the authors' code then fails on an empty stack):
     an empty stack here, so that the method falls back to SCLIP's logits everywhere."""
@@ -102,6 +103,7 @@ def test_region_masks_are_empty_when_nothing_passes(sam2_checkpoint, photo):
     assert got.shape == (0, 50, 60)
 
 
+@pytest.mark.heavy
 def test_instance_mask_is_corrclips_sam2_recipe(sam2_checkpoint, photo):
     """CorrCLIP's code: SAM2AutomaticMaskGenerator with one mask per point, painted from the largest area down
     (ids 1.. from the smallest up over 0)."""
@@ -127,6 +129,7 @@ def test_instance_mask_is_corrclips_sam2_recipe(sam2_checkpoint, photo):
     assert sorted(r["area"] for r in multi) != sorted(r["area"] for r in records)
 
 
+@pytest.mark.heavy
 def test_textregion_end_to_end_with_sam2(tiny_model, sam2_checkpoint, photo, monkeypatch):
     """The method hands SAM 2 its model input (the resized photo, exact uint8 values) and asks for masks at the
     photo's size, as the authors' predict does; the masks it pools are the generator's."""
@@ -153,6 +156,7 @@ def test_textregion_end_to_end_with_sam2(tiny_model, sam2_checkpoint, photo, mon
     assert len(masks) >= 1 and np.array_equal(masks, expected.numpy())
 
 
+@pytest.mark.heavy
 def test_corrclip_end_to_end_with_sam2(tiny_model, sam2_checkpoint, photo):
     """CorrCLIP's SAM 2 sees the decoded photo (as its code reads the file) and its instance mask corrects the map."""
     options = dict(proxy=TINY_DINO, window_pad=8, mask_generator=NAME, sam_checkpoint=sam2_checkpoint)
@@ -169,7 +173,7 @@ def test_corrclip_end_to_end_with_sam2(tiny_model, sam2_checkpoint, photo):
         assert len(np.unique(labels[expected == region])) == 1
 
 
-def test_sam2_errors_are_one_line(sam2_checkpoint, tmp_path, monkeypatch):
+def test_sam2_errors_are_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("GCLIP_CACHE_DIR", str(tmp_path / "cache"))
     with pytest.raises(WeightsError) as e:
         load_sam("sam2.1_hiera_l", None)
@@ -185,4 +189,4 @@ def test_sam2_errors_are_one_line(sam2_checkpoint, tmp_path, monkeypatch):
     assert "\n" not in str(e.value)
     monkeypatch.setitem(sys.modules, "sam2.build_sam", None)
     with pytest.raises(ConfigError, match=r"needs SAM 2's package: pip install 'gclip\[sam2\]'"):
-        load_sam("sam2.1_hiera_s", sam2_checkpoint)
+        load_sam("sam2.1_hiera_s", str(wrong))  # the package is imported before the file is read
