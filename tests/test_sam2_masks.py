@@ -157,6 +157,31 @@ def test_textregion_end_to_end_with_sam2(tiny_model, sam2_checkpoint, photo, mon
 
 
 @pytest.mark.heavy
+def test_textregion_without_regions_takes_sclips_logits(tiny_model, sam2_checkpoint, photo, tmp_path):
+    """With the authors' thresholds random weights leave no mask: the method gives SCLIP's logits everywhere, as it
+    does where masks cover nothing (an all-zero region mask from a folder)."""
+
+    def segment(image, **options):
+        seg = Segmenter(
+            tiny_model,
+            method="textregion",
+            method_options={"crop_size": 16, **options},
+            short_side=40,
+            crop=0,
+            padding="none",
+        )
+        seg.set_classes(["cat", "dog", "grass"])
+        return seg.predict(image, return_probs=True)
+
+    got = segment(photo, mask_generator=NAME, sam_checkpoint=sam2_checkpoint, points_per_side=4)
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    (tmp_path / "masks").mkdir()
+    np.savez(tmp_path / "masks" / "photo.npz", region_masks=np.zeros((1, *photo.shape[:2]), np.float32))
+    expected = segment(tmp_path / "photo.png", masks=str(tmp_path / "masks"))
+    assert np.array_equal(got.labels, expected.labels) and np.allclose(got.probs, expected.probs, atol=1e-6)
+
+
+@pytest.mark.heavy
 def test_corrclip_end_to_end_with_sam2(tiny_model, sam2_checkpoint, photo):
     """CorrCLIP's SAM 2 sees the decoded photo (as its code reads the file) and its instance mask corrects the map."""
     options = dict(proxy=TINY_DINO, window_pad=8, mask_generator=NAME, sam_checkpoint=sam2_checkpoint)

@@ -212,7 +212,8 @@ def load_sam(
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0].strip()[:160]
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        first = " ".join(lines[:2])[:200]  # torch's heading, then the first missing or unexpected keys
         raise WeightsError(f"checkpoint {checkpoint} does not fit mask generator {name}: {first}") from e
     return model.to(device=resolve_device(device), dtype=dtype).eval().requires_grad_(False)
 

@@ -123,8 +123,9 @@ class TextRegion(Method):
     Attributes:
         masks: a folder of pre-generated region masks, ``<image stem>.npz`` (``region_masks``, ``(R, H, W)`` soft
             or 0/1, at the image's size; or an ``instance_mask``) or ``.png``.
-        mask_generator, sam_checkpoint: or a SAM model (``sam_vitb``, ...) and its weights for SAM's automatic mask
-            generator (the authors use SAM 2.1 Hiera-L with their own generator: see the method's notes).
+        mask_generator, sam_checkpoint: or a mask generator and its weights file: SAM 2 (``sam2.1_hiera_l``, the
+            authors', made as their own generator makes its masks: see the method's notes; extra ``sam2``) or SAM
+            (``sam_vitb``, ...; extra ``sam``).
         points_per_side, pred_iou_thresh, stability_score_thresh, box_nms_thresh: the generator's point grid and
             mask filters (the authors' base config).
         fuse_mask, fuse_mask_threshold: fuse overlapping generated masks (box IoU > 0.2, containment above the
@@ -244,6 +245,8 @@ class TextRegion(Method):
             csa = vit.block(last, x, attention=correlative)
             csa = combine(cosine_logits(grid_features(vit, csa, grid), text), views)  # (Q, h, w)
             size = tuple(values.shape[-2:])
+            if not len(masks):  # no region (a generator that kept no mask): SCLIP's logits everywhere
+                return F.interpolate(csa[None], size=tuple(masks.shape[-2:]), mode="bilinear")[0]
             feature = self._clamp(F.interpolate(masks[None], size=size, mode="bilinear")[0]).flatten(1)  # (R, M)
             seen = feature.sum(dim=1) > 0  # masks that miss every grid point are dropped first
             feature, masks = feature[seen], masks[seen]
