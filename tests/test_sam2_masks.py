@@ -198,6 +198,33 @@ def test_corrclip_end_to_end_with_sam2(tiny_model, sam2_checkpoint, photo):
         assert len(np.unique(labels[expected == region])) == 1
 
 
+@pytest.mark.pipeline
+def test_textregion_pipeline_with_sam2_matches_the_authors(vitb16_checkpoint, sam2_checkpoint, sample_data):
+    """The authors' predict with their own SAM 2 generator (not a stand-in) on the first VOC photo, the shared random
+    ViT-B/16 and text, cfg_voc21, the golden's loose thresholds (tests/data/fidelity/README.md): SAM 2 sees the
+    resized model input and its masks come at the photo's size on both sides."""
+    from gclip.backbones.models import load_model
+    from gclip.text import parse_classes
+    from test_pipeline_fidelity import Embedded, spy_on_logits
+
+    model = load_model("ViT-B-16", str(vitb16_checkpoint), device="cpu", quick_gelu=True)
+    rows = np.random.default_rng(2).standard_normal((10, 512), dtype=np.float32)
+    text = torch.from_numpy(rows / np.linalg.norm(rows, axis=1, keepdims=True))
+    options = dict(global_patch_threshold=0.004, mask_generator=NAME, sam_checkpoint=sam2_checkpoint, **SETTINGS)
+    settings = dict(short_side=672, max_long_side=1008, crop=0, padding="none", logit_scale=50.0, prob_thd=0.4)
+    seg = Segmenter(model, method="textregion", method_options=options, **settings)
+    seg.classes = parse_classes(["background"] + [f"class {i}" for i in range(1, 10)])
+    seg._queries = seg.method.text_queries(Embedded(text), seg.classes)
+    golden = np.load(GOLDEN.parent / "pipeline" / "textregion_sam2.npz")
+    reduced = spy_on_logits(seg)
+    result = seg.predict(sample_data / "VOCdevkit" / "VOC2012" / "JPEGImages" / f"{PHOTO}.jpg", True)
+    labels = golden[f"{PHOTO}_labels"]
+    assert result.labels.shape == labels.shape and (result.labels != labels).mean() <= 1e-4
+    assert np.abs(result.probs[:, ::4, ::4] - golden[f"{PHOTO}_logits"].astype(np.float32)).max() <= 2e-3
+    dense = torch.nn.functional.interpolate(reduced[0][None], size=labels.shape, mode="bilinear")[0]
+    assert np.abs(dense[:, ::4, ::4].numpy() - golden[f"{PHOTO}_dense"]).max() <= 1e-4
+
+
 def test_sam2_errors_are_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("GCLIP_CACHE_DIR", str(tmp_path / "cache"))
     with pytest.raises(WeightsError) as e:
