@@ -28,8 +28,16 @@ SAM_URLS = {
     "sam_vitb": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
     "sam_vitl": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
     "sam_vith": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
+    "sam2_hiera_t": "https://dl.fbaipublicfiles.com/segment_anything_2/072824/sam2_hiera_tiny.pt",
+    "sam2_hiera_s": "https://dl.fbaipublicfiles.com/segment_anything_2/072824/sam2_hiera_small.pt",
+    "sam2_hiera_b+": "https://dl.fbaipublicfiles.com/segment_anything_2/072824/sam2_hiera_base_plus.pt",
+    "sam2_hiera_l": "https://dl.fbaipublicfiles.com/segment_anything_2/072824/sam2_hiera_large.pt",
+    "sam2.1_hiera_t": "https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_tiny.pt",
+    "sam2.1_hiera_s": "https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_small.pt",
+    "sam2.1_hiera_b+": "https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_base_plus.pt",
+    "sam2.1_hiera_l": "https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_large.pt",
 }
-"""SAM's published checkpoints, by gclip's name (mask generator and second model)."""
+"""SAM's and SAM 2's published checkpoints, by gclip's name (mask generators; SAM's also the second model)."""
 
 
 def downloadable() -> dict[str, list[str]]:
@@ -157,7 +165,7 @@ def _sam(name: str, folder: Path) -> Path:
         except Exception as e:  # noqa: BLE001
             raise _failed(what, e, host) from e
         read_checkpoint(tmp)  # a tensor state dict, or a one-line error before anything is renamed into place
-        arch = url.rsplit("/", 1)[-1].split("_")[1:3]
+        arch = Path(url).stem.split("_")[1:3]  # vit_b; hiera_large
         meta = {"kind": "sam", "name": name, "arch": "_".join(arch), "source": url}
         return write_weights(folder, download_filename(name), meta, file=tmp)
     finally:

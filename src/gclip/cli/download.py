@@ -3,6 +3,7 @@
   gclip download ViT-B-16 openai --to weights/     # -> weights/ViT-B-16.openai.pt (+ .json)
   gclip download dino_vitb8 --to weights/          # a second model (gclip models lists them)
   gclip download sam_vitb --to weights/            # SAM (the mask generator and the image encoder)
+  gclip download sam2.1_hiera_l --to weights/      # SAM 2.1 (a mask generator; sam2_hiera_l: SAM 2)
 
 Then pass the file: --pretrained weights/ViT-B-16.openai.pt (no --model or --quick-gelu needed),
 --proxy-checkpoint weights/dino_vitb8.pt, --sam-checkpoint weights/sam_vitb.pt. Without --to the file goes to gclip's
@@ -21,7 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("name", metavar="MODEL", help="an open_clip model, a second model or a SAM (sam_vitb, ...)")
+    p.add_argument(
+        "name", metavar="MODEL", help="an open_clip model, a second model or a SAM (sam_vitb, sam2.1_hiera_l, ...)"
+    )
     p.add_argument("tag", metavar="TAG", nargs="?", default=None, help="a CLIP's pretrained tag (default: openai)")
     p.add_argument("--to", metavar="DIR", default=None, help="folder (default: gclip's weights folder)")
     p.set_defaults(func=run)

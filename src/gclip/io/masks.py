@@ -2,13 +2,16 @@
 
 An instance mask is an ``(H, W)`` integer map at the image's size: each region one value, the smallest value the
 union of the unsegmented pixels. It comes from a folder of pre-generated masks (``<stem>.npz`` with an
-``instance_mask`` array, CorrCLIP's published SAM2 masks, or ``<stem>.png`` with the ids as grey levels) or from
-SAM's automatic mask generator (Meta's ``segment-anything`` package, extra ``sam``), its masks painted from the
-smallest area up, as CorrCLIP paints SAM2's.
+``instance_mask`` array, CorrCLIP's published SAM2 masks, or ``<stem>.png`` with the ids as grey levels) or from an
+automatic mask generator, its masks painted from the smallest area up, as CorrCLIP paints SAM2's: SAM's
+(``segment-anything``, extra ``sam``: ``sam_vitb``, ...) or SAM 2's (``sam2``, extra ``sam2``: ``sam2_hiera_l``,
+``sam2.1_hiera_l``, ...; one mask per point prompt, as CorrCLIP's code asks SAM 2 for).
 
 Region masks are an ``(R, H, W)`` float stack that may overlap and be soft (TextRegion's SAM 2 masks): a
 ``<stem>.npz`` with a ``region_masks`` array, or any instance-mask file (one 0/1 mask per region but the
-unsegmented one); or the generator's masks, most confident first, overlapping ones fused (:func:`fuse_masks`).
+unsegmented one); or the generator's masks, most confident first, overlapping ones fused (:func:`fuse_masks`). With a
+SAM 2 model they are made as TextRegion's own generator makes them (:func:`sam2_region_masks`): soft, from the
+decoder's low-resolution logits.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.models import resolve_device
@@ -37,10 +41,31 @@ __all__ = [
     "read_region_masks",
     "generate_region_masks",
     "fuse_masks",
+    "is_sam2",
+    "sam2_region_masks",
 ]
 
-MASK_MODELS: dict[str, str | Callable[[], nn.Module]] = {"sam_vitb": "vit_b", "sam_vitl": "vit_l", "sam_vith": "vit_h"}
-"""Mask generators by name: a ``segment_anything.sam_model_registry`` entry, or a builder of a whole ``Sam``."""
+SAM2_CONFIGS = {
+    **{f"sam2_hiera_{s}": f"configs/sam2/sam2_hiera_{s}.yaml" for s in ("t", "s", "b+", "l")},
+    **{f"sam2.1_hiera_{s}": f"configs/sam2.1/sam2.1_hiera_{s}.yaml" for s in ("t", "s", "b+", "l")},
+}
+"""SAM 2 (July 2024) and SAM 2.1 (September 2024) models by gclip's name: their config in the ``sam2`` package
+(Hiera tiny, small, base+ and large)."""
+
+MASK_MODELS: dict[str, str | Callable[[], nn.Module]] = {
+    "sam_vitb": "vit_b",
+    "sam_vitl": "vit_l",
+    "sam_vith": "vit_h",
+    **SAM2_CONFIGS,
+}
+"""Mask generators by name: a ``segment_anything.sam_model_registry`` entry, a ``sam2`` config (``.yaml``), or a
+builder of a whole ``Sam`` or ``SAM2Base``."""
+
+SAM2_MIN_AREA = 100
+"""TextRegion's generator drops the masks of at most this many pixels on the decoder's 256 x 256 logit grid."""
+SAM2_POINTS_PER_BATCH = 64
+"""Point prompts decoded at once by the SAM 2 generators (memory and speed: TextRegion's code decodes all of them at
+once, CorrCLIP's 64; its masks equal the authors' within one fp16 step, tests/test_sam2_masks.py)."""
 
 
 def register_mask_model(name: str, build: str | Callable[[], nn.Module]) -> None:
@@ -147,24 +172,36 @@ def paint_masks(masks: list[dict[str, Any]], size: tuple[int, int]) -> np.ndarra
 def load_sam(
     name: str, checkpoint: str | None, device: str | torch.device | None = "cpu", dtype: torch.dtype = torch.float32
 ) -> nn.Module:
-    """A whole SAM (image encoder, prompt encoder, mask decoder) for the automatic mask generator, built by
-    ``segment-anything`` and loaded from ``checkpoint`` (e.g. ``sam_vit_b_01ec64.pth``), else from gclip's weights
-    folder (``gclip download NAME``); found, read and refused as every weights file is
-    (:mod:`gclip.backbones.weights`); cached per process."""
+    """A whole SAM or SAM 2 (image encoder, prompt encoder, mask decoder) for the automatic mask generator, built by
+    ``segment-anything`` or ``sam2`` (its config, no post-processing, as TextRegion and CorrCLIP build it) and loaded
+    strictly from ``checkpoint`` (e.g. ``sam_vit_b_01ec64.pth``, ``sam2.1_hiera_large.pt``), else from gclip's
+    weights folder (``gclip download NAME``); found, read and refused as every weights file is
+    (:mod:`gclip.backbones.weights`); cached per process.
+
+    Raises:
+        ConfigError: an unknown name, or its package missing (one line naming the extra).
+        WeightsError: no file, an unreadable one, or one that does not fit the model (one line naming the flag).
+    """
     if name not in MASK_MODELS:
         raise ConfigError(f"unknown mask generator {name!r}: choose one of {', '.join(MASK_MODELS)}")
+    build = MASK_MODELS[name]
+    sam2 = isinstance(build, str) and build.endswith(".yaml")
     if not checkpoint:
-        checkpoint = find_weights(
-            f"mask generator {name}", name, "sam_checkpoint", example="SAM's sam_vit_b_01ec64.pth"
-        )
+        usual = f"SAM 2's {_SAM2_FILES[name]}" if sam2 else "SAM's sam_vit_b_01ec64.pth"
+        checkpoint = find_weights(f"mask generator {name}", name, "sam_checkpoint", example=usual)
     check_sidecar(
         checkpoint,
         f"mask generator {name}",
         lambda s: (s.get("kind"), s.get("name")) == ("sam", name),
         f"pass {name}'s file to sam_checkpoint (`gclip download {name}` fetches it)",
     )
-    build = MASK_MODELS[name]
-    if isinstance(build, str):
+    if sam2:
+        try:
+            from sam2.build_sam import build_sam2
+        except ImportError:
+            raise ConfigError(f"mask generator {name} needs SAM 2's package: pip install 'gclip[sam2]'") from None
+        model = build_sam2(build, None, device="cpu", apply_postprocessing=False)
+    elif isinstance(build, str):
         try:
             from segment_anything import sam_model_registry
         except ImportError:
@@ -176,24 +213,57 @@ def load_sam(
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0].strip()[:160]
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        first = " ".join(lines[:2])[:200]  # torch's heading, then the first missing or unexpected keys
         raise WeightsError(f"checkpoint {checkpoint} does not fit mask generator {name}: {first}") from e
     return model.to(device=resolve_device(device), dtype=dtype).eval().requires_grad_(False)
+
+
+_SAM2_FILES = {
+    name: name.replace("_hiera_t", "_hiera_tiny")
+    .replace("_hiera_s", "_hiera_small")
+    .replace("_hiera_b+", "_hiera_base_plus")
+    .replace("_hiera_l", "_hiera_large")
+    + ".pt"
+    for name in SAM2_CONFIGS
+}
+"""The published file of each SAM 2 model (``sam2.1_hiera_l`` -> ``sam2.1_hiera_large.pt``)."""
+
+
+def is_sam2(model: nn.Module) -> bool:
+    """Whether ``model`` is a SAM 2 (``sam2``'s ``SAM2Base``: a prompt encoder and mask decoder named ``sam_*``)."""
+    return hasattr(model, "sam_mask_decoder") and hasattr(model, "forward_image")
 
 
 def generate_instance_mask(
     sam: nn.Module, pixels: np.ndarray, points_per_side: int, pred_iou_thresh: float, stability_score_thresh: float
 ) -> np.ndarray:
-    """``HxWx3 uint8`` pixels -> an instance mask from ``SamAutomaticMaskGenerator`` (its points in one batch)."""
-    from segment_anything import SamAutomaticMaskGenerator
+    """``HxWx3 uint8`` pixels -> an instance mask from ``SamAutomaticMaskGenerator`` (its points in one batch), or
+    for a SAM 2 from ``SAM2AutomaticMaskGenerator`` with one mask per point (``multimask_output=False``, CorrCLIP's
+    setting; its other settings sam2's defaults)."""
+    if is_sam2(sam):
+        from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 
-    generator = SamAutomaticMaskGenerator(
-        sam,
-        points_per_side=points_per_side,
-        points_per_batch=points_per_side * points_per_side,
-        pred_iou_thresh=pred_iou_thresh,
-        stability_score_thresh=stability_score_thresh,
-    )
+        generator = SAM2AutomaticMaskGenerator(
+            sam,
+            points_per_side=points_per_side,
+            points_per_batch=SAM2_POINTS_PER_BATCH,
+            pred_iou_thresh=pred_iou_thresh,
+            stability_score_thresh=stability_score_thresh,
+            multimask_output=False,
+        )
+        side = int(sam.image_size)  # its predictor's feature sizes are a 1024 px input's: those of this model's
+        generator.predictor._bb_feat_sizes = [(side // s, side // s) for s in (4, 8, 16)]
+    else:
+        from segment_anything import SamAutomaticMaskGenerator
+
+        generator = SamAutomaticMaskGenerator(
+            sam,
+            points_per_side=points_per_side,
+            points_per_batch=points_per_side * points_per_side,
+            pred_iou_thresh=pred_iou_thresh,
+            stability_score_thresh=stability_score_thresh,
+        )
     with torch.no_grad():
         masks = generator.generate(np.ascontiguousarray(pixels))
     return paint_masks(masks, pixels.shape[:2])
@@ -207,10 +277,22 @@ def generate_region_masks(
     stability_score_thresh: float,
     box_nms_thresh: float,
     fuse_threshold: float | None,
+    size: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """``HxWx3 uint8`` pixels -> ``(R, H, W)`` float32 0/1 region masks from ``SamAutomaticMaskGenerator``, the most
     confident (predicted IoU) first, overlapping ones fused (:func:`fuse_masks`) unless ``fuse_threshold`` is
-    ``None``."""
+    ``None``. A SAM 2 makes them with :func:`sam2_region_masks` (soft, at ``size``, default the pixels' size)."""
+    if is_sam2(sam):
+        return sam2_region_masks(
+            sam,
+            pixels,
+            size or tuple(pixels.shape[:2]),
+            points_per_side,
+            pred_iou_thresh,
+            stability_score_thresh,
+            box_nms_thresh,
+            fuse_threshold,
+        ).numpy()
     from segment_anything import SamAutomaticMaskGenerator
 
     generator = SamAutomaticMaskGenerator(
@@ -230,6 +312,88 @@ def generate_region_masks(
     if fuse_threshold is not None:
         masks = fuse_masks(masks, torch.tensor([r["bbox"] for r in records], dtype=torch.float32), fuse_threshold)
     return masks.numpy()
+
+
+@torch.no_grad()
+def sam2_region_masks(
+    sam: nn.Module,
+    pixels: np.ndarray | torch.Tensor,
+    size: tuple[int, int],
+    points_per_side: int,
+    pred_iou_thresh: float,
+    stability_score_thresh: float,
+    box_nms_thresh: float,
+    fuse_threshold: float | None,
+) -> torch.Tensor:
+    """TextRegion's SAM 2 region masks: ``HxWx3`` pixels (0..255, the image SAM 2 sees) -> ``(R, *size)`` float32
+    soft masks at the image's ``size`` (TextRegion: the model input, its masks at the original size).
+
+    The pixels /255, resized (bilinear, no antialias) to SAM 2's square input and normalised with ImageNet's
+    constants; a ``points_per_side`` grid of single-point prompts over the image, three masks each
+    (``multimask_output``); kept on the decoder's 256 x 256 logits (clamped to +-32, in fp16): predicted IoU above
+    ``pred_iou_thresh``, stability score (sam2's, offset 1) at least ``stability_score_thresh``, box NMS at
+    ``box_nms_thresh`` (scores: the predicted IoU), more than :data:`SAM2_MIN_AREA` positive logits. The kept
+    logits, clamped to 0..3, are resized (bilinear) to ``size``; they are ordered by the decoder's mask slot (whole
+    objects, parts, sub-parts) and by predicted IoU within one, and fused (:func:`fuse_masks`, boxes on the
+    logit grid) unless ``fuse_threshold`` is ``None``, which keeps the NMS order (by predicted IoU).
+    """
+    from sam2.utils.amg import batched_mask_to_box, build_point_grid, calculate_stability_score
+    from sam2.utils.transforms import SAM2Transforms
+    from torchvision.ops import batched_nms
+
+    device = next(sam.parameters()).device
+    h, w = int(size[0]), int(size[1])
+    side = int(sam.image_size)
+    transforms = SAM2Transforms(resolution=side, mask_threshold=0.0)
+    image = torch.as_tensor(np.array(pixels, dtype=np.float32), device=device).permute(2, 0, 1)[None] / 255.0
+    image = F.interpolate(image, size=(side, side), mode="bilinear", align_corners=False)
+    mean = torch.tensor(transforms.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(transforms.std, device=device).view(1, 3, 1, 1)
+    _, feats, _, _ = sam._prepare_backbone_features(sam.forward_image((image - mean) / std))
+    if sam.directly_add_no_mem_embed:
+        feats[-1] = feats[-1] + sam.no_mem_embed
+    grids = [(side // s, side // s) for s in (4, 8, 16)]
+    maps = [f.permute(1, 2, 0).reshape(1, -1, *g) for f, g in zip(feats, grids)]
+    points = torch.as_tensor(build_point_grid(points_per_side) * np.array([w, h])[None], dtype=torch.float32)
+    coords = transforms.transform_coords(points.to(device), normalize=True, orig_hw=(h, w))
+    logits, scores = [], []
+    for start in range(0, len(coords), SAM2_POINTS_PER_BATCH):
+        batch = coords[start : start + SAM2_POINTS_PER_BATCH, None]
+        labels = torch.ones(batch.shape[:2], dtype=torch.int, device=device)
+        sparse, dense = sam.sam_prompt_encoder(points=(batch, labels), boxes=None, masks=None)
+        low, iou, _, _ = sam.sam_mask_decoder(
+            image_embeddings=maps[-1],
+            image_pe=sam.sam_prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=True,
+            repeat_image=len(batch) > 1,
+            high_res_features=maps[:-1],
+        )
+        logits.append(low.clamp(-32.0, 32.0).half())
+        scores.append(iou)
+    slot_first = [2, 1, 0]  # the decoder's third mask (the whole object) first, as TextRegion orders them
+    masks = torch.cat(logits).transpose(0, 1)[slot_first].flatten(0, 1)  # (3P, 256, 256): by slot, then point
+    iou = torch.cat(scores).T[slot_first].flatten()
+    slot = torch.tensor(slot_first, device=device).repeat_interleave(len(coords))
+    keep = iou > pred_iou_thresh if pred_iou_thresh > 0 else torch.ones_like(iou, dtype=torch.bool)
+    masks, iou, slot = masks[keep], iou[keep], slot[keep]
+    if stability_score_thresh > 0:
+        keep = calculate_stability_score(masks, 0.0, 1.0) >= stability_score_thresh
+        masks, iou, slot = masks[keep], iou[keep], slot[keep]
+    boxes = batched_mask_to_box(masks > 0)
+    keep = batched_nms(boxes.float(), iou, torch.zeros_like(boxes[:, 0]), iou_threshold=box_nms_thresh)
+    masks, iou, slot, boxes = masks[keep], iou[keep], slot[keep], boxes[keep]
+    keep = (masks > 0).sum(dim=(1, 2)) > SAM2_MIN_AREA
+    masks, iou, slot, boxes = masks[keep], iou[keep], slot[keep], boxes[keep]
+    if not len(masks):
+        return torch.zeros((0, h, w), dtype=torch.float32, device=device)
+    masks = transforms.postprocess_masks(masks.clamp(0, 3)[:, None], (h, w))[:, 0].half().float()
+    if fuse_threshold is None:
+        return masks
+    order = sorted(range(len(masks)), key=lambda i: (-int(slot[i]), -float(iou[i])))
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)[order].float()
+    return fuse_masks(masks[order], xywh, fuse_threshold)
 
 
 def fuse_masks(masks: torch.Tensor, boxes: torch.Tensor, threshold: float) -> torch.Tensor:

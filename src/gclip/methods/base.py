@@ -52,9 +52,9 @@ _REGISTRY: dict[str, type[Method]] = {}
 SECOND_MODEL_OPTIONS = {
     "proxy": ("NAME", "second model paired with CLIP (gclip models lists them)"),
     "proxy_checkpoint": ("PATH", "local weights file of --proxy"),
-    "sam_checkpoint": ("PATH", "SAM's weights file"),
+    "sam_checkpoint": ("PATH", "SAM's or SAM 2's weights file"),
     "masks": ("FOLDER", "pre-generated instance masks, <image stem>.npz"),
-    "mask_generator": ("NAME", "SAM model making instance masks"),
+    "mask_generator": ("NAME", "SAM or SAM 2 model making the masks (sam_vitb, sam2.1_hiera_l, ...)"),
 }
 """The options through which a method declares what it needs besides CLIP, with a metavar and a help text: a
 method that has one as a field gets it from the command line (``--proxy``, ...), checked by

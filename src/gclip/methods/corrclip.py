@@ -120,8 +120,9 @@ class CorrClip(Method):
     Attributes:
         proxy, proxy_checkpoint: the DINO model and its weights file.
         masks: a folder of pre-generated instance masks, ``<image stem>.npz`` (``instance_mask``) or ``.png``.
-        mask_generator, sam_checkpoint: or a SAM model (``sam_vitb``, ...) and its weights for SAM's automatic mask
-            generator (the authors use SAM2; segment-anything's SAM stands in).
+        mask_generator, sam_checkpoint: or a mask generator and its weights file: SAM 2 (``sam2_hiera_l``, the
+            authors'; one mask per point, as their code asks; extra ``sam2``) or SAM (``sam_vitb``, ...; extra
+            ``sam``).
         points_per_side, pred_iou_thresh, stability_score_thresh: the generator's point grid and mask filters (the
             authors' SAM2 settings).
         tau: the temperature of the scope attention.

@@ -55,7 +55,7 @@ from ..backbones.timm_clip import TimmClipEva, TimmClipViT
 from ..errors import ConfigError
 from ..inference.preprocess import pixel_constants
 from ..inference.windows import ImageWindows
-from ..io.masks import generate_region_masks, load_sam, read_region_masks
+from ..io.masks import generate_region_masks, is_sam2, load_sam, read_region_masks
 from .base import Method, cosine_logits, grid_features, register
 from .corrclip import InstanceMasks
 from .sclip import correlative
@@ -140,8 +140,9 @@ class TextRegion(Method):
     Attributes:
         masks: a folder of pre-generated region masks, ``<image stem>.npz`` (``region_masks``, ``(R, H, W)`` soft
             or 0/1, at the image's size; or an ``instance_mask``) or ``.png``.
-        mask_generator, sam_checkpoint: or a SAM model (``sam_vitb``, ...) and its weights for SAM's automatic mask
-            generator (the authors use SAM 2.1 Hiera-L with their own generator: see the method's notes).
+        mask_generator, sam_checkpoint: or a mask generator and its weights file: SAM 2 (``sam2.1_hiera_l``, the
+            authors', made as their own generator makes its masks: see the method's notes; extra ``sam2``) or SAM
+            (``sam_vitb``, ...; extra ``sam``).
         points_per_side, pred_iou_thresh, stability_score_thresh, box_nms_thresh: the generator's point grid and
             mask filters (the authors' base config).
         fuse_mask, fuse_mask_threshold: fuse overlapping generated masks (box IoU > 0.2, containment above the
@@ -196,25 +197,32 @@ class TextRegion(Method):
     def second_model(self) -> InstanceMasks:  # type: ignore[override]
         return InstanceMasks(self.masks, self.mask_generator, self.sam_checkpoint, NO_MASKS)
 
-    def region_masks(self, vit: Backbone, item: Any) -> torch.Tensor:
-        """The image's ``(R, H, W)`` float32 region masks at its original size."""
+    def region_masks(self, vit: Backbone, item: Any, pixels: torch.Tensor | None = None) -> torch.Tensor:
+        """The image's ``(R, H, W)`` float32 region masks at its original size. A SAM 2 generator sees the model
+        input ``pixels`` (``(1, 3, h, w)``, 0..1 scale) where given, as in the authors' code; SAM the decoded
+        pixels."""
         size = tuple(item.size)
         if self.masks is not None:
             masks = read_region_masks(self.masks, item.key, size)
         elif self.mask_generator is not None:
-            if item.original is None:
+            sam = load_sam(self.mask_generator, self.sam_checkpoint, vit.device, torch.float32)
+            if is_sam2(sam) and pixels is not None:
+                source = (pixels[0].permute(1, 2, 0).float() * 255.0).round().cpu().numpy()
+            elif item.original is None:
                 raise ConfigError(
                     "textregion's mask generator needs the decoded pixels: prepare images with the Segmenter"
                 )
-            sam = load_sam(self.mask_generator, self.sam_checkpoint, vit.device, torch.float32)
+            else:
+                source = np.asarray(item.original)
             masks = generate_region_masks(
                 sam,
-                np.asarray(item.original),
+                source,
                 self.points_per_side,
                 self.pred_iou_thresh,
                 self.stability_score_thresh,
                 self.box_nms_thresh,
                 self.fuse_mask_threshold if self.fuse_mask else None,
+                size=size,
             )
         else:
             raise ConfigError(NO_MASKS)
@@ -260,6 +268,8 @@ class TextRegion(Method):
             csa = vit.block(last, x, attention=correlative)
             csa = combine(cosine_logits(grid_features(vit, csa, grid), text), views)  # (Q, h, w)
             size = tuple(values.shape[-2:])
+            if not len(masks):  # no region (a generator that kept no mask): SCLIP's logits everywhere
+                return F.interpolate(csa[None], size=tuple(masks.shape[-2:]), mode="bilinear")[0]
             feature = self._clamp(F.interpolate(masks[None], size=size, mode="bilinear")[0]).flatten(1)  # (R, M)
             seen = feature.sum(dim=1) > 0  # masks that miss every grid point are dropped first
             feature, masks = feature[seen], masks[seen]
@@ -290,12 +300,12 @@ class TextRegion(Method):
         text: torch.Tensor,
         stage: Callable[[str], contextlib.AbstractContextManager],
     ) -> torch.Tensor:
-        with stage("masks"):
-            masks = self.region_masks(vit, item)
         mean, std = pixel_constants(vit.mean, vit.std)  # the model input back to its 0..1 pixels
         m = torch.tensor(mean, device=windows.image.device).view(1, 3, 1, 1)
         s = torch.tensor(std, device=windows.image.device).view(1, 3, 1, 1)
         pixels = (windows.image.float() * s + m) / 255.0
+        with stage("masks"):
+            masks = self.region_masks(vit, item, pixels)
         return self.pixel_logits(vit, pixels, masks, text, stage)
 
     # --- SigLIP 2 and PE-Core: the authors' siglip_value_with_sam2_attn / pe_value_with_sam2_attn -------------------
