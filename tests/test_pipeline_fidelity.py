@@ -29,7 +29,7 @@ PHOTOS = ["2007_001288", "2007_001321", "2007_001458"]
 # GCLIP_SLOW=1 runs every entry on every photo its file holds.
 FIRST_PHOTO = {  # the first photo only (5 to 28 s each)
     *("trident", "corrclip", "textregion", "proxyclip", "proxyclip_dinov2", "proxyclip_mae", "cass", "cliper"),
-    *("rfclip_slide", "freecp", "glaclip"),
+    *("rfclip_slide", "freecp", "glaclip", "segearth"),
 }
 SLOW_ONLY = {  # checked only with GCLIP_SLOW=1
     "itaclip",  # 115 s: 55 windows x 5 views, PAMR
