@@ -36,8 +36,8 @@ class Published:
         method: the registry name of the method.
         label: what kind of publication (``"paper"``, ``"repository README"``, ``"ClearCLIP re-run"``).
         source: where the numbers are (an arXiv id, the repository's README or log).
-        miou: ``{dataset: mIoU in percent}`` with gclip's dataset names, in paper order; empty when the source gives
-            no numbers that could be read.
+        miou: ``{dataset: mIoU in percent}`` with gclip's dataset names, in paper order (then the other sets);
+            empty when the source gives no numbers that could be read.
         variant: what sets this row apart from the method's other rows (``"on NACLIP"``, ``"no PAMR"``).
         backbone: the model and weights where not CLIP ViT-B/16 with OpenAI's weights (``""``).
         note: what the source says in words, or why it gives no numbers here.
@@ -86,7 +86,8 @@ def _entry(i: int, raw: dict) -> Published:
             raise ConfigError(f"{where}: unknown dataset {dataset!r}")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
             raise ConfigError(f"{where}: {dataset} = {value!r} is not an mIoU in 0..100")
-    ordered = {d: float(miou[d]) for d in PAPER_ORDER if d in miou}
+    order = [*PAPER_ORDER, *(d for d in DATASETS if d not in PAPER_ORDER)]  # the eight, then the other families
+    ordered = {d: float(miou[d]) for d in order if d in miou}
     return Published(**{**raw, "miou": ordered})
 
 
