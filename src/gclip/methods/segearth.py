@@ -35,15 +35,12 @@ from torch import nn
 from ..backbones.base import Backbone
 from ..errors import WeightsError
 from .base import BlockChange, Method, Trace, attend, cls_cosine, register
+from .clearclip import query_query
 from .cliptrase import self_correlation
 from .pieces import SecondModelPass, run_block
+from .sclip import correlative
 
-_ATTENTION = {
-    "segearth": self_correlation,
-    "clearclip": lambda q, k, v: attend(q, q, v),
-    "sclip": lambda q, k, v: attend(q, q, v) + attend(k, k, v),
-    "vanilla": attend,
-}
+_ATTENTION = {"segearth": self_correlation, "clearclip": query_query, "sclip": correlative, "vanilla": attend}
 
 
 @register
