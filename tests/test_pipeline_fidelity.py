@@ -40,7 +40,7 @@ FIRST_PHOTO = {  # the first photo only (5 to 28 s each)
         "cass",
         "cliper",
     ),
-    *("rfclip_slide", "freecp", "glaclip"),
+    *("rfclip_slide", "freecp", "glaclip", "segearth"),
 }
 SLOW_ONLY = {  # checked only with GCLIP_SLOW=1
     "itaclip",  # 115 s: 55 windows x 5 views, PAMR
@@ -56,6 +56,7 @@ SLOW_ONLY = {  # checked only with GCLIP_SLOW=1
     "freecp_clearclip",  # FreeCP's other bases: 13 to 20 s a photo (GEM's golden runs by default, first photo)
     "freecp_sclip",
     "freecp_maskclip",
+    "segearth_up",  # SegEarth-OV with SimFeatUp: about 5 s a window (6 a photo), its 16x upsampling on one CPU thread
 }
 SLOW = bool(os.environ.get("GCLIP_SLOW"))
 FIXTURES = {name: name for name in ("golden_dinov2", "golden_sam", "golden_mae", "golden_dino16")}  # else golden_dino
@@ -99,6 +100,10 @@ def test_pipeline_matches_the_authors_segmentor(model, text, sample_data, name, 
             for stem in stored.files:
                 np.savez(tmp_path / f"{stem}.npz", **{entry.get("masks_array", "instance_mask"): stored[stem]})
         options["masks"] = str(tmp_path)
+    if "upsampler_seed" in entry:  # SegEarth-OV's SimFeatUp: the random jbu_one checkpoint the golden was made with
+        from test_segearth import upsampler_checkpoint
+
+        options["upsampler_checkpoint"] = upsampler_checkpoint(tmp_path / "jbu.ckpt", seed=entry["upsampler_seed"])
     for key in ("proxy", "sam"):  # registers the random second models the golden was made with
         if key in options:
             request.getfixturevalue(FIXTURES.get(options[key], "golden_dino"))

@@ -375,6 +375,7 @@ def _published_section(name: str) -> list[str]:
     numbered = [r for r in rows if any(_classic(d) for d in r.miou)]
     if numbered:
         sets = [d for d in PAPER_ORDER if any(d in r.miou for r in numbered)]
+        sets += [d for d in DATASETS if d not in PAPER_ORDER and any(d in r.miou for r in numbered)]
         means = [
             (label, ds)
             for label, ds in (("mean of the 5", SEED_SETS), ("mean of the 8", tuple(PAPER_ORDER)))

@@ -44,6 +44,7 @@ __all__ = [
     "attend",
     "attention_map",
     "cosine_logits",
+    "cls_cosine",
     "grid_features",
 ]
 
@@ -53,6 +54,7 @@ SECOND_MODEL_OPTIONS = {
     "proxy": ("NAME", "second model paired with CLIP (gclip models lists them)"),
     "proxy_checkpoint": ("PATH", "local weights file of --proxy"),
     "sam_checkpoint": ("PATH", "SAM's or SAM 2's weights file"),
+    "upsampler_checkpoint": ("PATH", "SimFeatUp feature upsampler's weights file (SegEarth-OV's feature_up)"),
     "masks": ("FOLDER", "pre-generated instance masks, <image stem>.npz"),
     "mask_generator": ("NAME", "SAM or SAM 2 model making the masks (sam_vitb, sam2.1_hiera_l, ...)"),
 }
@@ -271,6 +273,13 @@ def cosine_logits(feats: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
+def cls_cosine(cls: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """``(B, E)`` CLS embeddings and ``(Q, E)`` unit text embeddings -> ``(B, Q)`` float32 cosines (CLIPtrase's CLS
+    factor, SegEarth-OV's CLS-token subtraction)."""
+    cls = F.normalize(cls.float(), dim=-1)
+    return cls @ text.to(cls.device, torch.float32).t()
+
+
 def _literal_options(cls: type) -> dict[str, tuple[Any, ...]]:
     """``{option: its allowed values}`` for the options of a method class typed with ``Literal`` (alone, or in a
     union whose other members are not of the literals' types, e.g. ``list[int] | Literal["auto"] | None``)."""

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..backbones.base import Backbone
 from ..errors import ConfigError
-from .base import BlockChange, Method, Trace, WindowContext, attend, cosine_logits, register
+from .base import BlockChange, Method, Trace, WindowContext, attend, cls_cosine, cosine_logits, register
 from .pieces import LabelRefinement, run_block
 
 
@@ -119,9 +119,7 @@ class ClipTrase(Method):
         logits = cosine_logits(feats, text)
         if not self.cls_multiply:
             return logits
-        cls = trace.extras["cls"].float()
-        cls_logits = (cls / cls.norm(dim=-1, keepdim=True)) @ text.to(cls.device, torch.float32).t()  # (B, Q)
-        return logits * cls_logits[:, :, None, None]
+        return logits * cls_cosine(trace.extras["cls"], text)[:, :, None, None]
 
     @property
     def label_refinement(self) -> ClusterVote | None:  # type: ignore[override]
