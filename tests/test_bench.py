@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from conftest import HERE, TINY, tiny_second_models
@@ -164,3 +165,25 @@ def test_bench_times_the_second_model_as_its_own_stage(tmp_path, method):
     stages = json.loads(out.read_text())["stage_seconds"]
     assert stages["second_model"] > 0 and stages["head"] > 0
     assert (stages["masks"] > 0) == (method == "corrclip")
+
+
+def test_bench_finds_a_masks_folder_by_the_images_names(tmp_path):
+    """A method reading pre-generated masks (TextRegion's ``--masks FOLDER``) finds each image's ``<stem>.npz`` in
+    the staged pass and in the reference loop (the staged pass once keyed images by their index: no mask found)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for stem in ("a", "b"):
+        Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{stem}.jpg")
+        masks = np.zeros((2, 50, 70), np.float32)
+        masks[0, :25], masks[1, 25:] = 1.0, 1.0
+        np.savez(tmp_path / "masks" / f"{stem}.npz", region_masks=masks)
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--model", TINY, "--random-weights", "--images", str(tmp_path / "images"), "--count", "2"]
+    argv += ["--method", "textregion", "--masks", str(tmp_path / "masks"), "--short-side", "48"]
+    argv += ["--method-options", json.dumps({"crop_size": 32}), "--reference-count", "2", "--no-record"]
+    assert main(argv + ["--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["count"] == 2 and record["reference"]["labels_identical"] is True

@@ -79,7 +79,7 @@ def staged_pass(seg, inputs: list[Any], config: BenchConfig, cuda: bool) -> dict
     for first in range(0, len(inputs), config.batch_images):
         group = inputs[first : first + config.batch_images]
         t0 = time.perf_counter()
-        prepared = [seg.prepare(x, key=first + k) for k, x in enumerate(group)]
+        prepared = [seg.prepare(x) for x in group]  # keyed by the path: a masks folder finds its files
         results = seg.infer(prepared)
         if cuda:
             torch.cuda.synchronize()
