@@ -255,18 +255,25 @@ def generate_instance_mask(
         side = int(sam.image_size)  # its predictor's feature sizes are a 1024 px input's: those of this model's
         generator.predictor._bb_feat_sizes = [(side // s, side // s) for s in (4, 8, 16)]
     else:
-        from segment_anything import SamAutomaticMaskGenerator
-
-        generator = SamAutomaticMaskGenerator(
-            sam,
-            points_per_side=points_per_side,
-            points_per_batch=points_per_side * points_per_side,
-            pred_iou_thresh=pred_iou_thresh,
-            stability_score_thresh=stability_score_thresh,
-        )
+        generator = _sam_generator(sam, points_per_side, pred_iou_thresh, stability_score_thresh)
     with torch.no_grad():
         masks = generator.generate(np.ascontiguousarray(pixels))
     return paint_masks(masks, pixels.shape[:2])
+
+
+def _sam_generator(sam: nn.Module, points_per_side: int, pred_iou_thresh: float, stability_score_thresh: float, **more):
+    """segment-anything's ``SamAutomaticMaskGenerator`` with all its points in one batch (``more``: its other
+    settings)."""
+    from segment_anything import SamAutomaticMaskGenerator
+
+    return SamAutomaticMaskGenerator(
+        sam,
+        points_per_side=points_per_side,
+        points_per_batch=points_per_side * points_per_side,
+        pred_iou_thresh=pred_iou_thresh,
+        stability_score_thresh=stability_score_thresh,
+        **more,
+    )
 
 
 def generate_region_masks(
@@ -293,15 +300,8 @@ def generate_region_masks(
             box_nms_thresh,
             fuse_threshold,
         ).numpy()
-    from segment_anything import SamAutomaticMaskGenerator
-
-    generator = SamAutomaticMaskGenerator(
-        sam,
-        points_per_side=points_per_side,
-        points_per_batch=points_per_side * points_per_side,
-        pred_iou_thresh=pred_iou_thresh,
-        stability_score_thresh=stability_score_thresh,
-        box_nms_thresh=box_nms_thresh,
+    generator = _sam_generator(
+        sam, points_per_side, pred_iou_thresh, stability_score_thresh, box_nms_thresh=box_nms_thresh
     )
     with torch.no_grad():
         records = generator.generate(np.ascontiguousarray(pixels))
