@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.base import Backbone
-from ..errors import WeightsError
+from ..errors import ConfigError, WeightsError
 from .base import BlockChange, Method, Trace, attend, cls_cosine, register
 from .clearclip import query_query
 from .cliptrase import self_correlation
@@ -87,7 +87,13 @@ class SegEarth(Method):
     def features(self, vit: Backbone, x: torch.Tensor, trace: Trace) -> torch.Tensor:
         last = vit.depth - 1
         tokens = vit.project(run_block(vit, last, x, trace.changes[last], trace))
-        trace.extras["cls"] = vit.cls(tokens)
+        if self.cls_token_lambda != 0:
+            if not vit.has_cls:
+                raise ConfigError(
+                    "segearth: this tower has no CLS token to subtract (SigLIP 2); run it with cls_token_lambda=0 "
+                    """(--method-options '{"cls_token_lambda": 0}')"""
+                )
+            trace.extras["cls"] = vit.cls(tokens)
         feats = vit.patches(tokens).reshape(tokens.shape[0], trace.grid[0], trace.grid[1], -1)
         if self.second_model is not None:
             feats = self.second_model.upsample(vit, feats, trace)
