@@ -233,6 +233,11 @@ def _number(value: float) -> str:
     return str(value)
 
 
+def _cells(row, sets) -> list[str]:
+    """A published row's numbers under the columns ``sets``, "—" where the row gives none."""
+    return [_number(row.miou[d]) if d in row.miou else "—" for d in sets]
+
+
 def _mean_cell(value: float | None) -> str:
     return "—" if value is None else f"{value:.1f}"
 
@@ -264,7 +269,7 @@ def published_table() -> str:
     ]
     for row in published():
         if _in_main_table(row):
-            cells = [_number(row.miou[d]) if d in row.miou else "—" for d in SEED_SETS]
+            cells = _cells(row, SEED_SETS)
             lines.append(
                 f"| {_row_link(row)} | " + " | ".join(cells) + f" | {_mean_cell(row.mean())} | {NOT_MEASURED} |"
             )
@@ -354,7 +359,7 @@ def published_family(family: str) -> str:
             "|---|" + "---|" * (len(columns) + 2),
         ]
         for r in rows:
-            cells = [_number(r.miou[d]) if d in r.miou else "—" for d in columns]
+            cells = _cells(r, columns)
             lines.append(
                 f"| {_row_link(r)} | " + " | ".join(cells) + f" | {_mean_cell(r.mean(columns))} | {NOT_MEASURED} |"
             )
@@ -392,7 +397,7 @@ def _published_section(name: str) -> list[str]:
             "|---|---|" + "---|" * (len(sets) + len(means)),
         ]
         for r in numbered:
-            cells = [_number(r.miou[d]) if d in r.miou else "—" for d in sets]
+            cells = _cells(r, sets)
             cells += [_mean_cell(r.mean(ds)) for _, ds in means]
             lines.append(f"| {r.title(title)} | {_md(r.source)} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -408,7 +413,7 @@ def _published_section(name: str) -> list[str]:
                 "|---|---|" + "---|" * (len(columns) + 1),
             ]
             for r in shown:
-                cells = [_number(r.miou[d]) if d in r.miou else "—" for d in columns]
+                cells = _cells(r, columns)
                 lines.append(
                     f"| {r.title(title)} | {_md(r.source)} | "
                     + " | ".join(cells)
