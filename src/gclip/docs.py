@@ -238,6 +238,17 @@ def _cells(row, sets) -> list[str]:
     return [_number(row.miou[d]) if d in row.miou else "—" for d in sets]
 
 
+def _numbers_table(lead: list[str], columns, rows, lead_cells, tail: tuple = (), tail_cells: tuple = ()) -> list[str]:
+    """A Markdown table of published rows: the ``lead`` columns (each row's ``lead_cells(row)``), the datasets
+    ``columns``, the mean computed where a row gives every column, then the ``tail`` columns (``tail_cells``)."""
+    from .evaluation.layouts import DATASETS
+
+    header = [*lead, *(DATASETS[d].title for d in columns), "mean", *tail]
+    body = [[*lead_cells(r), *_cells(r, columns), _mean_cell(r.mean(columns)), *tail_cells] for r in rows]
+    rule = "|" + "---|" * len(header)
+    return ["| " + " | ".join(header) + " |", rule, *("| " + " | ".join(cells) + " |" for cells in body)]
+
+
 def _mean_cell(value: float | None) -> str:
     return "—" if value is None else f"{value:.1f}"
 
@@ -343,7 +354,6 @@ def _group_rows(sets: tuple[str, ...], rows: Any) -> tuple[list[Any], list[str]]
 def published_family(family: str) -> str:
     """A family's published tables (one per :func:`published_groups` entry): every row with numbers on its sets, the
     mean computed where the row gives every column, then the shown rows' notes."""
-    from .evaluation.layouts import DATASETS
     from .evaluation.published import published
 
     lines = [GENERATED, ""]
@@ -355,15 +365,9 @@ def published_family(family: str) -> str:
         lines += [
             f"**{title}** ({metric}, percent, as published; the mean is computed where a row gives every column):",
             "",
-            "| method | " + " | ".join(DATASETS[d].title for d in columns) + " | mean | gclip |",
-            "|---|" + "---|" * (len(columns) + 2),
+            *_numbers_table(["method"], columns, rows, lambda r: [_row_link(r)], ["gclip"], [NOT_MEASURED]),
+            "",
         ]
-        for r in rows:
-            cells = _cells(r, columns)
-            lines.append(
-                f"| {_row_link(r)} | " + " | ".join(cells) + f" | {_mean_cell(r.mean(columns))} | {NOT_MEASURED} |"
-            )
-        lines.append("")
         lines += [f"- {_row_link(r)}: {_md(r.note)}" for r in rows if r.note]
         lines += [f"- sources: {_md('; '.join(dict.fromkeys(r.source for r in rows)))}", ""]
     return "\n".join(lines).rstrip("\n") + "\n"
@@ -409,17 +413,9 @@ def _published_section(name: str) -> list[str]:
             lines += [
                 f"{group} ({metric}, percent; the mean is computed where a row gives every column):",
                 "",
-                "| row | source | " + " | ".join(DATASETS[d].title for d in columns) + " | mean |",
-                "|---|---|" + "---|" * (len(columns) + 1),
+                *_numbers_table(["row", "source"], columns, shown, lambda r: [r.title(title), _md(r.source)]),
+                "",
             ]
-            for r in shown:
-                cells = _cells(r, columns)
-                lines.append(
-                    f"| {r.title(title)} | {_md(r.source)} | "
-                    + " | ".join(cells)
-                    + f" | {_mean_cell(r.mean(columns))} |"
-                )
-            lines.append("")
     for r in rows:
         if not r.miou:
             lines.append(f"- {r.title(title)}, {r.source}: {r.note or 'no numbers'}")
